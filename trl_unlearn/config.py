@@ -1,0 +1,111 @@
+"""Configurations of the unlearning trainers. Each subclasses TRL's `DPOConfig`, so every `TrainingArguments` and
+DPO field (model loading, `max_length`, `precompute_ref_batch_size`, ...) works as in TRL. DPO-only loss fields
+(`loss_type`, `label_smoothing`, `use_weighting`, ...) are ignored."""
+
+from dataclasses import dataclass, field
+
+from trl import DPOConfig
+
+RETAIN_LOSS_TYPES = ("nll", "kl")
+
+
+@dataclass
+class UnlearningConfig(DPOConfig):
+    r"""
+    Fields shared by every unlearning trainer. Total loss: `forget_weight · forget_term + retain_weight · retain_term`.
+
+    Parameters:
+        forget_weight (`float`, *optional*, defaults to `1.0`):
+            Weight of the forget term. Unlearn-Simple calls it `npo_coeff`, open-unlearning `gamma`.
+        retain_weight (`float`, *optional*, defaults to `1.0`):
+            Weight of the retain regulariser; `0` trains on forget data alone (then `retain_dataset` may be omitted).
+            Unlearn-Simple calls it `grad_diff_coeff`, open-unlearning `alpha`.
+        retain_loss_type (`str`, *optional*, defaults to `"nll"`):
+            `"nll"`: token-mean negative log-likelihood of the retain data (GradDiff-style, the published setting).
+            `"kl"`: token-mean KL(π_ref ‖ π) over the scored retain tokens, computed over the full vocabulary by a
+            chunked kernel; needs a live reference model.
+        learning_rate (`float`, *optional*, defaults to `1e-5`):
+            The published TOFU and MUSE unlearning rate (SimNPO paper, §3 of docs/method.md).
+    """
+
+    learning_rate: float = field(default=1e-5, metadata={"help": "Initial AdamW learning rate (paper: 1e-5)."})
+    forget_weight: float = field(default=1.0, metadata={"help": "Weight of the forget term."})
+    retain_weight: float = field(default=1.0, metadata={"help": "Weight of the retain regulariser."})
+    retain_loss_type: str = field(
+        default="nll", metadata={"help": "Retain regulariser: 'nll' or 'kl'.", "choices": list(RETAIN_LOSS_TYPES)}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.retain_loss_type not in RETAIN_LOSS_TYPES:
+            raise ValueError(f"`retain_loss_type` must be one of {RETAIN_LOSS_TYPES}, got {self.retain_loss_type!r}.")
+        if self.forget_weight < 0 or self.retain_weight < 0:
+            raise ValueError(
+                f"`forget_weight` and `retain_weight` must be >= 0, got {self.forget_weight} and {self.retain_weight}."
+            )
+        if self.forget_weight == 0 and self.retain_weight == 0:
+            raise ValueError("`forget_weight` and `retain_weight` are both 0: the loss would be identically zero.")
+        if self.beta <= 0:
+            raise ValueError(f"`beta` must be > 0, got {self.beta}.")
+        if self.sync_ref_model:
+            raise ValueError("`sync_ref_model=True` would move the reference: unlearning keeps it frozen.")
+
+
+@dataclass
+class SimNPOConfig(UnlearningConfig):
+    r"""
+    Configuration for [`SimNPOTrainer`] (SimNPO, arXiv 2410.07163).
+
+    Parameters:
+        beta (`float`, *optional*, defaults to `2.5`):
+            Inverse temperature of the length-normalised log-likelihood; the paper's TOFU forget05 value (4.5 on
+            forget10, about 0.7 on MUSE).
+        gamma (`float`, *optional*, defaults to `0.0`):
+            Reward margin, outside β as in the paper: `logσ(-(β/|y|)·log π − γ)`. Every published TOFU run uses 0;
+            MUSE News uses 3.0. (Unlearn-Simple's TOFU code puts it inside β: its `gamma` equals ours divided by β.)
+    """
+
+    beta: float = field(default=2.5, metadata={"help": "SimNPO inverse temperature (paper TOFU forget05: 2.5)."})
+    gamma: float = field(default=0.0, metadata={"help": "SimNPO margin, outside beta (paper: 0 on TOFU)."})
+
+
+@dataclass
+class NPOConfig(UnlearningConfig):
+    r"""
+    Configuration for [`NPOTrainer`] (NPO, arXiv 2404.05868).
+
+    Parameters:
+        beta (`float`, *optional*, defaults to `0.1`):
+            Inverse temperature of the log-ratio against the reference; NPO paper and open-unlearning default.
+        precompute_ref_log_probs (`bool`, *optional*):
+            Compute the reference log-probs of the forget set once, before training, so that no reference model is
+            held during training. Defaults to `None`: automatic, i.e. on when no `ref_model` is passed, the model is
+            not a PEFT model (whose reference is the base with adapters disabled) and `retain_loss_type="nll"`.
+    """
+
+    beta: float = field(default=0.1, metadata={"help": "NPO inverse temperature (NPO paper: 0.1)."})
+    precompute_ref_log_probs: bool | None = field(
+        default=None,
+        metadata={"help": "Precompute reference log-probs of the forget set (default: automatic)."},
+    )
+
+
+@dataclass
+class GradAscentConfig(UnlearningConfig):
+    r"""
+    Configuration for [`GradAscentTrainer`]: gradient ascent on the forget set (baseline).
+
+    Parameters:
+        retain_weight (`float`, *optional*, defaults to `0.0`):
+            Plain gradient ascent has no retain term (TOFU's GA baseline).
+    """
+
+    retain_weight: float = field(default=0.0, metadata={"help": "Weight of the retain regulariser (GA: 0)."})
+
+
+@dataclass
+class GradDiffConfig(UnlearningConfig):
+    r"""
+    Configuration for [`GradDiffTrainer`]: gradient ascent on forget data plus NLL on retain data (TOFU baseline).
+    Same defaults as [`UnlearningConfig`].
+    """

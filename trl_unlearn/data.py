@@ -1,0 +1,247 @@
+"""Forget and retain data: TRL dataset formats in, one padded forget+retain batch out.
+
+Accepted formats (TRL's, standard or conversational):
+- language modeling: `text` or `messages`; every token after the first is scored;
+- prompt-completion: `prompt`, `completion`; only completion tokens (and the EOS) are scored;
+- preference (`chosen`, `rejected`, optional `prompt`) and unpaired preference (`prompt`, `completion`, `label`),
+  for the drop-in `train_dataset=` form: `rejected` / `label=False` is forgotten, `chosen` / `label=True` retained.
+
+Pipeline: `split_preference` (drop-in form) → `tokenize_dataset` (→ `prompt_ids`, `completion_ids`, `num_scored`)
+→ `ForgetRetainPairs` indexed by `ForgetRetainSampler` → `ForgetRetainCollator`, which concatenates forget rows and
+their retain rows into ONE right-padded batch (padded to the longest row, never to `max_length`).
+"""
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from datasets import Dataset
+from torch.utils.data import Sampler
+from trl.data_utils import _tokenize, common_prefix_length, is_conversational, maybe_extract_prompt
+from trl.trainer.utils import pad
+
+logger = logging.getLogger(__name__)
+
+FORMATS = {
+    "language_modeling": "`text` (or `messages`)",
+    "prompt_completion": "`prompt` + `completion`",
+    "preference": "`chosen` + `rejected` (optional `prompt`)",
+    "unpaired_preference": "`prompt` + `completion` + `label`",
+}
+
+
+def detect_format(dataset: Dataset, name: str) -> str:
+    """Name of `dataset`'s TRL format (a key of `FORMATS`); a clear error if it has none."""
+    if dataset is None or len(dataset) == 0:
+        raise ValueError(f"The {name} dataset is empty: unlearning needs at least one {name} example.")
+    cols = set(dataset.column_names)
+    if {"chosen", "rejected"} <= cols:
+        return "preference"
+    if {"prompt", "completion", "label"} <= cols:
+        return "unpaired_preference"
+    if {"prompt", "completion"} <= cols:
+        return "prompt_completion"
+    if "text" in cols or "messages" in cols:
+        return "language_modeling"
+    accepted = "; ".join(f"{k}: {v}" for k, v in FORMATS.items())
+    raise ValueError(
+        f"The {name} dataset has columns {sorted(cols)}, which match no TRL dataset format. Accepted formats: "
+        f"{accepted}. Rename your columns (e.g. `dataset.rename_column('question', 'prompt')`)."
+    )
+
+
+def format_signature(dataset: Dataset, name: str) -> tuple[str, bool]:
+    """(format, conversational) of a dataset, used to check that forget and retain data agree."""
+    return detect_format(dataset, name), is_conversational(dataset[0])
+
+
+def split_preference(dataset: Dataset, num_proc: int | None = None) -> tuple[Dataset, Dataset | None]:
+    """Split a (paired or unpaired) preference dataset into prompt-completion (forget, retain) datasets."""
+    fmt = detect_format(dataset, "train")
+    if fmt == "preference":
+        if "prompt" not in dataset.column_names:
+            dataset = dataset.map(maybe_extract_prompt, num_proc=num_proc)
+        forget = dataset.select_columns(["prompt", "rejected"]).rename_column("rejected", "completion")
+        retain = dataset.select_columns(["prompt", "chosen"]).rename_column("chosen", "completion")
+    elif fmt == "unpaired_preference":
+        labels = np.asarray(dataset["label"], dtype=bool)
+        forget = dataset.select(np.flatnonzero(~labels)).select_columns(["prompt", "completion"])
+        retain = dataset.select(np.flatnonzero(labels)).select_columns(["prompt", "completion"])
+    else:
+        raise ValueError(
+            f"`train_dataset` must be a preference dataset ({FORMATS['preference']}) or an unpaired preference "
+            f"dataset ({FORMATS['unpaired_preference']}); got a {fmt} dataset. Pass language-modeling or "
+            "prompt-completion data as `forget_dataset=` / `retain_dataset=` instead."
+        )
+    return forget, (retain if len(retain) else None)
+
+
+def _num_scored(prompt_len: int, total_len: int, max_length: int | None, truncation_mode: str) -> int:
+    """Completion tokens that keep a label after truncation (position 0 is never scored: nothing predicts it)."""
+    if max_length is None or total_len <= max_length:
+        return total_len - max(prompt_len, 1)
+    if truncation_mode == "keep_start":
+        return max_length - max(prompt_len, 1)
+    first_kept = total_len - max_length  # keep_end
+    return total_len - max(first_kept + 1, prompt_len)
+
+
+def tokenize_example(example: dict, tokenizer) -> dict:
+    """One example → `prompt_ids`, `completion_ids` (language modeling: empty prompt)."""
+    tools = example.get("tools")
+    kwargs = {"tools": tools} if tools else {}
+    if "prompt" in example:
+        prompt, completion = example["prompt"], example["completion"]
+        if is_conversational(example):
+            prompt_ids = _tokenize(tokenizer, prompt, add_generation_prompt=True, **kwargs)["input_ids"]
+            full_ids = _tokenize(tokenizer, prompt + completion, **kwargs)["input_ids"]
+        else:
+            if not completion.endswith(tokenizer.eos_token):
+                completion = completion + tokenizer.eos_token
+            prompt_ids = _tokenize(tokenizer, prompt)["input_ids"]
+            full_ids = _tokenize(tokenizer, prompt + completion)["input_ids"]
+        # The completion starts where the tokenized prompt and prompt+completion diverge (TRL's convention)
+        split = common_prefix_length(prompt_ids, full_ids)
+        return {"prompt_ids": full_ids[:split], "completion_ids": full_ids[split:]}
+    if "messages" in example:
+        ids = _tokenize(tokenizer, example["messages"], **kwargs)["input_ids"]
+    else:
+        text = example["text"]
+        if not text.endswith(tokenizer.eos_token):
+            text = text + tokenizer.eos_token
+        ids = _tokenize(tokenizer, text)["input_ids"]
+    return {"prompt_ids": [], "completion_ids": ids}
+
+
+def tokenize_dataset(
+    dataset: Dataset,
+    tokenizer,
+    name: str,
+    max_length: int | None = None,
+    truncation_mode: str = "keep_start",
+    num_proc: int | None = None,
+) -> Dataset:
+    """Tokenize a forget or retain dataset; drop (with a counted warning) rows with no scored token left."""
+    detect_format(dataset, name)
+    if "prompt_ids" not in dataset.column_names:
+        keep = {"ref_logps"} & set(dataset.column_names)
+        dataset = dataset.map(
+            tokenize_example,
+            fn_kwargs={"tokenizer": tokenizer},
+            remove_columns=[c for c in dataset.column_names if c not in keep],
+            num_proc=num_proc,
+            desc=f"Tokenizing {name} dataset",
+        )
+
+    def count(ex):
+        n = len(ex["prompt_ids"]) + len(ex["completion_ids"])
+        return {"num_scored": _num_scored(len(ex["prompt_ids"]), n, max_length, truncation_mode)}
+
+    dataset = dataset.map(count, num_proc=num_proc, desc=f"Counting scored tokens of {name} dataset")
+    scored = np.asarray(dataset["num_scored"])
+    dropped = int((scored <= 0).sum())
+    if dropped == len(dataset):
+        raise ValueError(
+            f"Every one of the {len(dataset)} {name} examples has zero scored tokens after truncation to "
+            f"max_length={max_length} (the prompt fills the whole sequence, or the completion is empty). Increase "
+            "`max_length` or shorten the prompts."
+        )
+    if dropped:
+        logger.warning(
+            f"Dropped {dropped} of {len(dataset)} {name} examples that have zero scored tokens after truncation to "
+            f"max_length={max_length}."
+        )
+        dataset = dataset.select(np.flatnonzero(scored > 0))
+    return dataset
+
+
+class ForgetRetainPairs(torch.utils.data.Dataset):
+    """Forget rows paired with retain rows. Index with `(forget_idx, retain_idx)` (what `ForgetRetainSampler`
+    yields) or with an int `i` (evaluation: retain row `i mod len(retain)`). `retain` may be None (no regulariser)."""
+
+    def __init__(self, forget: Dataset, retain: Dataset | None):
+        self.forget, self.retain = forget, retain
+
+    def __len__(self) -> int:
+        return len(self.forget)
+
+    def __getitem__(self, index):
+        if isinstance(index, tuple):
+            f, r = index
+        else:
+            f, r = index, (index % len(self.retain) if self.retain is not None else -1)
+        return {"forget": self.forget[int(f)], "retain": self.retain[int(r)] if self.retain is not None else None}
+
+
+class ForgetRetainSampler(Sampler):
+    """Yields `(forget_idx, retain_idx)`: forget rows in a (seed, epoch)-shuffled order, each paired with the next row
+    of a (seed, epoch)-shuffled pass over the retain set.
+
+    Every rank builds the same sequence and accelerate hands each rank its own batches, so ranks see different forget
+    rows and (while there are at least as many retain as forget rows) different retain rows; a global batch holds the
+    same pairs whatever the number of processes. Resuming re-creates the epoch's sequence from (seed, epoch).
+    """
+
+    def __init__(self, num_forget: int, num_retain: int, seed: int, shuffle: bool = True):
+        self.num_forget, self.num_retain, self.seed, self.shuffle = num_forget, num_retain, seed, shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_forget
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        forget = rng.permutation(self.num_forget) if self.shuffle else np.arange(self.num_forget)
+        if self.num_retain == 0:
+            retain = np.full(self.num_forget, -1)
+        else:
+            passes = -(-self.num_forget // self.num_retain)
+            retain = np.concatenate([rng.permutation(self.num_retain) for _ in range(passes)])
+        yield from zip(forget.tolist(), retain[: self.num_forget].tolist())
+
+
+@dataclass
+class ForgetRetainCollator:
+    """Pads forget rows then retain rows into one batch.
+
+    Returns `input_ids`, `attention_mask`, `completion_mask` `[B_f + B_r, T]` (T = longest row after truncation),
+    `forget_mask` `[B_f + B_r]` (True on forget rows) and, when the forget rows carry them, `ref_logps` `[B_f]`.
+    Also accepts plain rows (no `forget`/`retain` keys): all treated as forget rows (reference precompute).
+    """
+
+    pad_token_id: int
+    max_length: int | None = None
+    truncation_mode: str = "keep_start"
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        if "forget" in examples[0]:
+            forget = [ex["forget"] for ex in examples]
+            retain = [ex["retain"] for ex in examples if ex["retain"] is not None]
+        else:
+            forget, retain = examples, []
+        rows = forget + retain
+        ids = [r["prompt_ids"] + r["completion_ids"] for r in rows]
+        mask = [[0] * len(r["prompt_ids"]) + [1] * len(r["completion_ids"]) for r in rows]
+        if self.max_length is not None:
+            cut = slice(None, self.max_length) if self.truncation_mode == "keep_start" else slice(-self.max_length, None)
+            ids, mask = [x[cut] for x in ids], [m[cut] for m in mask]
+        batch = {
+            "input_ids": self._pad(ids, self.pad_token_id),
+            "attention_mask": self._pad([[1] * len(x) for x in ids], 0),
+            "completion_mask": self._pad(mask, 0),
+            "forget_mask": torch.tensor([True] * len(forget) + [False] * len(retain)),
+        }
+        # Position 0 has no label; keep_end truncation can start a row inside its completion
+        batch["completion_mask"][:, 0] = 0
+        if "ref_logps" in forget[0]:
+            batch["ref_logps"] = torch.tensor([r["ref_logps"] for r in forget], dtype=torch.float32)
+        return batch
+
+    def _pad(self, seqs, value):
+        tensors = [torch.tensor(s, dtype=torch.long) for s in seqs]
+        return pad(tensors, padding_value=value, padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of)
