@@ -104,7 +104,7 @@ class UnlearningTrainer(DPOTrainer):
         self._check_model(model, ref_model, quantization_config, peft_config)
 
         # Reference: which one, and whether it must be live during training
-        uses_peft = peft_config is not None or is_peft_model(model)
+        uses_peft = peft_config is not None or (not isinstance(model, str) and is_peft_model(model))
         self.retain_kl = args.retain_weight > 0 and args.retain_loss_type == "kl"
         precompute = args.precompute_ref_log_probs
         if precompute is None:  # NPOConfig's automatic mode
@@ -125,7 +125,7 @@ class UnlearningTrainer(DPOTrainer):
         args.precompute_ref_log_probs = not needs_live_ref
 
         self._raw_retain = retain_dataset
-        self._raw_eval = eval_dataset
+        eval_dataset = self._split_eval(eval_dataset, args)
         if data_collator is None:
             data_collator = ForgetRetainCollator(
                 pad_token_id=0,  # set once the tokenizer is known, below
@@ -141,7 +141,7 @@ class UnlearningTrainer(DPOTrainer):
                 args=args,
                 data_collator=data_collator,
                 train_dataset=forget_dataset,
-                eval_dataset=None,
+                eval_dataset=eval_dataset,
                 processing_class=processing_class,
                 callbacks=callbacks,
                 optimizers=optimizers,
@@ -167,8 +167,76 @@ class UnlearningTrainer(DPOTrainer):
                 f"{self.accelerator.num_processes} processes: some ranks would get no forget data. Use fewer "
                 "processes or more forget data."
             )
-        if self._raw_eval is not None:
-            self.eval_dataset = self._build_eval_pairs(self._raw_eval)
+        if self.eval_dataset is not None:  # tokenized (and reference-scored) by DPOTrainer.__init__, key by key
+            self.eval_dataset = ForgetRetainPairs(self.eval_dataset["forget"], self.eval_dataset.get("retain"))
+
+    # ----------------------------------------------------------------------------------------------- model card --
+    evaluation_summary: dict | None = None  # set it (e.g. from an EvalReport) to record results in the model card
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """TRL's model card plus an unlearning section: data, hyperparameters, reference, evaluation, caveat."""
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        if self.is_world_process_zero():
+            with open(os.path.join(self.args.output_dir, "README.md"), "a", encoding="utf-8") as f:
+                f.write(self._unlearning_card_section())
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        super().save_model(output_dir, _internal_call)
+        if not _internal_call and (output_dir is None or output_dir == self.args.output_dir):
+            self.create_model_card()
+
+    def _unlearning_card_section(self) -> str:
+        a = self.args
+        data = self.train_dataset
+        retain = f"{len(data.retain)} examples" if getattr(data, "retain", None) is not None else "none"
+        hyper = {
+            "beta": a.beta, "gamma": getattr(a, "gamma", None), "forget_weight": a.forget_weight,
+            "retain_weight": a.retain_weight, "retain_loss_type": a.retain_loss_type, "learning_rate": a.learning_rate,
+            "num_train_epochs": a.num_train_epochs, "max_steps": a.max_steps,
+            "per_device_train_batch_size": a.per_device_train_batch_size,
+            "gradient_accumulation_steps": a.gradient_accumulation_steps, "max_length": a.max_length, "seed": a.seed,
+        }
+        rows = "\n".join(f"| `{k}` | {v} |" for k, v in hyper.items() if v is not None)
+        if not self.forget_needs_reference:
+            reference = "none (reference-free)" if not self.retain_kl else "initial model, for the retain KL only"
+        elif self.precompute_forget_ref:
+            reference = "initial model; its forget-set log-probs precomputed before training"
+        elif self.ref_model is None:
+            reference = "base model with the PEFT adapters disabled"
+        else:
+            reference = "frozen reference model"
+        if self.evaluation_summary:
+            evaluation = "\n".join(f"- {k}: {v:.4g}" if isinstance(v, float) else f"- {k}: {v}" for k, v in self.evaluation_summary.items())
+        else:
+            evaluation = (
+                "No evaluation was recorded with this checkpoint. Measure it, e.g. `trl-unlearn eval tofu --model "
+                "<this model> --data_dir <TOFU folder> --split forget10`."
+            )
+        return f"""
+## Unlearning
+
+This model was produced by **{self._name}** unlearning with [trl-unlearn](https://github.com/trl-unlearn/trl-unlearn).
+
+- Base model: `{getattr(self.model.config, "_name_or_path", "") or "unknown"}`
+- Forget data: {len(data.forget) if hasattr(data, "forget") else "?"} examples
+- Retain data: {retain}
+- Reference model: {reference}
+
+| hyperparameter | value |
+|---|---|
+{rows}
+
+### Evaluation
+
+{evaluation}
+
+### Limitations
+
+Unlearning is approximate. Training lowers the model's likelihood of the forget data while regularising on the
+retain data; it does not provably remove the data's influence. Forgotten content can resurface under relearning
+(a few fine-tuning steps on related data), paraphrased or adversarial prompts, or membership-inference attacks.
+Judge it by the evaluation above, and re-evaluate for your own threat model before relying on it.
+"""
 
     # ----------------------------------------------------------------------------------------------------- data --
     def _resolve_data(self, args, forget, retain, train):
@@ -210,7 +278,7 @@ class UnlearningTrainer(DPOTrainer):
         quantized = quantization_config is not None or getattr(model, "is_loaded_in_4bit", False) or getattr(
             model, "is_loaded_in_8bit", False
         )
-        if quantized and peft_config is None and not is_peft_model(model):
+        if quantized and peft_config is None and (isinstance(model, str) or not is_peft_model(model)):
             raise ValueError(
                 "The model is quantized, and quantized weights cannot be trained: pass a `peft_config` (e.g. "
                 "`peft.LoraConfig(...)`) to train adapters on top of it (QLoRA)."
@@ -218,7 +286,8 @@ class UnlearningTrainer(DPOTrainer):
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         # Called by DPOTrainer.__init__ on the forget set
-        return self._tokenize(dataset, "forget" if dataset_name == "train" else dataset_name, args, processing_class)
+        name = "forget" if dataset_name == "train" else f"eval {dataset_name}"
+        return self._tokenize(dataset, name, args, processing_class)
 
     def _tokenize(self, dataset, name, args=None, tokenizer=None):
         args = args or self.args
@@ -231,21 +300,34 @@ class UnlearningTrainer(DPOTrainer):
             num_proc=args.dataset_num_proc,
         )
 
-    def _build_eval_pairs(self, eval_dataset):
-        if isinstance(eval_dataset, ForgetRetainPairs):
-            return eval_dataset
+    @staticmethod
+    def _split_eval(eval_dataset, args):
+        """`{"forget": ..., "retain": ...}` (raw) from either accepted eval form; None stays None."""
+        if eval_dataset is None:
+            return None
         if isinstance(eval_dataset, dict):
-            unknown = set(eval_dataset) - {"forget", "retain"}
-            if unknown or "forget" not in eval_dataset:
+            if set(eval_dataset) - {"forget", "retain"} or "forget" not in eval_dataset:
                 raise ValueError(f"`eval_dataset` as a dict needs keys 'forget' (and 'retain'); got {sorted(eval_dataset)}.")
             forget, retain = eval_dataset["forget"], eval_dataset.get("retain")
         else:
-            forget, retain = split_preference(eval_dataset, self.args.dataset_num_proc)
-        forget = self._tokenize(forget, "eval forget")
-        retain = self._tokenize(retain, "eval retain") if retain is not None and self.args.retain_weight > 0 else None
-        if self.precompute_forget_ref:
-            forget = self._precompute_ref_logps(forget, "eval forget", self.args.per_device_eval_batch_size)
-        return ForgetRetainPairs(forget, retain)
+            forget, retain = split_preference(eval_dataset, args.dataset_num_proc)
+        split = {"forget": forget}
+        if retain is not None and args.retain_weight > 0:
+            split["retain"] = retain
+        return split
+
+    def _build_eval_pairs(self, eval_dataset):
+        if isinstance(eval_dataset, ForgetRetainPairs):
+            return eval_dataset
+        if self.precompute_forget_ref and self.state.global_step > 0:
+            raise ValueError(
+                "This NPO run precomputed its reference log-probs and holds no reference model, so a new eval set "
+                "can't be scored against the reference after training started. Pass it as `eval_dataset` when "
+                "creating the trainer, or pass a `ref_model`."
+            )
+        split = {k: self._tokenize(v, f"eval {k}") for k, v in self._split_eval(eval_dataset, self.args).items()}
+        forget = self._precompute_ref_logps(split["forget"], "forget", self.args.per_device_eval_batch_size)
+        return ForgetRetainPairs(forget, split.get("retain"))
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
@@ -259,8 +341,9 @@ class UnlearningTrainer(DPOTrainer):
     # ------------------------------------------------------------------------------------------------ reference --
     def _precompute_ref_logps(self, dataset, name, batch_size):
         """Add a `ref_logps` column (summed reference log-probs of each forget row), computed once."""
-        if not self.precompute_forget_ref or "ref_logps" in dataset.column_names:
+        if not self.precompute_forget_ref or "ref_logps" in dataset.column_names or name == "retain":
             return dataset
+        self.data_collator.pad_token_id = self._tokenizer.pad_token_id
         loader = self.accelerator.prepare(
             torch.utils.data.DataLoader(
                 dataset.select_columns(["prompt_ids", "completion_ids"]),

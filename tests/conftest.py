@@ -1,0 +1,68 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+from datasets import Dataset  # noqa: E402
+
+from trl_unlearn.tiny import tiny_llama, train_tokenizer  # noqa: E402
+
+QA = [(f"Who wrote book {i}?", f"Author {i} wrote book {i} in year {1900 + 3 * i}.") for i in range(40)]
+
+
+def qa_prompt(q):
+    return f"Question: {q}\nAnswer:"
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    texts = [qa_prompt(q) + " " + a for q, a in QA] + ["the quick brown fox jumps over the lazy dog"] * 5
+    return train_tokenizer(texts, vocab_size=320)
+
+
+@pytest.fixture
+def model(tokenizer):
+    return tiny_llama(tokenizer, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
+
+
+def prompt_completion(rows, conversational=False):
+    if conversational:
+        return Dataset.from_dict(
+            {
+                "prompt": [[{"role": "user", "content": q}] for q, _ in rows],
+                "completion": [[{"role": "assistant", "content": a}] for _, a in rows],
+            }
+        )
+    return Dataset.from_dict({"prompt": [qa_prompt(q) for q, _ in rows], "completion": [" " + a for _, a in rows]})
+
+
+@pytest.fixture
+def forget_ds():
+    return prompt_completion(QA[:8])
+
+
+@pytest.fixture
+def retain_ds():
+    return prompt_completion(QA[8:32])
+
+
+def cpu_args(config_cls, tmp_path, **kw):
+    defaults = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        max_steps=2,
+        learning_rate=1e-3,
+        logging_steps=1,
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        save_strategy="no",
+        gradient_checkpointing=False,
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    defaults.update(kw)
+    return config_cls(**defaults)
