@@ -1,0 +1,249 @@
+"""Unlearn TOFU's forget split and evaluate with the TOFU metrics.
+
+With no arguments it runs a complete small study offline (no Hub, no GPU, a few minutes on 2 CPU cores): it builds a
+synthetic fictitious-author set in TOFU's layout, trains a tiny Llama from scratch on all of it ("Original") and on
+the retain part only ("Retrain"), unlearns the forget split with NPO and SimNPO, evaluates the four models with the
+TOFU metrics and prints a table (and saves a plot).
+
+    python examples/tofu.py
+    accelerate launch examples/tofu.py --config examples/recipes/tofu_forget10_simnpo.yaml
+    python examples/tofu.py --model_name_or_path MODEL --dataset_name /path/to/tofu --split forget05 \
+        --methods simnpo --retain_report retain_forget05.json --output_dir out
+
+With `--model_name_or_path` / `--dataset_name` it runs on a real model and real TOFU files (a local folder of TOFU's
+JSON-lines files, or `locuslab/TOFU` from the Hub). Method hyperparameters are `SimNPOConfig` fields (`--beta`,
+`--gamma`, `--forget_weight`, ...); NPO's β is `--npo_beta`.
+"""
+
+import copy
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+from accelerate import PartialState
+from transformers import set_seed
+from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config, get_quantization_config
+
+from trl_unlearn import NPOConfig, SimNPOConfig
+from trl_unlearn.evaluation import evaluate_tofu
+from trl_unlearn.synthetic import as_prompt_completion, iter_texts, make_tofu_like, write_tofu_layout
+from trl_unlearn.tiny import tiny_llama, train_tokenizer
+from trl_unlearn.train_script import METHODS, UnlearnScriptArguments, _load_tokenizer, load_qa_split
+
+SHOWN = [  # (report metric, table column)
+    ("forget_quality", "forget quality ↑"),
+    ("model_utility", "model utility ↑"),
+    ("forget_rougeL_recall", "forget ROUGE-L ↓"),
+    ("retain_rougeL_recall", "retain ROUGE-L ↑"),
+    ("forget_probability", "forget prob ↓"),
+]
+
+
+@dataclass
+class TofuArguments(UnlearnScriptArguments):
+    split: str = field(default="forget10", metadata={"help": "TOFU forget split: forget01, forget05 or forget10."})
+    methods: str = field(default="npo,simnpo", metadata={"help": "Comma-separated: simnpo, npo, gradascent, graddiff."})
+    npo_beta: float = field(default=0.1, metadata={"help": "β of NPO (the SimNPO β is `--beta`)."})
+    retain_model_name_or_path: str | None = field(default=None, metadata={"help": "Retain model, for forget quality."})
+    retain_report: str | None = field(default=None, metadata={"help": "Saved EvalReport of the retain model."})
+    eval_batch_size: int = field(default=32, metadata={"help": "Batch size for evaluation scoring/generation."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Greedy answer length for ROUGE."})
+    # The embedded default (no --model_name_or_path)
+    num_authors: int = field(default=20, metadata={"help": "Synthetic study: fictitious authors."})
+    finetune_epochs: int = field(default=20, metadata={"help": "Synthetic study: epochs to learn the set."})
+    plot: bool = field(default=True, metadata={"help": "Save results.png (needs matplotlib)."})
+
+
+def retain_stem(split: str) -> str:
+    return {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}[split]
+
+
+def finetune(model, tokenizer, rows: list[dict], out: str, epochs: int, seed: int):
+    """Teach a tiny model a QA set (plain SFT on the answers) with TRL's SFTTrainer."""
+    args = SFTConfig(output_dir=out, num_train_epochs=epochs, per_device_train_batch_size=16, learning_rate=5e-3,
+                     lr_scheduler_type="cosine", warmup_steps=10, weight_decay=0.0, use_cpu=not torch.cuda.is_available(),
+                     bf16=False, report_to=[], save_strategy="no", logging_steps=50, gradient_checkpointing=False,
+                     completion_only_loss=True, max_length=128, seed=seed, disable_tqdm=True)
+    SFTTrainer(model=model, args=args, train_dataset=as_prompt_completion(rows), processing_class=tokenizer).train()
+    return model
+
+
+def synthetic_setup(args: TofuArguments, training_args, out: str):
+    """Write the synthetic set, train Original and Retrain models; return (data_dir, tokenizer, original, retain)."""
+    data = make_tofu_like(num_authors=args.num_authors, seed=training_args.seed)
+    data_dir = os.path.join(out, "data")
+    with PartialState().main_process_first():
+        if PartialState().is_main_process:
+            write_tofu_layout(data_dir, data)
+    tokenizer = train_tokenizer(iter_texts(data), vocab_size=512)
+    extra = data["real_authors"] + data["world_facts"]
+    models = []
+    for name, rows in [("original", data["full"]), ("retrain", data[retain_stem(args.split)])]:
+        model = tiny_llama(tokenizer, hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
+                           seed=training_args.seed)
+        set_seed(training_args.seed)
+        print(f"Fine-tuning the {name} model on {len(rows) + len(extra)} QA pairs ...", flush=True)
+        models.append(finetune(model, tokenizer, rows + extra, os.path.join(out, name), args.finetune_epochs,
+                               training_args.seed))
+    return data_dir, tokenizer, *models
+
+
+def method_config(method: str, args: TofuArguments, training_args: SimNPOConfig, out: str):
+    """The method's config, taking every shared field from the parsed SimNPOConfig."""
+    _, config_cls = METHODS[method]
+    names = {f.name for f in dataclasses.fields(config_cls) if f.init} & {
+        f.name for f in dataclasses.fields(training_args) if f.init
+    }
+    values = {n: getattr(training_args, n) for n in names}
+    values["output_dir"] = os.path.join(out, method)
+    if config_cls is NPOConfig:
+        values.update(beta=args.npo_beta, precompute_ref_log_probs=None)
+    elif config_cls is not SimNPOConfig:
+        values.pop("beta", None)
+    if method == "gradascent":
+        values["retain_weight"] = 0.0
+    return config_cls(**values)
+
+
+def evaluate(model, tokenizer, data_dir, args, retain_report=None, retain_model=None, path=None):
+    model.eval()
+    report = evaluate_tofu(model, tokenizer, data_dir, split=args.split, retain_report=retain_report,
+                           retain_model=retain_model, batch_size=args.eval_batch_size,
+                           max_new_tokens=args.max_new_tokens, progress=False)
+    if path:
+        report.save(path)
+    return report
+
+
+def print_table(rows: dict[str, dict]) -> str:
+    header = ["model"] + [label for _, label in SHOWN]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, metrics in rows.items():
+        cells = [name] + [("n/a" if metrics.get(k) is None else f"{metrics[k]:.3g}") for k, _ in SHOWN]
+        lines.append("| " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    print(table, flush=True)
+    return table
+
+
+def plot(rows: dict[str, dict], path: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for name, m in rows.items():
+        fq = max(m.get("forget_quality") or 1e-12, 1e-12)
+        ax.scatter(m["model_utility"], fq, s=80, label=name)
+        ax.annotate(name, (m["model_utility"], fq), textcoords="offset points", xytext=(5, 5))
+    ax.set_yscale("log")
+    ax.set_xlabel("model utility (higher is better)")
+    ax.set_ylabel("forget quality, KS p-value (higher is better)")
+    ax.set_title("TOFU: forget quality vs model utility")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(args: TofuArguments, training_args: SimNPOConfig, model_args: ModelConfig):
+    out = training_args.output_dir
+    os.makedirs(out, exist_ok=True)
+    state = PartialState()
+    embedded = model_args.model_name_or_path is None
+    if embedded:
+        data_dir, tokenizer, original, retrain = synthetic_setup(args, training_args, out)
+        args.dataset_name = data_dir
+        forget, retain = (load_qa_split(args, s) for s in (args.split, retain_stem(args.split)))
+        retain_model = retrain
+    else:
+        data_dir = args.dataset_name
+        tokenizer = _load_tokenizer(model_args.model_name_or_path)
+        forget = load_qa_split(args, args.split)
+        retain = load_qa_split(args, args.retain_split or retain_stem(args.split))
+        original, retain_model = None, None
+        if args.retain_model_name_or_path:
+            from transformers import AutoModelForCausalLM
+
+            retain_model = AutoModelForCausalLM.from_pretrained(args.retain_model_name_or_path)
+
+    results = {}
+    retain_report = args.retain_report
+    if state.is_main_process and (embedded or retain_model is not None):
+        report = evaluate(retain_model, tokenizer, data_dir, args, path=os.path.join(out, "report_retrain.json"))
+        retain_report = report
+        results["Retrain"] = report.metrics
+    if state.is_main_process and embedded:
+        results["Original"] = evaluate(original, tokenizer, data_dir, args, retain_report,
+                                       path=os.path.join(out, "report_original.json")).metrics
+
+    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        trainer_cls, _ = METHODS[method]
+        config = method_config(method, args, training_args, out)
+        if embedded:
+            model = copy.deepcopy(original).train()
+        else:
+            model = model_args.model_name_or_path
+            config.model_init_kwargs = {"dtype": model_args.dtype, "revision": model_args.model_revision,
+                                        "attn_implementation": model_args.attn_implementation}
+        trainer = trainer_cls(model=model, args=config, forget_dataset=forget, retain_dataset=retain,
+                              processing_class=tokenizer, quantization_config=get_quantization_config(model_args),
+                              peft_config=get_peft_config(model_args))
+        print(f"Unlearning {args.split} with {trainer._name} ...", flush=True)
+        trainer.train()
+        if state.is_main_process:
+            unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+            report = evaluate(unwrapped, tokenizer, data_dir, args, retain_report,
+                              path=os.path.join(out, f"report_{method}.json"))
+            results[trainer._name] = report.metrics
+            trainer.evaluation_summary = {k: report.metrics.get(k) for k, _ in SHOWN}
+        trainer.save_model(config.output_dir)
+        if training_args.push_to_hub:
+            trainer.push_to_hub(dataset_name=args.dataset_name)
+
+    if state.is_main_process:
+        table = print_table(results)
+        with open(os.path.join(out, "results.md"), "w") as f:
+            f.write(table + "\n")
+        with open(os.path.join(out, "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        if args.plot:
+            try:
+                plot(results, os.path.join(out, "results.png"))
+            except ImportError:
+                print("matplotlib is not installed: no plot (pip install 'trl-unlearn[plot]').")
+        print(f"Reports, models and results are in {out}", flush=True)
+    return results
+
+
+DEFAULTS = {  # the embedded study only (no --model_name_or_path); any flag or YAML key overrides them
+    "output_dir": "outputs/tofu",
+    "num_train_epochs": 5,
+    "per_device_train_batch_size": 4,
+    "learning_rate": 1e-3,
+    "beta": 2.5,
+    "use_cpu": not torch.cuda.is_available(),
+    "bf16": False,
+    "gradient_checkpointing": False,
+    "report_to": "none",
+    "save_strategy": "no",
+    "logging_steps": 10,
+    "disable_tqdm": True,
+    "max_length": 128,
+    "seed": 0,
+}
+
+
+def parse(argv=None):
+    parser = TrlParser((TofuArguments, SimNPOConfig, ModelConfig))
+    parsed = parser.parse_args_and_config(argv)
+    if parsed[2].model_name_or_path is None:  # the embedded study: tiny-model defaults, still overridable
+        parser.set_defaults(**DEFAULTS)
+        parsed = parser.parse_args_and_config(argv)
+    return parsed
+
+
+if __name__ == "__main__":
+    main(*parse())
