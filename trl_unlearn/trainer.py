@@ -8,6 +8,7 @@ head (no `(B, T, V)` logits, see `modeling.py`) and the losses of `losses.py`.
 Normalisation: every term is normalised by counts over the whole optimizer step (all gradient-accumulation
 micro-batches on all ranks): forget losses by the number of forget samples (token-level ones by forget tokens), the
 retain term by retain tokens. So 2 micro-batches of 2 give the same update as 1 of 4, and 2 ranks the same as 1.
+Logged terms are per-micro-batch means, averaged over ranks.
 """
 
 import contextlib
@@ -452,7 +453,9 @@ Judge it by the evaluation above, and re-evaluate for your own threat model befo
         )
         mask = inputs["completion_mask"][:, 1:]
         logps, num_tokens = out.token_logps.sum(-1), mask.sum(-1).float()
-        n_forget, forget_tokens, _, retain_tokens = counts.clamp(min=1).unbind()
+        local = self._counts(inputs).to(counts)
+        # Each term is its mean over this micro-batch (what gets logged) times this micro-batch's share of the step
+        share = local / counts.clamp(min=1)
 
         f_logps, f_tokens = logps[fmask], num_tokens[fmask]
         ref_logps = None
@@ -462,20 +465,17 @@ Judge it by the evaluation above, and re-evaluate for your own threat model befo
             else:
                 forget_batch = {k: inputs[k][fmask] for k in ("input_ids", "attention_mask", "completion_mask")}
                 ref_logps = self._reference_token_logps(model, forget_batch).sum(-1)
-        if self.token_level_forget:
-            forget_term = losses.ga_loss(f_logps, f_tokens, total_tokens=forget_tokens).mean()
-        else:
-            forget_term = self.forget_loss(f_logps, f_tokens, ref_logps).sum() / n_forget
-        loss = args.forget_weight * forget_term
+        forget_term = self.forget_loss(f_logps, f_tokens, ref_logps).mean()
+        loss = args.forget_weight * forget_term * share[1 if self.token_level_forget else 0]
 
         retain_term = None
         if not fmask.all():
             r = ~fmask
             if self.retain_kl:
-                retain_term = losses.kl_loss(out.token_kl[r], mask[r], total_tokens=retain_tokens).mean()
+                retain_term = losses.kl_loss(out.token_kl[r], mask[r]).mean()
             else:
-                retain_term = losses.nll_loss(logps[r], num_tokens[r], total_tokens=retain_tokens).mean()
-            loss = loss + args.retain_weight * retain_term
+                retain_term = losses.nll_loss(logps[r], num_tokens[r]).mean()
+            loss = loss + args.retain_weight * retain_term * share[3]
 
         self._log_step(mode, forget_term, retain_term, f_logps, f_tokens, ref_logps, logps[~fmask], num_tokens[~fmask])
         return loss
