@@ -14,12 +14,15 @@ Logged terms are per-micro-batch means, averaged over ranks.
 import contextlib
 import copy
 import os
+import signal
 import textwrap
+import threading
 from unittest import mock
 
 import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset, IterableDataset
+from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from trl import DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
@@ -58,6 +61,24 @@ TOFU_CITATION = textwrap.dedent("""\
         year    = 2024,
         journal = {arXiv preprint arXiv:2401.06121},
     }""")
+
+
+class PreemptionCallback(TrainerCallback):
+    """On SIGTERM (a preempted or cancelled job), finish the current optimizer step, save a checkpoint and stop.
+
+    Ranks agree through one tiny all-reduce per step, so they all stop at the same step."""
+
+    def __init__(self, accelerator):
+        self.accelerator, self.requested, self.stopped_at = accelerator, False, None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        flag = torch.tensor(float(self.requested), device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag, reduction="sum")
+        if flag.item() > 0:
+            control.should_save = control.should_training_stop = True
+            self.stopped_at = state.global_step
+        return control
 
 
 class UnlearningTrainer(DPOTrainer):
@@ -170,6 +191,22 @@ class UnlearningTrainer(DPOTrainer):
             )
         if self.eval_dataset is not None:  # tokenized (and reference-scored) by DPOTrainer.__init__, key by key
             self.eval_dataset = ForgetRetainPairs(self.eval_dataset["forget"], self.eval_dataset.get("retain"))
+
+    def train(self, *args, **kwargs):
+        """`Trainer.train`; a SIGTERM during it saves a checkpoint at the end of the step and returns
+        (`self.preempted_at` holds the step), so `train(resume_from_checkpoint=True)` continues exactly."""
+        callback = PreemptionCallback(self.accelerator)
+        self.add_callback(callback)
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, lambda *_: setattr(callback, "requested", True))
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+            self.remove_callback(callback)
+            self.preempted_at = callback.stopped_at
 
     # ----------------------------------------------------------------------------------------------- model card --
     evaluation_summary: dict | None = None  # set it (e.g. from an EvalReport) to record results in the model card

@@ -25,7 +25,7 @@ def run_one(a, model_dir, data, out):
     else:
         kwargs["retain_loss_type"] = a.get("retain_loss_type", "nll")
     args = config_cls(
-        output_dir=out, per_device_train_batch_size=a.get("per_device_batch", 2),
+        output_dir=out, save_steps=a.get("save_steps", 500), per_device_train_batch_size=a.get("per_device_batch", 2),
         gradient_accumulation_steps=a.get("grad_accum", 1), max_steps=a.get("max_steps", 3), learning_rate=1e-3,
         logging_steps=1, use_cpu=True, bf16=False, report_to=[], save_strategy="no", gradient_checkpointing=False,
         seed=0, disable_tqdm=True, **kwargs,
@@ -41,7 +41,17 @@ def run_one(a, model_dir, data, out):
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
     trainer = trainer_cls(model=model_dir, args=args, forget_dataset=forget, retain_dataset=retain,
                           processing_class=tokenizer, peft_config=peft_config, quantization_config=quant)
-    trainer.train()
+    if a.get("print_steps"):
+        from transformers import TrainerCallback
+
+        class PrintStep(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                print(f"STEP {state.global_step}", flush=True)
+
+        trainer.add_callback(PrintStep())
+    trainer.train(resume_from_checkpoint=a.get("resume"))
+    if trainer.preempted_at is not None:
+        return
     trainer.save_model(out)
     acc = trainer.accelerator
     if acc.is_main_process:
@@ -51,6 +61,7 @@ def run_one(a, model_dir, data, out):
             "deepspeed": trainer.is_deepspeed_enabled,
             "ref_model": type(trainer.ref_model).__name__ if trainer.ref_model is not None else None,
             "precomputed_reference": trainer.precompute_forget_ref,
+            "steps": [h["step"] for h in trainer.state.log_history if "loss" in h],
         }
         json.dump(trace, open(os.path.join(out, "trace.json"), "w"))
     acc.wait_for_everyone()
