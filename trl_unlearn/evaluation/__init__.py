@@ -1,0 +1,22 @@
+"""Unlearning evaluation: TOFU and MUSE metrics, batched scoring and generation, JSON reports.
+
+`metrics` holds the pure metric functions; `scoring` runs the model (batched, length-grouped); `tofu` and `muse`
+run the benchmarks and return an `EvalReport` (`report`). See docs/evaluation.md.
+"""
+
+from .muse import evaluate_muse
+from .report import EvalReport
+from .scoring import PromptFormat, ScoreResult, generate_answers, resolve_prompt_format, score_answers, score_texts
+from .tofu import evaluate_tofu
+
+__all__ = [
+    "EvalReport",
+    "PromptFormat",
+    "ScoreResult",
+    "evaluate_muse",
+    "evaluate_tofu",
+    "generate_answers",
+    "resolve_prompt_format",
+    "score_answers",
+    "score_texts",
+]
