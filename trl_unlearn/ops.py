@@ -1,0 +1,394 @@
+"""Per-token log-probabilities of a causal LM without materialising the `[B, T, V]` logits.
+
+Unlearning losses (GA, NPO, SimNPO, ...) only need `log p(label)` at each scored position, yet the usual path builds
+the full logits tensor, its fp32 log-softmax and, in backward, two more tensors of the same size. With a 128k vocabulary
+that is the largest thing in memory. Here the LM head is applied to the scored positions only, `chunk_size` rows at a
+time: forward keeps one `[chunk_size, V]` tile alive and saves one float per row (the logsumexp); backward rebuilds each
+tile and turns it into the gradient in place.
+
+Layout:
+    _project / _transform / _token_stats / _logits_grad   the math on one tile (shapes in their docstrings)
+    ChunkedTokenLogps, chunked_token_logps                the row-chunking machinery (autograd Function + wrapper)
+    fused_token_logps, add_fused_logps_head               the bridge to a Hugging Face causal LM
+    naive_token_logps                                     the full-logits reference (tests, benchmark)
+
+Conventions: `hidden` is `[N, H]` (only the positions that are scored), `weight` is the LM head `[V, H]`, `labels` is
+`[N]` int64 with values in `[0, V)`; outputs are `[N]` float32 (float64 for float64 inputs). The logits are
+`z = t(hidden @ weight.T + bias)` with `t(y) = softcap * tanh(logit_scale * y / softcap) / temperature`, or
+`t(y) = logit_scale * y / temperature` without softcap.
+"""
+
+import functools
+import inspect
+import types
+from dataclasses import dataclass
+
+import torch
+from transformers.utils import ModelOutput
+
+# Rows per tile. On the 2-core CPU of benchmarks/README.md, 256..1024 rows are equally fast at V = 32k..128k (the GEMMs
+# dominate); 256 keeps the fp32 tile at 128 MiB for V = 128k. On GPUs a larger tile may pay off: pass `chunk_size`.
+DEFAULT_CHUNK_SIZE = 256
+
+# `torch.addmm(..., out_dtype=torch.float32)` (low-precision inputs, fp32 output) exists on CUDA from torch 2.8.
+_CUDA_MM_OUT_DTYPE = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 8)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The math, on one tile of n rows
+
+
+def _project(h, w, b, out):
+    """Raw logits `out[n, V] = h[n, H] @ w[V, H].T (+ b[V])`, written into the preallocated `out`."""
+    torch.mm(h, w.t(), out=out)
+    return out if b is None else out.add_(b)
+
+
+def _transform(z, logit_scale, softcap, temperature):
+    """Raw logits -> model logits, in place on fp32 `z[n, V]`. Returns `dz/dy` as a tile when softcapping, else None
+    (then `dz/dy` is the constant `logit_scale / temperature`)."""
+    if softcap is None:
+        if logit_scale != temperature:
+            z.mul_(logit_scale / temperature)
+        return None
+    z.mul_(logit_scale / softcap).tanh_()
+    slope = z.square().neg_().add_(1).mul_(logit_scale / temperature)  # d(softcap * tanh(s*y/softcap) / T)/dy
+    z.mul_(softcap / temperature)
+    return slope
+
+
+def _token_stats(z, labels, with_entropy):
+    """Per-row statistics of fp32 logits `z[n, V]` for `labels[n]`: `(logp[n], logsumexp[n], entropy[n] or None)`.
+
+    Uses `z` as scratch (it is overwritten with `exp(z - rowmax)`).
+    """
+    zmax = z.amax(dim=-1)
+    target = z.gather(-1, labels[:, None]).squeeze(-1)
+    e = z.sub_(zmax[:, None]).exp_()
+    sum_e = e.sum(dim=-1)
+    lse = zmax + sum_e.log()
+    # H = -sum p log p with p = e / sum_e  =>  H = log(sum_e) + sum(-e log e) / sum_e
+    entropy = sum_e.log() + torch.special.entr(e).sum(dim=-1) / sum_e if with_entropy else None
+    return target - lse, lse, entropy
+
+
+def _logits_grad(z, labels, lse, grad_logp, grad_entropy=None, entropy=None):
+    """Gradient w.r.t. the fp32 logits `z[n, V]`, computed in place over `z` and returned.
+
+    d logp_i / dz_ij = 1[j = label_i] - p_ij ;  d H_i / dz_ij = -p_ij (log p_ij + H_i).
+    `grad_logp`, `grad_entropy`: `[n]` fp32 upstream gradients (either may be None, not both).
+    """
+    logp = z.sub_(lse[:, None])
+    if grad_entropy is None:
+        grad = logp.exp_().mul_(-grad_logp[:, None])
+    else:
+        p = logp.exp()
+        coef = logp.add_(entropy[:, None]).mul_(-grad_entropy[:, None])
+        if grad_logp is not None:
+            coef.sub_(grad_logp[:, None])
+        grad = coef.mul_(p)
+    if grad_logp is not None:
+        grad.scatter_add_(1, labels[:, None], grad_logp[:, None])
+    return grad
+
+
+def _addmm_fp32_(acc, a, b, first):
+    """`acc += a @ b` (`acc = a @ b` if `first`: `acc` may then be uninitialised) with an fp32 (or fp64) accumulator
+    `acc`, whatever the dtype of `a` and `b`."""
+    beta = 0 if first else 1
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b, beta=beta)
+    elif acc.device.type == "cuda" and _CUDA_MM_OUT_DTYPE:
+        torch.addmm(acc, a, b, beta=beta, out_dtype=acc.dtype, out=acc)
+    elif first:  # no fp32-output low-precision GEMM here: the product is rounded once per row chunk
+        acc.copy_(a @ b)
+    else:
+        acc.add_(a @ b)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The chunking machinery
+
+
+def _gather_ctx(weight, bias):
+    """All-gather ZeRO-3 partitioned head parameters for a direct read; a null context otherwise."""
+    from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+    return maybe_gather_lm_head_ctx(weight, bias)
+
+
+class ChunkedTokenLogps(torch.autograd.Function):
+    """`log_softmax(t(hidden @ weight.T + bias))[i, labels[i]]` (and the entropy) without the `[N, V]` logits.
+
+    `apply(hidden[N, H], weight[V, H], bias[V] | None, labels[N], chunk_size, logit_scale, softcap, temperature,
+    return_entropy)` -> `(logp[N] fp32, entropy[N] fp32 or None)`.
+
+    Rows are processed `chunk_size` at a time; one `[chunk_size, V]` tile (plus an fp32 copy when the matmul runs in a
+    lower precision, plus one more with softcapping) lives at a time. Backward recomputes the tile from the saved
+    inputs and the per-row logsumexp, and returns gradients for hidden, weight and bias (weight and bias accumulated in
+    fp32, then cast). The entropy is differentiable too. The matmul runs in the autocast dtype when autocast is on,
+    else in `hidden`'s dtype; the softmax math is fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, chunk_size, logit_scale, softcap, temperature, return_entropy):
+        ctx.set_materialize_grads(False)
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        acc = torch.promote_types(dtype, torch.float32)  # fp32, or fp64 for fp64 inputs (gradcheck)
+        n_rows = hidden.shape[0]
+        logp = torch.empty(n_rows, device=hidden.device, dtype=acc)
+        lse = torch.empty_like(logp)
+        entropy = torch.empty_like(logp) if return_entropy else None
+        with _gather_ctx(weight, bias), torch.autocast(device, enabled=False):
+            w = weight.to(dtype)
+            b = None if bias is None else bias.to(dtype)
+            tile = hidden.new_empty((min(n_rows, chunk_size), w.shape[0]), dtype=dtype)
+            tile32 = tile if dtype == acc else torch.empty_like(tile, dtype=acc)
+            for start in range(0, n_rows, chunk_size):
+                rows = slice(start, min(start + chunk_size, n_rows))
+                n = rows.stop - start
+                y = _project(hidden[rows].to(dtype), w, b, out=tile[:n])
+                z = tile32[:n].copy_(y) if tile32 is not tile else y
+                _transform(z, logit_scale, softcap, temperature)
+                logp[rows], lse[rows], ent = _token_stats(z, labels[rows], return_entropy)
+                if return_entropy:
+                    entropy[rows] = ent
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
+        ctx.config = (dtype, chunk_size, logit_scale, softcap, temperature)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
+        dtype, chunk_size, logit_scale, softcap, temperature = ctx.config
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        if grad_logp is None and grad_entropy is None:
+            return (None,) * 9
+        acc = lse.dtype
+        grad_logp = None if grad_logp is None else grad_logp.to(acc)
+        grad_entropy = None if grad_entropy is None else grad_entropy.to(acc)
+        n_rows = hidden.shape[0]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        with _gather_ctx(weight, bias), torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            b = None if bias is None else bias.to(dtype)
+            # written (not added to) by the first chunk; zero-filled only when there is no chunk
+            new = torch.empty if n_rows else torch.zeros
+            grad_weight = new(weight.shape, device=weight.device, dtype=acc) if need_weight else None
+            grad_bias = torch.zeros(bias.shape, device=bias.device, dtype=acc) if need_bias else None
+            tile = hidden.new_empty((min(n_rows, chunk_size), w.shape[0]), dtype=dtype)
+            tile32 = tile if dtype == acc else torch.empty_like(tile, dtype=acc)
+            for start in range(0, n_rows, chunk_size):
+                rows = slice(start, min(start + chunk_size, n_rows))
+                n = rows.stop - start
+                h = hidden[rows].to(dtype)
+                y = _project(h, w, b, out=tile[:n])
+                z = tile32[:n].copy_(y) if tile32 is not tile else y
+                slope = _transform(z, logit_scale, softcap, temperature)
+                g = _logits_grad(
+                    z,
+                    labels[rows],
+                    lse[rows],
+                    None if grad_logp is None else grad_logp[rows],
+                    None if grad_entropy is None else grad_entropy[rows],
+                    None if entropy is None else entropy[rows],
+                )
+                # chain rule through the logit transform: from d/dz to d/dy
+                if slope is not None:
+                    g.mul_(slope)
+                elif logit_scale != temperature:
+                    g.mul_(logit_scale / temperature)
+                if grad_bias is not None:
+                    grad_bias += g.sum(dim=0)
+                g = tile[:n].copy_(g) if tile32 is not tile else g  # back to the matmul dtype
+                if grad_hidden is not None:
+                    grad_hidden[rows] = g @ w
+                if grad_weight is not None:
+                    _addmm_fp32_(grad_weight, g.t(), h, first=start == 0)
+        return (
+            grad_hidden,
+            None if grad_weight is None else grad_weight.to(weight.dtype),
+            None if grad_bias is None else grad_bias.to(bias.dtype),
+        ) + (None,) * 6
+
+
+def chunked_token_logps(
+    hidden,
+    weight,
+    labels,
+    bias=None,
+    *,
+    chunk_size=DEFAULT_CHUNK_SIZE,
+    logit_scale=1.0,
+    softcap=None,
+    temperature=1.0,
+    return_entropy=False,
+):
+    """Log-probability of `labels` under the LM head, `chunk_size` rows at a time.
+
+    Args:
+        hidden: `[N, H]` final hidden states of the scored positions only (any float dtype).
+        weight: `[V, H]` LM head weight (may be tied to the input embedding, or ZeRO-3 partitioned).
+        labels: `[N]` int64 target ids in `[0, V)`.
+        bias: optional `[V]` LM head bias.
+        chunk_size: rows per `[chunk_size, V]` tile.
+        logit_scale, softcap, temperature: `z = softcap * tanh(logit_scale * y / softcap) / temperature`.
+        return_entropy: also return the entropy of each row's distribution (differentiable).
+
+    Returns:
+        `logp` `[N]` float32, or `(logp, entropy)` both `[N]` float32 if `return_entropy`.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    labels = labels.long()
+    # Gather around `apply` too, so autograd records the full weight shape for the gradient it will receive.
+    with _gather_ctx(weight, bias):
+        logp, entropy = ChunkedTokenLogps.apply(
+            hidden, weight, bias, labels, chunk_size, logit_scale, softcap, temperature, return_entropy
+        )
+    return (logp, entropy) if return_entropy else logp
+
+
+def naive_token_logps(hidden, weight, labels, bias=None):
+    """Reference: full fp32 logits `[N, V]` -> log_softmax -> gather. `hidden [N, H]`, `labels [N]` -> `[N]` fp32."""
+    logits = torch.nn.functional.linear(hidden, weight, bias).float()
+    return logits.log_softmax(-1).gather(-1, labels[:, None]).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Hugging Face causal LMs
+
+
+def _head_transform(config):
+    """`(logit_scale, softcap)` as the model's own forward applies them, for the common cases:
+    Cohere `logit_scale` (multiplies), Granite `logits_scaling` (divides), Gemma 2/3 `final_logit_softcapping`."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    logit_scale = getattr(config, "logit_scale", None)
+    if logit_scale is None and getattr(config, "logits_scaling", None) is not None:
+        logit_scale = 1.0 / config.logits_scaling
+    return (1.0 if logit_scale is None else float(logit_scale)), getattr(config, "final_logit_softcapping", None)
+
+
+def _default_labels(input_ids, attention_mask):
+    """`input_ids` with padding (`attention_mask == 0`) set to -100."""
+    return input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, -100)
+
+
+def fused_token_logps(
+    model,
+    input_ids,
+    attention_mask=None,
+    labels=None,
+    return_entropy=False,
+    *,
+    chunk_size=DEFAULT_CHUNK_SIZE,
+    temperature=1.0,
+    **backbone_kwargs,
+):
+    """Next-token log-probs of a causal LM, computed with the LM head on the scored positions only.
+
+    Args:
+        model: a transformers causal-LM `PreTrainedModel`, or a `peft.PeftModel` around one (LoRA layers live inside
+            the base model's modules, so the base model already includes them; adapters on the LM head itself are
+            not supported).
+        input_ids: `[B, T]` token ids (may be None when `inputs_embeds` is passed in `backbone_kwargs` with `labels`).
+        attention_mask: `[B, T]`, 1 for real tokens.
+        labels: `[B, T]` with -100 at unscored positions; unshifted (position t is predicted from positions < t).
+            Defaults to `input_ids` with padding (`attention_mask == 0`) set to -100.
+        return_entropy: also return the per-token entropy of the next-token distribution.
+        chunk_size, temperature: see `chunked_token_logps`.
+        **backbone_kwargs: forwarded to the backbone (e.g. `position_ids`, `inputs_embeds`).
+
+    Returns:
+        `token_logps` `[B, T-1]` fp32 (`token_logps[:, t]` scores `labels[:, t+1]`), 0 where the label is -100; or
+        `(token_logps, entropy)` with `entropy` `[B, T-1]` fp32 (also 0 where unscored).
+    """
+    if hasattr(model, "get_base_model"):  # peft.PeftModel
+        model = model.get_base_model()
+    if labels is None:
+        labels = _default_labels(input_ids, attention_mask)
+    backbone_kwargs["use_cache"] = False
+    outputs = model.base_model(input_ids=input_ids, attention_mask=attention_mask, **backbone_kwargs)
+    hidden = outputs[0]
+
+    head = model.get_output_embeddings()
+    if hasattr(head, "base_layer") or hasattr(head, "modules_to_save"):
+        raise NotImplementedError("fused_token_logps: adapters or modules_to_save on the LM head are not supported")
+    weight, bias = head.weight, getattr(head, "bias", None)
+    logit_scale, softcap = _head_transform(model.config)
+
+    hidden = hidden[:, :-1].to(weight.device)  # [B, T-1, H]
+    labels = labels[:, 1:].to(weight.device)  # [B, T-1]
+    mask = labels != -100
+    scored = chunked_token_logps(
+        hidden[mask],
+        weight,
+        labels[mask],
+        bias,
+        chunk_size=chunk_size,
+        logit_scale=logit_scale,
+        softcap=softcap,
+        temperature=temperature,
+        return_entropy=bool(return_entropy),
+    )
+    scored = scored if return_entropy else (scored,)
+    # masked_scatter keeps the result attached to the graph even when nothing is scored
+    full = tuple(x.new_zeros(mask.shape).masked_scatter(mask, x) for x in scored)
+    return full if return_entropy else full[0]
+
+
+@dataclass
+class FusedLogpsOutput(ModelOutput):
+    """Output of a model patched by `add_fused_logps_head` and called with `fused_logps=True`.
+
+    token_logps: `[B, T-1]` fp32 log-prob of each next-token label, 0 where the label is -100.
+    entropy: `[B, T-1]` fp32 next-token entropy (0 where unscored), or None unless `return_entropy=True`.
+    label_mask: `[B, T-1]` bool, True where the label is scored.
+    """
+
+    token_logps: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    label_mask: torch.Tensor | None = None
+
+
+# Head-only arguments a trainer may pass that the backbone does not take
+_HEAD_ONLY_KWARGS = ("num_items_in_batch", "logits_to_keep", "return_dict")
+
+
+def add_fused_logps_head(model, *, chunk_size=DEFAULT_CHUNK_SIZE, temperature=1.0):
+    """Patch `model.forward` so that `model(input_ids=..., attention_mask=..., labels=..., fused_logps=True)` returns a
+    `FusedLogpsOutput` computed by `fused_token_logps` (pass `return_entropy=True` for the entropy).
+
+    Without `fused_logps` (the default) the call goes to the model class's own `forward`, unchanged, so `generate`
+    and plain loss computation behave as before. Patching is idempotent. Patch the transformers model itself, before
+    wrapping it with PEFT, DDP, DeepSpeed or `accelerator.prepare` (those call `model.forward`, so they reach this one;
+    a forward patched by accelerate *before* this call would be bypassed). Returns `model`.
+    """
+    class_forward = type(model).forward
+    arg_names = [
+        name
+        for name, p in inspect.signature(class_forward).parameters.items()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ][1:]  # drop `self`
+
+    @functools.wraps(class_forward)  # keep the signature: `generate` validates model kwargs against it
+    def forward(self, *args, fused_logps=False, **kwargs):
+        if not fused_logps:
+            return class_forward(self, *args, **kwargs)
+        kwargs.update(zip(arg_names, args))
+        kwargs = {k: v for k, v in kwargs.items() if v is not None and k not in _HEAD_ONLY_KWARGS}
+        kwargs.setdefault("chunk_size", chunk_size)
+        kwargs.setdefault("temperature", temperature)
+        return_entropy = bool(kwargs.pop("return_entropy", False))
+        input_ids = kwargs.pop("input_ids", None)
+        labels = kwargs.pop("labels", None)
+        if labels is None:
+            labels = _default_labels(input_ids, kwargs.get("attention_mask"))
+        out = fused_token_logps(self, input_ids, labels=labels, return_entropy=return_entropy, **kwargs)
+        logps, entropy = out if return_entropy else (out, None)
+        mask = labels[:, 1:].to(logps.device) != -100
+        return FusedLogpsOutput(token_logps=logps, entropy=entropy, label_mask=mask)
+
+    model.forward = types.MethodType(forward, model)
+    return model
