@@ -44,6 +44,7 @@ SHOWN = [  # (report metric, table column)
 @dataclass
 class TofuArguments(UnlearnScriptArguments):
     split: str = field(default="forget10", metadata={"help": "TOFU forget split: forget01, forget05 or forget10."})
+    retain_split: str | None = field(default=None, metadata={"help": "Retain split (default: the split's complement)."})
     methods: str = field(default="npo,simnpo", metadata={"help": "Comma-separated: simnpo, npo, gradascent, graddiff."})
     npo_beta: float = field(default=0.1, metadata={"help": "β of NPO (the SimNPO β is `--beta`)."})
     retain_model_name_or_path: str | None = field(default=None, metadata={"help": "Retain model, for forget quality."})
@@ -109,8 +110,10 @@ def method_config(method: str, args: TofuArguments, training_args: SimNPOConfig,
 
 def evaluate(model, tokenizer, data_dir, args, retain_report=None, retain_model=None, path=None):
     model.eval()
+    # Score and generate with the prompt format the model was trained with
+    prompt_format = "chat" if args.conversational else args.prompt_template
     report = evaluate_tofu(model, tokenizer, data_dir, split=args.split, retain_report=retain_report,
-                           retain_model=retain_model, batch_size=args.eval_batch_size,
+                           retain_model=retain_model, batch_size=args.eval_batch_size, prompt_format=prompt_format,
                            max_new_tokens=args.max_new_tokens, progress=False)
     if path:
         report.save(path)
@@ -172,7 +175,11 @@ def main(args: TofuArguments, training_args: SimNPOConfig, model_args: ModelConf
     results = {}
     retain_report = args.retain_report
     if state.is_main_process and (embedded or retain_model is not None):
-        report = evaluate(retain_model, tokenizer, data_dir, args, path=os.path.join(out, "report_retrain.json"))
+        report = evaluate(retain_model, tokenizer, data_dir, args)
+        # The retain model against itself: identical truth ratios, forget quality 1 by definition
+        report.reference["retain_forget_truth_ratio"] = list(report.per_item["forget"]["truth_ratio"])
+        report.metrics = report.recompute()
+        report.save(os.path.join(out, "report_retrain.json"))
         retain_report = report
         results["Retrain"] = report.metrics
     if state.is_main_process and embedded:
@@ -224,8 +231,6 @@ DEFAULTS = {  # the embedded study only (no --model_name_or_path); any flag or Y
     "per_device_train_batch_size": 4,
     "learning_rate": 1e-3,
     "beta": 2.5,
-    "use_cpu": not torch.cuda.is_available(),
-    "bf16": False,
     "gradient_checkpointing": False,
     "report_to": "none",
     "save_strategy": "no",
@@ -238,6 +243,8 @@ DEFAULTS = {  # the embedded study only (no --model_name_or_path); any flag or Y
 
 def parse(argv=None):
     parser = TrlParser((TofuArguments, SimNPOConfig, ModelConfig))
+    if not torch.cuda.is_available():  # TRL configs default to bf16, which needs use_cpu on a CPU
+        parser.set_defaults(use_cpu=True, bf16=False)
     parsed = parser.parse_args_and_config(argv)
     if parsed[2].model_name_or_path is None:  # the embedded study: tiny-model defaults, still overridable
         parser.set_defaults(**DEFAULTS)

@@ -2,6 +2,7 @@
 
     trl-unlearn eval tofu --model PATH --data_dir DIR --split forget10 --output report.json [--retain_report R]
     trl-unlearn eval muse --model PATH --data_dir DIR --output report.json [--auc_retrain X | --retrain_report R]
+    trl-unlearn simnpo|npo|gradascent|graddiff --model_name_or_path M --dataset_name D [--config recipe.yaml] ...
 
 Each command group is added by a `register(subparsers)` function listed in `COMMAND_GROUPS`; a group sets
 `func` (called with the parsed arguments, returns an exit code) on each of its leaf parsers. Training commands
@@ -144,8 +145,29 @@ def register_eval(subparsers) -> None:
     m.set_defaults(func=_run_eval_muse)
 
 
-# Add a training group by appending its register function here.
-COMMAND_GROUPS: list[Callable] = [register_eval]
+# ---------------------------------------------------------------------------------------------------- train
+
+
+def register_train(subparsers) -> None:
+    """`trl-unlearn <method> ...`: the rest of the line goes to the method's TrlParser (TRL script style:
+    every config field is a flag, `--config recipe.yaml` reads them from YAML; `--help` lists them)."""
+    from .train_script import METHODS
+
+    for method in METHODS:
+        p = subparsers.add_parser(method, help=f"unlearn with {method} (TRL-style flags, --config YAML)", add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=lambda args, method=method: _run_train(method, args.rest))
+
+
+def _run_train(method: str, argv: list[str]) -> int:
+    from .train_script import make_parser, run
+
+    script_args, training_args, model_args = make_parser(method).parse_args_and_config(argv)
+    run(method, script_args, training_args, model_args)
+    return 0
+
+
+COMMAND_GROUPS: list[Callable] = [register_eval, register_train]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,6 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; returns the exit code (2 with a one-line message on a data or settings error)."""
+    from .train_script import METHODS
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in METHODS:  # hand the whole line to the method's TrlParser (argparse would eat --help)
+        return _run_train(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

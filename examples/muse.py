@@ -1,0 +1,114 @@
+"""Unlearn a MUSE corpus (News or Books) and evaluate VerbMem, KnowMem and PrivLeak.
+
+    accelerate launch --config_file examples/accelerate_configs/deepspeed_zero3.yaml examples/muse.py \
+        --config examples/recipes/muse_news_simnpo.yaml
+
+MUSE trains on raw text: the forget and retain corpora are cut into windows of `max_length` tokens and every token is
+scored (language-modeling rows). `--dataset_name` is either a local folder in muse_bench's layout (`raw/forget.txt`,
+`raw/retain1.txt`, plus the evaluation files `verbmem/`, `knowmem/`, `privleak/`, see docs/evaluation.md) or a Hub id
+(`muse-bench/MUSE-News`, `muse-bench/MUSE-Books`: config `raw`, splits `forget`, `retain1`; the evaluation files must
+then be given locally with `--eval_dir`). PrivLeak needs the retrained model's AUC (`--auc_retrain`) or report.
+"""
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+from accelerate import PartialState
+from datasets import Dataset, load_dataset
+from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
+
+from trl_unlearn import NPOConfig, SimNPOConfig
+from trl_unlearn.evaluation import evaluate_muse
+from trl_unlearn.train_script import METHODS, _load_tokenizer
+
+
+@dataclass
+class MuseArguments:
+    dataset_name: str | None = field(default=None, metadata={"help": "muse_bench-layout folder or Hub id."})
+    forget_corpus: str = field(default="forget", metadata={"help": "Forget corpus: raw/<name>.txt or Hub split."})
+    retain_corpus: str = field(default="retain1", metadata={"help": "Retain corpus: raw/<name>.txt or Hub split."})
+    eval_dir: str | None = field(default=None, metadata={"help": "Folder with verbmem/knowmem/privleak (default: dataset)."})
+    methods: str = field(default="simnpo", metadata={"help": "Comma-separated: simnpo, npo, gradascent, graddiff."})
+    npo_beta: float = field(default=0.1, metadata={"help": "β of NPO (SimNPO's β is `--beta`)."})
+    auc_retrain: float | None = field(default=None, metadata={"help": "Retrained model's PrivLeak AUC."})
+    retrain_report: str | None = field(default=None, metadata={"help": "Retrained model's saved MUSE report."})
+    eval_batch_size: int = field(default=8, metadata={"help": "Batch size for evaluation."})
+    skip_eval: bool = field(default=False, metadata={"help": "Only unlearn and save."})
+
+
+def load_corpus(args: MuseArguments, name: str) -> list[str]:
+    """Documents of one corpus (a local raw/<name>.txt, documents separated by blank lines; or a Hub split)."""
+    path = os.path.join(args.dataset_name, "raw", f"{name}.txt")
+    if os.path.isdir(args.dataset_name):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"MUSE corpus not found: {path}")
+        with open(path, encoding="utf-8") as f:
+            return [d.strip() for d in f.read().split("\n\n") if d.strip()]
+    return list(load_dataset(args.dataset_name, "raw", split=name)["text"])
+
+
+def windows(texts: list[str], tokenizer, max_length: int) -> Dataset:
+    """Cut the concatenated corpus into windows of `max_length` tokens, as language-modeling `text` rows."""
+    ids = []
+    for t in texts:
+        ids += tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    size = max_length - 1  # room for the EOS the trainer appends to plain text
+    chunks = [ids[i : i + size] for i in range(0, len(ids), size)]
+    return Dataset.from_dict({"text": [tokenizer.decode(c, skip_special_tokens=True) for c in chunks if len(c) > 1]})
+
+
+def method_config(method, args, training_args):
+    _, config_cls = METHODS[method]
+    names = {f.name for f in dataclasses.fields(config_cls) if f.init} & {
+        f.name for f in dataclasses.fields(training_args) if f.init
+    }
+    values = {n: getattr(training_args, n) for n in names}
+    values["output_dir"] = os.path.join(training_args.output_dir, method)
+    if config_cls is NPOConfig:
+        values.update(beta=args.npo_beta, precompute_ref_log_probs=None)
+    elif config_cls is not SimNPOConfig:
+        values.pop("beta", None)
+    if method == "gradascent":
+        values["retain_weight"] = 0.0
+    return config_cls(**values)
+
+
+def main(args: MuseArguments, training_args: SimNPOConfig, model_args: ModelConfig):
+    if args.dataset_name is None or model_args.model_name_or_path is None:
+        raise ValueError("examples/muse.py needs --model_name_or_path and --dataset_name (see the module docstring).")
+    tokenizer = _load_tokenizer(model_args.model_name_or_path)
+    forget = windows(load_corpus(args, args.forget_corpus), tokenizer, training_args.max_length)
+    retain = windows(load_corpus(args, args.retain_corpus), tokenizer, training_args.max_length)
+    results = {}
+    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        trainer_cls, _ = METHODS[method]
+        config = method_config(method, args, training_args)
+        config.model_init_kwargs = {"dtype": model_args.dtype, "revision": model_args.model_revision,
+                                    "attn_implementation": model_args.attn_implementation}
+        trainer = trainer_cls(model=model_args.model_name_or_path, args=config, forget_dataset=forget,
+                              retain_dataset=retain, processing_class=tokenizer,
+                              quantization_config=get_quantization_config(model_args),
+                              peft_config=get_peft_config(model_args))
+        trainer.train()
+        if not args.skip_eval and PartialState().is_main_process:
+            model = trainer.accelerator.unwrap_model(trainer.model).eval()
+            report = evaluate_muse(model, tokenizer, args.eval_dir or args.dataset_name, auc_retrain=args.auc_retrain,
+                                   retrain_report=args.retrain_report, batch_size=args.eval_batch_size,
+                                   max_length=training_args.max_length, progress=False)
+            report.save(os.path.join(config.output_dir, "muse_report.json"))
+            report.print_table()
+            results[trainer._name] = report.metrics
+            trainer.evaluation_summary = {k: v for k, v in report.metrics.items() if v is not None}
+        trainer.save_model(config.output_dir)
+        if training_args.push_to_hub:
+            trainer.push_to_hub(dataset_name=args.dataset_name)
+    if results and PartialState().is_main_process:
+        with open(os.path.join(training_args.output_dir, "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main(*TrlParser((MuseArguments, SimNPOConfig, ModelConfig)).parse_args_and_config())
