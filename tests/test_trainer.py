@@ -305,3 +305,23 @@ def test_model_card(model, tokenizer, forget_ds, retain_ds, tmp_path):
     for needle in ["SimNPO", "2410.07163", "trl-unlearn", "unlearning", "simnpo", "Forget data: 8 examples",
                    "Retain data: 24 examples", "`beta` | 2.5", "approximate", "forget_quality: 0.5", "@article{fan2024"]:
         assert needle in card, needle
+
+
+def test_group_by_length_cuts_padding_and_keeps_every_row(model, tokenizer, tmp_path):
+    rows = [(f"Q{i}?", "word " * (1 + (i * 7) % 23)) for i in range(32)]
+    forget, retain = prompt_completion(rows), prompt_completion(rows[::-1])
+
+    def padding(strategy):
+        args = cpu_args(SimNPOConfig, tmp_path, per_device_train_batch_size=4, train_sampling_strategy=strategy)
+        trainer = SimNPOTrainer(model=model, args=args, forget_dataset=forget, retain_dataset=retain,
+                                processing_class=tokenizer)
+        pairs = list(trainer._get_train_sampler())
+        assert sorted(f for f, _ in pairs) == list(range(32)) and sorted(r for _, r in pairs) == list(range(32))
+        pad = 0
+        for i in range(0, 32, 4):
+            batch = trainer.data_collator([trainer.train_dataset[p] for p in pairs[i : i + 4]])
+            f = batch["forget_mask"]
+            pad += (batch["attention_mask"][f] == 0).sum().item()
+        return pad
+
+    assert padding("group_by_length") < padding("random") / 2

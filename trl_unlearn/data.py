@@ -181,10 +181,16 @@ class ForgetRetainSampler(Sampler):
     Every rank builds the same sequence and accelerate hands each rank its own batches, so ranks see different forget
     rows and (while there are at least as many retain as forget rows) different retain rows; a global batch holds the
     same pairs whatever the number of processes. Resuming re-creates the epoch's sequence from (seed, epoch).
+
+    With `lengths=(forget_lengths, retain_lengths)` and `group_size`, rows are grouped by length: within each run of
+    `group_size` positions, forget rows and retain rows are each sorted by length, so a batch pads little. Grouping
+    reorders within a run only, so every row is still seen once per epoch.
     """
 
-    def __init__(self, num_forget: int, num_retain: int, seed: int, shuffle: bool = True):
+    def __init__(self, num_forget: int, num_retain: int, seed: int, shuffle: bool = True, lengths=None,
+                 group_size: int = 0):
         self.num_forget, self.num_retain, self.seed, self.shuffle = num_forget, num_retain, seed, shuffle
+        self.lengths, self.group_size = lengths, group_size
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -200,8 +206,15 @@ class ForgetRetainSampler(Sampler):
             retain = np.full(self.num_forget, -1)
         else:
             passes = -(-self.num_forget // self.num_retain)
-            retain = np.concatenate([rng.permutation(self.num_retain) for _ in range(passes)])
-        yield from zip(forget.tolist(), retain[: self.num_forget].tolist())
+            retain = np.concatenate([rng.permutation(self.num_retain) for _ in range(passes)])[: self.num_forget]
+        if self.lengths is not None and self.group_size > 1:
+            forget_len, retain_len = (np.asarray(x) for x in self.lengths)
+            for start in range(0, self.num_forget, self.group_size):
+                run = slice(start, start + self.group_size)
+                forget[run] = forget[run][np.argsort(-forget_len[forget[run]], kind="stable")]
+                if self.num_retain:
+                    retain[run] = retain[run][np.argsort(-retain_len[retain[run]], kind="stable")]
+        yield from zip(forget.tolist(), retain.tolist())
 
 
 @dataclass

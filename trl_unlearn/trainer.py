@@ -372,9 +372,19 @@ Judge it by the evaluation above, and re-evaluate for your own threat model befo
             self._signature_columns = ["forget", "retain"]
 
     def _get_train_sampler(self, train_dataset=None):
+        """Seeded forget/retain pairing; `train_sampling_strategy="group_by_length"` groups rows of similar length
+        (runs of 64 global batches) to cut padding."""
         dataset = train_dataset or self.train_dataset
         num_retain = len(dataset.retain) if dataset.retain is not None else 0
-        return ForgetRetainSampler(len(dataset.forget), num_retain, seed=self.args.seed)
+        lengths, group = None, 0
+        if self.args.train_sampling_strategy == "group_by_length":
+            def row_lengths(d):
+                return [len(p) + len(c) for p, c in zip(d["prompt_ids"], d["completion_ids"])]
+
+            lengths = (row_lengths(dataset.forget), row_lengths(dataset.retain) if num_retain else [])
+            group = 64 * self.args.per_device_train_batch_size * self.accelerator.num_processes
+        return ForgetRetainSampler(len(dataset.forget), num_retain, seed=self.args.seed, lengths=lengths,
+                                   group_size=group)
 
     # ------------------------------------------------------------------------------------------------ reference --
     def _precompute_ref_logps(self, dataset, name, batch_size):
