@@ -167,7 +167,13 @@ def _run_train(method: str, argv: list[str]) -> int:
     return 0
 
 
-COMMAND_GROUPS: list[Callable] = [register_eval, register_train]
+def register_relearn(subparsers) -> None:
+    from .evaluation.relearn import register_relearn as register
+
+    register(subparsers)
+
+
+COMMAND_GROUPS: list[Callable] = [register_eval, register_relearn, register_train]
 
 
 def build_parser() -> argparse.ArgumentParser:

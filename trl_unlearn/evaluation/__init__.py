@@ -4,13 +4,21 @@
 run the benchmarks and return an `EvalReport` (`report`). See docs/evaluation.md.
 """
 
+from .callback import UnlearningEvalCallback
 from .muse import evaluate_muse
+from .relearn import RelearnCurve, plot_relearn_curves, probe_metrics, relearning_attack, select_relearn_indices
 from .report import EvalReport
 from .scoring import PromptFormat, ScoreResult, generate_answers, resolve_prompt_format, score_answers, score_texts
 from .tofu import evaluate_tofu
 
 __all__ = [
     "EvalReport",
+    "RelearnCurve",
+    "UnlearningEvalCallback",
+    "plot_relearn_curves",
+    "probe_metrics",
+    "relearning_attack",
+    "select_relearn_indices",
     "PromptFormat",
     "ScoreResult",
     "evaluate_muse",
