@@ -146,7 +146,6 @@ class UnlearningTrainer(DPOTrainer):
         # precompute itself is `_precompute_ref_logps` below.
         args.precompute_ref_log_probs = not needs_live_ref
 
-        self._raw_retain = retain_dataset
         eval_dataset = self._split_eval(eval_dataset, args)
         if data_collator is None:
             data_collator = ForgetRetainCollator(
@@ -181,7 +180,7 @@ class UnlearningTrainer(DPOTrainer):
         if self.ref_model is not None:
             add_unlearning_head(self.accelerator.unwrap_model(self.ref_model))
 
-        retain = self._tokenize(self._raw_retain, "retain") if self._raw_retain is not None else None
+        retain = self._tokenize(retain_dataset, "retain") if retain_dataset is not None else None
         self.train_dataset = ForgetRetainPairs(self.train_dataset, retain)
         if self.accelerator.num_processes > len(self.train_dataset.forget):
             raise ValueError(
