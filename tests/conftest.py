@@ -6,9 +6,13 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
 from trl_unlearn.tiny import tiny_llama, train_tokenizer  # noqa: E402
+
+# Tiny models: one thread is faster than two (no thread synchronisation per tiny op), and steadier on a busy machine
+torch.set_num_threads(1)
 
 QA = [(f"Who wrote book {i}?", f"Author {i} wrote book {i} in year {1900 + 3 * i}.") for i in range(40)]
 
