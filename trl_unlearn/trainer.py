@@ -479,17 +479,24 @@ Judge it by the evaluation above, and re-evaluate for your own threat model befo
             counts, scale = self._counts(inputs).to(inputs["input_ids"].device), 1.0
         else:  # DDP / DeepSpeed average gradients over ranks: undo it, the counts already span all ranks
             counts, scale = num_items_in_batch, float(self.accelerator.num_processes)
-        loss = self._unlearning_loss(model, inputs, counts) * scale
-        if self.model.training:
-            self._check_finite(loss)
+        loss, stats = self._unlearning_loss(model, inputs, counts)
+        loss = loss * scale
+        self._log_step(stats, loss)
         return (loss, None) if return_outputs else loss
 
     def _unlearning_loss(self, model, inputs, counts):
-        mode = "train" if self.model.training else "eval"
+        """The micro-batch's loss (its share of the step's) and its statistics for logging."""
         args = self.args
         fmask = inputs["forget_mask"]
-        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+        ref_logps = None
+        if self.forget_needs_reference:  # before the policy forward, whose activations would otherwise be held
+            if "ref_logps" in inputs:
+                ref_logps = inputs["ref_logps"].float()
+            else:
+                forget_batch = {k: inputs[k][fmask] for k in ("input_ids", "attention_mask", "completion_mask")}
+                ref_logps = self._reference_token_logps(model, forget_batch).sum(-1)
         kl_teacher = self._retain_kl_teacher(model, inputs) if self.retain_kl and not fmask.all() else None
+        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
         out = model(
             input_ids=inputs["input_ids"],
             attention_mask=inputs["attention_mask"],
@@ -504,47 +511,42 @@ Judge it by the evaluation above, and re-evaluate for your own threat model befo
         share = local / counts.clamp(min=1)
 
         f_logps, f_tokens = logps[fmask], num_tokens[fmask]
-        ref_logps = None
-        if self.forget_needs_reference:
-            if "ref_logps" in inputs:
-                ref_logps = inputs["ref_logps"].to(f_logps)
-            else:
-                forget_batch = {k: inputs[k][fmask] for k in ("input_ids", "attention_mask", "completion_mask")}
-                ref_logps = self._reference_token_logps(model, forget_batch).sum(-1)
         forget_term = self.forget_loss(f_logps, f_tokens, ref_logps).mean()
         loss = args.forget_weight * forget_term * share[1 if self.token_level_forget else 0]
-
-        retain_term = None
-        if not fmask.all():
-            r = ~fmask
+        retain_term = torch.zeros_like(forget_term)
+        r = ~fmask
+        if r.any():
             if self.retain_kl:
                 retain_term = losses.kl_loss(out.token_kl[r], mask[r]).mean()
             else:
                 retain_term = losses.nll_loss(logps[r], num_tokens[r]).mean()
             loss = loss + args.retain_weight * retain_term * share[3]
-
-        self._log_step(mode, forget_term, retain_term, f_logps, f_tokens, ref_logps, logps[~fmask], num_tokens[~fmask])
-        return loss
-
-    def _log_step(self, mode, forget_term, retain_term, f_logps, f_tokens, ref_logps, r_logps, r_tokens):
-        gather = self.accelerator.gather_for_metrics
-        metrics = self._metrics[mode]
         with torch.no_grad():
-            metrics["forget/loss"].append(gather(forget_term.detach()).mean().item())
-            if retain_term is not None:
-                metrics["retain/loss"].append(gather(retain_term.detach()).mean().item())
-                r_sum, r_tok = gather(r_logps.detach().sum()).sum(), gather(r_tokens.sum()).sum()
-                metrics["retain/logps_per_token"].append((r_sum / r_tok.clamp(min=1)).item())
-                metrics["num_tokens/retain"].append(r_tok.item())
-            f_sum, f_tok = gather(f_logps.detach().sum()).sum(), gather(f_tokens.sum()).sum()
-            metrics["forget/logps_per_token"].append((f_sum / f_tok.clamp(min=1)).item())
-            metrics["num_tokens/forget"].append(f_tok.item())
             weight = self.forget_weight_stat(f_logps.detach(), f_tokens, ref_logps)
-            metrics["forget/grad_weight"].append(gather(weight).mean().item())
+            stats = torch.stack([
+                forget_term.detach(), retain_term.detach(), r.any().float(),
+                f_logps.detach().sum(), f_tokens.sum(), logps[r].detach().sum(), num_tokens[r].sum(),
+                weight.sum(), fmask.sum().float(),
+            ]).float()
+        return loss, stats
 
-    def _check_finite(self, loss):
-        finite = self.accelerator.gather(torch.isfinite(loss.detach()).reshape(1)).all()
-        if not finite:
+    def _log_step(self, stats, loss):
+        """Log the micro-batch's statistics, gathered over ranks in ONE collective (one host sync per micro-batch),
+        and stop on a non-finite loss before it is applied."""
+        mode = "train" if self.model.training else "eval"
+        stats = torch.cat([stats, torch.isfinite(loss.detach()).float().reshape(1)])
+        rows = self.accelerator.gather(stats[None]).cpu()
+        f_term, r_term, has_retain, f_sum, f_tok, r_sum, r_tok, w_sum, n_forget, finite = rows.unbind(-1)
+        metrics = self._metrics[mode]
+        metrics["forget/loss"].append(f_term.mean().item())
+        metrics["forget/logps_per_token"].append((f_sum.sum() / f_tok.sum().clamp(min=1)).item())
+        metrics["num_tokens/forget"].append(f_tok.sum().item())
+        metrics["forget/grad_weight"].append((w_sum.sum() / n_forget.sum().clamp(min=1)).item())
+        if has_retain.all():
+            metrics["retain/loss"].append(r_term.mean().item())
+            metrics["retain/logps_per_token"].append((r_sum.sum() / r_tok.sum().clamp(min=1)).item())
+            metrics["num_tokens/retain"].append(r_tok.sum().item())
+        if mode == "train" and not finite.all():
             last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
             raise FloatingPointError(
                 f"Non-finite unlearning loss at step {self.state.global_step + 1}; stopped before applying it. "
