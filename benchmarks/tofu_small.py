@@ -59,6 +59,8 @@ def parse():
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reuse_models", action="store_true",
+                   help="load Original/Retrain (and the tokenizer) saved in --out by an earlier run instead of training")
     return p.parse_args()
 
 
@@ -113,12 +115,23 @@ def main():
             eval_texts += [r["question"], r["answer"], r.get("paraphrased_answer", "")] + list(r["perturbed_answer"])
     train_texts = [PROMPT_TEMPLATE.format(question=r["question"]) + " " + r["answer"]
                    for r in forget_rows + retain_rows + extra]
-    tokenizer = train_tokenizer(train_texts + eval_texts, vocab_size=a.vocab)
+    saved = {name: os.path.join(a.out, name.lower()) for name in ("Original", "Retrain")}
+    reuse = a.reuse_models and all(os.path.isfile(os.path.join(d, "config.json")) for d in saved.values())
+    if reuse:
+        from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(saved["Original"])
+    else:
+        tokenizer = train_tokenizer(train_texts + eval_texts, vocab_size=a.vocab)
     sizes = {"forget": len(forget_rows), "retain": len(retain_rows), "real_authors+world_facts": len(extra)}
     print(f"data: {sizes}; tokenizer vocab {len(tokenizer)}", flush=True)
 
     models = {}
     for name, rows in [("Original", forget_rows + retain_rows + extra), ("Retrain", retain_rows + extra)]:
+        if reuse:
+            models[name] = AutoModelForCausalLM.from_pretrained(saved[name]).eval()
+            print(f"loaded {name} from {saved[name]}", flush=True)
+            continue
         t = time.time()
         model = tiny_llama(tokenizer, hidden_size=a.hidden, num_hidden_layers=a.layers, num_attention_heads=4,
                            seed=a.seed)
@@ -126,6 +139,8 @@ def main():
                                 os.path.join(a.out, name.lower()))
         print(f"trained {name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on {len(rows)} QA "
               f"in {time.time() - t:.0f}s", flush=True)
+        model.save_pretrained(saved[name])
+        tokenizer.save_pretrained(saved[name])
 
     reports = {"Retrain": evaluate(models["Retrain"], tokenizer, a)}
     retain_report = reports["Retrain"]
@@ -144,10 +159,12 @@ def main():
     curves = {}
     for method in a.methods.split(","):
         t = time.time()
-        model = unlearn(method, models["Original"], tokenizer, forget, retain, a, os.path.join(a.out, method))
+        model = unlearn(method, models["Original"], tokenizer, forget, retain, a, os.path.join(a.out, f"unlearn_{method}"))
         name = METHODS[method][0]._name
         reports[name] = evaluate(model, tokenizer, a, retain_report)
-        print(f"{name}: unlearned and evaluated in {time.time() - t:.0f}s", flush=True)
+        reports[name].save(os.path.join(a.out, f"report_{method}.json"))
+        print(f"{name}: unlearned and evaluated in {time.time() - t:.0f}s; " + ", ".join(
+            f"{k} {reports[name].metrics[k]:.3g}" for k in SHOWN[:4]), flush=True)
         curves[name] = relearning_attack(
             model, tokenizer, forget_rows, fraction=a.relearn_fraction, steps=a.relearn_steps,
             eval_every=max(1, a.relearn_steps // 5), learning_rate=a.relearn_lr, batch_size=4, seed=a.seed,
