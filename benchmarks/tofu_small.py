@@ -3,7 +3,7 @@
     python benchmarks/tofu_small.py --data_dir ../shared/data/tofu [--out outputs/tofu_small]
 
 A small Llama is trained FROM SCRATCH (no pretrained model can be loaded here) on:
-- target ("Original"): the forget split (default forget05: the last 10 authors, 200 QA) + the first
+- target ("Original"): the forget split (default forget01: the last 2 authors, 40 QA) + the first
   `--retain_authors` retain authors (20 by default: exactly the authors of TOFU's `retain_perturbed` evaluation
   set) + the Real Authors and World Facts QA (a model trained from scratch knows only what it is taught, so these
   are taught to both models: model utility then measures whether unlearning kept trained knowledge);
@@ -41,13 +41,13 @@ def parse():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", required=True, help="folder of TOFU's JSON-lines files")
     p.add_argument("--out", default="outputs/tofu_small")
-    p.add_argument("--split", default="forget05")
+    p.add_argument("--split", default="forget01")
     p.add_argument("--retain_authors", type=int, default=20)
-    p.add_argument("--hidden", type=int, default=192)
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--layers", type=int, default=2)
     p.add_argument("--vocab", type=int, default=2048)
-    p.add_argument("--finetune_epochs", type=int, default=30)
-    p.add_argument("--finetune_lr", type=float, default=2e-3)
+    p.add_argument("--finetune_epochs", type=int, default=25)
+    p.add_argument("--finetune_lr", type=float, default=3e-3)
     p.add_argument("--methods", default="gradascent,graddiff,npo,simnpo")
     p.add_argument("--unlearn_epochs", type=int, default=5)
     p.add_argument("--unlearn_lr", type=float, default=2e-4)

@@ -42,6 +42,11 @@ def make_inputs(n, h, v, dtype=torch.float32, bias=False, seed=0):
     return hidden, weight, b, labels
 
 
+def transform_args(t):
+    """`(logit_scale, softcap, temperature)` for `ChunkedTokenLogps.apply` from a dict of overrides."""
+    return t.get("logit_scale", 1.0), t.get("softcap"), t.get("temperature", 1.0)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The op
 
@@ -63,15 +68,11 @@ def test_gradcheck_float64(bias, transform):
     assert torch.autograd.gradcheck(lambda *x: logps_and_entropy(*x)[1], inputs)  # entropy only
 
 
-def transform_args(t):
-    return t.get("logit_scale", 1.0), t.get("softcap"), t.get("temperature", 1.0)
-
-
 @pytest.mark.parametrize("chunk_size", [1, 16, 50, 4096])
 def test_matches_naive_fp32(chunk_size):
     hidden, weight, b, labels = make_inputs(50, 16, 97, bias=True)
-    a = torch.randn(50)  # arbitrary upstream gradients
-    c = torch.randn(50)
+    g = torch.Generator().manual_seed(1)
+    a, c = torch.randn(2, 50, generator=g)  # arbitrary upstream gradients
 
     logp, ent = chunked_token_logps(hidden, weight, labels, b, chunk_size=chunk_size, return_entropy=True)
     assert logp.dtype == ent.dtype == torch.float32 and logp.shape == ent.shape == (50,)
@@ -117,7 +118,10 @@ def test_bf16_autocast_close_to_fp32():
     assert (logp - ref).abs().max() > 1e-5
 
 
-def test_bf16_params_without_autocast():
+def test_bf16_params_without_autocast(monkeypatch):
+    import trl_unlearn.ops as ops
+
+    monkeypatch.setattr(ops, "_ACC_BLOCK_ROWS", 64)  # accumulate grad_weight in several (ragged) blocks
     hidden, weight, _, labels = make_inputs(40, 32, 200, dtype=torch.bfloat16)
     logp = chunked_token_logps(hidden, weight, labels, chunk_size=16)
     assert logp.dtype == torch.float32
@@ -129,18 +133,39 @@ def test_bf16_params_without_autocast():
     assert (gw.float() - rw.float()).norm() / rw.float().norm() < 2e-2
 
 
-def test_no_grad_and_frozen_weight():
+def test_gradcheck_frozen_head_float64():
+    """Only `hidden` requires grad: the gradient is precomputed in forward (no recomputation in backward)."""
+    hidden, weight, b, labels = make_inputs(7, 5, 11, dtype=torch.float64, bias=True)
+    w, b = weight.detach(), b.detach()
+    for t in ({}, {"logit_scale": 0.7, "softcap": 2.5, "temperature": 1.3}):
+        args = (w, b, labels, 3, *transform_args(t), False, True)  # return_entropy=False, hidden_grad_only=True
+        assert torch.autograd.gradcheck(lambda h: ChunkedTokenLogps.apply(h, *args)[0], (hidden,))
+
+
+def test_no_grad_and_frozen_weight(monkeypatch):
+    import trl_unlearn.ops as ops
+
     hidden, weight, _, labels = make_inputs(10, 8, 20)
     with torch.no_grad():
         logp = chunked_token_logps(hidden, weight, labels, chunk_size=4)
     assert not logp.requires_grad
     torch.testing.assert_close(logp, naive_token_logps(hidden, weight, labels).detach())
 
+    calls = []
+    project = ops._project
+    monkeypatch.setattr(ops, "_project", lambda *a, **k: calls.append(1) or project(*a, **k))
     frozen = weight.detach()
     logp = chunked_token_logps(hidden, frozen, labels, chunk_size=4)
-    (gh,) = torch.autograd.grad(logp.sum(), hidden)
-    (rh,) = torch.autograd.grad(naive_token_logps(hidden, frozen, labels).sum(), hidden)
+    a = torch.randn(10, generator=torch.Generator().manual_seed(1))
+    (gh,) = torch.autograd.grad((logp * a).sum(), hidden)
+    assert len(calls) == 3  # 3 tiles in forward, none recomputed in backward
+    (rh,) = torch.autograd.grad((naive_token_logps(hidden, frozen, labels) * a).sum(), hidden)
     torch.testing.assert_close(gh, rh, rtol=1e-4, atol=1e-6)
+
+    # with a trainable head the tiles are recomputed in backward instead
+    calls.clear()
+    torch.autograd.grad(chunked_token_logps(hidden, weight, labels, chunk_size=4).sum(), hidden)
+    assert len(calls) == 6
 
 
 def test_no_rows():
@@ -241,12 +266,16 @@ def test_peft_lora_gradients_reach_only_adapters(tokenizer):
     torch.testing.assert_close(logps, ref, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(logps, base_logps)  # the adapters are in the computation
 
-    nll(logps, labels).backward()
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    ref_grads = torch.autograd.grad(nll(ref, labels), trainable)
+    nll(logps, labels).backward()  # frozen head: the precomputed-hidden-gradient path
     for name, p in peft_model.named_parameters():
         if "lora_" in name:
             assert p.grad is not None and torch.count_nonzero(p.grad) > 0, name
         else:
             assert p.grad is None, name
+    for p, g in zip(trainable, ref_grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
 
 
 def test_add_fused_logps_head(tokenizer):

@@ -4,13 +4,15 @@ Unlearning losses (GA, NPO, SimNPO, ...) only need `log p(label)` at each scored
 the full logits tensor, its fp32 log-softmax and, in backward, two more tensors of the same size. With a 128k vocabulary
 that is the largest thing in memory. Here the LM head is applied to the scored positions only, `chunk_size` rows at a
 time: forward keeps one `[chunk_size, V]` tile alive and saves one float per row (the logsumexp); backward rebuilds each
-tile and turns it into the gradient in place.
+tile and turns it into the gradient in place. When the head is frozen (LoRA), forward instead saves the `[N, H]`
+gradient of each row's log-prob with respect to its hidden state, and backward is a row scaling.
 
 Layout:
-    _project / _transform / _token_stats / _logits_grad   the math on one tile (shapes in their docstrings)
-    ChunkedTokenLogps, chunked_token_logps                the row-chunking machinery (autograd Function + wrapper)
-    fused_token_logps, add_fused_logps_head               the bridge to a Hugging Face causal LM
-    naive_token_logps                                     the full-logits reference (tests, benchmark)
+    _project, _transform, _token_stats, _logits_grad,   the math on one tile (shapes in their docstrings)
+    _to_raw_logits_grad
+    ChunkedTokenLogps, chunked_token_logps              the row-chunking machinery (autograd Function + wrapper)
+    fused_token_logps, add_fused_logps_head             the bridge to a Hugging Face causal LM
+    naive_token_logps                                   the full-logits reference (tests, benchmark)
 
 Conventions: `hidden` is `[N, H]` (only the positions that are scored), `weight` is the LM head `[V, H]`, `labels` is
 `[N]` int64 with values in `[0, V)`; outputs are `[N]` float32 (float64 for float64 inputs). The logits are
@@ -26,12 +28,13 @@ from dataclasses import dataclass
 import torch
 from transformers.utils import ModelOutput
 
-# Rows per tile. On the 2-core CPU of benchmarks/README.md, 256..1024 rows are equally fast at V = 32k..128k (the GEMMs
-# dominate); 256 keeps the fp32 tile at 128 MiB for V = 128k. On GPUs a larger tile may pay off: pass `chunk_size`.
-DEFAULT_CHUNK_SIZE = 256
+# Rows per tile. On the 2-core CPU of benchmarks/README.md (V = 128k, H = 1024, fp32), 512 and 1024 rows run at the
+# same speed, 256 about 8% slower (smaller GEMMs); 512 keeps the fp32 tile at 256 MiB for V = 128k.
+DEFAULT_CHUNK_SIZE = 512
 
 # `torch.addmm(..., out_dtype=torch.float32)` (low-precision inputs, fp32 output) exists on CUDA from torch 2.8.
 _CUDA_MM_OUT_DTYPE = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 8)
+_ACC_BLOCK_ROWS = 8192
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -60,15 +63,15 @@ def _transform(z, logit_scale, softcap, temperature):
 def _token_stats(z, labels, with_entropy):
     """Per-row statistics of fp32 logits `z[n, V]` for `labels[n]`: `(logp[n], logsumexp[n], entropy[n] or None)`.
 
-    Uses `z` as scratch (it is overwritten with `exp(z - rowmax)`).
+    Overwrites `z` with the probabilities `softmax(z)`.
     """
     zmax = z.amax(dim=-1)
     target = z.gather(-1, labels[:, None]).squeeze(-1)
     e = z.sub_(zmax[:, None]).exp_()
     sum_e = e.sum(dim=-1)
+    p = e.div_(sum_e[:, None])
     lse = zmax + sum_e.log()
-    # H = -sum p log p with p = e / sum_e  =>  H = log(sum_e) + sum(-e log e) / sum_e
-    entropy = sum_e.log() + torch.special.entr(e).sum(dim=-1) / sum_e if with_entropy else None
+    entropy = torch.special.entr(p).sum(dim=-1) if with_entropy else None  # -sum p log p, 0 log 0 = 0
     return target - lse, lse, entropy
 
 
@@ -92,6 +95,13 @@ def _logits_grad(z, labels, lse, grad_logp, grad_entropy=None, entropy=None):
     return grad
 
 
+def _to_raw_logits_grad(g, slope, logit_scale, temperature):
+    """Chain rule through `_transform`, in place: d/dz `[n, V]` -> d/dy (the raw logits)."""
+    if slope is not None:
+        return g.mul_(slope)
+    return g.mul_(logit_scale / temperature) if logit_scale != temperature else g
+
+
 def _addmm_fp32_(acc, a, b, first):
     """`acc += a @ b` (`acc = a @ b` if `first`: `acc` may then be uninitialised) with an fp32 (or fp64) accumulator
     `acc`, whatever the dtype of `a` and `b`."""
@@ -100,10 +110,10 @@ def _addmm_fp32_(acc, a, b, first):
         acc.addmm_(a, b, beta=beta)
     elif acc.device.type == "cuda" and _CUDA_MM_OUT_DTYPE:
         torch.addmm(acc, a, b, beta=beta, out_dtype=acc.dtype, out=acc)
-    elif first:  # no fp32-output low-precision GEMM here: the product is rounded once per row chunk
-        acc.copy_(a @ b)
-    else:
-        acc.add_(a @ b)
+    else:  # no low-precision GEMM with fp32 output here: round the product per row chunk, in blocks of acc's rows
+        for r in range(0, acc.shape[0], _ACC_BLOCK_ROWS):  # (bounds the temporary to [_ACC_BLOCK_ROWS, H])
+            part = a[r : r + _ACC_BLOCK_ROWS] @ b
+            acc[r : r + _ACC_BLOCK_ROWS].copy_(part) if first else acc[r : r + _ACC_BLOCK_ROWS].add_(part)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -121,25 +131,37 @@ class ChunkedTokenLogps(torch.autograd.Function):
     """`log_softmax(t(hidden @ weight.T + bias))[i, labels[i]]` (and the entropy) without the `[N, V]` logits.
 
     `apply(hidden[N, H], weight[V, H], bias[V] | None, labels[N], chunk_size, logit_scale, softcap, temperature,
-    return_entropy)` -> `(logp[N] fp32, entropy[N] fp32 or None)`.
+    return_entropy, hidden_grad_only)` -> `(logp[N] fp32, entropy[N] fp32 or None)`.
 
     Rows are processed `chunk_size` at a time; one `[chunk_size, V]` tile (plus an fp32 copy when the matmul runs in a
-    lower precision, plus one more with softcapping) lives at a time. Backward recomputes the tile from the saved
-    inputs and the per-row logsumexp, and returns gradients for hidden, weight and bias (weight and bias accumulated in
-    fp32, then cast). The entropy is differentiable too. The matmul runs in the autocast dtype when autocast is on,
-    else in `hidden`'s dtype; the softmax math is fp32.
+    lower precision, plus one more with softcapping) lives at a time. The matmul runs in the autocast dtype when
+    autocast is on, else in `hidden`'s dtype; the softmax math is fp32.
+
+    Backward, general case: saves hidden, weight, bias, labels and the per-row logsumexp; recomputes each tile and
+    returns gradients for hidden, weight and bias (weight and bias accumulated in fp32, then cast). The entropy is
+    differentiable too.
+
+    Backward, `hidden_grad_only=True` (set by `chunked_token_logps` when grad mode is on and only `hidden` requires a
+    gradient, e.g. a frozen LM head under LoRA, and no entropy is returned): forward also computes
+    `d logp_i / d hidden_i` (`[N, H]`, one extra matmul per tile) and saves only that, so backward is a row scaling
+    with no recomputation.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk_size, logit_scale, softcap, temperature, return_entropy):
+    def forward(
+        ctx, hidden, weight, bias, labels, chunk_size, logit_scale, softcap, temperature, return_entropy,
+        hidden_grad_only=False,
+    ):
         ctx.set_materialize_grads(False)
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
         acc = torch.promote_types(dtype, torch.float32)  # fp32, or fp64 for fp64 inputs (gradcheck)
+        ctx.hidden_grad_only = hidden_grad_only and not return_entropy and not any(ctx.needs_input_grad[1:3])
         n_rows = hidden.shape[0]
         logp = torch.empty(n_rows, device=hidden.device, dtype=acc)
         lse = torch.empty_like(logp)
         entropy = torch.empty_like(logp) if return_entropy else None
+        dlogp_dhidden = hidden.new_empty(hidden.shape, dtype=acc) if ctx.hidden_grad_only else None
         with _gather_ctx(weight, bias), torch.autocast(device, enabled=False):
             w = weight.to(dtype)
             b = None if bias is None else bias.to(dtype)
@@ -150,67 +172,85 @@ class ChunkedTokenLogps(torch.autograd.Function):
                 n = rows.stop - start
                 y = _project(hidden[rows].to(dtype), w, b, out=tile[:n])
                 z = tile32[:n].copy_(y) if tile32 is not tile else y
-                _transform(z, logit_scale, softcap, temperature)
-                logp[rows], lse[rows], ent = _token_stats(z, labels[rows], return_entropy)
+                slope = _transform(z, logit_scale, softcap, temperature)
+                logp[rows], lse[rows], ent = _token_stats(z, labels[rows], return_entropy)  # z now holds p
                 if return_entropy:
                     entropy[rows] = ent
-        ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
+                if dlogp_dhidden is not None:  # (onehot - p) @ W, through the logit transform
+                    g = z.neg_().scatter_add_(1, labels[rows, None], torch.ones_like(lse[rows, None]))
+                    g = _to_raw_logits_grad(g, slope, logit_scale, temperature)
+                    g = tile[:n].copy_(g) if tile32 is not tile else g
+                    dlogp_dhidden[rows] = g @ w
+        if ctx.hidden_grad_only:
+            ctx.save_for_backward(dlogp_dhidden)
+        else:
+            ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
         ctx.config = (dtype, chunk_size, logit_scale, softcap, temperature)
+        ctx.hidden_dtype = hidden.dtype
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
-        dtype, chunk_size, logit_scale, softcap, temperature = ctx.config
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        none = (None,) * 7  # labels and the non-tensor arguments
         if grad_logp is None and grad_entropy is None:
-            return (None,) * 9
-        acc = lse.dtype
-        grad_logp = None if grad_logp is None else grad_logp.to(acc)
-        grad_entropy = None if grad_entropy is None else grad_entropy.to(acc)
-        n_rows = hidden.shape[0]
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+            return (None, None, None) + none
+        if ctx.hidden_grad_only:
+            (dlogp_dhidden,) = ctx.saved_tensors
+            return ((grad_logp[:, None] * dlogp_dhidden).to(ctx.hidden_dtype), None, None) + none
+        hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
         with _gather_ctx(weight, bias), torch.autocast(hidden.device.type, enabled=False):
-            w = weight.to(dtype)
-            b = None if bias is None else bias.to(dtype)
-            # written (not added to) by the first chunk; zero-filled only when there is no chunk
-            new = torch.empty if n_rows else torch.zeros
-            grad_weight = new(weight.shape, device=weight.device, dtype=acc) if need_weight else None
-            grad_bias = torch.zeros(bias.shape, device=bias.device, dtype=acc) if need_bias else None
-            tile = hidden.new_empty((min(n_rows, chunk_size), w.shape[0]), dtype=dtype)
-            tile32 = tile if dtype == acc else torch.empty_like(tile, dtype=acc)
-            for start in range(0, n_rows, chunk_size):
-                rows = slice(start, min(start + chunk_size, n_rows))
-                n = rows.stop - start
-                h = hidden[rows].to(dtype)
-                y = _project(h, w, b, out=tile[:n])
-                z = tile32[:n].copy_(y) if tile32 is not tile else y
-                slope = _transform(z, logit_scale, softcap, temperature)
-                g = _logits_grad(
-                    z,
-                    labels[rows],
-                    lse[rows],
-                    None if grad_logp is None else grad_logp[rows],
-                    None if grad_entropy is None else grad_entropy[rows],
-                    None if entropy is None else entropy[rows],
-                )
-                # chain rule through the logit transform: from d/dz to d/dy
-                if slope is not None:
-                    g.mul_(slope)
-                elif logit_scale != temperature:
-                    g.mul_(logit_scale / temperature)
-                if grad_bias is not None:
-                    grad_bias += g.sum(dim=0)
-                g = tile[:n].copy_(g) if tile32 is not tile else g  # back to the matmul dtype
-                if grad_hidden is not None:
-                    grad_hidden[rows] = g @ w
-                if grad_weight is not None:
-                    _addmm_fp32_(grad_weight, g.t(), h, first=start == 0)
-        return (
-            grad_hidden,
-            None if grad_weight is None else grad_weight.to(weight.dtype),
-            None if grad_bias is None else grad_bias.to(bias.dtype),
-        ) + (None,) * 6
+            grads = _recompute_grads(
+                hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, ctx.needs_input_grad[:3],
+                *ctx.config,
+            )
+        # cast once the tiles are freed, so only the fp32 accumulators and their casts coexist
+        return tuple(None if g is None else g.to(x.dtype) for g, x in zip(grads, (hidden, weight, bias))) + none
+
+
+def _recompute_grads(
+    hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, needs_grad,
+    dtype, chunk_size, logit_scale, softcap, temperature,
+):
+    """Backward of `ChunkedTokenLogps` by recomputing the tiles: `(grad_hidden, grad_weight fp32, grad_bias fp32)`,
+    each None where not needed. `weight` and `bias` must be gathered (ZeRO-3) and autocast off."""
+    need_hidden, need_weight, need_bias = needs_grad
+    acc = lse.dtype
+    grad_logp = None if grad_logp is None else grad_logp.to(acc)
+    grad_entropy = None if grad_entropy is None else grad_entropy.to(acc)
+    n_rows = hidden.shape[0]
+    w = weight.to(dtype)
+    b = None if bias is None else bias.to(dtype)
+    grad_hidden = torch.empty_like(hidden) if need_hidden else None
+    # written (not added to) by the first chunk; zero-filled only when there is no chunk
+    new = torch.empty if n_rows else torch.zeros
+    grad_weight = new(weight.shape, device=weight.device, dtype=acc) if need_weight else None
+    grad_bias = torch.zeros(bias.shape, device=bias.device, dtype=acc) if need_bias else None
+    tile = hidden.new_empty((min(n_rows, chunk_size), w.shape[0]), dtype=dtype)
+    tile32 = tile if dtype == acc else torch.empty_like(tile, dtype=acc)
+    for start in range(0, n_rows, chunk_size):
+        rows = slice(start, min(start + chunk_size, n_rows))
+        n = rows.stop - start
+        h = hidden[rows].to(dtype)
+        y = _project(h, w, b, out=tile[:n])
+        z = tile32[:n].copy_(y) if tile32 is not tile else y
+        slope = _transform(z, logit_scale, softcap, temperature)
+        g = _logits_grad(
+            z,
+            labels[rows],
+            lse[rows],
+            None if grad_logp is None else grad_logp[rows],
+            None if grad_entropy is None else grad_entropy[rows],
+            None if entropy is None else entropy[rows],
+        )
+        g = _to_raw_logits_grad(g, slope, logit_scale, temperature)
+        if grad_bias is not None:
+            grad_bias += g.sum(dim=0)
+        g = tile[:n].copy_(g) if tile32 is not tile else g  # back to the matmul dtype
+        if grad_hidden is not None:
+            grad_hidden[rows] = g @ w
+        if grad_weight is not None:
+            _addmm_fp32_(grad_weight, g.t(), h, first=start == 0)
+    return grad_hidden, grad_weight, grad_bias
 
 
 def chunked_token_logps(
@@ -242,10 +282,13 @@ def chunked_token_logps(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     labels = labels.long()
+    head_grad = weight.requires_grad or (bias is not None and bias.requires_grad)
+    hidden_grad_only = torch.is_grad_enabled() and hidden.requires_grad and not head_grad
     # Gather around `apply` too, so autograd records the full weight shape for the gradient it will receive.
     with _gather_ctx(weight, bias):
         logp, entropy = ChunkedTokenLogps.apply(
-            hidden, weight, bias, labels, chunk_size, logit_scale, softcap, temperature, return_entropy
+            hidden, weight, bias, labels, chunk_size, logit_scale, softcap, temperature, return_entropy,
+            hidden_grad_only,
         )
     return (logp, entropy) if return_entropy else logp
 
