@@ -10,7 +10,6 @@ scored (language-modeling rows). `--dataset_name` is either a local folder in mu
 then be given locally with `--eval_dir`). PrivLeak needs the retrained model's AUC (`--auc_retrain`) or report.
 """
 
-import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -19,9 +18,9 @@ from accelerate import PartialState
 from datasets import Dataset, load_dataset
 from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
-from trl_unlearn import NPOConfig, SimNPOConfig
+from trl_unlearn import SimNPOConfig
 from trl_unlearn.evaluation import evaluate_muse
-from trl_unlearn.train_script import METHODS, _load_tokenizer
+from trl_unlearn.train_script import METHODS, _load_tokenizer, method_config
 
 
 @dataclass
@@ -59,22 +58,6 @@ def windows(texts: list[str], tokenizer, max_length: int) -> Dataset:
     return Dataset.from_dict({"text": [tokenizer.decode(c, skip_special_tokens=True) for c in chunks if len(c) > 1]})
 
 
-def method_config(method, args, training_args):
-    _, config_cls = METHODS[method]
-    names = {f.name for f in dataclasses.fields(config_cls) if f.init} & {
-        f.name for f in dataclasses.fields(training_args) if f.init
-    }
-    values = {n: getattr(training_args, n) for n in names}
-    values["output_dir"] = os.path.join(training_args.output_dir, method)
-    if config_cls is NPOConfig:
-        values.update(beta=args.npo_beta, precompute_ref_log_probs=None)
-    elif config_cls is not SimNPOConfig:
-        values.pop("beta", None)
-    if method == "gradascent":
-        values["retain_weight"] = 0.0
-    return config_cls(**values)
-
-
 def main(args: MuseArguments, training_args: SimNPOConfig, model_args: ModelConfig):
     if args.dataset_name is None or model_args.model_name_or_path is None:
         raise ValueError("examples/muse.py needs --model_name_or_path and --dataset_name (see the module docstring).")
@@ -84,7 +67,7 @@ def main(args: MuseArguments, training_args: SimNPOConfig, model_args: ModelConf
     results = {}
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
         trainer_cls, _ = METHODS[method]
-        config = method_config(method, args, training_args)
+        config = method_config(method, training_args, os.path.join(training_args.output_dir, method), args.npo_beta)
         config.model_init_kwargs = {"dtype": model_args.dtype, "revision": model_args.model_revision,
                                     "attn_implementation": model_args.attn_implementation}
         trainer = trainer_cls(model=model_args.model_name_or_path, args=config, forget_dataset=forget,

@@ -16,7 +16,6 @@ JSON-lines files, or `locuslab/TOFU` from the Hub). Method hyperparameters are `
 """
 
 import copy
-import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -26,11 +25,11 @@ from accelerate import PartialState
 from transformers import set_seed
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config, get_quantization_config
 
-from trl_unlearn import NPOConfig, SimNPOConfig
+from trl_unlearn import SimNPOConfig
 from trl_unlearn.evaluation import evaluate_tofu
 from trl_unlearn.synthetic import as_prompt_completion, iter_texts, make_tofu_like, write_tofu_layout
 from trl_unlearn.tiny import tiny_llama, train_tokenizer
-from trl_unlearn.train_script import METHODS, UnlearnScriptArguments, _load_tokenizer, load_qa_split
+from trl_unlearn.train_script import METHODS, UnlearnScriptArguments, _load_tokenizer, load_qa_split, method_config
 
 SHOWN = [  # (report metric, table column)
     ("forget_quality", "forget quality ↑"),
@@ -89,23 +88,6 @@ def synthetic_setup(args: TofuArguments, training_args, out: str):
         models.append(finetune(model, tokenizer, rows + extra, os.path.join(out, name), args.finetune_epochs,
                                training_args.seed))
     return data_dir, tokenizer, *models
-
-
-def method_config(method: str, args: TofuArguments, training_args: SimNPOConfig, out: str):
-    """The method's config, taking every shared field from the parsed SimNPOConfig."""
-    _, config_cls = METHODS[method]
-    names = {f.name for f in dataclasses.fields(config_cls) if f.init} & {
-        f.name for f in dataclasses.fields(training_args) if f.init
-    }
-    values = {n: getattr(training_args, n) for n in names}
-    values["output_dir"] = os.path.join(out, method)
-    if config_cls is NPOConfig:
-        values.update(beta=args.npo_beta, precompute_ref_log_probs=None)
-    elif config_cls is not SimNPOConfig:
-        values.pop("beta", None)
-    if method == "gradascent":
-        values["retain_weight"] = 0.0
-    return config_cls(**values)
 
 
 def evaluate(model, tokenizer, data_dir, args, retain_report=None, retain_model=None, path=None):
@@ -188,7 +170,7 @@ def main(args: TofuArguments, training_args: SimNPOConfig, model_args: ModelConf
 
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
         trainer_cls, _ = METHODS[method]
-        config = method_config(method, args, training_args, out)
+        config = method_config(method, training_args, os.path.join(out, method), args.npo_beta)
         if embedded:
             model = copy.deepcopy(original).train()
         else:

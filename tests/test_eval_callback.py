@@ -3,7 +3,6 @@
 
 import numpy as np
 import pytest
-import torch
 from conftest import QA, cpu_args
 from transformers import TrainerCallback
 
@@ -14,13 +13,6 @@ from trl_unlearn.evaluation.scoring import score_answers
 FORGET = [{"question": q, "answer": a, "paraphrased_answer": "ignored"} for q, a in QA[:4]]  # TOFU-layout rows
 RETAIN = [(q, a) for q, a in QA[8:12]]  # plain pairs
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def probability(model, tokenizer, pairs):

@@ -5,21 +5,12 @@ import re
 
 import numpy as np
 import pytest
-import torch
 from scipy.stats import ks_2samp
 
 from trl_unlearn.cli import main
 from trl_unlearn.evaluation import EvalReport, score_answers
 from trl_unlearn.tiny import tiny_llama
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine their barriers dominate run time."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ------------------------------------------------------------------------------------------------- fixtures

@@ -14,14 +14,6 @@ from trl_unlearn.evaluation.scoring import (
 from trl_unlearn.tiny import tiny_llama
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine their barriers dominate run time."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 QUESTIONS = [
     "Who wrote book 3?",

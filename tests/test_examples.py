@@ -12,19 +12,15 @@ from transformers import AutoModelForCausalLM
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+from trl_unlearn.train_script import method_config  # noqa: E402
+
+
 def load_example(name):
     spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "examples", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("recipe", sorted(glob.glob(os.path.join(ROOT, "examples", "recipes", "*.yaml"))))
@@ -37,7 +33,7 @@ def test_recipes_parse(recipe, monkeypatch):
         args, config, model_args = example.parse(["--config", recipe, "--use_cpu", "true", "--bf16", "false"])
         assert args.split in name and args.methods in name
         assert config.learning_rate in (1e-5, 1e-4) and config.num_train_epochs == 10
-        retain = example.method_config(args.methods, args, config, "out")
+        retain = method_config(args.methods, config, "out", args.npo_beta)
         assert retain.retain_weight == 1.0 and (args.methods != "simnpo" or retain.beta in (2.5, 4.5))
     else:
         from trl import ModelConfig, TrlParser

@@ -26,13 +26,6 @@ FORGET = [{"question": q, "answer": a} for q, a in QA[:8]]
 RETAIN = [{"question": q, "answer": a} for q, a in QA[8:16]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def forget_probability(model, tokenizer, rows=FORGET):
     res = score_answers(model, tokenizer, [r["question"] for r in rows], [r["answer"] for r in rows],

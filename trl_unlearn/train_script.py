@@ -110,6 +110,27 @@ def run(method: str, script_args, training_args, model_args):
     return trainer
 
 
+def method_config(method: str, base, output_dir: str, npo_beta: float | None = None):
+    """The config of `method`, every shared field copied from `base` (a parsed config of another method, e.g. the
+    `SimNPOConfig` an example script parses). `beta` is SimNPO's: NPO takes `npo_beta`, and GA / GradDiff, whose
+    losses have no β, keep their default. Gradient ascent gets `retain_weight=0`."""
+    import dataclasses
+
+    _, config_cls = METHODS[method]
+    shared = {f.name for f in dataclasses.fields(config_cls) if f.init} & {
+        f.name for f in dataclasses.fields(base) if f.init
+    }
+    values = {n: getattr(base, n) for n in shared}
+    values["output_dir"] = output_dir
+    if config_cls is NPOConfig:
+        values.update(beta=npo_beta if npo_beta is not None else NPOConfig.beta, precompute_ref_log_probs=None)
+    elif config_cls is not SimNPOConfig:
+        values.pop("beta", None)
+    if method == "gradascent":
+        values["retain_weight"] = 0.0
+    return config_cls(**values)
+
+
 def _load_tokenizer(path: str):
     """The model's tokenizer; a local `tokenizer.json` loads as `PreTrainedTokenizerFast` (AutoTokenizer can pick
     a wrong class for tokenizers saved without a class name)."""
