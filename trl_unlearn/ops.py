@@ -357,7 +357,10 @@ def fused_token_logps(
 
     head = model.get_output_embeddings()
     if hasattr(head, "base_layer") or hasattr(head, "modules_to_save"):
-        raise NotImplementedError("fused_token_logps: adapters or modules_to_save on the LM head are not supported")
+        raise ValueError(
+            "fused_token_logps: the LM head carries a PEFT adapter or modules_to_save, which the fused path would "
+            "ignore; remove lm_head from the PEFT target_modules / modules_to_save."
+        )
     weight, bias = head.weight, getattr(head, "bias", None)
     logit_scale, softcap = _head_transform(model.config)
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Iterable
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -34,23 +33,11 @@ from accelerate.utils import extract_model_from_parallel
 from transformers import Trainer, TrainerCallback
 
 from .relearn import _qa_pairs, probe_metrics
-from .scoring import PromptFormat
+from .scoring import PromptFormat, eval_mode
 
 __all__ = ["UnlearningEvalCallback"]
 
 logger = logging.getLogger(__name__)
-
-
-@contextmanager
-def _probing(model):
-    """Eval mode and no gradients; the previous train / eval mode is restored afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
 
 
 def _broadcast_from_main(obj):
@@ -157,7 +144,7 @@ class UnlearningEvalCallback(TrainerCallback):
     def probe(self, model, tokenizer) -> dict[str, float]:
         """The probe metrics of `model` now (unprefixed keys); the model's train / eval mode is left as it was."""
         model = extract_model_from_parallel(model)
-        with _probing(model):
+        with eval_mode(model):
             metrics, _ = probe_metrics(
                 model, tokenizer, self.forget, self.retain, prompt_format=self.prompt_format,
                 batch_size=self.batch_size, max_length=self.max_length, rouge=self.rouge,

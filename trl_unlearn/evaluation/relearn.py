@@ -30,7 +30,6 @@ import os
 import random
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -43,7 +42,15 @@ from trl_unlearn.ops import fused_token_logps
 
 from . import metrics as M
 from .report import EvalReport, _json_safe, package_version
-from .scoring import PromptFormat, _model_device, _pad_id, generate_answers, resolve_prompt_format, score_answers
+from .scoring import (
+    PromptFormat,
+    _model_device,
+    _pad_id,
+    eval_mode,
+    generate_answers,
+    resolve_prompt_format,
+    score_answers,
+)
 
 __all__ = [
     "RELEARN_FORMAT_VERSION",
@@ -331,17 +338,6 @@ def _split_means(values: np.ndarray, indices: Sequence[int]) -> dict[str, float]
     return out
 
 
-@contextmanager
-def _eval_mode(model):
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
-
-
 # ---------------------------------------------------------------------------------------------------- the attack
 
 
@@ -511,7 +507,7 @@ def relearning_attack(
             tofu_positions = [where[p] for p in subset]
 
     def run_eval(m) -> dict[str, Any]:
-        with _eval_mode(m):
+        with eval_mode(m):
             if kind == "custom":
                 return dict(evaluate(m))
             if kind == "tofu":

@@ -149,11 +149,13 @@ def _batches(lengths: Sequence[int], batch_size: int, group_by_length: bool) -> 
 
 
 @contextmanager
-def _eval_mode(model):
+def eval_mode(model):
+    """Eval mode and no gradients; the model's previous train / eval mode is restored afterwards."""
     was_training = model.training
     model.eval()
     try:
-        yield
+        with torch.no_grad():
+            yield
     finally:
         model.train(was_training)
 
@@ -236,7 +238,7 @@ def _score_encoded(
     pad = _pad_id(tokenizer)
     device = _model_device(model)
     batches = _batches([len(s) for s in sequences], batch_size, group_by_length)
-    with _eval_mode(model), torch.no_grad(), _progress(len(batches), desc, progress) as bar:
+    with eval_mode(model), _progress(len(batches), desc, progress) as bar:
         for idx in batches:
             width = max(len(sequences[i]) for i in idx)
             ids = torch.full((len(idx), width), pad, dtype=torch.long)
@@ -446,7 +448,7 @@ def generate_answers(
     stop_ids = {config_eos} if isinstance(config_eos, int) else set(config_eos or ())
     if tokenizer.eos_token_id is not None:
         stop_ids.add(tokenizer.eos_token_id)
-    with _eval_mode(model), torch.no_grad(), _progress(len(batches), "generating", progress) as bar:
+    with eval_mode(model), _progress(len(batches), "generating", progress) as bar:
         for idx in batches:
             width = max(len(prompts[i]) for i in idx)
             ids = torch.full((len(idx), width), pad, dtype=torch.long)
