@@ -14,7 +14,7 @@ import torch
 from transformers.utils import ModelOutput
 from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 
-from .ops import chunked_token_logps
+from .ops import _head_transform, chunked_token_logps
 
 
 @dataclass
@@ -57,7 +57,9 @@ def _unlearning_forward(
     targets = labels[:, 1:].to(hidden.device)
     mask = targets != -100
     scored = hidden[mask]
-    logps = chunked_token_logps(scored, head.weight, targets[mask], bias=head.bias)
+    logit_scale, softcap = _head_transform(self.config)  # Cohere / Granite scaling, Gemma soft-capping
+    logps = chunked_token_logps(scored, head.weight, targets[mask], bias=head.bias, logit_scale=logit_scale,
+                                softcap=softcap)
     out = UnlearningLMOutput(token_logps=_scatter(mask, logps), hidden=scored if return_hidden else None)
     if kl_teacher is not None:
         kl, _ = ChunkedDivergenceFunction.apply(
