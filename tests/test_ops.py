@@ -4,16 +4,13 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import inspect
 
 import pytest
 import torch
 
 from trl_unlearn.ops import (
     ChunkedTokenLogps,
-    FusedLogpsOutput,
     _head_transform,
-    add_fused_logps_head,
     chunked_token_logps,
     fused_token_logps,
     naive_token_logps,
@@ -276,42 +273,6 @@ def test_peft_lora_gradients_reach_only_adapters(tokenizer):
             assert p.grad is None, name
     for p, g in zip(trainable, ref_grads):
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
-
-
-def test_add_fused_logps_head(tokenizer):
-    model = tiny_llama(tokenizer, hidden_size=32, num_hidden_layers=2).eval()
-    input_ids, attention_mask, labels = batch(tokenizer)
-    before = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-    prompt = input_ids[:1, :3]
-    gen_before = model.generate(prompt, max_new_tokens=4, do_sample=False)
-
-    assert add_fused_logps_head(model) is model
-    add_fused_logps_head(model)  # idempotent: patching twice neither recurses nor stacks
-    assert "labels" in inspect.signature(model.forward).parameters
-
-    out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_logps=True)
-    assert isinstance(out, FusedLogpsOutput) and out.entropy is None
-    torch.testing.assert_close(out.token_logps, naive_model_logps(model, input_ids, attention_mask, labels))
-    torch.testing.assert_close(out.label_mask, labels[:, 1:] != -100)
-    out = model(input_ids, attention_mask, labels=labels, fused_logps=True, return_entropy=True)  # positional too
-    assert out.entropy is not None and out.entropy.shape == out.token_logps.shape
-
-    after = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-    torch.testing.assert_close(after.logits, before.logits, rtol=0, atol=0)
-    torch.testing.assert_close(after.loss, before.loss, rtol=0, atol=0)
-    assert torch.equal(model.generate(prompt, max_new_tokens=4, do_sample=False), gen_before)
-
-
-def test_patched_base_through_peft_forward(tokenizer):
-    from peft import LoraConfig, get_peft_model
-
-    model = add_fused_logps_head(tiny_llama(tokenizer, hidden_size=32, num_hidden_layers=2))
-    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    input_ids, attention_mask, labels = batch(tokenizer)
-    out = peft_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_logps=True)
-    torch.testing.assert_close(out.token_logps, naive_model_logps(peft_model, input_ids, attention_mask, labels))
-    nll(out.token_logps, labels).backward()
-    assert all((p.grad is not None) == ("lora_" in n) for n, p in peft_model.named_parameters())
 
 
 def test_head_transform_from_config():

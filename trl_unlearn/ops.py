@@ -11,7 +11,7 @@ Layout:
     _project, _transform, _token_stats, _logits_grad,   the math on one tile (shapes in their docstrings)
     _to_raw_logits_grad
     ChunkedTokenLogps, chunked_token_logps              the row-chunking machinery (autograd Function + wrapper)
-    fused_token_logps, add_fused_logps_head             the bridge to a Hugging Face causal LM
+    fused_token_logps                                   the bridge to a Hugging Face causal LM
     naive_token_logps                                   the full-logits reference (tests, benchmark)
 
 Conventions: `hidden` is `[N, H]` (only the positions that are scored), `weight` is the LM head `[V, H]`, `labels` is
@@ -20,13 +20,8 @@ Conventions: `hidden` is `[N, H]` (only the positions that are scored), `weight`
 `t(y) = logit_scale * y / temperature` without softcap.
 """
 
-import functools
-import inspect
-import types
-from dataclasses import dataclass
 
 import torch
-from transformers.utils import ModelOutput
 
 # Rows per tile. On the 2-core CPU of benchmarks/README.md (N = 2044, H = 1024, V = 128k, fp32, trained head),
 # 256 / 512 / 1024 / 2048 rows took 24.4 / 23.1 / 22.2 / 22.5 CPU-s: 512 is within 5% of the fastest and keeps the
@@ -383,59 +378,3 @@ def fused_token_logps(
     # masked_scatter keeps the result attached to the graph even when nothing is scored
     full = tuple(x.new_zeros(mask.shape).masked_scatter(mask, x) for x in scored)
     return full if return_entropy else full[0]
-
-
-@dataclass
-class FusedLogpsOutput(ModelOutput):
-    """Output of a model patched by `add_fused_logps_head` and called with `fused_logps=True`.
-
-    token_logps: `[B, T-1]` fp32 log-prob of each next-token label, 0 where the label is -100.
-    entropy: `[B, T-1]` fp32 next-token entropy (0 where unscored), or None unless `return_entropy=True`.
-    label_mask: `[B, T-1]` bool, True where the label is scored.
-    """
-
-    token_logps: torch.Tensor | None = None
-    entropy: torch.Tensor | None = None
-    label_mask: torch.Tensor | None = None
-
-
-# Head-only arguments a trainer may pass that the backbone does not take
-_HEAD_ONLY_KWARGS = ("num_items_in_batch", "logits_to_keep", "return_dict")
-
-
-def add_fused_logps_head(model, *, chunk_size=DEFAULT_CHUNK_SIZE, temperature=1.0):
-    """Patch `model.forward` so that `model(input_ids=..., attention_mask=..., labels=..., fused_logps=True)` returns a
-    `FusedLogpsOutput` computed by `fused_token_logps` (pass `return_entropy=True` for the entropy).
-
-    Without `fused_logps` (the default) the call goes to the model class's own `forward`, unchanged, so `generate`
-    and plain loss computation behave as before. Patching is idempotent. Patch the transformers model itself, before
-    wrapping it with PEFT, DDP, DeepSpeed or `accelerator.prepare` (those call `model.forward`, so they reach this one;
-    a forward patched by accelerate *before* this call would be bypassed). Returns `model`.
-    """
-    class_forward = type(model).forward
-    arg_names = [
-        name
-        for name, p in inspect.signature(class_forward).parameters.items()
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-    ][1:]  # drop `self`
-
-    @functools.wraps(class_forward)  # keep the signature: `generate` validates model kwargs against it
-    def forward(self, *args, fused_logps=False, **kwargs):
-        if not fused_logps:
-            return class_forward(self, *args, **kwargs)
-        kwargs.update(zip(arg_names, args))
-        kwargs = {k: v for k, v in kwargs.items() if v is not None and k not in _HEAD_ONLY_KWARGS}
-        kwargs.setdefault("chunk_size", chunk_size)
-        kwargs.setdefault("temperature", temperature)
-        return_entropy = bool(kwargs.pop("return_entropy", False))
-        input_ids = kwargs.pop("input_ids", None)
-        labels = kwargs.pop("labels", None)
-        if labels is None:
-            labels = _default_labels(input_ids, kwargs.get("attention_mask"))
-        out = fused_token_logps(self, input_ids, labels=labels, return_entropy=return_entropy, **kwargs)
-        logps, entropy = out if return_entropy else (out, None)
-        mask = labels[:, 1:].to(logps.device) != -100
-        return FusedLogpsOutput(token_logps=logps, entropy=entropy, label_mask=mask)
-
-    model.forward = types.MethodType(forward, model)
-    return model
