@@ -1,404 +1,382 @@
-"""Mixture-of-Markov-chains unlearning experiment (SimNPO paper §5; docs/method.md §7), run with the package's
-`NPOTrainer` and `SimNPOTrainer`.
+"""Mixture-of-Markov-chains unlearning experiment of the SimNPO paper (§5, Fig. 5a, App. H; docs/method.md §7).
 
-Data: 10 states. A retain chain on {0,1,2}, forget chain 1 on {3,4,5}, forget chain 2 on {6,7,8}. From one of its own
-states a chain moves to each of its 3 states with probability 0.8/3 and to each of the 7 others with 0.2/7; from any
-other state it moves uniformly (0.1). The initial state follows the same pattern. 10 000 retain and 5 000 forget-1
-sequences of length 20; 5 000 forget-2 sequences of length 20 (setting A) or 5 (setting B). 80/20 train/test split.
+Defaults = the paper's setup, as in the authors' `synthetic/` code (OPTML-Group/Unlearn-Simple):
 
-Models: a 4-layer Llama, width 128 (4 heads, MLP 512), vocabulary = the 10 states + <pad> <s> </s> <unk>. A
-sequence is the text "s1 s2 ... sL"; the tokenizer adds <s> in front and the trainers append </s>, so every state
-token (the first one included, predicted from <s>) and the </s> is scored, both in pre-training and by the
-trainers. Pre-training (a plain torch loop: it is not what is benchmarked): AdamW lr 5e-4 (torch defaults otherwise),
-batch 128, 5 epochs, on all train data ("original" model) or on the retain train data only ("retrain" model; the
-retain data are the same in both settings, so one retrain model serves both).
+- Data (seed 42): 10 states; retain chain on {0,1,2}, forget-1 on {3,4,5}, forget-2 on {6,7,8}. From one of its own
+  states a chain moves to each of its 3 states with probability 0.8/3 and to each of the 7 others with 0.2/7; from any
+  other state uniformly (0.1). Initial distribution: the same pattern. 10 000 retain and 5 000 forget-1 sequences of
+  length 20, 5 000 forget-2 sequences; 80/20 train/test split per set. No begin/end tokens: inputs `s[:-1]`, labels
+  `s[1:]`, padded to 19 positions (inputs with state 0, labels with -100), so |y| = 19 or 4.
+- Settings (App. H): `short` (Fig. 5a): forget-2 sequences of length 5, all three sets in pre-training; `unseen`:
+  forget-2 of length 20 left OUT of pre-training (the authors' `--only_forget1`), still in the forget set.
+- Model (`MarkovTransformer`, the authors' shape): token + learned position embeddings (128), 4 post-LayerNorm blocks
+  of one full-width causal attention head (no bias, no output projection) and a 128-128-128 ReLU MLP, output 128->10.
+- Pre-training (plain torch loop): AdamW lr 5e-4, weight decay 0, eps 1e-6 (the defaults of `transformers.AdamW`,
+  which the authors use), batch 128, 5 epochs, token-mean cross-entropy; "original" = all train data of the setting,
+  "retrain" = retain train data only (identical in both settings, so one retrain model serves both). One pre-training
+  per model, init and shuffling seed `--seed`.
+- Unlearning: forget-1 ∪ forget-2 train sequences, batch 4, 50 steps, AdamW (as above), forget loss ONLY (no retain
+  term): NPO β 0.2 (reference = the original model's summed log-probs, computed once), SimNPO β 4, γ 0. A plain torch
+  loop (the model is a small `nn.Module`, not a Hugging Face model, so not the package's trainers), but the loss is
+  the package's own: `trl_unlearn.losses.npo_loss` / `simnpo_loss` on per-sequence summed label log-probs and scored
+  token counts (`sequence_logps`). Each method runs once per `--unlearn_seeds` entry (the order of forget batches).
+- Metric, before step 1 and after every step, on the FULL test sets: KL(true transition ‖ model) at every labelled
+  position, token-averaged (`truth_kl`). On retain: "retain distance" (lower = better); on forget-1 / forget-2:
+  "forget quality" (higher = more forgotten). The retrain model's forget quality is each chain's target level;
+  `first_crossing` gives the retain distance at which a chain first reaches it.
 
-Unlearning: `NPOTrainer` (β = 1, reference log-probs precomputed) and `SimNPOTrainer` (β = 2.5, γ = 0 by default;
-see `--simnpo_beta`), each on forget-1 ∪ forget-2 (train split) with the retain NLL regulariser (weight 1; forget
-weight 1): AdamW lr 5e-4, constant schedule, no warm-up, no weight decay, no gradient clipping, fp32, no activation
-checkpointing, 4 forget + 4 retain rows a step, 50 steps. A
-`TrainerCallback` measures, before the first step and after every step, the token-averaged KL(retrain ‖ model) of the
-next-token distributions (full vocabulary) at every position that predicts a state token, on the first `--eval_n`
-sequences of the retain, forget-1 and forget-2 test sets. Each method runs once per `--unlearn_seeds` entry (the
-trainer seed, i.e. which forget/retain rows are drawn) from the same pre-trained models; tables and figures show the
-mean over those runs, and the summary averages each run's last `--tail` steps, because single steps are noisy (lr
-5e-4 at batch 4 is a large step for this model).
+Outputs: a crossing table (per method, chain, setting, seed), the paper's figure (forget quality vs retain distance
+along the path) as `<out_dir>/markov_<setting>.png`, and every trace as `<out_dir>/markov_traces.json`.
 
-    python benchmarks/markov_chains.py                       # settings A and B, figures in docs/figures
-    python benchmarks/markov_chains.py --settings B --steps 20 --out_dir /tmp/figs
+    python benchmarks/markov_chains.py                     # both settings, 5 seeds, 2 processes (~10-15 min)
+    python benchmarks/markov_chains.py --settings short --unlearn_seeds 0 --out_dir /tmp/mc
 """
 
 import argparse
-import copy
-import hashlib
 import json
+import math
+import multiprocessing as mp
 import os
 import platform
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 NUM_STATES = 10
 CHAINS = {"retain": (0, 1, 2), "forget1": (3, 4, 5), "forget2": (6, 7, 8)}
-PAD, BOS, EOS, UNK = 10, 11, 12, 13
-SETS = ("retain", "forget1", "forget2")
 LABELS = {"retain": "retain", "forget1": "forget-1", "forget2": "forget-2"}
+SETTINGS = {  # name: (forget-2 length, forget-2 in pre-training, title)
+    "short": (5, True, "short: forget-2 sequences of length 5 (paper Fig. 5a)"),
+    "unseen": (20, False, "unseen: forget-2 (length 20) left out of pre-training (paper App. H, --only_forget1)"),
+}
+# Retain distance at which a forget chain first reaches the retrain level, read off the authors' figures (one run,
+# seed 42): short from docs/method.md §7; unseen read off synthetic/figures/...forget2_20.../...seed_42.pdf (forget-2
+# starts at the retrain level there). Printed beside the measured values; approximate.
+PAPER = {("short", "NPO", "forget2"): 0.19, ("short", "SimNPO", "forget2"): 0.03,
+         ("short", "NPO", "forget1"): 0.03, ("short", "SimNPO", "forget1"): 0.075,
+         ("unseen", "NPO", "forget1"): 0.13, ("unseen", "SimNPO", "forget1"): 0.085}
 
 
 # ---------------------------------------------------------------------------------------------------------- data --
-def chain_matrices(states, leakage=0.2):
-    """(initial distribution [10], transition matrix [10, 10]) of the chain living on `states`."""
-    own = np.zeros(NUM_STATES, dtype=bool)
+def chain_matrices(states, num_states=NUM_STATES, leakage=0.2):
+    """(initial distribution [S], transition matrix [S, S]) of the chain living on `states`: rows of its own states
+    put (1 - leakage)/|states| on each own state and leakage/(S - |states|) on every other; other rows are uniform."""
+    own = np.zeros(num_states, dtype=bool)
     own[list(states)] = True
     row = np.where(own, (1 - leakage) / own.sum(), leakage / (~own).sum())
-    trans = np.full((NUM_STATES, NUM_STATES), 1.0 / NUM_STATES)
+    trans = np.full((num_states, num_states), 1.0 / num_states)
     trans[own] = row
     return row, trans
 
 
-def sample_chain(states, num, length, rng, leakage=0.2):
-    """`num` sequences of `length` states, int64 [num, length]."""
-    init, trans = chain_matrices(states, leakage)
+def sample_chain(init, trans, num, length, rng):
+    """`num` sequences of `length` states drawn from the chain, int64 [num, length]."""
     cum_init, cum_trans = np.cumsum(init), np.cumsum(trans, axis=1)
-    seqs = np.empty((num, length), dtype=np.int64)
     u = rng.random((num, length))
-    seqs[:, 0] = np.minimum(np.searchsorted(cum_init, u[:, 0], side="right"), NUM_STATES - 1)
+    seqs = np.empty((num, length), dtype=np.int64)
+    seqs[:, 0] = np.minimum((cum_init[None] <= u[:, :1]).sum(1), len(init) - 1)
     for t in range(1, length):
-        rows = cum_trans[seqs[:, t - 1]]
-        seqs[:, t] = np.minimum((rows <= u[:, t : t + 1]).sum(1), NUM_STATES - 1)
+        seqs[:, t] = np.minimum((cum_trans[seqs[:, t - 1]] <= u[:, t : t + 1]).sum(1), len(init) - 1)
     return seqs
 
 
-def make_data(args, setting):
-    """{set: (train [n, L], test [m, L])}. Each set has its own seed stream (keyed by name and length), so the
-    retain and forget-1 data are identical in settings A and B."""
-    sizes = {
-        "retain": (args.n_retain, args.len_retain),
-        "forget1": (args.n_forget1, args.len_forget1),
-        "forget2": (args.n_forget2, args.len_forget2_A if setting == "A" else args.len_forget2_B),
-    }
+def make_data(seed=42, lengths=(20, 20, 20), sizes=(10_000, 5_000, 5_000), leakage=0.2, test_size=0.2):
+    """{set: (train [n, L], test [m, L])} for retain, forget1, forget2 (`lengths`/`sizes` in that order). Each set
+    draws from its own stream `default_rng([seed, i])`, so retain and forget-1 do not depend on forget-2's length."""
     data = {}
-    for i, name in enumerate(SETS):
-        num, length = sizes[name]
-        rng = np.random.default_rng([args.seed, i, length])
-        seqs = sample_chain(CHAINS[name], num, length, rng, args.leakage)
-        seqs = seqs[rng.permutation(num)]
-        n_train = int(round(num * (1 - args.test_frac)))
-        data[name] = (seqs[:n_train], seqs[n_train:])
+    for i, (name, length, num) in enumerate(zip(CHAINS, lengths, sizes)):
+        rng = np.random.default_rng([seed, i])
+        seqs = sample_chain(*chain_matrices(CHAINS[name], leakage=leakage), num, length, rng)
+        perm = rng.permutation(num)
+        n_test = int(math.ceil(num * test_size))
+        data[name] = (seqs[perm[n_test:]], seqs[perm[:n_test]])
     return data
 
 
-def to_text(seqs):
-    return [" ".join(map(str, s)) for s in seqs.tolist()]
-
-
-def build_tokenizer():
-    """Word-level tokenizer: state i has id i; <pad> 10, <s> 11 (added in front of every text), </s> 12, <unk> 13."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {str(i): i for i in range(NUM_STATES)}
-    vocab.update({"<pad>": PAD, "<s>": BOS, "</s>": EOS, "<unk>": UNK})
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
-    # What the trainers will see: "<s> s1 ... sL </s>"
-    assert tokenizer("3 4 5" + tokenizer.eos_token)["input_ids"] == [BOS, 3, 4, 5, EOS]
-    return tokenizer
-
-
-def to_ids(seqs):
-    """[n, L] states -> [n, L + 2] ids with <s> and </s>, as the trainers tokenize the text rows."""
-    n = len(seqs)
-    return torch.cat([torch.full((n, 1), BOS), torch.as_tensor(seqs), torch.full((n, 1), EOS)], dim=1)
+def to_inputs_labels(seqs, width=19):
+    """[n, L] states -> (inputs, labels) int64 [n, width]: inputs `s[:-1]`, labels `s[1:]`, padded at the end with
+    state 0 (inputs; causal attention never lets it reach a scored position) and -100 (labels, ignored)."""
+    seqs = torch.as_tensor(seqs)
+    n, length = seqs.shape
+    if length - 1 > width:
+        raise ValueError(f"sequences of length {length} need width >= {length - 1}; got {width}")
+    inputs, labels = torch.zeros(n, width, dtype=torch.long), torch.full((n, width), -100, dtype=torch.long)
+    inputs[:, : length - 1], labels[:, : length - 1] = seqs[:, :-1], seqs[:, 1:]
+    return inputs, labels
 
 
 # --------------------------------------------------------------------------------------------------------- model --
-def build_model(tokenizer, seed):
-    from trl_unlearn.tiny import tiny_llama
+class Block(nn.Module):
+    """Post-LN block: h = LN1(h + attn(h)); h = LN2(h + MLP(h)); one causal head of full width d."""
 
-    return tiny_llama(tokenizer, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
-                      intermediate_size=512, max_position_embeddings=64, seed=seed)
+    def __init__(self, d):
+        super().__init__()
+        self.qkv, self.ln1, self.ln2 = nn.Linear(d, 3 * d, bias=False), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d))
+
+    def forward(self, h):
+        q, k, v = self.qkv(h).unsqueeze(1).chunk(3, dim=-1)  # [B, 1, T, d] each
+        h = self.ln1(h + F.scaled_dot_product_attention(q, k, v, is_causal=True).squeeze(1))
+        return self.ln2(h + self.mlp(h))
 
 
-def pretrain(tokenizer, seq_sets, args, tag):
-    """Plain torch loop: AdamW lr `--pre_lr`, batch `--pre_batch`, `--pre_epochs` epochs, every token after <s> scored."""
-    model = build_model(tokenizer, args.seed)
-    rows = [r for seqs in seq_sets for r in to_ids(seqs)]  # variable lengths: pad per batch
+class MarkovTransformer(nn.Module):
+    """ids [B, T] -> next-state logits [B, T, num_states]: the authors' synthetic/model.py shape (torch default init,
+    position embeddings N(0, 0.02))."""
+
+    def __init__(self, num_states=NUM_STATES, d=128, n_layer=4, n_positions=19):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(num_states, d), nn.Embedding(n_positions, d)
+        nn.init.normal_(self.pos.weight, std=0.02)
+        self.blocks = nn.ModuleList(Block(d) for _ in range(n_layer))
+        self.out = nn.Linear(d, num_states)
+
+    def forward(self, ids):
+        h = self.tok(ids) + self.pos(torch.arange(ids.size(1), device=ids.device))
+        for block in self.blocks:
+            h = block(h)
+        return self.out(h)
+
+
+def sequence_logps(logits, labels):
+    """logits [B, T, S], labels [B, T] (-100 = ignored) -> (summed label log-probs [B], scored tokens [B] float)."""
+    mask = labels != -100
+    token = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    return (token * mask).sum(-1), mask.sum(-1).float()
+
+
+def truth_kl(log_q, p_true, mask):
+    """Token-averaged KL(p_true ‖ q) over `mask`: log_q, p_true [N, T, S], mask [N, T] -> float."""
+    kl = (torch.xlogy(p_true, p_true) - p_true * log_q).sum(-1)
+    return (kl * mask).sum().item() / mask.sum().item()
+
+
+class TruthKL:
+    """model -> {set: KL(true transition ‖ model)} on fixed test sets; `test_sets` = {set: (inputs, labels, trans)}."""
+
+    def __init__(self, test_sets, batch_size=500):
+        self.batch_size, self.sets = batch_size, {}
+        for name, (inputs, labels, trans) in test_sets.items():
+            keep = int((labels != -100).any(0).nonzero().max()) + 1  # trailing all-padding columns change nothing
+            inputs, labels = inputs[:, :keep], labels[:, :keep]
+            self.sets[name] = (inputs, torch.as_tensor(trans, dtype=torch.float32)[inputs], labels != -100)
+
+    @torch.no_grad()
+    def __call__(self, model):
+        out = {}
+        for name, (inputs, p_true, mask) in self.sets.items():
+            log_q = torch.cat([torch.log_softmax(model(x).float(), -1) for x in inputs.split(self.batch_size)])
+            out[name] = truth_kl(log_q, p_true, mask)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------- crossing --
+def first_crossing(trace_forget, trace_retain, level):
+    """First step t with `trace_forget[t] >= level` -> (t, trace_retain[t]); None if the chain never reaches it.
+    Step 0 is the model before unlearning."""
+    for t, (f, r) in enumerate(zip(trace_forget, trace_retain)):
+        if f >= level:
+            return t, float(r)
+    return None
+
+
+def summarize_crossings(crossings):
+    """[(step, retain) or None per seed] -> {n, crossed, and over the crossed seeds: retain mean/sd/min/max,
+    step_mean}."""
+    hit = [c for c in crossings if c is not None]
+    r = np.array([c[1] for c in hit])
+    out = {"n": len(crossings), "crossed": len(hit)}
+    if hit:
+        out.update(mean=float(r.mean()), sd=float(r.std(ddof=1)) if len(r) > 1 else 0.0, min=float(r.min()),
+                   max=float(r.max()), step_mean=float(np.mean([c[0] for c in hit])))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------- workers --
+_DATA = {}
+
+
+def setting_data(args, setting):
+    """(train sets, TruthKL evaluator) of a setting, built once per process."""
+    if setting not in _DATA:
+        len2 = SETTINGS[setting][0]
+        data = make_data(args.seed, (args.length, args.length, len2), (args.n_retain, args.n_forget1, args.n_forget2),
+                         args.leakage, args.test_size)
+        width = args.length - 1
+        train = {s: to_inputs_labels(data[s][0], width) for s in CHAINS}
+        test = {s: (*to_inputs_labels(data[s][1], width), chain_matrices(CHAINS[s], leakage=args.leakage)[1])
+                for s in CHAINS}
+        _DATA[setting] = (train, TruthKL(test, args.eval_batch))
+    return _DATA[setting]
+
+
+def _init_worker(threads):
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+
+
+def pretrain_job(job):
+    """job = (tag, setting, args): tag "retrain" (retain only) or "original" (the setting's pre-training sets).
+    -> (tag, setting, state_dict, {setting: KL dict of the trained model}, seconds)."""
+    tag, setting, args = job
+    t0 = time.time()
+    train, _ = setting_data(args, setting)
+    names = ["retain"] if tag == "retrain" else ["retain", "forget1"] + (["forget2"] if SETTINGS[setting][1] else [])
+    inputs = torch.cat([train[s][0] for s in names])
+    labels = torch.cat([train[s][1] for s in names])
+    torch.manual_seed(args.seed)
+    model = MarkovTransformer(n_positions=args.length - 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.pre_lr, weight_decay=0.0, eps=1e-6)
     gen = torch.Generator().manual_seed(args.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.pre_lr)
-    model.train()
-    t0, step = time.time(), 0
     for epoch in range(args.pre_epochs):
-        order = torch.randperm(len(rows), generator=gen).tolist()
-        total, count = 0.0, 0
-        for i in range(0, len(order), args.pre_batch):
-            batch = [rows[j] for j in order[i : i + args.pre_batch]]
-            ids = torch.nn.utils.rnn.pad_sequence(batch, batch_first=True, padding_value=PAD)
-            attn = (ids != PAD).long()
-            labels = ids.masked_fill(attn == 0, -100)
-            loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+        total = 0.0
+        batches = torch.randperm(len(inputs), generator=gen).split(args.pre_batch)
+        for idx in batches:
+            loss = F.cross_entropy(model(inputs[idx]).flatten(0, 1), labels[idx].flatten(), ignore_index=-100)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            total, count, step = total + loss.item(), count + 1, step + 1
-        print(f"  [{tag}] epoch {epoch + 1}/{args.pre_epochs}: mean train NLL {total / count:.4f} "
-              f"({step} steps, {time.time() - t0:.0f}s)", flush=True)
-    return model.eval()
+            total += loss.item()
+        print(f"  [{tag} {setting}] epoch {epoch + 1}/{args.pre_epochs}: train NLL {total / len(batches):.4f} "
+              f"({time.time() - t0:.0f}s)", flush=True)
+    settings = list(args.settings) if tag == "retrain" else [setting]
+    kls = {s: setting_data(args, s)[1](model) for s in settings}
+    return tag, setting, {k: v.clone() for k, v in model.state_dict().items()}, kls, time.time() - t0
 
 
-def get_pretrained(tokenizer, seq_sets, args, tag):
-    """`pretrain`, optionally cached on disk under `--cache_dir` (keyed by the data and the recipe)."""
-    if not args.cache_dir:
-        return pretrain(tokenizer, seq_sets, args, tag)
-    h = hashlib.sha256()
-    for s in seq_sets:
-        h.update(np.ascontiguousarray(s).tobytes())
-        h.update(str(s.shape).encode())
-    h.update(f"{args.seed}|{args.pre_lr}|{args.pre_batch}|{args.pre_epochs}".encode())
-    path = os.path.join(args.cache_dir, f"{tag.split()[0]}-{h.hexdigest()[:16]}.pt")
-    model = build_model(tokenizer, args.seed)
-    if os.path.exists(path):
-        model.load_state_dict(torch.load(path))
-        print(f"  [{tag}] loaded from cache {path}", flush=True)
-        return model.eval()
-    model = pretrain(tokenizer, seq_sets, args, tag)
-    os.makedirs(args.cache_dir, exist_ok=True)
-    torch.save(model.state_dict(), path)
-    return model
+def unlearn_job(job):
+    """job = (setting, method, seed, original state_dict, args) -> (setting, method, seed, trace, seconds).
+    trace[t] = {"step", "retain", "forget1", "forget2", and for t > 0 "loss" and the mean gradient weight of the
+    batch's forget-1 / forget-2 rows (None if none)}."""
+    from trl_unlearn.losses import npo_loss, npo_weight, simnpo_loss, simnpo_weight
 
-
-# ------------------------------------------------------------------------------------------------------ metrics --
-class KLEvaluator:
-    """Token-averaged KL(retrain ‖ model) over the positions that predict a state token, per test set."""
-
-    def __init__(self, retrain_model, test_sets, batch_size=512):
-        self.batch_size = batch_size
-        self.ids, self.ref_logp, self.mask = {}, {}, {}
-        for name, seqs in test_sets.items():
-            ids = to_ids(seqs)
-            self.ids[name] = ids
-            self.mask[name] = ids[:, 1:] < NUM_STATES  # targets that are states (not </s>)
-            self.ref_logp[name] = self._logprobs(retrain_model, ids)
-
-    @torch.no_grad()
-    def _logprobs(self, model, ids):
-        was_training = model.training
-        model.eval()
-        out = []
-        for i in range(0, len(ids), self.batch_size):
-            chunk = ids[i : i + self.batch_size]  # one length per set: no padding
-            logits = model(input_ids=chunk, attention_mask=torch.ones_like(chunk)).logits[:, :-1]
-            out.append(torch.log_softmax(logits.float(), dim=-1))
-        model.train(was_training)
-        return torch.cat(out)
-
-    def __call__(self, model):
-        """{set: KL, set_dnll: model NLL − retrain NLL of the observed next states (per token; < 0: the model still
-        predicts the set better than the retrain model, i.e. remembers it; > 0: it predicts it worse)}."""
-        result = {}
-        for name, ids in self.ids.items():
-            lp_m, lp_r, mask = self._logprobs(model, ids), self.ref_logp[name], self.mask[name]
-            kl = (lp_r.exp() * (lp_r - lp_m)).sum(-1)
-            result[name] = kl[mask].mean().item()
-            target = ids[:, 1:, None]
-            dnll = lp_r.gather(-1, target) - lp_m.gather(-1, target)
-            result[f"{name}_dnll"] = dnll[..., 0][mask].mean().item()
-        return result
-
-
-def make_tracker(evaluator):
-    from transformers import TrainerCallback
-
-    class KLTracker(TrainerCallback):
-        """Records the KLs before training (step 0) and after every optimizer step, and the trainer's logs."""
-
-        def __init__(self):
-            self.kl, self.logs = [], []
-
-        def on_train_begin(self, args, state, control, model=None, **kwargs):
-            self.kl.append({"step": 0, **evaluator(model)})
-
-        def on_step_end(self, args, state, control, model=None, **kwargs):
-            self.kl.append({"step": state.global_step, **evaluator(model)})
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs:
-                self.logs.append({"step": state.global_step, **logs})
-
-    return KLTracker()
-
-
-# --------------------------------------------------------------------------------------------------- unlearning --
-def unlearn(method, original, tokenizer, data, evaluator, args, seed):
-    from datasets import Dataset
-    from transformers.trainer_callback import PrinterCallback
-
-    from trl_unlearn import NPOConfig, NPOTrainer, SimNPOConfig, SimNPOTrainer
-
-    forget = Dataset.from_dict({"text": to_text(data["forget1"][0]) + to_text(data["forget2"][0])})
-    retain = Dataset.from_dict({"text": to_text(data["retain"][0])})
-    common = dict(
-        output_dir=tempfile.mkdtemp(prefix=f"markov-{method}-{seed}-"),
-        learning_rate=args.lr, per_device_train_batch_size=args.batch_size, max_steps=args.steps,
-        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0,
-        bf16=False, activation_checkpointing=False,  # DPOConfig defaults both to True
-        forget_weight=1.0, retain_weight=1.0, retain_loss_type="nll",
-        seed=seed, data_seed=seed, use_cpu=True, dataloader_num_workers=0,
-        logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True, log_level="error",
-        precompute_ref_batch_size=512, per_device_eval_batch_size=512,
-    )
-    if method == "NPO":
-        config, trainer_cls = NPOConfig(beta=args.npo_beta, **common), NPOTrainer
-    else:
-        config, trainer_cls = SimNPOConfig(beta=args.simnpo_beta, gamma=args.simnpo_gamma, **common), SimNPOTrainer
-        config.forget_weight = args.simnpo_forget_weight
-    tracker = make_tracker(evaluator)
-    model = copy.deepcopy(original).train()  # the trainer patches the model's forward: never hand it `original`
-    trainer = trainer_cls(model=model, args=config, forget_dataset=forget, retain_dataset=retain,
-                          processing_class=tokenizer, callbacks=[tracker])
-    trainer.remove_callback(PrinterCallback)  # the per-step log dicts are kept by the tracker instead
+    setting, method, seed, state, args = job
     t0 = time.time()
-    trainer.train()
-    shutil.rmtree(config.output_dir, ignore_errors=True)  # nothing is saved (save_strategy="no")
-    return tracker.kl, tracker.logs, time.time() - t0
+    train, evaluate = setting_data(args, setting)
+    inputs = torch.cat([train["forget1"][0], train["forget2"][0]])
+    labels = torch.cat([train["forget1"][1], train["forget2"][1]])
+    chain = torch.cat([torch.full((len(train[s][0]),), i) for i, s in enumerate(("forget1", "forget2"))])
+    model = MarkovTransformer(n_positions=args.length - 1)
+    model.load_state_dict(state)
+    ref_logps = None
+    if method == "NPO":  # the original model's summed log-probs, computed once
+        with torch.no_grad():
+            ref_logps = torch.cat([sequence_logps(model(x), y)[0] for x, y in
+                                   zip(inputs.split(args.eval_batch), labels.split(args.eval_batch))])
+    gen = torch.Generator().manual_seed(seed)
+    need = args.steps * args.batch_size
+    order = torch.cat([torch.randperm(len(inputs), generator=gen) for _ in range(-(-need // len(inputs)))])
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, eps=1e-6)
+    trace = [{"step": 0, **evaluate(model)}]
+    for step in range(1, args.steps + 1):
+        idx = order[(step - 1) * args.batch_size : step * args.batch_size]
+        logps, num_tokens = sequence_logps(model(inputs[idx]), labels[idx])
+        if method == "NPO":
+            losses = npo_loss(logps, ref_logps[idx], args.npo_beta)
+            weight = npo_weight(logps.detach(), ref_logps[idx], args.npo_beta)
+        elif method == "SimNPO":
+            losses = simnpo_loss(logps, num_tokens, args.simnpo_beta, args.simnpo_gamma)
+            weight = simnpo_weight(logps.detach(), num_tokens, args.simnpo_beta, args.simnpo_gamma)
+        else:
+            raise ValueError(f"unknown method {method!r}: use NPO or SimNPO")
+        loss = losses.mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        w = {f"w_forget{i + 1}": weight[chain[idx] == i].mean().item() if (chain[idx] == i).any() else None
+             for i in range(2)}
+        trace.append({"step": step, **evaluate(model), "loss": loss.item(), **w})
+    return setting, method, seed, trace, time.time() - t0
 
 
-# ------------------------------------------------------------------------------------------------------ reports --
-def mean_trace(runs):
-    """Per-step mean over unlearning seeds of every tracked quantity."""
-    keys = [k for k in runs[0][0] if k != "step"]
-    return [{"step": rows[0]["step"], **{k: float(np.mean([r[k] for r in rows])) for k in keys}}
-            for rows in zip(*runs)]
-
-
-def tail_mean(trace, key, tail):
-    return float(np.mean([r[key] for r in trace[-tail:]]))
-
-
-def kl_table(mean_traces, every):
-    methods = list(mean_traces)
-    head = "| step | " + " | ".join(f"{m} {LABELS[s]}" for m in methods for s in SETS) + " |"
-    lines = [head, "|---:|" + "---:|" * (len(methods) * len(SETS))]
-    n = len(mean_traces[methods[0]])
-    for i in range(n):
-        step = mean_traces[methods[0]][i]["step"]
-        if step % every and i != n - 1:
-            continue
-        cells = [f"{mean_traces[m][i][s]:.4f}" for m in methods for s in SETS]
-        lines.append(f"| {step} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def summarize(setting, runs_by_method, tail):
-    """One row per method: over seeds, mean ± sd of the last-`tail`-step mean of each quantity."""
+# ----------------------------------------------------------------------------------------------------- reporting --
+def crossing_rows(results, levels, args):
+    """One row per (setting, method, chain) with the per-seed crossings and their summary."""
     rows = []
-    for m, runs in runs_by_method.items():
-        per_seed = {k: [tail_mean(tr, k, tail) for tr in runs]
-                    for k in ("retain", "forget1", "forget2", "forget1_dnll", "forget2_dnll")}
-        per_seed["ratio"] = [b / a for a, b in zip(per_seed["forget1"], per_seed["forget2"])]
-        per_seed["final_forget1"] = [tr[-1]["forget1"] for tr in runs]
-        per_seed["final_forget2"] = [tr[-1]["forget2"] for tr in runs]
-        per_seed["final_retain"] = [tr[-1]["retain"] for tr in runs]
-        rows.append({"setting": setting, "method": m, "per_seed": per_seed,
-                     **{k: (float(np.mean(v)), float(np.std(v))) for k, v in per_seed.items()}})
+    for setting in args.settings:
+        for method in args.methods:
+            traces = [results[setting][method][s] for s in args.unlearn_seeds]
+            for chain, other in (("forget1", "forget2"), ("forget2", "forget1")):
+                per_seed = [first_crossing([r[chain] for r in tr], [r["retain"] for r in tr], levels[setting][chain])
+                            for tr in traces]
+                at = [tr[c[0]][other] for tr, c in zip(traces, per_seed) if c]  # the other chain at the crossing
+                rows.append({"setting": setting, "method": method, "chain": chain, "level": levels[setting][chain],
+                             "per_seed": per_seed, **summarize_crossings(per_seed),
+                             "other_at_crossing": float(np.mean(at)) if at else None,
+                             "paper": PAPER.get((setting, method, chain))})
     return rows
 
 
-def _pm(value, digits=3):
-    mean, sd = value
-    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
-
-
-def summary_table(rows, initial):
-    lines = [
-        "| setting | method | retain KL | forget-1 KL | forget-2 KL | forget-2 / forget-1 | forget-1 ΔNLL | "
-        "forget-2 ΔNLL |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for setting, kl0 in initial.items():
-        lines.append(f"| {setting} | original (step 0) | {kl0['retain']:.3f} | {kl0['forget1']:.3f} | "
-                     f"{kl0['forget2']:.3f} | {kl0['forget2'] / kl0['forget1']:.2f} | {kl0['forget1_dnll']:+.3f} | "
-                     f"{kl0['forget2_dnll']:+.3f} |")
-        for r in rows:
-            if r["setting"] == setting:
-                lines.append(
-                    f"| {setting} | {r['method']} | {_pm(r['retain'])} | {_pm(r['forget1'])} | {_pm(r['forget2'])} | "
-                    f"{_pm(r['ratio'], 2)} | {r['forget1_dnll'][0]:+.3f} | {r['forget2_dnll'][0]:+.3f} |"
-                )
+def crossing_table(rows, initial):
+    lines = ["| setting | method | chain | original → retrain forget quality | crossed | retain distance at crossing: "
+             "mean ± sd [min, max] | step (mean) | other chain there (mean) | paper (≈) |",
+             "|---|---|---|---|---:|---|---:|---:|---:|"]
+    for r in rows:
+        cell = (f"{r['mean']:.3f} ± {r['sd']:.3f} [{r['min']:.3f}, {r['max']:.3f}]" if r["crossed"] else "never")
+        step = f"{r['step_mean']:.1f}" if r["crossed"] else "-"
+        other = f"{r['other_at_crossing']:.3f}" if r["crossed"] else "-"
+        paper = f"{r['paper']:.3f}" if r["paper"] is not None else "-"
+        lines.append(f"| {r['setting']} | {r['method']} | {LABELS[r['chain']]} | "
+                     f"{initial[r['setting']][r['chain']]:.3f} → {r['level']:.3f} | {r['crossed']}/{r['n']} | {cell} | "
+                     f"{step} | {other} | {paper} |")
     return "\n".join(lines)
 
 
 def seed_table(rows, seeds):
-    lines = [f"| setting | method | seed | retain KL | forget-1 KL | forget-2 KL | forget-2 / forget-1 | "
-             "final-step forget-1 / forget-2 KL |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| setting | method | chain | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+             "|---|---|---|" + "---|" * len(seeds)]
     for r in rows:
-        p = r["per_seed"]
-        for i, seed in enumerate(seeds):
-            lines.append(f"| {r['setting']} | {r['method']} | {seed} | {p['retain'][i]:.3f} | {p['forget1'][i]:.3f} | "
-                         f"{p['forget2'][i]:.3f} | {p['ratio'][i]:.2f} | "
-                         f"{p['final_forget1'][i]:.3f} / {p['final_forget2'][i]:.3f} |")
+        cells = [f"{c[1]:.3f} (step {c[0]})" if c else "never" for c in r["per_seed"]]
+        lines.append(f"| {r['setting']} | {r['method']} | {LABELS[r['chain']]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _running_mean(values, window):
-    """Trailing running mean (the first points average what is there): smooths the trajectories of the plot."""
-    c = np.cumsum(np.insert(np.asarray(values, dtype=float), 0, 0.0))
-    idx = np.arange(1, len(values) + 1)
-    lo = np.maximum(idx - window, 0)
-    return (c[idx] - c[lo]) / (idx - lo)
-
-
-def plot(setting, runs_by_method, args, path):
+def plot(setting, runs, levels, retrain_retain, rows, args, path):
+    """The paper's figure (left): forget quality vs retain distance along the path, per method and chain; thin lines
+    each seed, thick the mean over seeds; retrain level dotted; crossings marked x. Right: the same per step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"NPO": "tab:blue", "SimNPO": "tab:orange"}
-    styles = {"retain": (":", None), "forget1": ("-", "o"), "forget2": ("--", "s")}
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5))
-    w = args.smooth
-    for m, runs in runs_by_method.items():
-        tr = mean_trace(runs)
-        x = _running_mean([r["retain"] for r in tr], w)
-        for s in ("forget1", "forget2"):
-            y = _running_mean([r[s] for r in tr], w)
-            ls, mk = styles[s]
-            ax.plot(x, y, ls, color=colors.get(m), lw=1.5, label=f"{m}, {LABELS[s]}")
-            ax.plot(x[-1:], y[-1:], mk, color=colors.get(m), ms=8)
-            ax.plot([r["retain"] for r in tr], [r[s] for r in tr], mk, color=colors.get(m), ms=2, alpha=0.3)
-        steps = [r["step"] for r in tr]
-        for s in SETS:
-            bx.plot(steps, [r[s] for r in tr], styles[s][0], color=colors.get(m), lw=1.8, label=f"{m}, {LABELS[s]}")
-            for run in runs if len(runs) > 1 else []:
-                bx.plot(steps, [r[s] for r in run], styles[s][0], color=colors.get(m), lw=0.6, alpha=0.25)
-    start = mean_trace(runs_by_method[next(iter(runs_by_method))])[0]
-    for s in ("forget1", "forget2"):
-        ax.plot([start["retain"]], [start[s]], marker=styles[s][1], color="black", mfc="none", ms=10, ls="none")
-    len2 = args.len_forget2_A if setting == "A" else args.len_forget2_B
-    n = len(next(iter(runs_by_method.values())))
-    ax.set_xlabel("retain distance: KL(retrain ‖ model) on retain test")
-    ax.set_ylabel("forget distance: KL(retrain ‖ model) on forget test")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_title(f"Setting {setting}: forget-1 length {args.len_forget1}, forget-2 length {len2}; mean of {n} "
-                 f"unlearning seed(s)\nlines: trailing {w}-step running mean (dots: raw steps); open black = "
-                 f"original model, filled = step {args.steps}", fontsize=9)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, which="both")
-    bx.set_xlabel("unlearning step")
-    bx.set_ylabel("KL(retrain ‖ model)")
+    colors, styles, marks = {"NPO": "tab:blue", "SimNPO": "tab:red"}, {"forget1": "-", "forget2": "--"}, \
+        {"forget1": "*", "forget2": "o"}
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(14, 5.5))
+    for method, traces in runs.items():
+        retain = np.array([[r["retain"] for r in tr] for tr in traces])
+        for chain in ("forget1", "forget2"):
+            forget = np.array([[r[chain] for r in tr] for tr in traces])
+            for x, y in zip(retain, forget):
+                ax.plot(x, y, styles[chain], color=colors[method], lw=0.6, alpha=0.3)
+            ax.plot(retain.mean(0), forget.mean(0), styles[chain], color=colors[method], lw=2.2,
+                    label=f"{method} - {LABELS[chain]} (mean of {len(traces)})")
+            bx.plot(forget.mean(0), styles[chain], color=colors[method], lw=1.8, label=f"{method} {LABELS[chain]}")
+            row = next(r for r in rows if (r["method"], r["chain"]) == (method, chain))
+            pts = [c[1] for c in row["per_seed"] if c]
+            ax.plot(pts, [levels[chain]] * len(pts), "x", color=colors[method], ms=8, mew=2)
+        bx.plot(retain.mean(0), ":", color=colors[method], lw=1.8, label=f"{method} retain distance")
+    first = next(iter(runs.values()))[0][0]
+    for chain in ("forget1", "forget2"):
+        ax.axhline(levels[chain], ls=styles[chain], color="gray", lw=0.8)
+        bx.axhline(levels[chain], ls=styles[chain], color="gray", lw=0.8)
+        ax.plot(first["retain"], first[chain], marks[chain], color="black", mfc="none", ms=13, mew=1.5)
+        ax.plot(retrain_retain, levels[chain], marks[chain], color="black", ms=13)
+    ax.set_xlim(left=0)
+    ax.set_ylim(0, max(1.3 * max(levels.values()), 0.1))
+    ax.set_xlabel("retain distance: KL(true transitions ‖ model) on retain test")
+    ax.set_ylabel("forget quality: KL(true transitions ‖ model) on forget test")
+    ax.set_title(f"{SETTINGS[setting][2]}\nNPO β {args.npo_beta}, SimNPO β {args.simnpo_beta}; open black: original, "
+                 f"filled: retrain (gray line: its level); x: first crossing per seed", fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
     bx.set_yscale("log")
-    bx.set_title("per-step distances (thick: mean over seeds, thin: each seed)", fontsize=10)
+    bx.set_xlabel("unlearning step")
+    bx.set_ylabel("KL(true transitions ‖ model)")
+    bx.set_title("mean over seeds per step (gray: retrain forget levels)", fontsize=9)
     bx.legend(fontsize=7, ncol=2)
     bx.grid(alpha=0.3, which="both")
     fig.tight_layout()
@@ -406,127 +384,100 @@ def plot(setting, runs_by_method, args, path):
     plt.close(fig)
 
 
-def machine():
-    model = "unknown"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except Exception:
-        pass
-    return f"{model}, {os.cpu_count()} logical CPUs, {platform.system()}"
-
-
 # ---------------------------------------------------------------------------------------------------------- main --
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--settings", default="A,B", help="comma-separated settings: A (forget-2 length 20), B (length 5)")
-    p.add_argument("--steps", type=int, default=50, help="unlearning steps (optimizer steps)")
-    p.add_argument("--out_dir", default="docs/figures", help="where markov_setting_<S>.png are written")
-    p.add_argument("--json", default=None, help="also write all traces and tables to this JSON file")
-    p.add_argument("--seed", type=int, default=42, help="seeds the data, the model init and pre-training")
-    p.add_argument("--unlearn_seeds", default="0,1,2",
-                   help="comma-separated trainer seeds (order of the forget/retain rows); one unlearning run each")
-    p.add_argument("--tail", type=int, default=10, help="summaries average the KLs over the last TAIL steps")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch.set_num_threads (1: robust on a shared machine; 2 is ~1.6x faster on 2 idle cores)")
-    p.add_argument("--cache_dir", default=None, help="cache the pre-trained models here (off by default)")
+    p.add_argument("--settings", default="short,unseen", help=f"comma-separated, from {list(SETTINGS)}")
+    p.add_argument("--methods", default="NPO,SimNPO")
+    p.add_argument("--unlearn_seeds", default="0,1,2,3,4", help="one unlearning run per seed (order of forget batches)")
+    p.add_argument("--seed", type=int, default=42, help="data, model init and pre-training order")
+    p.add_argument("--jobs", type=int, default=2, help="worker processes")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--out_dir", default="docs/figures", help="markov_<setting>.png and markov_traces.json go here")
     g = p.add_argument_group("data")
     g.add_argument("--n_retain", type=int, default=10_000)
     g.add_argument("--n_forget1", type=int, default=5_000)
     g.add_argument("--n_forget2", type=int, default=5_000)
-    g.add_argument("--len_retain", type=int, default=20)
-    g.add_argument("--len_forget1", type=int, default=20)
-    g.add_argument("--len_forget2_A", type=int, default=20)
-    g.add_argument("--len_forget2_B", type=int, default=5)
+    g.add_argument("--length", type=int, default=20, help="retain / forget-1 (and unseen forget-2) sequence length")
     g.add_argument("--leakage", type=float, default=0.2)
-    g.add_argument("--test_frac", type=float, default=0.2)
-    g.add_argument("--eval_n", type=int, default=128, help="test sequences per set used for the per-step KL")
-    g = p.add_argument_group("pre-training (plain torch loop)")
+    g.add_argument("--test_size", type=float, default=0.2)
+    g.add_argument("--eval_batch", type=int, default=500)
+    g = p.add_argument_group("pre-training")
     g.add_argument("--pre_lr", type=float, default=5e-4)
     g.add_argument("--pre_batch", type=int, default=128)
     g.add_argument("--pre_epochs", type=int, default=5)
-    g = p.add_argument_group("unlearning (trl_unlearn trainers)")
+    g = p.add_argument_group("unlearning")
+    g.add_argument("--steps", type=int, default=50)
+    g.add_argument("--batch_size", type=int, default=4)
     g.add_argument("--lr", type=float, default=5e-4)
-    g.add_argument("--batch_size", type=int, default=4, help="forget rows per step (as many retain rows are added)")
-    g.add_argument("--methods", default="NPO,SimNPO")
-    g.add_argument("--npo_beta", type=float, default=1.0)
-    g.add_argument("--simnpo_beta", type=float, default=2.5,
-                   help="SimNPO β (2.5: the package default and the paper's TOFU forget05 value; it was also the best "
-                        "of a small (β, γ) grid run on setting A, see docs/results.md)")
-    g.add_argument("--simnpo_gamma", type=float, default=0.0, help="SimNPO margin γ (paper convention, outside β)")
-    g.add_argument("--simnpo_forget_weight", type=float, default=1.0)
-    g.add_argument("--table_every", type=int, default=5, help="rows of the printed per-step tables")
-    g.add_argument("--smooth", type=int, default=5, help="running-mean window of the forget-vs-retain plot (1: raw)")
-    return p.parse_args(argv)
+    g.add_argument("--npo_beta", type=float, default=0.2)
+    g.add_argument("--simnpo_beta", type=float, default=4.0)
+    g.add_argument("--simnpo_gamma", type=float, default=0.0, help="margin γ, paper convention (outside β)")
+    args = p.parse_args(argv)
+    args.settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    args.unlearn_seeds = [int(s) for s in args.unlearn_seeds.split(",") if s.strip()]
+    bad = [s for s in args.settings if s not in SETTINGS] + [m for m in args.methods if m not in ("NPO", "SimNPO")]
+    if bad or not args.settings or not args.methods or not args.unlearn_seeds:
+        p.error(f"unknown or empty --settings/--methods/--unlearn_seeds ({bad}); settings: {list(SETTINGS)}, "
+                "methods: NPO, SimNPO")
+    return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    torch.set_num_threads(args.threads)
-    torch.use_deterministic_algorithms(True)
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    transformers.logging.set_verbosity_error()
-    t_start = time.time()
-    settings = [s.strip().upper() for s in args.settings.split(",") if s.strip()]
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    seeds = [int(x) for x in args.unlearn_seeds.split(",") if x.strip()]
     os.makedirs(args.out_dir, exist_ok=True)
-    tokenizer = build_tokenizer()
-    print(f"machine: {machine()}; torch threads: {torch.get_num_threads()}", flush=True)
+    t_start, load_start = time.time(), os.getloadavg()
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; {args.jobs} processes x "
+          f"{args.threads} torch thread(s); load average at start {load_start[0]:.2f}", flush=True)
+    states, kls, secs, results = {}, {}, {}, {s: {m: {} for m in args.methods} for s in args.settings}
+    with mp.get_context("spawn").Pool(args.jobs, _init_worker, (args.threads,)) as pool:
+        jobs = [("retrain", args.settings[0], args)] + [("original", s, args) for s in args.settings]
+        pending = []
+        for tag, setting, state, kl, sec in pool.imap_unordered(pretrain_job, jobs):
+            states[tag, setting], secs[f"pretrain {tag} {setting}"] = state, sec
+            kls.update({(tag, s): v for s, v in kl.items()})
+            if tag == "original":  # its unlearning runs can start now
+                pending += [pool.apply_async(unlearn_job, ((setting, m, seed, state, args),))
+                            for m in args.methods for seed in args.unlearn_seeds]
+        for job in pending:
+            setting, method, seed, trace, sec = job.get()
+            results[setting][method][seed] = trace
+            secs[f"unlearn {setting} {method} {seed}"] = sec
+            last = trace[-1]
+            print(f"  {setting} {method} seed {seed}: {sec:.0f}s; step {last['step']}: retain {last['retain']:.4f} "
+                  f"forget-1 {last['forget1']:.4f} forget-2 {last['forget2']:.4f}", flush=True)
 
-    retrain, results, initial, timings, rows = None, {}, {}, {}, []
-    for setting in settings:
-        print(f"\n=== Setting {setting} ===", flush=True)
-        data = make_data(args, setting)
-        print("  sizes (train/test): " + ", ".join(
-            f"{s} {len(data[s][0])}/{len(data[s][1])} x len {data[s][0].shape[1]}" for s in SETS), flush=True)
-        t0 = time.time()
-        if retrain is None:  # retain data are identical across settings
-            retrain = get_pretrained(tokenizer, [data["retain"][0]], args, "retrain model")
-        original = get_pretrained(tokenizer, [data[s][0] for s in SETS], args, f"original model {setting}")
-        timings[f"pretrain {setting}"] = time.time() - t0
-        evaluator = KLEvaluator(retrain, {s: data[s][1][: args.eval_n] for s in SETS})
-        runs, logs = {m: [] for m in methods}, {m: [] for m in methods}
-        t0 = time.time()
-        for method in methods:
-            for seed in seeds:
-                kl, log, secs = unlearn(method, original, tokenizer, data, evaluator, args, seed)
-                runs[method].append(kl)
-                logs[method].append(log)
-                last = kl[-1]
-                print(f"  {method} seed {seed}: {secs:.0f}s; last-step KL retain {last['retain']:.4f} "
-                      f"forget-1 {last['forget1']:.4f} forget-2 {last['forget2']:.4f}", flush=True)
-        timings[f"unlearn {setting}"] = time.time() - t0
-        initial[setting] = runs[methods[0]][0][0]
-        path = os.path.join(args.out_dir, f"markov_setting_{setting}.png")
-        plot(setting, runs, args, path)
-        mean_traces = {m: mean_trace(r) for m, r in runs.items()}
-        print(f"\n### Setting {setting}: KL(retrain ‖ model), mean over unlearning seeds {seeds} "
-              f"(every {args.table_every} steps)\n", flush=True)
-        print(kl_table(mean_traces, args.table_every), flush=True)
-        print(f"\nfigure: {path}", flush=True)
-        results[setting] = {"runs": runs, "logs": logs}
-        rows += summarize(setting, runs, args.tail)
-
-    wall = time.time() - t_start
-    print(f"\n### Summary: mean over the last {args.tail} steps, mean ± sd over unlearning seeds {seeds}\n")
-    print(summary_table(rows, initial))
-    print("\nΔNLL = model NLL − retrain NLL of the forget test sequences, per token (last-steps mean, mean over seeds):"
-          " < 0 still remembered, > 0 pushed below the retrain model (over-unlearned).")
-    print(f"\n### Per seed (last-{args.tail}-step means)\n")
-    print(seed_table(rows, seeds))
-    print(f"\nwall time {wall:.0f}s; " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
+    levels = {s: {c: kls["retrain", s][c] for c in ("forget1", "forget2")} for s in args.settings}
+    initial = {s: kls["original", s] for s in args.settings}
+    rows = crossing_rows(results, levels, args)
+    print("\nKL(true transitions ‖ model) of the pre-trained models (full test sets):\n")
+    print("| setting | model | retain | forget-1 | forget-2 |\n|---|---|---:|---:|---:|")
+    for s in args.settings:
+        for tag in ("original", "retrain"):
+            k = kls[tag, s]
+            print(f"| {s} | {tag} | {k['retain']:.4f} | {k['forget1']:.4f} | {k['forget2']:.4f} |")
+    print(f"\nRetain distance at which each forget chain first reaches the retrain model's forget quality "
+          f"(unlearning seeds {args.unlearn_seeds}; one pre-training per setting, seed {args.seed}):\n")
+    print(crossing_table(rows, initial))
+    print("\nPer seed: retain distance at the first crossing (step):\n")
+    print(seed_table(rows, args.unlearn_seeds))
+    for s in args.settings:
+        path = os.path.join(args.out_dir, f"markov_{s}.png")
+        plot(s, {m: [results[s][m][k] for k in args.unlearn_seeds] for m in args.methods}, levels[s],
+             kls["retrain", s]["retain"], [r for r in rows if r["setting"] == s], args, path)
+        print(f"figure: {path}")
+    wall, load_end = time.time() - t_start, os.getloadavg()
+    print(f"\nwall time {wall:.0f}s ({wall / 60:.1f} min); load average at end {load_end[0]:.2f} / {load_end[1]:.2f} / "
+          f"{load_end[2]:.2f} (1/5/15 min); CPU seconds in workers {sum(secs.values()):.0f}")
     print(f"command: python {' '.join(sys.argv)}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "results": results, "summary": rows, "initial": initial, "wall_s": wall,
-                       "timings": timings, "machine": machine(), "threads": torch.get_num_threads()}, f, indent=1)
-    return results, rows
+    path = os.path.join(args.out_dir, "markov_traces.json")
+    with open(path, "w") as f:
+        json.dump({"args": vars(args), "pretrained": {f"{t} {s}": v for (t, s), v in kls.items()}, "levels": levels,
+                   "crossings": rows, "traces": results, "seconds": secs, "wall_s": wall,
+                   "load_average": {"start": load_start, "end": load_end}}, f, indent=1)
+    print(f"traces: {path}")
+    return rows, results
 
 
 if __name__ == "__main__":
