@@ -1,0 +1,480 @@
+"""Multiple-choice benchmarks (WMDP, MMLU, any lm-eval task) through EleutherAI's lm-evaluation-harness.
+
+`lm-eval` (0.4.x) is the engine: `evaluate_harness` wraps the model in lm-eval's ``HFLM``, runs
+``lm_eval.simple_evaluate`` and turns its output into a `HarnessReport` (an `EvalReport` with ``benchmark="lm-eval"``):
+
+* ``metrics``: ``"{task}/{metric}"`` -> value for every task and group lm-eval reports (``wmdp_bio/acc``,
+  ``wmdp_bio/acc_stderr``, ``mmlu/acc``, ...); under a filter other than ``none``: ``"{task}/{metric},{filter}"``.
+* ``per_item``: task -> ``doc_id``, ``target``, one column per per-document metric (``acc``, ``acc_norm``) and, for
+  multiple-choice tasks, ``loglikelihoods`` (one list per document: the log-likelihood of each choice).
+* ``settings``: the requested tasks, task versions, few-shot counts and seed, sample counts, the task configs, and the
+  versions of lm-eval, transformers, torch and this package.
+
+Install the extra: ``pip install "trl-unlearn[lm-eval]"``. See docs/wmdp.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from .report import EvalReport, package_version
+from .scoring import eval_mode
+
+__all__ = ["HarnessReport", "add_arguments", "evaluate_harness", "run_from_args"]
+
+BENCHMARK = "lm-eval"
+LM_EVAL_URL = "https://github.com/EleutherAI/lm-evaluation-harness"
+_INSTALL = 'pip install "trl-unlearn[lm-eval]"'
+# `datasets` packaged builders: a task reading local files has one of these as its dataset_path
+_LOCAL_BUILDERS = {"json", "csv", "parquet", "text", "arrow", "pandas"}
+_PRETTY = {"wmdp": "WMDP", "wmdp_bio": "WMDP-Bio", "wmdp_cyber": "WMDP-Cyber", "wmdp_chem": "WMDP-Chem", "mmlu": "MMLU"}
+_METRIC_NAMES = {"acc": "accuracy", "acc_norm": "normalized accuracy"}
+# keys of an lm-eval logged sample that are not metric values (lm-eval < 0.4.7 has no "metrics" list to say which are)
+_SAMPLE_KEYS = {"doc_id", "doc", "target", "arguments", "resps", "filtered_resps", "filter", "metrics", "doc_hash",
+                "prompt_hash", "target_hash"}  # fmt: skip
+
+
+def _import_lm_eval():
+    """``(lm_eval, HFLM, TaskManager)``, or an ImportError that names the extra to install."""
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as e:
+        raise ImportError(
+            f"lm-eval evaluation needs EleutherAI's lm-evaluation-harness (0.4.x): {_INSTALL}  ({e})"
+        ) from e
+    return lm_eval, HFLM, TaskManager
+
+
+def _direction(task: str) -> str:
+    if task.startswith("wmdp"):
+        return "lower after unlearning (chance 0.25)"
+    if task.startswith("mmlu"):
+        return "higher (chance 0.25)"
+    return ""
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def _number(x) -> float | None:
+    """lm-eval's value as a float; ``"N/A"`` (no stderr) and other non-numbers become None."""
+    if isinstance(x, bool) or not isinstance(x, (int, float, np.number)):
+        return None
+    return float(x)
+
+
+def _jsonable(obj):
+    """Round-trip through JSON (functions, numpy values and the like in lm-eval configs become strings/numbers)."""
+    return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+
+
+# ------------------------------------------------------------------------------------------------------ report
+
+
+class HarnessReport(EvalReport):
+    """An lm-eval run as an `EvalReport` (``benchmark="lm-eval"``); see the module docstring for the layout."""
+
+    # ----------------------------------------------------------------------------------------- building
+    @classmethod
+    def from_results(cls, results: Mapping[str, Any], settings: Mapping[str, Any]) -> HarnessReport:
+        """Build a report from the dict ``lm_eval.simple_evaluate`` returns and this run's `settings`."""
+        metrics: dict[str, float | None] = {}
+        for section in ("results", "groups"):
+            for task, entries in (results.get(section) or {}).items():
+                for key, value in entries.items():
+                    if "," not in key:  # name, alias, sample_len
+                        continue
+                    metric, flt = key.split(",", 1)
+                    metrics[f"{task}/{metric}" if flt == "none" else f"{task}/{metric},{flt}"] = _number(value)
+        configs = _jsonable(results.get("configs", {}))
+        per_item = {
+            task: _per_item(samples, configs.get(task, {}).get("output_type"))
+            for task, samples in (results.get("samples") or {}).items()
+        }
+        config = results.get("config", {})
+        settings = {
+            "benchmark": BENCHMARK,
+            **settings,
+            "versions": _jsonable(results.get("versions", {})),
+            "n_shot": _jsonable(results.get("n-shot", {})),
+            "n_samples": _jsonable(results.get("n-samples", {})),
+            "higher_is_better": _jsonable(results.get("higher_is_better", {})),
+            "group_subtasks": _jsonable(results.get("group_subtasks", {})),
+            "fewshot_seed": config.get("fewshot_seed"),
+            "bootstrap_iters": config.get("bootstrap_iters"),
+            "task_hashes": _jsonable(results.get("task_hashes", {})),
+            "configs": configs,
+            "lm_eval_version": _version("lm_eval"),
+            "transformers_version": _version("transformers"),
+            "torch_version": torch.__version__,
+            "package_version": package_version(),
+        }
+        return cls(benchmark=BENCHMARK, metrics=metrics, per_item=per_item, settings=settings)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: str = "report") -> HarnessReport:
+        if d.get("benchmark") != BENCHMARK:
+            raise ValueError(f"{source}: not an lm-eval report (benchmark {d.get('benchmark')!r})")
+        return super().from_dict(d, source=source)
+
+    # ------------------------------------------------------------------------------------------- values
+    @property
+    def tasks(self) -> list[str]:
+        """The task and group names the run was asked for."""
+        return list(self.settings.get("tasks", []))
+
+    def _children(self, name: str) -> list[str]:
+        return list(self.settings.get("group_subtasks", {}).get(name) or [])
+
+    def _leaves(self, name: str) -> list[str]:
+        kids = self._children(name)
+        return [leaf for k in kids for leaf in self._leaves(k)] if kids else [name]
+
+    def _num_docs(self, name: str) -> int | None:
+        counts = [self.settings.get("n_samples", {}).get(t, {}).get("effective") for t in self._leaves(name)]
+        return None if None in counts else sum(counts)
+
+    def _num_fewshot(self, name: str) -> int | None:
+        shots = {self.settings.get("n_shot", {}).get(t) for t in self._leaves(name)}
+        return shots.pop() if len(shots) == 1 else None
+
+    def recompute(self) -> dict[str, float | None]:
+        """Each task's mean-aggregated metrics (``acc``, ``acc_norm``, ...) and their standard errors
+        (``std(ddof=1) / sqrt(n)``, as lm-eval's ``mean_stderr``), derived again from `per_item`. Tasks only: groups
+        (``mmlu``, ``wmdp``) are lm-eval's size-weighted means of these and are not recomputed."""
+        out: dict[str, float | None] = {}
+        with_stderr = self.settings.get("bootstrap_iters") != 0
+        for task, cols in self.per_item.items():
+            mean_metrics = _mean_metrics(self.settings.get("configs", {}).get(task, {}))
+            for key, values in cols.items():
+                metric, _, flt = key.partition(",")
+                if metric not in mean_metrics:
+                    continue
+                x = np.asarray(values, dtype=float)
+                suffix = f",{flt}" if flt else ""
+                out[f"{task}/{metric}{suffix}"] = float(x.mean())
+                if with_stderr:
+                    stderr = float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else None
+                    out[f"{task}/{metric}_stderr{suffix}"] = stderr
+        return out
+
+    # ------------------------------------------------------------------------------------------ display
+    def _rows(self) -> list[tuple[str, int]]:
+        """(name, depth): each requested task, then a group's direct subtasks / subgroups."""
+        rows = []
+        for t in self.tasks:
+            rows.append((t, 0))
+            rows.extend((k, 1) for k in self._children(t))
+        return rows
+
+    def table(self) -> str:
+        """Requested tasks (and a group's direct members): version, shots, documents, acc and acc_norm ± stderr."""
+
+        def pm(task, metric):
+            v = self.metrics.get(f"{task}/{metric}")
+            if v is None:
+                return "-"
+            se = self.metrics.get(f"{task}/{metric}_stderr")
+            return f"{v:.4f}" if se is None else f"{v:.4f} ± {se:.4f}"
+
+        rows = [("task", "version", "shots", "n", "acc", "acc_norm", "better")]
+        for name, depth in self._rows():
+            shots, n = self._num_fewshot(name), self._num_docs(name)
+            rows.append((
+                "  " * depth + name,
+                str(self.settings.get("versions", {}).get(name, "")),
+                "" if shots is None else str(shots),
+                "" if n is None else str(n),
+                pm(name, "acc"),
+                pm(name, "acc_norm"),
+                _direction(name) if depth == 0 else "",
+            ))  # fmt: skip
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = [f"lm-eval {self.settings.get('lm_eval_version')} evaluation of {self.settings.get('model')}"]
+        for j, r in enumerate(rows):
+            lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+            if j == 0:
+                lines.append("  ".join("-" * w for w in widths))
+        if self.settings.get("limit") is not None:
+            lines.append(f"limit: {self.settings['limit']} documents per task (not the full benchmark)")
+        return "\n".join(lines)
+
+    # --------------------------------------------------------------------------------------- model card
+    def eval_results(self, tasks: Sequence[str] | None = None) -> list:
+        """`huggingface_hub.EvalResult` objects (``acc`` and ``acc_norm`` where present) for `tasks` (default: the
+        requested ones): for ``ModelCardData(eval_results=..., model_name=...)``. Values are fractions (0-1)."""
+        from huggingface_hub import EvalResult
+
+        out = []
+        for name in self.tasks if tasks is None else tasks:
+            if f"{name}/acc" not in self.metrics and f"{name}/acc_norm" not in self.metrics:
+                raise ValueError(f"no accuracy for {name!r} in this report (tasks: {sorted(self._reported())})")
+            leaves = [self.settings.get("configs", {}).get(t, {}) for t in self._leaves(name)]
+            paths = {c.get("dataset_path") for c in leaves}
+            path = paths.pop() if len(paths) == 1 else None
+            multiple_choice = all(c.get("output_type") == "multiple_choice" for c in leaves)
+            splits = {c.get("test_split") for c in leaves}
+            split = splits.pop() if len(splits) == 1 else None
+            shots = self._num_fewshot(name)
+            for metric in ("acc", "acc_norm"):
+                value = self.metrics.get(f"{name}/{metric}")
+                if value is None:
+                    continue
+                out.append(EvalResult(
+                    task_type="multiple-choice" if multiple_choice else "text-generation",
+                    task_name="Multiple Choice" if multiple_choice else "Text Generation",
+                    dataset_type=path if path and path not in _LOCAL_BUILDERS else name,
+                    dataset_name=_PRETTY.get(name, name),
+                    dataset_config=leaves[0].get("dataset_name") if len(leaves) == 1 else None,
+                    dataset_split=split,
+                    dataset_args=None if shots is None else {"num_few_shot": shots},
+                    metric_type=metric,
+                    metric_name=_METRIC_NAMES[metric],
+                    metric_value=round(value, 4),
+                    source_name="lm-evaluation-harness",
+                    source_url=LM_EVAL_URL,
+                ))  # fmt: skip
+        return out
+
+    def model_index(self, model_name: str, tasks: Sequence[str] | None = None) -> list[dict]:
+        """The results as the ``model-index`` list of a Hugging Face model card (task / dataset / metrics)."""
+        from huggingface_hub.repocard_data import eval_results_to_model_index
+
+        return eval_results_to_model_index(model_name, self.eval_results(tasks))
+
+    def _reported(self) -> set[str]:
+        return {k.split("/", 1)[0] for k in self.metrics}
+
+
+def _mean_metrics(config: Mapping[str, Any]) -> set[str]:
+    """Metrics of a task config aggregated by a plain mean (those `recompute` can derive from per-item values)."""
+    listed = config.get("metric_list")
+    if not listed:
+        return {"acc", "acc_norm"} if config.get("output_type") == "multiple_choice" else set()
+    return {m["metric"] for m in listed if m.get("aggregation", "mean") == "mean"}
+
+
+def _per_item(samples: Sequence[Mapping[str, Any]], output_type: str | None) -> dict[str, list]:
+    """Columns from lm-eval's logged samples: ``doc_id``, ``target``, one column per metric (suffixed
+    ``,{filter}`` for filters other than ``none``) and ``loglikelihoods`` for multiple-choice tasks."""
+    by_filter: dict[str, list] = {}
+    for s in samples:
+        by_filter.setdefault(s.get("filter", "none"), []).append(s)
+    cols: dict[str, list] = {}
+    for flt, rows in by_filter.items():
+        rows = sorted(rows, key=lambda s: s["doc_id"])
+        if not cols:
+            cols["doc_id"] = [s["doc_id"] for s in rows]
+            cols["target"] = _jsonable([s.get("target") for s in rows])
+            if output_type == "multiple_choice":
+                cols["loglikelihoods"] = [[float(r[0]) for r in s["filtered_resps"]] for s in rows]
+        names = rows[0].get("metrics") or [k for k in rows[0] if k not in _SAMPLE_KEYS]
+        for metric in names:
+            cols[metric if flt == "none" else f"{metric},{flt}"] = _jsonable([s.get(metric) for s in rows])
+    return cols
+
+
+# ------------------------------------------------------------------------------------------------- running
+
+
+def load_model_and_tokenizer(model_path: str, tokenizer_path: str | None = None, dtype: str = "auto", device=None):
+    """`AutoModelForCausalLM` from `model_path` in eval mode on `device` (default: CUDA when available), and its
+    tokenizer (`PreTrainedTokenizerFast` when the folder has a ``tokenizer.json``, else `AutoTokenizer`)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+    tokenizer_path = tokenizer_path or model_path
+    if os.path.isfile(os.path.join(tokenizer_path, "tokenizer.json")):
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_path)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
+    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
+    return model, tokenizer
+
+
+def _task_list(tasks: str | Sequence[str]) -> list[str]:
+    names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks)]
+    names = [t for t in names if t]
+    if not names:
+        raise ValueError("no task given (e.g. tasks='wmdp_bio,wmdp_cyber,mmlu')")
+    return names
+
+
+def _include_paths(include_path) -> list[str]:
+    if include_path is None:
+        return []
+    single = isinstance(include_path, (str, os.PathLike))
+    paths = [os.fspath(include_path)] if single else [os.fspath(p) for p in include_path]
+    for p in paths:
+        if not os.path.exists(p):
+            raise FileNotFoundError(f"include_path not found: {p!r} (a folder of lm-eval task YAML files)")
+    return [os.path.abspath(p) for p in paths]
+
+
+def evaluate_harness(
+    model,
+    tokenizer=None,
+    tasks: str | Sequence[str] = ("wmdp_bio", "wmdp_cyber", "mmlu"),
+    *,
+    include_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    include_defaults: bool = True,
+    limit: int | float | None = None,
+    batch_size: int | str = 8,
+    num_fewshot: int | None = None,
+    device: str | None = None,
+    dtype: str = "auto",
+    log_samples: bool = True,
+    model_name: str | None = None,
+    hflm_kwargs: Mapping[str, Any] | None = None,
+    **simple_evaluate_kwargs,
+) -> HarnessReport:
+    """Run lm-eval `tasks` on a causal LM and return a `HarnessReport`.
+
+    `model`: a loaded ``transformers`` causal LM (then `tokenizer` is required; `device` and `dtype` are ignored) or a
+    model folder / Hub id (loaded with `load_model_and_tokenizer` on `device` in `dtype`). `tasks`: lm-eval task or
+    group names, a list or a comma-separated string. `include_path`: folder(s) of extra task YAML files (local data:
+    docs/wmdp.md); `include_defaults=False` indexes only those (skips lm-eval's ~14k built-in task files). `limit`:
+    documents per task (an int, or a fraction < 1); for smoke tests only. `num_fewshot`: overrides the tasks' default
+    (a task whose YAML sets 0, as WMDP's does, stays at 0 — lm-eval's rule). `hflm_kwargs` go to ``HFLM`` (e.g.
+    ``max_length``, ``add_bos_token``), other keyword arguments to ``lm_eval.simple_evaluate`` (e.g.
+    ``apply_chat_template``, ``system_instruction``, ``fewshot_random_seed``).
+
+    The model is evaluated in eval mode without gradients; its train/eval mode and the caller's ``random``, numpy and
+    torch RNG states are restored afterwards (lm-eval seeds them globally).
+    """
+    lm_eval, HFLM, TaskManager = _import_lm_eval()
+    names = _task_list(tasks)
+    paths = _include_paths(include_path)
+    reserved = {"model", "tasks", "task_manager", "limit", "batch_size", "num_fewshot", "log_samples"}
+    if reserved & simple_evaluate_kwargs.keys():
+        raise ValueError(f"pass {sorted(reserved & simple_evaluate_kwargs.keys())} as evaluate_harness arguments")
+    if isinstance(batch_size, str) and not batch_size.startswith("auto"):
+        raise ValueError(f"batch_size must be an int or 'auto', got {batch_size!r}")
+
+    if isinstance(model, (str, os.PathLike)):
+        model_name = model_name or os.fspath(model)
+        loaded, loaded_tok = load_model_and_tokenizer(os.fspath(model), None, dtype, device)
+        model, tokenizer = loaded, tokenizer or loaded_tok
+    elif tokenizer is None:
+        raise ValueError("evaluate_harness: pass the tokenizer with an in-memory model")
+    model_name = model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
+
+    task_manager = TaskManager(include_path=paths or None, include_defaults=include_defaults)
+    unknown = [t for t in names if t not in task_manager.all_tasks]
+    if unknown:
+        import difflib
+
+        hints = {t: difflib.get_close_matches(t, task_manager.all_tasks, n=3) for t in unknown}
+        raise ValueError(
+            "unknown lm-eval task(s): "
+            + "; ".join(f"{t!r}" + (f" (did you mean {', '.join(h)}?)" if h else "") for t, h in hints.items())
+            + ("" if paths else " — local task YAMLs need include_path")
+        )
+
+    rng = random.getstate(), np.random.get_state()
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with eval_mode(model), torch.random.fork_rng(devices=cuda):
+        try:
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, **dict(hflm_kwargs or {}))
+            results = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=names,
+                task_manager=task_manager,
+                limit=limit,
+                num_fewshot=num_fewshot,
+                log_samples=log_samples,
+                **simple_evaluate_kwargs,
+            )
+        finally:
+            random.setstate(rng[0])
+            np.random.set_state(rng[1])
+    if results is None:  # lm-eval returns None on ranks other than 0
+        raise RuntimeError("lm_eval.simple_evaluate returned no results (not the main process?)")
+    settings = {
+        "model": model_name,
+        "tasks": names,
+        "include_path": paths,
+        "limit": limit,
+        "batch_size": batch_size,
+        "num_fewshot": num_fewshot,
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "device": str(next(model.parameters()).device),
+        "hflm_kwargs": _jsonable(dict(hflm_kwargs or {})),
+        "simple_evaluate_kwargs": _jsonable(simple_evaluate_kwargs),
+    }
+    return HarnessReport.from_results(results, settings)
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def _limit(text: str) -> int | float:
+    x = float(text)
+    if x <= 0:
+        raise argparse.ArgumentTypeError(f"--limit must be > 0, got {text}")
+    return int(x) if x >= 1 and x.is_integer() else x
+
+
+def _batch_size(text: str) -> int | str:
+    if text.startswith("auto"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--batch_size must be an integer or 'auto', got {text!r}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``trl-unlearn eval lm-eval`` arguments."""
+    parser.add_argument("--model", required=True, help="model folder (or Hub id) to evaluate")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model folder)")
+    parser.add_argument("--tasks", required=True, help="comma-separated lm-eval tasks, e.g. wmdp_bio,wmdp_cyber,mmlu")
+    parser.add_argument("--output", required=True, help="where to write the JSON report")
+    parser.add_argument("--include_path", action="append", default=None,
+                        help="folder of extra task YAML files (local data); may be repeated")
+    parser.add_argument("--no_builtin_tasks", action="store_true",
+                        help="index only the --include_path tasks, not lm-eval's built-in ones (faster start)")
+    parser.add_argument("--limit", type=_limit, default=None,
+                        help="documents per task (int) or fraction (< 1); for smoke tests, not for reported numbers")
+    parser.add_argument("--batch_size", type=_batch_size, default=8, help="int or 'auto' (default %(default)s)")
+    parser.add_argument("--num_fewshot", type=int, default=None, help="default: each task's own (WMDP, MMLU: 0)")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])  # fmt: skip
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Load the model, run `evaluate_harness`, write the JSON report to ``args.output``, print the table; returns 0."""
+    _import_lm_eval()  # fail before loading a large model
+    model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, args.dtype, args.device)
+    report = evaluate_harness(
+        model,
+        tokenizer,
+        args.tasks,
+        include_path=args.include_path,
+        include_defaults=not args.no_builtin_tasks,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        num_fewshot=args.num_fewshot,
+        model_name=args.model,
+    )
+    report.save(args.output)
+    report.print_table()
+    print(f"report written to {args.output}")
+    return 0
