@@ -28,9 +28,9 @@ from trl import SFTConfig, SFTTrainer
 
 from trl_unlearn.evaluation import evaluate_tofu
 from trl_unlearn.evaluation.relearn import plot_relearn_curves, relearning_attack
-from trl_unlearn.synthetic import PROMPT_TEMPLATE, as_prompt_completion, load_tofu_split
+from trl_unlearn.data import PROMPT_TEMPLATE, load_tofu_split, qa_to_trl
 from trl_unlearn.tiny import tiny_llama, train_tokenizer
-from trl_unlearn.train_script import METHODS
+from trl_unlearn.cli.train import METHODS
 
 RETAIN_OF = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
 SHOWN = ["forget_quality", "model_utility", "forget_rougeL_recall", "forget_probability", "retain_rougeL_recall",
@@ -70,7 +70,7 @@ def finetune(model, tokenizer, rows, epochs, lr, seed, out):
                      save_strategy="no", logging_steps=100, gradient_checkpointing=False, completion_only_loss=True,
                      max_length=256, seed=seed, disable_tqdm=True)
     set_seed(seed)
-    SFTTrainer(model=model, args=args, train_dataset=as_prompt_completion(rows), processing_class=tokenizer).train()
+    SFTTrainer(model=model, args=args, train_dataset=qa_to_trl(rows), processing_class=tokenizer).train()
     return model.eval()
 
 
@@ -154,8 +154,8 @@ def main():
     if not (o["forget_rougeL_recall"] > r["forget_rougeL_recall"] + 0.2 and o["forget_probability"] > 2 * r["forget_probability"]):
         raise SystemExit("The target does not clearly know the forget set: train longer (--finetune_epochs).")
 
-    forget = as_prompt_completion(forget_rows)
-    retain = as_prompt_completion(retain_rows)
+    forget = qa_to_trl(forget_rows)
+    retain = qa_to_trl(retain_rows)
     curves = {}
     for method in a.methods.split(","):
         t = time.time()

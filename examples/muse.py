@@ -7,7 +7,7 @@ MUSE trains on raw text: the forget and retain corpora are cut into windows of `
 scored (language-modeling rows). `--dataset_name` is either a local folder in muse_bench's layout (`raw/forget.txt`,
 `raw/retain1.txt`, plus the evaluation files `verbmem/`, `knowmem/`, `privleak/`, see docs/evaluation.md) or a Hub id
 (`muse-bench/MUSE-News`, `muse-bench/MUSE-Books`: config `raw`, splits `forget`, `retain1`; the evaluation files must
-then be given locally with `--eval_dir`). PrivLeak needs the retrained model's AUC (`--auc_retrain`) or report.
+then be given locally with `--eval_dir`). The same recipe trains one method with `trl-unlearn simnpo --config ...`. PrivLeak needs the retrained model's AUC (`--auc_retrain`) or report.
 """
 
 import json
@@ -15,55 +15,32 @@ import os
 from dataclasses import dataclass, field
 
 from accelerate import PartialState
-from datasets import Dataset, load_dataset
 from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 from trl_unlearn import SimNPOConfig
 from trl_unlearn.evaluation import evaluate_muse
-from trl_unlearn.train_script import METHODS, _load_tokenizer, method_config
+from trl_unlearn.cli.loading import load_tokenizer
+from trl_unlearn.cli.train import METHODS, StudyArguments, UnlearnScriptArguments, load_split, method_config
 
 
 @dataclass
-class MuseArguments:
-    dataset_name: str | None = field(default=None, metadata={"help": "muse_bench-layout folder or Hub id."})
-    forget_corpus: str = field(default="forget", metadata={"help": "Forget corpus: raw/<name>.txt or Hub split."})
-    retain_corpus: str = field(default="retain1", metadata={"help": "Retain corpus: raw/<name>.txt or Hub split."})
-    eval_dir: str | None = field(default=None, metadata={"help": "Folder with verbmem/knowmem/privleak (default: dataset)."})
-    methods: str = field(default="simnpo", metadata={"help": "Comma-separated: simnpo, npo, gradascent, graddiff."})
-    npo_beta: float = field(default=0.1, metadata={"help": "β of NPO (SimNPO's β is `--beta`)."})
-    auc_retrain: float | None = field(default=None, metadata={"help": "Retrained model's PrivLeak AUC."})
+class MuseArguments(UnlearnScriptArguments, StudyArguments):
+    """The training command's data keys and the study keys, so a recipe serves both; MUSE defaults."""
+
+    forget_split: str = field(default="forget", metadata={"help": "Forget corpus: raw/<name>.txt or Hub split."})
+    retain_split: str | None = field(default="retain1", metadata={"help": "Retain corpus: raw/<name>.txt or Hub split."})
+    methods: str | None = field(default="simnpo", metadata={"help": "Comma-separated: simnpo, npo, gradascent, graddiff."})
     retrain_report: str | None = field(default=None, metadata={"help": "Retrained model's saved MUSE report."})
     eval_batch_size: int = field(default=8, metadata={"help": "Batch size for evaluation."})
     skip_eval: bool = field(default=False, metadata={"help": "Only unlearn and save."})
 
 
-def load_corpus(args: MuseArguments, name: str) -> list[str]:
-    """Documents of one corpus (a local raw/<name>.txt, documents separated by blank lines; or a Hub split)."""
-    path = os.path.join(args.dataset_name, "raw", f"{name}.txt")
-    if os.path.isdir(args.dataset_name):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"MUSE corpus not found: {path}")
-        with open(path, encoding="utf-8") as f:
-            return [d.strip() for d in f.read().split("\n\n") if d.strip()]
-    return list(load_dataset(args.dataset_name, "raw", split=name)["text"])
-
-
-def windows(texts: list[str], tokenizer, max_length: int) -> Dataset:
-    """Cut the concatenated corpus into windows of `max_length` tokens, as language-modeling `text` rows."""
-    ids = []
-    for t in texts:
-        ids += tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    size = max_length - 1  # room for the EOS the trainer appends to plain text
-    chunks = [ids[i : i + size] for i in range(0, len(ids), size)]
-    return Dataset.from_dict({"text": [tokenizer.decode(c, skip_special_tokens=True) for c in chunks if len(c) > 1]})
-
-
 def main(args: MuseArguments, training_args: SimNPOConfig, model_args: ModelConfig):
     if args.dataset_name is None or model_args.model_name_or_path is None:
         raise ValueError("examples/muse.py needs --model_name_or_path and --dataset_name (see the module docstring).")
-    tokenizer = _load_tokenizer(model_args.model_name_or_path)
-    forget = windows(load_corpus(args, args.forget_corpus), tokenizer, training_args.max_length)
-    retain = windows(load_corpus(args, args.retain_corpus), tokenizer, training_args.max_length)
+    tokenizer = load_tokenizer(model_args.model_name_or_path)
+    args.dataset_config = args.dataset_config or "raw"
+    forget, retain = (load_split(args, s, tokenizer, training_args.max_length) for s in (args.forget_split, args.retain()))
     results = {}
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
         trainer_cls, _ = METHODS[method]

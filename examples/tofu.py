@@ -7,7 +7,7 @@ TOFU metrics and prints a table (and saves a plot).
 
     python examples/tofu.py
     accelerate launch examples/tofu.py --config examples/recipes/tofu_forget10_simnpo.yaml
-    python examples/tofu.py --model_name_or_path MODEL --dataset_name /path/to/tofu --split forget05 \
+    python examples/tofu.py --model_name_or_path MODEL --dataset_name /path/to/tofu --forget_split forget05 \
         --methods simnpo --retain_report retain_forget05.json --output_dir out
 
 With `--model_name_or_path` / `--dataset_name` it runs on a real model and real TOFU files (a local folder of TOFU's
@@ -27,9 +27,11 @@ from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config, 
 
 from trl_unlearn import SimNPOConfig
 from trl_unlearn.evaluation import evaluate_tofu
-from trl_unlearn.synthetic import as_prompt_completion, iter_texts, make_tofu_like, write_tofu_layout
+from trl_unlearn.cli.loading import load_tokenizer
+from trl_unlearn.cli.train import METHODS, StudyArguments, UnlearnScriptArguments, load_qa_split, method_config
+from trl_unlearn.data import qa_to_trl, write_tofu_layout
+from trl_unlearn.synthetic import iter_texts, make_tofu_like
 from trl_unlearn.tiny import tiny_llama, train_tokenizer
-from trl_unlearn.train_script import METHODS, UnlearnScriptArguments, _load_tokenizer, load_qa_split, method_config
 
 SHOWN = [  # (report metric, table column)
     ("forget_quality", "forget quality ↑"),
@@ -41,23 +43,14 @@ SHOWN = [  # (report metric, table column)
 
 
 @dataclass
-class TofuArguments(UnlearnScriptArguments):
-    split: str = field(default="forget10", metadata={"help": "TOFU forget split: forget01, forget05 or forget10."})
-    retain_split: str | None = field(default=None, metadata={"help": "Retain split (default: the split's complement)."})
-    methods: str = field(default="npo,simnpo", metadata={"help": "Comma-separated: simnpo, npo, gradascent, graddiff."})
-    npo_beta: float = field(default=0.1, metadata={"help": "β of NPO (the SimNPO β is `--beta`)."})
-    retain_model_name_or_path: str | None = field(default=None, metadata={"help": "Retain model, for forget quality."})
-    retain_report: str | None = field(default=None, metadata={"help": "Saved EvalReport of the retain model."})
-    eval_batch_size: int = field(default=32, metadata={"help": "Batch size for evaluation scoring/generation."})
-    max_new_tokens: int = field(default=64, metadata={"help": "Greedy answer length for ROUGE."})
+class TofuArguments(UnlearnScriptArguments, StudyArguments):
+    """The training command's data keys (`--forget_split`, ...) and the study keys (`--methods`, default NPO and
+    SimNPO; `--retain_report`, ...), so a recipe serves both."""
+
     # The embedded default (no --model_name_or_path)
     num_authors: int = field(default=20, metadata={"help": "Synthetic study: fictitious authors."})
     finetune_epochs: int = field(default=20, metadata={"help": "Synthetic study: epochs to learn the set."})
     plot: bool = field(default=True, metadata={"help": "Save results.png (needs matplotlib)."})
-
-
-def retain_stem(split: str) -> str:
-    return {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}[split]
 
 
 def finetune(model, tokenizer, rows: list[dict], out: str, epochs: int, seed: int):
@@ -66,7 +59,7 @@ def finetune(model, tokenizer, rows: list[dict], out: str, epochs: int, seed: in
                      lr_scheduler_type="cosine", warmup_steps=10, weight_decay=0.0, use_cpu=not torch.cuda.is_available(),
                      bf16=False, report_to=[], save_strategy="no", logging_steps=50, gradient_checkpointing=False,
                      completion_only_loss=True, max_length=128, seed=seed, disable_tqdm=True)
-    SFTTrainer(model=model, args=args, train_dataset=as_prompt_completion(rows), processing_class=tokenizer).train()
+    SFTTrainer(model=model, args=args, train_dataset=qa_to_trl(rows), processing_class=tokenizer).train()
     return model
 
 
@@ -80,7 +73,7 @@ def synthetic_setup(args: TofuArguments, training_args, out: str):
     tokenizer = train_tokenizer(iter_texts(data), vocab_size=512)
     extra = data["real_authors"] + data["world_facts"]
     models = []
-    for name, rows in [("original", data["full"]), ("retrain", data[retain_stem(args.split)])]:
+    for name, rows in [("original", data["full"]), ("retrain", data[args.retain()])]:
         model = tiny_llama(tokenizer, hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
                            seed=training_args.seed)
         set_seed(training_args.seed)
@@ -94,7 +87,7 @@ def evaluate(model, tokenizer, data_dir, args, retain_report=None, retain_model=
     model.eval()
     # Score and generate with the prompt format the model was trained with
     prompt_format = "chat" if args.conversational else args.prompt_template
-    report = evaluate_tofu(model, tokenizer, data_dir, split=args.split, retain_report=retain_report,
+    report = evaluate_tofu(model, tokenizer, data_dir, split=args.forget_split, retain_report=retain_report,
                            retain_model=retain_model, batch_size=args.eval_batch_size, prompt_format=prompt_format,
                            max_new_tokens=args.max_new_tokens, progress=False)
     if path:
@@ -141,13 +134,13 @@ def main(args: TofuArguments, training_args: SimNPOConfig, model_args: ModelConf
     if embedded:
         data_dir, tokenizer, original, retrain = synthetic_setup(args, training_args, out)
         args.dataset_name = data_dir
-        forget, retain = (load_qa_split(args, s) for s in (args.split, retain_stem(args.split)))
+        forget, retain = (load_qa_split(args, s) for s in (args.forget_split, args.retain()))
         retain_model = retrain
     else:
         data_dir = args.dataset_name
-        tokenizer = _load_tokenizer(model_args.model_name_or_path)
-        forget = load_qa_split(args, args.split)
-        retain = load_qa_split(args, args.retain_split or retain_stem(args.split))
+        tokenizer = load_tokenizer(model_args.model_name_or_path)
+        forget = load_qa_split(args, args.forget_split)
+        retain = load_qa_split(args, args.retain())
         original, retain_model = None, None
         if args.retain_model_name_or_path:
             from transformers import AutoModelForCausalLM
@@ -168,7 +161,7 @@ def main(args: TofuArguments, training_args: SimNPOConfig, model_args: ModelConf
         results["Original"] = evaluate(original, tokenizer, data_dir, args, retain_report,
                                        path=os.path.join(out, "report_original.json")).metrics
 
-    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+    for method in [m.strip() for m in (args.methods or "npo,simnpo").split(",") if m.strip()]:
         trainer_cls, _ = METHODS[method]
         config = method_config(method, training_args, os.path.join(out, method), args.npo_beta)
         if embedded:
@@ -180,7 +173,7 @@ def main(args: TofuArguments, training_args: SimNPOConfig, model_args: ModelConf
         trainer = trainer_cls(model=model, args=config, forget_dataset=forget, retain_dataset=retain,
                               processing_class=tokenizer, quantization_config=get_quantization_config(model_args),
                               peft_config=get_peft_config(model_args))
-        print(f"Unlearning {args.split} with {trainer._name} ...", flush=True)
+        print(f"Unlearning {args.forget_split} with {trainer._name} ...", flush=True)
         trainer.train()
         if state.is_main_process:
             unwrapped = trainer.accelerator.unwrap_model(trainer.model)

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-from trl_unlearn.train_script import method_config  # noqa: E402
+from trl_unlearn.cli.train import method_config  # noqa: E402
 
 
 def load_example(name):
@@ -66,7 +66,8 @@ def test_tofu_example_embedded_study_runs(tmp_path):
 
 def test_train_cli_with_yaml_config(tmp_path, tokenizer):
     from trl_unlearn.cli import main
-    from trl_unlearn.synthetic import make_tofu_like, write_tofu_layout
+    from trl_unlearn.data import write_tofu_layout
+    from trl_unlearn.synthetic import make_tofu_like
     from trl_unlearn.tiny import tiny_llama
 
     data_dir = write_tofu_layout(tmp_path / "tofu", make_tofu_like(num_authors=4, seed=1))
@@ -87,7 +88,7 @@ def test_train_cli_with_yaml_config(tmp_path, tokenizer):
 
 
 def test_train_cli_reports_bad_columns(tmp_path, tokenizer):
-    from trl_unlearn.train_script import UnlearnScriptArguments, load_qa_split
+    from trl_unlearn.cli.train import UnlearnScriptArguments, load_qa_split
 
     (tmp_path / "forget10.json").write_text(json.dumps({"q": "x", "a": "y"}) + "\n")
     with pytest.raises(ValueError, match=r"expected a TRL format or the QA columns \['answer', 'question'\]"):

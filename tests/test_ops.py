@@ -1,4 +1,4 @@
-"""Tests for trl_unlearn.ops: the chunked LM-head log-prob op and its Hugging Face bridge."""
+"""Tests for trl_unlearn.ops (the chunked LM-head log-prob op) and trl_unlearn.modeling (its Hugging Face bridge)."""
 
 import os
 
@@ -8,13 +8,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from trl_unlearn.ops import (
-    ChunkedTokenLogps,
-    _head_transform,
-    chunked_token_logps,
-    fused_token_logps,
-    naive_token_logps,
-)
+from trl_unlearn.modeling import forward_logps, head_transform
+from trl_unlearn.ops import ChunkedTokenLogps, chunked_token_logps, naive_token_logps
 from trl_unlearn.tiny import tiny_llama, train_tokenizer
 
 TEXTS = [
@@ -23,6 +18,11 @@ TEXTS = [
     "a retain set keeps the rest of its knowledge intact",
     "hello world, this is a tiny tokenizer for tests",
 ] * 4
+
+
+def fused_token_logps(model, *args, return_entropy=False, **kwargs):
+    out = forward_logps(model, *args, return_entropy=return_entropy, **kwargs)
+    return (out.token_logps, out.entropy) if return_entropy else out.token_logps
 
 
 def naive_entropy(hidden, weight, bias=None):
@@ -278,17 +278,17 @@ def test_peft_lora_gradients_reach_only_adapters(tokenizer):
 def test_head_transform_from_config():
     from transformers import CohereConfig, Gemma2Config, GraniteConfig, LlamaConfig
 
-    assert _head_transform(LlamaConfig()) == (1.0, None)
-    assert _head_transform(Gemma2Config(final_logit_softcapping=30.0)) == (1.0, 30.0)
-    assert _head_transform(CohereConfig(logit_scale=0.25)) == (0.25, None)
-    assert _head_transform(GraniteConfig(logits_scaling=8.0)) == (0.125, None)
+    assert head_transform(LlamaConfig()) == (1.0, None)
+    assert head_transform(Gemma2Config(final_logit_softcapping=30.0)) == (1.0, 30.0)
+    assert head_transform(CohereConfig(logit_scale=0.25)) == (0.25, None)
+    assert head_transform(GraniteConfig(logits_scaling=8.0)) == (0.125, None)
 
 
 def test_weight_only_read_inside_gather_context(monkeypatch):
     """Mimic ZeRO-3: the head weight is empty except inside `maybe_gather_lm_head_ctx`, in forward and backward."""
     import contextlib
 
-    import trl.trainer.utils
+    import trl_unlearn.ops
 
     hidden, weight, _, labels = make_inputs(9, 8, 20)
     full = weight.detach().clone()
@@ -311,7 +311,7 @@ def test_weight_only_read_inside_gather_context(monkeypatch):
         finally:
             partitioned.data = torch.empty(0)
 
-    monkeypatch.setattr(trl.trainer.utils, "maybe_gather_lm_head_ctx", fake_gather)
+    monkeypatch.setattr(trl_unlearn.ops, "maybe_gather_lm_head_ctx", fake_gather)
     logp = chunked_token_logps(hidden, partitioned, labels, chunk_size=4)
     assert partitioned.numel() == 0 and len(entered) == 1
     gh, gw = torch.autograd.grad(logp.sum(), (hidden, partitioned))

@@ -11,15 +11,11 @@ from conftest import QA, cpu_args, prompt_completion
 
 from trl_unlearn import GradAscentConfig, GradAscentTrainer
 from trl_unlearn.evaluation import evaluate_tofu
-from trl_unlearn.evaluation.relearn import (
-    RelearnCurve,
-    plot_relearn_curves,
-    relearning_attack,
-    run_relearn,
-    select_relearn_indices,
-)
+from trl_unlearn.cli.relearn import run_relearn
+from trl_unlearn.evaluation.relearn import RelearnCurve, plot_relearn_curves, relearning_attack, select_relearn_indices
 from trl_unlearn.evaluation.scoring import resolve_prompt_format, score_answers
-from trl_unlearn.synthetic import make_tofu_like, write_tofu_layout
+from trl_unlearn.data import write_tofu_layout
+from trl_unlearn.synthetic import make_tofu_like
 from trl_unlearn.tiny import tiny_llama
 
 FORGET = [{"question": q, "answer": a} for q, a in QA[:8]]
@@ -222,7 +218,7 @@ def test_tofu_evaluation_per_checkpoint(unlearned, tokenizer, tmp_path):
 def test_cli_function(unlearned, tokenizer, tmp_path, capsys):
     import argparse
 
-    from trl_unlearn.evaluation.relearn import register_relearn
+    from trl_unlearn.cli.relearn import register_relearn
 
     model, _, _ = unlearned
     model.save_pretrained(tmp_path / "model")

@@ -4,21 +4,17 @@ import json
 
 import pytest
 
+from trl_unlearn.data import PROMPT_TEMPLATE, load_tofu_split, qa_to_trl, write_tofu_layout
 from trl_unlearn.synthetic import (
     FACT_TYPES,
     PERTURBED_KEYS,
-    PROMPT_TEMPLATE,
     REAL_AUTHORS,
     TOFU_STEMS,
     WORLD_FACTS,
-    as_conversational,
-    as_prompt_completion,
     forget_author_count,
     iter_texts,
-    load_tofu_split,
     make_fictitious_authors,
     make_tofu_like,
-    write_tofu_layout,
 )
 
 FORGET_RETAIN = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
@@ -221,21 +217,21 @@ def test_missing_file_error_names_the_file(tmp_path, data):
         load_tofu_split(tmp_path / "nowhere", "retain90")
 
 
-def test_as_prompt_completion(data):
+def test_qa_to_trl_prompt_completion(data):
     rows = data["forget01"]
-    ds = as_prompt_completion(rows)
+    ds = qa_to_trl(rows)
     assert ds.column_names == ["prompt", "completion"]
     assert len(ds) == len(rows)
     assert ds[0]["prompt"] == f"Question: {rows[0]['question']}\nAnswer:"
     assert ds[0]["prompt"] == PROMPT_TEMPLATE.format(question=rows[0]["question"])
     assert ds[0]["completion"] == " " + rows[0]["answer"]
-    custom = as_prompt_completion(rows, template="Q: {question} A:")
+    custom = qa_to_trl(rows, template="Q: {question} A:")
     assert custom[0]["prompt"] == f"Q: {rows[0]['question']} A:"
 
 
-def test_as_conversational(data):
+def test_qa_to_trl_conversational(data):
     rows = data["world_facts"]
-    ds = as_conversational(rows)
+    ds = qa_to_trl(rows, template=None)
     assert ds.column_names == ["prompt", "completion"]
     assert len(ds) == len(rows)
     assert ds[0]["prompt"] == [{"role": "user", "content": rows[0]["question"]}]

@@ -1,19 +1,27 @@
-"""trl-unlearn: LLM unlearning (SimNPO, NPO, GA, GradDiff) as drop-in Hugging Face TRL trainers."""
+"""trl-unlearn: LLM unlearning (SimNPO, NPO, GA, GradDiff) as drop-in Hugging Face TRL trainers.
+
+The public names below load on first use (as in transformers and TRL), so `trl-unlearn --help` starts at once.
+"""
+
+import importlib
 
 __version__ = "0.1.0.dev0"
 
-from .config import GradAscentConfig, GradDiffConfig, NPOConfig, SimNPOConfig, UnlearningConfig
-from .trainer import GradAscentTrainer, GradDiffTrainer, NPOTrainer, SimNPOTrainer, UnlearningTrainer
+_EXPORTS = {
+    "config": ["SimNPOConfig", "NPOConfig", "GradAscentConfig", "GradDiffConfig", "UnlearningConfig"],
+    "trainer": ["SimNPOTrainer", "NPOTrainer", "GradAscentTrainer", "GradDiffTrainer", "UnlearningTrainer"],
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
 
-__all__ = [
-    "SimNPOConfig",
-    "SimNPOTrainer",
-    "NPOConfig",
-    "NPOTrainer",
-    "GradAscentConfig",
-    "GradAscentTrainer",
-    "GradDiffConfig",
-    "GradDiffTrainer",
-    "UnlearningConfig",
-    "UnlearningTrainer",
-]
+
+def __getattr__(name):
+    if name in _MODULE_OF:
+        value = getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

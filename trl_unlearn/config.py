@@ -1,12 +1,38 @@
 """Configurations of the unlearning trainers. Each subclasses TRL's `DPOConfig`, so every `TrainingArguments` and
-DPO field (model loading, `max_length`, `precompute_ref_batch_size`, ...) works as in TRL. DPO-only loss fields
-(`loss_type`, `label_smoothing`, `use_weighting`, ...) are ignored."""
+shared DPO field (model loading, `max_length`, `precompute_ref_batch_size`, ...) works as in TRL. The DPO-only
+fields in `DPO_ONLY_FIELDS` (its loss variants and reference syncing) mean nothing here: they are hidden from the
+command-line help and setting one is an error."""
 
-from dataclasses import dataclass, field
+import argparse
+import logging
+from dataclasses import MISSING, dataclass, field, fields
 
 from trl import DPOConfig
 
+logger = logging.getLogger(__name__)
+
 RETAIN_LOSS_TYPES = ("nll", "kl")
+DPO_ONLY_FIELDS = (
+    "loss_type", "loss_weights", "ld_alpha", "f_divergence_type", "f_alpha_divergence_coef", "label_smoothing",
+    "use_weighting", "discopop_tau", "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps", "padding_free",
+)
+_DPO_DEFAULTS = {f.name: f for f in fields(DPOConfig) if f.name in DPO_ONLY_FIELDS}
+
+
+def _accelerator_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+def _normalised(value):
+    return [value] if isinstance(value, str) and value == "sigmoid" else value
+
+
+def _hidden(name):
+    """The DPO field `name` with its DPO default, hidden from `--help` (argparse.SUPPRESS)."""
+    f = _DPO_DEFAULTS[name]
+    return field(default=f.default, default_factory=f.default_factory, metadata={**f.metadata, "help": argparse.SUPPRESS})
 
 
 @dataclass
@@ -34,8 +60,42 @@ class UnlearningConfig(DPOConfig):
     retain_loss_type: str = field(
         default="nll", metadata={"help": "Retain regulariser: 'nll' or 'kl'.", "choices": list(RETAIN_LOSS_TYPES)}
     )
+    # transformers 5 renamed `gradient_checkpointing`; TRL's default (on) is kept under the new name, so no warning
+    activation_checkpointing: bool | None = field(
+        default=True, metadata={"help": "Activation (gradient) checkpointing; TRL's default: on."}
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Deprecated alias of `activation_checkpointing`."}
+    )
+    loss_type: list[str] = _hidden("loss_type")
+    loss_weights: list[float] | None = _hidden("loss_weights")
+    ld_alpha: float | None = _hidden("ld_alpha")
+    f_divergence_type: str = _hidden("f_divergence_type")
+    f_alpha_divergence_coef: float = _hidden("f_alpha_divergence_coef")
+    label_smoothing: float = _hidden("label_smoothing")
+    use_weighting: bool = _hidden("use_weighting")
+    discopop_tau: float = _hidden("discopop_tau")
+    sync_ref_model: bool = _hidden("sync_ref_model")
+    ref_model_mixup_alpha: float = _hidden("ref_model_mixup_alpha")
+    ref_model_sync_steps: int = _hidden("ref_model_sync_steps")
+    padding_free: bool = _hidden("padding_free")
 
     def __post_init__(self):
+        changed = [n for n, f in _DPO_DEFAULTS.items() if _normalised(getattr(self, n)) != _normalised(
+            f.default_factory() if f.default is MISSING else f.default)]
+        if changed:
+            raise ValueError(
+                f"{', '.join(f'`{n}`' for n in changed)}: DPO-only setting(s) that the unlearning trainers do not use "
+                "(their loss is set by the trainer class and `forget_weight` / `retain_weight` / "
+                "`retain_loss_type`). Remove them."
+            )
+        if not _accelerator_available():
+            self.dataloader_pin_memory = False  # nothing to pin for (silences torch's warning)
+        if self.bf16 is not False and not self.fp16 and not self.use_cpu and not _accelerator_available():
+            logger.warning("No GPU found: training in fp32 on the CPU (bf16, TRL's default and the recipes' "
+                           "setting, needs a GPU here; pass `bf16=False` to silence this, or `use_cpu=True` to "
+                           "force CPU bf16).")
+            self.bf16 = False
         super().__post_init__()
         if self.retain_loss_type not in RETAIN_LOSS_TYPES:
             raise ValueError(f"`retain_loss_type` must be one of {RETAIN_LOSS_TYPES}, got {self.retain_loss_type!r}.")
@@ -47,8 +107,6 @@ class UnlearningConfig(DPOConfig):
             raise ValueError("`forget_weight` and `retain_weight` are both 0: the loss would be identically zero.")
         if self.beta <= 0:
             raise ValueError(f"`beta` must be > 0, got {self.beta}.")
-        if self.sync_ref_model:
-            raise ValueError("`sync_ref_model=True` would move the reference: unlearning keeps it frozen.")
 
 
 @dataclass
@@ -67,6 +125,14 @@ class SimNPOConfig(UnlearningConfig):
 
     beta: float = field(default=2.5, metadata={"help": "SimNPO inverse temperature (paper TOFU forget05: 2.5)."})
     gamma: float = field(default=0.0, metadata={"help": "SimNPO margin, outside beta (paper: 0 on TOFU)."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.gamma < 0:
+            logger.warning(
+                f"SimNPO `gamma={self.gamma}` < 0: a negative margin lowers the forget loss of every sample; the paper "
+                "uses gamma >= 0 (0 on TOFU and MUSE Books, 3.0 on MUSE News)."
+            )
 
 
 @dataclass

@@ -1,4 +1,7 @@
-"""Forget and retain data: TRL dataset formats in, one padded forget+retain batch out.
+"""Forget and retain data: files and TRL dataset formats in, one padded forget+retain batch out.
+
+Files: TOFU's layout (`load_tofu_split`, `write_tofu_layout`: JSON lines per split); QA rows become TRL rows with
+the ONE plain prompt template `PROMPT_TEMPLATE` (`qa_to_trl`) or as conversational rows for a chat template.
 
 Accepted formats (TRL's, standard or conversational):
 - language modeling: `text` or `messages`; every token after the first is scored;
@@ -11,17 +14,25 @@ Pipeline: `split_preference` (drop-in form) → `tokenize_dataset` (→ `prompt_
 their retain rows into ONE right-padded batch (padded to the longest row, never to `max_length`).
 """
 
+import json
 import logging
+import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
-from datasets import Dataset
+from datasets import Dataset, IterableDataset
 from torch.utils.data import Sampler
-from trl.data_utils import _tokenize, common_prefix_length, is_conversational, maybe_extract_prompt
-from trl.trainer.utils import pad
+
+from ._trl_compat import common_prefix_length, is_conversational, maybe_extract_prompt, pad
+from ._trl_compat import tokenize as _tokenize
 
 logger = logging.getLogger(__name__)
+
+PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
+"""The plain prompt of QA data (TOFU's); the completion is `" " + answer`."""
 
 FORMATS = {
     "language_modeling": "`text` (or `messages`)",
@@ -31,6 +42,106 @@ FORMATS = {
 }
 
 
+# ---------------------------------------------------------------------------------------------------------- files --
+
+
+def _check_stem(stem: str) -> str:
+    stem = os.fspath(stem)
+    if stem.endswith(".json"):
+        stem = stem[: -len(".json")]
+    if not stem or "/" in stem or "\\" in stem or stem in (".", ".."):
+        raise ValueError(f"not a TOFU file stem: {stem!r}")
+    return stem
+
+
+def write_tofu_layout(out_dir: str | os.PathLike, data: Mapping[str, Iterable[Mapping]]) -> Path:
+    """Write each split of `data` to ``out_dir/<stem>.json`` as JSON lines (``ensure_ascii=False``, UTF-8), as in
+    TOFU. Creates `out_dir` if needed and returns it as a `Path`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for stem, rows in data.items():
+        path = out / f"{_check_stem(stem)}.json"
+        with path.open("w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(dict(row), ensure_ascii=False) + "\n")
+    return out
+
+
+def load_tofu_split(data_dir: str | os.PathLike, stem: str) -> list[dict]:
+    """Read ``data_dir/<stem>.json`` (`stem` with or without ``.json``) from a TOFU-layout folder: JSON lines, one
+    object a line (real TOFU and `write_tofu_layout`); blank lines are skipped, and a file holding one JSON array is
+    also accepted. Raises `FileNotFoundError` naming the missing file (and the stems that are there)."""
+    path = Path(data_dir) / f"{_check_stem(stem)}.json"
+    if not path.is_file():
+        folder = Path(data_dir)
+        if folder.is_dir():
+            present = sorted(p.stem for p in folder.glob("*.json"))
+            hint = f"; .json files there: {', '.join(present)}" if present else "; the folder has no .json files"
+        else:
+            hint = f"; the folder {str(folder)!r} does not exist"
+        raise FileNotFoundError(f"TOFU split file not found: {str(path)!r}{hint}")
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON: {e}") from e
+    else:
+        rows = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {lineno}: not valid JSON: {e}") from e
+    if not all(isinstance(r, dict) for r in rows):
+        raise ValueError(f"{path}: expected one JSON object per line")
+    return rows
+
+
+def qa_to_trl(rows: Iterable[Mapping], template: str | None = PROMPT_TEMPLATE, question: str = "question",
+              answer: str = "answer") -> Dataset:
+    """QA rows -> a TRL prompt-completion `Dataset`: standard (`prompt` = `template` with the question, `completion`
+    = `" " + answer`) or, with `template=None`, conversational (one user turn, one assistant turn)."""
+    rows = list(rows)
+    if template is None:
+        return Dataset.from_dict({
+            "prompt": [[{"role": "user", "content": r[question]}] for r in rows],
+            "completion": [[{"role": "assistant", "content": r[answer]}] for r in rows],
+        })
+    return Dataset.from_dict({
+        "prompt": [template.format(question=r[question]) for r in rows],
+        "completion": [" " + r[answer] for r in rows],
+    })
+
+
+def load_text_corpus(dataset_name: str, split: str, config: str = "raw") -> list[str]:
+    """Documents of a raw-text corpus (MUSE's layout): a local `<dataset_name>/raw/<split>.txt` (documents separated
+    by blank lines) or the Hub dataset `dataset_name`, config `config`, split `split` (its `text` column)."""
+    if os.path.isdir(dataset_name):
+        path = os.path.join(dataset_name, "raw", f"{split}.txt")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"Corpus file not found: {path!r} (MUSE layout: <folder>/raw/<split>.txt).")
+        with open(path, encoding="utf-8") as f:
+            return [d.strip() for d in f.read().split("\n\n") if d.strip()]
+    from datasets import load_dataset
+
+    return list(load_dataset(dataset_name, config, split=split)["text"])
+
+
+def text_windows(texts: Iterable[str], tokenizer, max_length: int) -> Dataset:
+    """The concatenated documents (each followed by EOS) cut into windows of `max_length - 1` tokens, as
+    language-modeling `text` rows (MUSE's training data; the trainer appends the EOS back)."""
+    ids = []
+    for t in texts:
+        ids += tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    size = max_length - 1
+    chunks = [ids[i : i + size] for i in range(0, len(ids), size)]
+    return Dataset.from_dict({"text": [tokenizer.decode(c, skip_special_tokens=True) for c in chunks if len(c) > 1]})
+
+
+# -------------------------------------------------------------------------------------------------------- formats --
 def detect_format(dataset: Dataset, name: str) -> str:
     """Name of `dataset`'s TRL format (a key of `FORMATS`); a clear error if it has none."""
     if dataset is None or len(dataset) == 0:
@@ -75,6 +186,106 @@ def split_preference(dataset: Dataset, num_proc: int | None = None) -> tuple[Dat
             "prompt-completion data as `forget_dataset=` / `retain_dataset=` instead."
         )
     return forget, (retain if len(retain) else None)
+
+
+def _describe(signature: tuple[str, bool]) -> str:
+    fmt, conversational = signature
+    return f"{'conversational' if conversational else 'standard'} {fmt.replace('_', '-')}"
+
+
+def check_dataset(dataset, name: str, tokenizer=None) -> tuple[str, bool]:
+    """Fail early, naming the fix, on data the pipeline can't use: not a `datasets.Dataset`, no TRL format, empty,
+    a `None` or wrongly typed prompt / completion / text, conversational rows with a tokenizer that has no chat
+    template. Returns the format signature `(format, conversational)`."""
+    if isinstance(dataset, IterableDataset):
+        raise TypeError(f"Streaming (`IterableDataset`) {name} data is not supported: pass a `datasets.Dataset`.")
+    if not isinstance(dataset, Dataset):
+        raise TypeError(
+            f"The {name} dataset is a {type(dataset).__name__}, not a `datasets.Dataset`: wrap it, e.g. "
+            "`datasets.Dataset.from_list(rows)` or `Dataset.from_dict({'prompt': [...], 'completion': [...]})`."
+        )
+    fmt, conversational = detect_format(dataset, name), is_conversational(dataset[0])
+    columns = {"language_modeling": ("text", "messages"), "prompt_completion": ("prompt", "completion"),
+               "preference": ("prompt", "chosen", "rejected"), "unpaired_preference": ("prompt", "completion")}[fmt]
+    expected = list if conversational else str
+    for column in (c for c in columns if c in dataset.column_names):
+        for i, value in enumerate(dataset[column]):
+            if not isinstance(value, expected):
+                kind = "a list of messages" if conversational else "a string"
+                raise TypeError(
+                    f"{name} row {i}: `{column}` is {value!r} ({type(value).__name__}); every `{column}` must be "
+                    f"{kind}, as in the rest of this {_describe((fmt, conversational))} dataset. Fix or drop that row."
+                )
+    if conversational and tokenizer is not None and getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(
+            f"The {name} data is conversational (lists of messages) but the tokenizer has no chat template. Set "
+            "`tokenizer.chat_template`, or give standard rows (plain strings, e.g. with `PROMPT_TEMPLATE`)."
+        )
+    return fmt, conversational
+
+
+def resolve_datasets(forget, retain, train, retain_weight: float, num_proc: int | None = None, tokenizer=None):
+    """`(forget, retain)` from the trainer's arguments: `forget_dataset` / `retain_dataset`, or the drop-in
+    preference `train_dataset` (`rejected` forgotten, `chosen` retained). Checks both (same format) and warns about
+    data it won't use."""
+    if train is not None:
+        if forget is not None:
+            raise ValueError("Pass either `train_dataset` (preference form) or `forget_dataset`, not both.")
+        check_dataset(train, "train", tokenizer)
+        forget, split_retain = split_preference(train, num_proc)
+        if retain is not None and split_retain is not None:
+            logger.warning(
+                f"`retain_dataset` was given with a preference `train_dataset`: its {len(split_retain)} `chosen` / "
+                "`label=True` rows are NOT used as retain data (the `retain_dataset` is)."
+            )
+        retain = retain if retain is not None else split_retain
+    if forget is None:
+        raise ValueError(
+            "No forget data: pass `forget_dataset=` (or a preference `train_dataset=` whose `rejected` column holds "
+            "the data to forget)."
+        )
+    forget_signature = check_dataset(forget, "forget", tokenizer)
+    if retain_weight == 0:
+        if retain is not None:
+            logger.warning(
+                f"`retain_weight=0`: the {len(retain)} retain examples are not used (the retain regulariser is off)."
+            )
+        return forget, None
+    if retain is None:
+        raise ValueError(
+            f"`retain_weight={retain_weight}` but no retain data was given: pass `retain_dataset=` or set "
+            "`retain_weight=0`."
+        )
+    retain_signature = check_dataset(retain, "retain", tokenizer)
+    if retain_signature != forget_signature:
+        raise ValueError(
+            f"Forget data is {_describe(forget_signature)} but retain data is {_describe(retain_signature)}: give "
+            "both in the same TRL format."
+        )
+    return forget, retain
+
+
+def split_eval(eval_dataset, num_proc: int | None = None, with_retain: bool = True):
+    """`{"forget": ..., "retain": ...}` (raw) from either accepted eval form (that dict, or a preference dataset)."""
+    if eval_dataset is None:
+        return None
+    if isinstance(eval_dataset, dict):
+        if set(eval_dataset) - {"forget", "retain"} or "forget" not in eval_dataset:
+            raise ValueError(f"`eval_dataset` as a dict needs keys 'forget' (and 'retain'); got {sorted(eval_dataset)}.")
+        forget, retain = eval_dataset["forget"], eval_dataset.get("retain")
+    else:
+        forget, retain = split_preference(eval_dataset, num_proc)
+    split = {"forget": forget}
+    if retain is not None and with_retain:
+        split["retain"] = retain
+    return split
+
+
+def batch_counts(batch) -> torch.Tensor:
+    """`[forget samples, forget tokens, retain samples, retain tokens]` of one collated batch."""
+    scored = batch["completion_mask"][:, 1:].sum(-1).float()
+    f = batch["forget_mask"]
+    return torch.stack([f.sum().float(), scored[f].sum(), (~f).sum().float(), scored[~f].sum()])
 
 
 def _num_scored(prompt_len: int, total_len: int, max_length: int | None, truncation_mode: str) -> int:

@@ -1,42 +1,119 @@
-"""The trainers' model forward: backbone once, then label log-probs (and retain KL) from a chunked LM head.
+"""The one model wrapper: backbone once, the scored positions selected, the LM head applied there only.
 
-`add_unlearning_head(model)` patches `model.forward` so that
-`model(input_ids, attention_mask, labels=labels, fused_logps=True)` returns `UnlearningLMOutput` instead of logits.
-The loss runs inside the (possibly DDP / DeepSpeed-wrapped) model's forward, which ZeRO-3 needs for its hooks.
-Without `fused_logps` the original class forward runs, so `generate` is unchanged.
+Used by training (the policy and reference forwards), evaluation scoring, relearning and the reference precompute:
+- `scored_hidden(model, input_ids, attention_mask, labels)`: final hidden states at the scored positions `[N, H]`,
+  their next-token labels `[N]` and the position mask `[B, T-1]`;
+- `head_transform(config)` / `head_logits(model, hidden)`: the model's own logit scaling and soft-capping, and the
+  full fp32 logits of a few rows (evaluation statistics over the vocabulary);
+- `forward_logps(model, ...)`: label log-probs `[B, T-1]` from the chunked head (`ops.chunked_token_logps`), and
+  optionally the entropy, the KL to a frozen teacher, and the scored hidden states;
+- `add_unlearning_head(model)`: patches `model.forward` once so that `model(..., fused_logps=True)` returns
+  `forward_logps(...)`. The trainers call the policy through its (DDP / DeepSpeed) wrapper, whose hooks must run.
+
+Conventions: labels are unshifted `[B, T]` with -100 at unscored positions; position `t` of a `[B, T-1]` output
+scores `labels[:, t + 1]`. A `peft.PeftModel` is unwrapped (LoRA layers live inside the base model's modules); an
+adapter on the LM head itself is refused.
 """
 
 import functools
+import os
+import re
 import types
 from dataclasses import dataclass
 
 import torch
 from transformers.utils import ModelOutput
-from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 
-from .ops import _head_transform, chunked_token_logps
+from ._trl_compat import chunked_kl
+from .ops import DEFAULT_CHUNK_SIZE, chunked_token_logps
 
 
 @dataclass
 class UnlearningLMOutput(ModelOutput):
-    """`token_logps` `[B, T-1]` fp32 log-prob of each next-token label (0 where unscored); `token_kl` `[B, T-1]`
-    KL(teacher ‖ model) at the teacher's positions (0 elsewhere), when a teacher was given; `hidden` `[N, H]` the
-    final hidden states at the scored positions, when asked (a reference model's, to serve as a KL teacher)."""
+    """`token_logps` `[B, T-1]` fp32 log-prob of each next-token label (0 where unscored); `entropy` `[B, T-1]` when
+    asked; `token_kl` `[B, T-1]` KL(teacher ‖ model) at the teacher's positions (0 elsewhere) when a teacher was given;
+    `hidden` `[N, H]` the final hidden states at the scored positions, when asked (a reference's, as a KL teacher)."""
 
     token_logps: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
     token_kl: torch.Tensor | None = None
     hidden: torch.Tensor | None = None
 
 
 @dataclass
 class KLTeacher:
-    """A frozen reference at some positions: `mask` `[B, T-1]` bool, its `hidden` `[mask.sum(), H]` states there and
-    its LM-head `weight` `[V, H]` (and `bias`)."""
+    """A frozen reference at some positions: `mask` `[B, T-1]` bool, its `hidden` `[mask.sum(), H]` states there, its
+    LM-head `weight` `[V, H]` (and `bias`) and its `transform` `(logit_scale, softcap)`."""
 
     mask: torch.Tensor
     hidden: torch.Tensor
     weight: torch.Tensor
     bias: torch.Tensor | None = None
+    transform: tuple = (1.0, None)
+
+
+def is_hub_id(name: str | None) -> bool:
+    """A Hub repo id (`org/name` or `name`), not a local folder or file."""
+    return bool(name) and not os.path.exists(name) and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None
+
+
+def check_model_path(name: str, what: str = "model") -> None:
+    """A clear error for a `model_name_or_path` that is neither an existing folder nor a Hub id."""
+    if not os.path.exists(name) and not is_hub_id(name):
+        raise ValueError(
+            f"The {what} {name!r} is not an existing folder, and not a Hub model id (`org/name`): check the path."
+        )
+
+
+def head_transform(config) -> tuple[float, float | None]:
+    """`(logit_scale, softcap)` as the model's own forward applies them: Cohere `logit_scale` (multiplies), Granite
+    `logits_scaling` (divides), Gemma 2/3 `final_logit_softcapping`."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    logit_scale = getattr(config, "logit_scale", None)
+    if logit_scale is None and getattr(config, "logits_scaling", None) is not None:
+        logit_scale = 1.0 / config.logits_scaling
+    return (1.0 if logit_scale is None else float(logit_scale)), getattr(config, "final_logit_softcapping", None)
+
+
+def causal_lm(model):
+    """The transformers causal LM inside `model` (a `PeftModel`'s base model), with a plain LM head."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    head = model.get_output_embeddings()
+    if hasattr(head, "base_layer") or hasattr(head, "modules_to_save"):
+        raise ValueError(
+            "The LM head carries a PEFT adapter or modules_to_save, which the chunked head would ignore: remove "
+            "lm_head from the PEFT `target_modules` / `modules_to_save`."
+        )
+    return model
+
+
+def lm_head(model):
+    """`(weight [V, H], bias [V] or None, (logit_scale, softcap))` of the model's LM head."""
+    model = causal_lm(model)
+    head = model.get_output_embeddings()
+    return head.weight, getattr(head, "bias", None), head_transform(model.config)
+
+
+def scored_hidden(model, input_ids, attention_mask=None, labels=None, **backbone_kwargs):
+    """Backbone once -> `(hidden [N, H], targets [N], mask [B, T-1])` at the N scored positions. `labels` defaults
+    to `input_ids` with padding (`attention_mask == 0`) set to -100."""
+    model = causal_lm(model)
+    if labels is None:
+        labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, -100)
+    backbone_kwargs["use_cache"] = False
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, **backbone_kwargs)[0][:, :-1]
+    device = model.get_output_embeddings().weight.device
+    hidden, targets = hidden.to(device), labels[:, 1:].to(device)
+    mask = targets != -100
+    return hidden[mask], targets[mask], mask
+
+
+def head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """fp32 model logits `[n, V]` of a few rows of final hidden states `[n, H]`, with the model's transform."""
+    weight, bias, (logit_scale, softcap) = lm_head(model)
+    logits = torch.nn.functional.linear(hidden.to(weight.device), weight, bias).float() * logit_scale
+    return logits if softcap is None else torch.tanh(logits / softcap) * softcap
 
 
 def _scatter(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -44,32 +121,41 @@ def _scatter(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return values.new_zeros(mask.shape).masked_scatter(mask, values)
 
 
-def _unlearning_forward(
-    self, input_ids=None, attention_mask=None, labels=None, fused_logps=False, kl_teacher=None, return_hidden=False,
-    **kwargs,
-):
-    if not fused_logps:
-        return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
-    kwargs["use_cache"] = False
-    hidden = self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state[:, :-1]
-    head = self.get_output_embeddings()
-    hidden = hidden.to(head.weight.device)
-    targets = labels[:, 1:].to(hidden.device)
-    mask = targets != -100
-    scored = hidden[mask]
-    logit_scale, softcap = _head_transform(self.config)  # Cohere / Granite scaling, Gemma soft-capping
-    logps = chunked_token_logps(scored, head.weight, targets[mask], bias=head.bias, logit_scale=logit_scale,
-                                softcap=softcap)
-    out = UnlearningLMOutput(token_logps=_scatter(mask, logps), hidden=scored if return_hidden else None)
+def forward_logps(
+    model, input_ids=None, attention_mask=None, labels=None, *, return_entropy=False, kl_teacher=None,
+    return_hidden=False, chunk_size=DEFAULT_CHUNK_SIZE, temperature=1.0, **backbone_kwargs,
+) -> UnlearningLMOutput:
+    """Label log-probs of a causal LM (see the module docstring) without the `[B, T, V]` logits."""
+    hidden, targets, mask = scored_hidden(model, input_ids, attention_mask, labels, **backbone_kwargs)
+    weight, bias, (logit_scale, softcap) = lm_head(model)
+    logps = chunked_token_logps(hidden, weight, targets, bias, chunk_size=chunk_size, logit_scale=logit_scale,
+                                softcap=softcap, temperature=temperature, return_entropy=return_entropy)
+    logps, entropy = logps if return_entropy else (logps, None)
+    out = UnlearningLMOutput(token_logps=_scatter(mask, logps), hidden=hidden if return_hidden else None)
+    if entropy is not None:
+        out.entropy = _scatter(mask, entropy)
     if kl_teacher is not None:
-        kl, _ = ChunkedDivergenceFunction.apply(
-            hidden[kl_teacher.mask], head.weight, head.bias, kl_teacher.hidden, kl_teacher.weight, kl_teacher.bias, 0.0
-        )
+        # the teacher's positions are a subset of the scored ones: pick them out of the scored rows
+        rows = kl_teacher.mask[mask]
+        kl = chunked_kl(hidden[rows], weight, bias, kl_teacher.hidden, kl_teacher.weight, kl_teacher.bias,
+                        student_transform=(logit_scale, softcap), teacher_transform=kl_teacher.transform)
         out.token_kl = _scatter(kl_teacher.mask, kl.float())
     return out
 
 
 def add_unlearning_head(model) -> None:
-    """Patch `model.forward` (a transformers causal LM, not a PEFT wrapper) as described in the module docstring."""
-    forward = functools.wraps(type(model).forward)(_unlearning_forward)
+    """Patch `model.forward` (of the causal LM inside a PEFT wrapper) once, as the module docstring describes;
+    without `fused_logps=True` the class's own forward runs, so `generate` is unchanged."""
+    model = causal_lm(model)
+    if getattr(model.forward, "_unlearning_head", False):
+        return
+    cls = type(model)
+
+    @functools.wraps(cls.forward)
+    def forward(self, *args, fused_logps=False, **kwargs):
+        if not fused_logps:
+            return cls.forward(self, *args, **kwargs)
+        return forward_logps(self, *args, **kwargs)
+
+    forward._unlearning_head = True
     model.forward = types.MethodType(forward, model)

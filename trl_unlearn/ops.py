@@ -11,7 +11,6 @@ Layout:
     _project, _transform, _token_stats, _logits_grad,   the math on one tile (shapes in their docstrings)
     _to_raw_logits_grad
     ChunkedTokenLogps, chunked_token_logps              the row-chunking machinery (autograd Function + wrapper)
-    fused_token_logps                                   the bridge to a Hugging Face causal LM
     naive_token_logps                                   the full-logits reference (tests, benchmark)
 
 Conventions: `hidden` is `[N, H]` (only the positions that are scored), `weight` is the LM head `[V, H]`, `labels` is
@@ -22,6 +21,8 @@ Conventions: `hidden` is `[N, H]` (only the positions that are scored), `weight`
 
 
 import torch
+
+from ._trl_compat import maybe_gather_lm_head_ctx
 
 # Rows per tile. On the 2-core CPU of benchmarks/README.md (N = 2044, H = 1024, V = 128k, fp32, trained head),
 # 256 / 512 / 1024 / 2048 rows took 24.4 / 23.1 / 22.2 / 22.5 CPU-s: 512 is within 5% of the fastest and keeps the
@@ -118,8 +119,6 @@ def _addmm_fp32_(acc, a, b, first):
 
 def _gather_ctx(weight, bias):
     """All-gather ZeRO-3 partitioned head parameters for a direct read; a null context otherwise."""
-    from trl.trainer.utils import maybe_gather_lm_head_ctx
-
     return maybe_gather_lm_head_ctx(weight, bias)
 
 
@@ -293,88 +292,3 @@ def naive_token_logps(hidden, weight, labels, bias=None):
     """Reference: full fp32 logits `[N, V]` -> log_softmax -> gather. `hidden [N, H]`, `labels [N]` -> `[N]` fp32."""
     logits = torch.nn.functional.linear(hidden, weight, bias).float()
     return logits.log_softmax(-1).gather(-1, labels[:, None]).squeeze(-1)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Hugging Face causal LMs
-
-
-def _head_transform(config):
-    """`(logit_scale, softcap)` as the model's own forward applies them, for the common cases:
-    Cohere `logit_scale` (multiplies), Granite `logits_scaling` (divides), Gemma 2/3 `final_logit_softcapping`."""
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    logit_scale = getattr(config, "logit_scale", None)
-    if logit_scale is None and getattr(config, "logits_scaling", None) is not None:
-        logit_scale = 1.0 / config.logits_scaling
-    return (1.0 if logit_scale is None else float(logit_scale)), getattr(config, "final_logit_softcapping", None)
-
-
-def _default_labels(input_ids, attention_mask):
-    """`input_ids` with padding (`attention_mask == 0`) set to -100."""
-    return input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, -100)
-
-
-def fused_token_logps(
-    model,
-    input_ids,
-    attention_mask=None,
-    labels=None,
-    return_entropy=False,
-    *,
-    chunk_size=DEFAULT_CHUNK_SIZE,
-    temperature=1.0,
-    **backbone_kwargs,
-):
-    """Next-token log-probs of a causal LM, computed with the LM head on the scored positions only.
-
-    Args:
-        model: a transformers causal-LM `PreTrainedModel`, or a `peft.PeftModel` around one (LoRA layers live inside
-            the base model's modules, so the base model already includes them; adapters on the LM head itself are
-            not supported).
-        input_ids: `[B, T]` token ids (may be None when `inputs_embeds` is passed in `backbone_kwargs` with `labels`).
-        attention_mask: `[B, T]`, 1 for real tokens.
-        labels: `[B, T]` with -100 at unscored positions; unshifted (position t is predicted from positions < t).
-            Defaults to `input_ids` with padding (`attention_mask == 0`) set to -100.
-        return_entropy: also return the per-token entropy of the next-token distribution.
-        chunk_size, temperature: see `chunked_token_logps`.
-        **backbone_kwargs: forwarded to the backbone (e.g. `position_ids`, `inputs_embeds`).
-
-    Returns:
-        `token_logps` `[B, T-1]` fp32 (`token_logps[:, t]` scores `labels[:, t+1]`), 0 where the label is -100; or
-        `(token_logps, entropy)` with `entropy` `[B, T-1]` fp32 (also 0 where unscored).
-    """
-    if hasattr(model, "get_base_model"):  # peft.PeftModel
-        model = model.get_base_model()
-    if labels is None:
-        labels = _default_labels(input_ids, attention_mask)
-    backbone_kwargs["use_cache"] = False
-    outputs = model.base_model(input_ids=input_ids, attention_mask=attention_mask, **backbone_kwargs)
-    hidden = outputs[0]
-
-    head = model.get_output_embeddings()
-    if hasattr(head, "base_layer") or hasattr(head, "modules_to_save"):
-        raise ValueError(
-            "fused_token_logps: the LM head carries a PEFT adapter or modules_to_save, which the fused path would "
-            "ignore; remove lm_head from the PEFT target_modules / modules_to_save."
-        )
-    weight, bias = head.weight, getattr(head, "bias", None)
-    logit_scale, softcap = _head_transform(model.config)
-
-    hidden = hidden[:, :-1].to(weight.device)  # [B, T-1, H]
-    labels = labels[:, 1:].to(weight.device)  # [B, T-1]
-    mask = labels != -100
-    scored = chunked_token_logps(
-        hidden[mask],
-        weight,
-        labels[mask],
-        bias,
-        chunk_size=chunk_size,
-        logit_scale=logit_scale,
-        softcap=softcap,
-        temperature=temperature,
-        return_entropy=bool(return_entropy),
-    )
-    scored = scored if return_entropy else (scored,)
-    # masked_scatter keeps the result attached to the graph even when nothing is scored
-    full = tuple(x.new_zeros(mask.shape).masked_scatter(mask, x) for x in scored)
-    return full if return_entropy else full[0]

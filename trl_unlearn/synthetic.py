@@ -44,17 +44,15 @@ with 20 authors it is 1 / 1 / 2 (forget01 and forget05 are then the same author)
 ``min(2 * k10, num_authors - k10)`` authors by default (real TOFU uses the first ``k10`` = 20 authors; pass
 ``retain_eval_authors`` to choose), so it never overlaps any forget split.
 
-Real TOFU files are JSON lines too: `load_tofu_split(folder, "forget10_perturbed")` reads either.
+Write the files with `trl_unlearn.data.write_tofu_layout`; `trl_unlearn.data.load_tofu_split` reads them and real
+TOFU alike.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import random
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 __all__ = [
@@ -62,18 +60,13 @@ __all__ = [
     "FORGET_PERCENTS",
     "FORGET_RETAIN",
     "PERTURBED_KEYS",
-    "PROMPT_TEMPLATE",
     "REAL_AUTHORS",
     "TOFU_STEMS",
     "WORLD_FACTS",
-    "as_conversational",
-    "as_prompt_completion",
     "forget_author_count",
     "iter_texts",
-    "load_tofu_split",
     "make_fictitious_authors",
     "make_tofu_like",
-    "write_tofu_layout",
 ]
 
 FORGET_PERCENTS = {"forget01": 1, "forget05": 5, "forget10": 10}
@@ -98,7 +91,6 @@ TOFU_STEMS = (
 # Keys (in TOFU's order) of forgetXX_perturbed / retain_perturbed rows.
 PERTURBED_KEYS = ("question", "answer", "paraphrased_answer", "perturbed_answer", "paraphrased_question")
 NUM_PERTURBED = 5
-PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
 
 # ----------------------------------------------------------------------------------------------------------------
 # Value pools (ASCII only, so a tiny byte-level tokenizer sees no surprises).
@@ -567,97 +559,6 @@ def make_tofu_like(
     data["real_authors"], data["real_authors_perturbed"] = _fixed_set(REAL_AUTHORS, seed, "real_authors")
     data["world_facts"], data["world_facts_perturbed"] = _fixed_set(WORLD_FACTS, seed, "world_facts")
     return {stem: data[stem] for stem in TOFU_STEMS}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Files.
-
-
-def _check_stem(stem: str) -> str:
-    stem = os.fspath(stem)
-    if stem.endswith(".json"):
-        stem = stem[: -len(".json")]
-    if not stem or "/" in stem or "\\" in stem or stem in (".", ".."):
-        raise ValueError(f"not a TOFU file stem: {stem!r}")
-    return stem
-
-
-def write_tofu_layout(out_dir: str | os.PathLike, data: Mapping[str, Iterable[Mapping]]) -> Path:
-    """Write each split of `data` to ``out_dir/<stem>.json`` as JSON lines (``ensure_ascii=False``, UTF-8), as in
-    TOFU. Creates `out_dir` if needed and returns it as a `Path`."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for stem, rows in data.items():
-        path = out / f"{_check_stem(stem)}.json"
-        with path.open("w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(dict(row), ensure_ascii=False) + "\n")
-    return out
-
-
-def load_tofu_split(data_dir: str | os.PathLike, stem: str) -> list[dict]:
-    """Read ``data_dir/<stem>.json`` (`stem` with or without ``.json``) from a TOFU-layout folder: JSON lines, one
-    object a line (real TOFU and `write_tofu_layout`); blank lines are skipped, and a file holding one JSON array is
-    also accepted. Raises `FileNotFoundError` naming the missing file (and the stems that are there)."""
-    path = Path(data_dir) / f"{_check_stem(stem)}.json"
-    if not path.is_file():
-        folder = Path(data_dir)
-        if folder.is_dir():
-            present = sorted(p.stem for p in folder.glob("*.json"))
-            hint = f"; .json files there: {', '.join(present)}" if present else "; the folder has no .json files"
-        else:
-            hint = f"; the folder {str(folder)!r} does not exist"
-        raise FileNotFoundError(f"TOFU split file not found: {str(path)!r}{hint}")
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON: {e}") from e
-    else:
-        rows = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {lineno}: not valid JSON: {e}") from e
-    if not all(isinstance(r, dict) for r in rows):
-        raise ValueError(f"{path}: expected one JSON object per line")
-    return rows
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# TRL dataset formats.
-
-
-def as_prompt_completion(rows: Iterable[Mapping], template: str = PROMPT_TEMPLATE):
-    """TRL's standard prompt-completion format: a `datasets.Dataset` with ``prompt`` = `template` formatted with the
-    question (default ``"Question: {question}\\nAnswer:"``) and ``completion`` = ``" " + answer``."""
-    from datasets import Dataset
-
-    rows = list(rows)
-    return Dataset.from_dict(
-        {
-            "prompt": [template.format(question=r["question"]) for r in rows],
-            "completion": [" " + r["answer"] for r in rows],
-        }
-    )
-
-
-def as_conversational(rows: Iterable[Mapping]):
-    """TRL's conversational prompt-completion format: a `datasets.Dataset` with ``prompt`` =
-    ``[{"role": "user", "content": question}]`` and ``completion`` = ``[{"role": "assistant", "content": answer}]``."""
-    from datasets import Dataset
-
-    rows = list(rows)
-    return Dataset.from_dict(
-        {
-            "prompt": [[{"role": "user", "content": r["question"]}] for r in rows],
-            "completion": [[{"role": "assistant", "content": r["answer"]}] for r in rows],
-        }
-    )
 
 
 def iter_texts(data: Mapping[str, Iterable[Mapping]]) -> Iterator[str]:

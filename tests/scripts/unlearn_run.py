@@ -12,7 +12,7 @@ import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
-from trl_unlearn.train_script import METHODS  # noqa: E402
+from trl_unlearn.cli.train import METHODS  # noqa: E402
 
 
 def run_one(a, model_dir, data, out):

@@ -6,7 +6,8 @@ run the benchmarks and return an `EvalReport` (`report`). See docs/evaluation.md
 
 from .callback import UnlearningEvalCallback
 from .muse import evaluate_muse
-from .relearn import RelearnCurve, plot_relearn_curves, probe_metrics, relearning_attack, select_relearn_indices
+from .probes import probe_metrics, qa_pairs
+from .relearn import RelearnCurve, plot_relearn_curves, relearning_attack, select_relearn_indices
 from .report import EvalReport
 from .scoring import PromptFormat, ScoreResult, generate_answers, resolve_prompt_format, score_answers, score_texts
 from .tofu import evaluate_tofu
@@ -19,6 +20,7 @@ __all__ = [
     "probe_metrics",
     "relearning_attack",
     "select_relearn_indices",
+    "qa_pairs",
     "PromptFormat",
     "ScoreResult",
     "evaluate_muse",

@@ -32,7 +32,7 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 from transformers import Trainer, TrainerCallback
 
-from .relearn import _qa_pairs, probe_metrics
+from .probes import probe_metrics, qa_pairs
 from .scoring import PromptFormat, eval_mode
 
 __all__ = ["UnlearningEvalCallback"]
@@ -103,8 +103,8 @@ class UnlearningEvalCallback(TrainerCallback):
         prefix: str = "probe/",
         update_evaluation_summary: bool = True,
     ):
-        self.forget = _qa_pairs(forget_rows, "forget probe") if forget_rows is not None else []
-        self.retain = _qa_pairs(retain_rows, "retain probe") if retain_rows is not None else []
+        self.forget = qa_pairs(forget_rows, "forget probe") if forget_rows is not None else []
+        self.retain = qa_pairs(retain_rows, "retain probe") if retain_rows is not None else []
         if not self.forget and not self.retain:
             raise ValueError("UnlearningEvalCallback needs forget_rows and/or retain_rows")
         if eval_steps < 1:

@@ -11,7 +11,7 @@ Why a minimal training loop and not `SFTTrainer`: the loop encodes every (questi
 NLL the attack lowers is exactly the one `score_answers` measures, whatever the prompt format (plain or chat
 template); it needs no output folder, writes no checkpoint, leaves Accelerate's global state and the caller's RNG
 alone, and evaluates in-loop at exact steps. The LM head is applied to the scored positions only
-(`trl_unlearn.ops.fused_token_logps`), so no `(B, T, V)` logits tensor is built.
+(`trl_unlearn.modeling.forward_logps`), so no `(B, T, V)` logits tensor is built.
 
 Command line (append `register_relearn` to `trl_unlearn.cli.COMMAND_GROUPS`, or run this module):
 
@@ -21,14 +21,11 @@ Command line (append `register_relearn` to `trl_unlearn.cli.COMMAND_GROUPS`, or 
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import logging
 import math
 import os
 import random
-import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -38,28 +35,18 @@ import torch
 from accelerate.utils import is_peft_model
 from tqdm.auto import tqdm
 
-from trl_unlearn.ops import fused_token_logps
+import trl_unlearn.evaluation.metrics as M
 
-from . import metrics as M
-from .report import EvalReport, _json_safe, package_version
-from .scoring import (
-    PromptFormat,
-    _model_device,
-    _pad_id,
-    eval_mode,
-    generate_answers,
-    resolve_prompt_format,
-    score_answers,
-)
+from ..modeling import forward_logps
+from .probes import probe_metrics, qa_pairs
+from .report import EvalReport, json_safe, load_json, package_version, save_json
+from .scoring import PromptFormat, _model_device, _pad_id, encode_pairs, eval_mode, pad_batch, resolve_prompt_format
 
 __all__ = [
     "RELEARN_FORMAT_VERSION",
     "RelearnCurve",
     "plot_relearn_curves",
-    "probe_metrics",
-    "register_relearn",
     "relearning_attack",
-    "run_relearn",
     "select_relearn_indices",
 ]
 
@@ -81,33 +68,6 @@ _TABLE_KEYS = (
 
 
 # ------------------------------------------------------------------------------------------------------------ rows
-
-
-def _qa_pairs(rows, what: str) -> list[tuple[str, str]]:
-    """(question, answer) pairs from rows: mappings with ``question`` and ``answer`` keys (TOFU layout; extra keys
-    are ignored; a `datasets.Dataset` with those columns works too) or 2-tuples of strings."""
-    if rows is None:
-        raise ValueError(f"no {what} rows given")
-    pairs = []
-    for i, r in enumerate(rows):
-        if isinstance(r, Mapping):
-            if "question" not in r or "answer" not in r:
-                raise ValueError(
-                    f"{what} row {i} has keys {sorted(r)}; rows need 'question' and 'answer' keys (TOFU layout) or "
-                    "must be (question, answer) pairs"
-                )
-            q, a = r["question"], r["answer"]
-        elif isinstance(r, (tuple, list)) and len(r) == 2:
-            q, a = r
-        else:
-            raise ValueError(f"{what} row {i}: expected a mapping with 'question'/'answer' or a (question, answer) "
-                             f"pair, got {type(r).__name__}")
-        if not isinstance(q, str) or not isinstance(a, str):
-            raise ValueError(f"{what} row {i}: question and answer must be strings")
-        pairs.append((q, a))
-    if not pairs:
-        raise ValueError(f"the {what} rows are empty")
-    return pairs
 
 
 def select_relearn_indices(num_rows: int, fraction: float, seed: int = 0) -> list[int]:
@@ -151,7 +111,7 @@ class RelearnCurve:
 
     # ---------------------------------------------------------------------------------------------------- JSON
     def to_dict(self) -> dict:
-        return _json_safe(asdict(self))
+        return json_safe(asdict(self))
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = "relearning curve") -> RelearnCurve:
@@ -178,24 +138,11 @@ class RelearnCurve:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the curve as JSON (parent folders are created; non-finite numbers become null)."""
-        path = os.fspath(path)
-        if os.path.dirname(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, ensure_ascii=False, indent=1, allow_nan=False)
-            f.write("\n")
+        save_json(self.to_dict(), path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> RelearnCurve:
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"relearning curve not found: {path!r}")
-        with open(path, encoding="utf-8") as f:
-            try:
-                d = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not valid JSON: {e}") from e
-        return cls.from_dict(d, source=path)
+        return cls.from_dict(load_json(path, "relearning curve"), source=os.fspath(path))
 
     # ------------------------------------------------------------------------------------------------- display
     def table(self, keys: Sequence[str] | None = None) -> str:
@@ -271,10 +218,12 @@ def plot_relearn_curves(
         ax.plot(xs, ys, marker="o", label=str(label))
     if reference is not None:
         ax.axhline(reference, color="gray", linestyle="--", label=reference_label)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     ax.set_xlabel("relearning steps")
     ax.set_ylabel(metric)
-    if title:
-        ax.set_title(title)
+    ax.set_title(title if title is not None else f"Relearning attack: {metric.replace('_', ' ')}")
     ax.legend()
     if path is not None:
         (fig or ax.figure).savefig(os.fspath(path), bbox_inches="tight")
@@ -282,50 +231,6 @@ def plot_relearn_curves(
 
 
 # ------------------------------------------------------------------------------------------------------ evaluation
-
-
-def probe_metrics(
-    model,
-    tokenizer,
-    forget: Sequence[tuple[str, str]] = (),
-    retain: Sequence[tuple[str, str]] = (),
-    *,
-    prompt_format: str | PromptFormat = "auto",
-    batch_size: int = 16,
-    max_length: int = 512,
-    rouge: bool = False,
-    max_new_tokens: int = 200,
-    generation_batch_size: int | None = None,
-    rouge_use_stemmer: bool = True,
-    progress: bool | None = False,
-) -> tuple[dict[str, float], np.ndarray]:
-    """Forget / retain probability (mean of `exp(-avg_nll)` of the ground-truth answers, TOFU's definition) from one
-    batched `score_answers` call over both sets, and, with `rouge`, ROUGE-L recall of greedy answers
-    (`generate_answers`, one batched call). Returns (metrics, per-item forget probabilities). Keys:
-    ``forget_probability``, ``retain_probability``, ``forget_rougeL_recall``, ``retain_rougeL_recall`` (only those
-    of the sets given)."""
-    pairs = [*forget, *retain]
-    if not pairs:
-        raise ValueError("nothing to probe: give forget and/or retain rows")
-    names = [f"forget row {i}" for i in range(len(forget))] + [f"retain row {i}" for i in range(len(retain))]
-    res = score_answers(model, tokenizer, [q for q, _ in pairs], [a for _, a in pairs], prompt_format=prompt_format,
-                        batch_size=batch_size, max_length=max_length, names=names, progress=progress)
-    prob = M.probability(res.avg_nll)
-    out: dict[str, float] = {}
-    if forget:
-        out["forget_probability"] = float(prob[: len(forget)].mean())
-    if retain:
-        out["retain_probability"] = float(prob[len(forget) :].mean())
-    if rouge:
-        gens = generate_answers(model, tokenizer, [q for q, _ in pairs], max_new_tokens=max_new_tokens,
-                                batch_size=generation_batch_size or batch_size, prompt_format=prompt_format,
-                                progress=progress)
-        recall = [M.rouge_l_recall(g, a, rouge_use_stemmer) for g, (_, a) in zip(gens, pairs)]
-        if forget:
-            out["forget_rougeL_recall"] = float(np.mean(recall[: len(forget)]))
-        if retain:
-            out["retain_rougeL_recall"] = float(np.mean(recall[len(forget) :]))
-    return out, prob[: len(forget)]
 
 
 def _split_means(values: np.ndarray, indices: Sequence[int]) -> dict[str, float]:
@@ -352,32 +257,6 @@ def _attack_copy(model):
         if p.is_floating_point():
             p.requires_grad_(True)
     return attacked
-
-
-def _encode(tokenizer, fmt: PromptFormat, pairs, max_length: int) -> list[tuple[list[int], int]]:
-    """(token ids, start of the answer) per pair: `prompt_ids + answer_ids (+ EOS)`, cut to `max_length`, as
-    `score_answers` builds them."""
-    out = []
-    for i, (q, a) in enumerate(pairs):
-        p = fmt.prompt_ids(tokenizer, q)
-        seq = (p + fmt.answer_ids(tokenizer, a))[:max_length]
-        if not p or len(seq) <= len(p):
-            raise ValueError(f"forget row {i}: no answer token left to train on (max_length {max_length})")
-        out.append((seq, len(p)))
-    return out
-
-
-def _collate(encoded, pad: int, device):
-    width = max(len(s) for s, _ in encoded)
-    ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-    attn = torch.zeros((len(encoded), width), dtype=torch.long)
-    labels = torch.full((len(encoded), width), -100, dtype=torch.long)
-    for r, (seq, start) in enumerate(encoded):
-        t = torch.tensor(seq, dtype=torch.long)
-        ids[r, : len(seq)] = t
-        attn[r, : len(seq)] = 1
-        labels[r, start : len(seq)] = t[start:]
-    return ids.to(device), attn.to(device), labels.to(device)
 
 
 def _batch_schedule(num_rows: int, batch_size: int, steps: int, rng: random.Random) -> list[list[int]]:
@@ -459,11 +338,11 @@ def relearning_attack(
     if data_dir is not None:
         from .tofu import load_tofu_eval_sets
 
-        tofu_forget = _qa_pairs(load_tofu_eval_sets(data_dir, split)["forget"][0], "TOFU forget")
-    pairs = _qa_pairs(forget_rows, "forget") if forget_rows is not None else tofu_forget
+        tofu_forget = qa_pairs(load_tofu_eval_sets(data_dir, split)["forget"][0], "TOFU forget")
+    pairs = qa_pairs(forget_rows, "forget") if forget_rows is not None else tofu_forget
     if pairs is None:
         raise ValueError("give forget_rows, or data_dir and split to read the forget set from")
-    retain_pairs = _qa_pairs(retain_rows, "retain") if retain_rows is not None else []
+    retain_pairs = qa_pairs(retain_rows, "retain") if retain_rows is not None else []
     n = len(pairs)
     if indices is None:
         indices = select_relearn_indices(n, fraction, seed)
@@ -489,7 +368,8 @@ def relearning_attack(
 
     fmt = resolve_prompt_format(tokenizer, prompt_format)
     subset = [pairs[i] for i in indices]
-    encoded = _encode(tokenizer, fmt, subset, max_length)  # fail on bad rows before copying the model
+    sequences, starts = encode_pairs(tokenizer, fmt, [q for q, _ in subset], [a for _, a in subset], max_length,
+                                     names=[f"forget row {i}" for i in range(len(subset))])  # before copying
     if evaluate is not None:
         kind = "custom"
     elif data_dir is not None:
@@ -563,7 +443,7 @@ def relearning_attack(
         with torch.random.fork_rng(devices=rng_devices):
             torch.manual_seed(seed)
             rng = random.Random(f"trl_unlearn.relearn:{seed}")
-            schedule = _batch_schedule(len(encoded), batch_size, steps, rng)
+            schedule = _batch_schedule(len(sequences), batch_size, steps, rng)
             if gradient_checkpointing:
                 enable = getattr(attacked, "activation_checkpointing_enable", None)  # transformers >= 5 name
                 (enable or attacked.gradient_checkpointing_enable)()
@@ -584,8 +464,10 @@ def relearning_attack(
                     if step == steps:
                         break
                     attacked.train()
-                    ids, attn, labels = _collate([encoded[i] for i in schedule[step]], pad, _model_device(attacked))
-                    logps = fused_token_logps(attacked, ids, attention_mask=attn, labels=labels)
+                    batch = schedule[step]
+                    ids, attn, labels = pad_batch([sequences[i] for i in batch], [starts[i] for i in batch], pad,
+                                                  _model_device(attacked))
+                    logps = forward_logps(attacked, ids, attention_mask=attn, labels=labels).token_logps
                     mask = labels[:, 1:] != -100
                     loss = -(logps * mask).sum() / mask.sum()
                     optimizer.zero_grad(set_to_none=True)
@@ -612,89 +494,3 @@ def relearning_attack(
         train_loss=losses,
         settings=settings,
     )
-
-
-# ---------------------------------------------------------------------------------------------------- command line
-
-
-def register_relearn(subparsers) -> None:
-    """`trl-unlearn relearn`: a `COMMAND_GROUPS` entry for `trl_unlearn.cli`."""
-    p = subparsers.add_parser("relearn", help="relearning attack: fine-tune on a few forget rows, track forget metrics")
-    _add_relearn_args(p)
-    p.set_defaults(func=run_relearn)
-
-
-def _add_relearn_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="the unlearned model folder (or Hub id)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model folder)")
-    p.add_argument("--data_dir", required=True, help="TOFU-layout folder")
-    p.add_argument("--split", default="forget10", help="forget split (default %(default)s)")
-    p.add_argument("--output", required=True, help="where to write the curve (JSON)")
-    p.add_argument("--retain_report", default=None,
-                   help="the retain model's TOFU report on the same split (for forget quality)")
-    p.add_argument("--metrics", default="tofu", choices=["tofu", "probe"],
-                   help="tofu: full evaluate_tofu per checkpoint; probe: forget probability and ROUGE-L only")
-    p.add_argument("--fraction", type=float, default=0.1, help="share of forget rows relearned (default %(default)s)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: --epochs over the subset)")
-    p.add_argument("--epochs", type=float, default=5.0, help="used when --steps is not given (default %(default)s)")
-    p.add_argument("--eval_every", type=int, default=None, help="default: steps // 5")
-    p.add_argument("--learning_rate", type=float, default=1e-5)
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prompt_format", default="auto")
-    p.add_argument("--max_length", type=int, default=512)
-    p.add_argument("--max_new_tokens", type=int, default=200)
-    p.add_argument("--eval_batch_size", type=int, default=16)
-    p.add_argument("--gradient_checkpointing", action="store_true")
-    p.add_argument("--plot", default=None, help="also save a plot of the forget probability here (needs matplotlib)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--no_progress", action="store_true", help="hide progress bars")
-
-
-def run_relearn(args) -> int:
-    """Run the attack from parsed `relearn` arguments: load the model, attack, save the curve, print its table."""
-    from trl_unlearn.cli import load_model_and_tokenizer
-
-    model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, args.dtype, args.device)
-    common = dict(
-        fraction=args.fraction, steps=args.steps, epochs=args.epochs, eval_every=args.eval_every,
-        learning_rate=args.learning_rate, batch_size=args.batch_size, seed=args.seed,
-        prompt_format=args.prompt_format, max_length=args.max_length, max_new_tokens=args.max_new_tokens,
-        eval_batch_size=args.eval_batch_size, gradient_checkpointing=args.gradient_checkpointing,
-        progress=False if args.no_progress else None, model_path=args.model,
-    )
-    if args.metrics == "tofu":
-        curve = relearning_attack(model, tokenizer, data_dir=args.data_dir, split=args.split,
-                                  retain_report=args.retain_report, **common)
-    else:
-        if args.retain_report:
-            raise ValueError("--retain_report needs --metrics tofu")
-        from .tofu import load_tofu_eval_sets
-
-        rows = load_tofu_eval_sets(args.data_dir, args.split)["forget"][0]
-        curve = relearning_attack(model, tokenizer, rows, **common)
-        curve.settings.update(data_dir=os.fspath(args.data_dir), split=args.split)
-    curve.save(args.output)
-    print(curve.table())
-    print(f"curve written to {args.output}")
-    if args.plot:
-        plot_relearn_curves({args.model: curve}, "forget_probability", path=args.plot)
-        print(f"plot written to {args.plot}")
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m trl_unlearn.evaluation.relearn ...` (the `relearn` command's arguments)."""
-    parser = argparse.ArgumentParser(prog="trl-unlearn relearn", description=__doc__.splitlines()[0])
-    _add_relearn_args(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run_relearn(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"trl-unlearn relearn: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

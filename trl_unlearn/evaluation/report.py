@@ -102,37 +102,18 @@ class EvalReport:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the report as JSON (parent folders are created). Non-finite numbers are written as null."""
-        path = os.fspath(path)
-        if os.path.dirname(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(_json_safe(self.to_dict()), f, ensure_ascii=False, indent=1, allow_nan=False)
-            f.write("\n")
+        save_json(self.to_dict(), path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> EvalReport:
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"report not found: {path!r}")
-        with open(path, encoding="utf-8") as f:
-            try:
-                d = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not valid JSON: {e}") from e
-        return cls.from_dict(d, source=path)
+        return cls.from_dict(load_json(path, "report"), source=os.fspath(path))
 
     # ----------------------------------------------------------------------------------------- aggregates
     def recompute(self) -> dict[str, float | None]:
         """The aggregate metrics, derived again from `per_item`, `reference` and `settings` only."""
-        if self.benchmark == "tofu":
-            from .tofu import tofu_aggregates
-
-            return tofu_aggregates(self.per_item, self.reference, self.settings)
-        if self.benchmark == "muse":
-            from .muse import muse_aggregates
-
-            return muse_aggregates(self.per_item, self.reference, self.settings)
-        raise ValueError(f"unknown benchmark {self.benchmark!r}")
+        if self.benchmark not in AGGREGATES:
+            raise ValueError(f"unknown benchmark {self.benchmark!r} (known: {sorted(AGGREGATES)})")
+        return AGGREGATES[self.benchmark](self.per_item, self.reference, self.settings)
 
     # ------------------------------------------------------------------------------------------- display
     def table(self) -> str:
@@ -162,12 +143,38 @@ class EvalReport:
         print(self.table(), file=file)
 
 
-def _json_safe(obj):
+AGGREGATES: dict = {}
+"""benchmark name -> `aggregates(per_item, reference, settings) -> metrics`; each benchmark module registers its own."""
+
+
+def save_json(obj, path: str | os.PathLike) -> None:
+    """Write `obj` as strict JSON (non-finite numbers become null; parent folders are created)."""
+    path = os.fspath(path)
+    if os.path.dirname(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(json_safe(obj), f, ensure_ascii=False, indent=1, allow_nan=False)
+        f.write("\n")
+
+
+def load_json(path: str | os.PathLike, what: str = "file"):
+    """Read a JSON file; a clear error when it is missing or not JSON."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path!r}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON: {e}") from e
+
+
+def json_safe(obj):
     """Replace non-finite floats by None (strict JSON), recursively; numpy scalars become Python numbers."""
     if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
         obj = obj.item()
     if isinstance(obj, float) and not math.isfinite(obj):

@@ -2,7 +2,7 @@
 
 * `score_answers`: per-token log-probs of answers given questions. Every (question, answer) pair of a call is
   scored in shared batches: pairs are sorted by length (less padding), right-padded, and scored with
-  `trl_unlearn.ops.fused_token_logps`, which never builds a `(B, T, V)` logits tensor. Pass all answers of all
+  `trl_unlearn.modeling.forward_logps`, which never builds a `(B, T, V)` logits tensor. Pass all answers of all
   items (ground truth, paraphrase, every perturbed answer) in one call.
 * `score_texts`: the same for plain texts (every token after the first is scored), optionally with the mean and
   standard deviation of `log p` under the model's next-token distribution at each position (Min-K%++), computed
@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from trl_unlearn.ops import _head_transform, fused_token_logps
+from ..data import PROMPT_TEMPLATE
+from ..modeling import forward_logps, head_logits, scored_hidden
 
 __all__ = [
     "PLAIN_TEMPLATE",
@@ -34,9 +35,11 @@ __all__ = [
     "score_answers",
     "score_texts",
     "generate_answers",
+    "encode_pairs",
+    "pad_batch",
 ]
 
-PLAIN_TEMPLATE = "Question: {question}\nAnswer:"
+PLAIN_TEMPLATE = PROMPT_TEMPLATE
 
 
 # ------------------------------------------------------------------------------------------------ prompt format
@@ -167,36 +170,18 @@ def _model_device(model) -> torch.device:
         return next(model.parameters()).device
 
 
-def _head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
-    """fp32 model logits from final hidden states: the LM head, then the output scaling / soft-capping the model's
-    own forward applies (as `trl_unlearn.ops` reads it from the config)."""
-    head = model.get_output_embeddings()
-    logits = head(hidden.to(head.weight.device)).float()
-    logit_scale, softcap = _head_transform(model.config)
-    if logit_scale != 1.0:
-        logits = logits * logit_scale
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits
-
-
 def _vocab_stats(model, input_ids, attention_mask, labels, chunk_elements: int = 1 << 24):
     """Per scored position: label log-prob, mu = E_p[log p], sigma = sqrt(E_p[(log p)^2] - mu^2), all fp32 `[B, T-1]`.
 
     The final hidden states are computed once; the LM head runs on chunks of scored positions holding at most
     `chunk_elements` logits, so a `(B, T, V)` tensor never exists.
     """
-    if hasattr(model, "get_base_model"):  # peft.PeftModel: the adapters live inside the base model's modules
-        model = model.get_base_model()
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0][:, :-1]
-    targets = labels[:, 1:].to(hidden.device)
-    mask = targets != -100
-    h, t = hidden[mask], targets[mask]
+    h, t, mask = scored_hidden(model, input_ids, attention_mask, labels)
     vocab = model.get_output_embeddings().weight.shape[0]
     step = max(1, chunk_elements // vocab)
     lp, mu, sg = [], [], []
     for s in range(0, h.shape[0], step):
-        logp = torch.log_softmax(_head_logits(model, h[s : s + step]), dim=-1)
+        logp = torch.log_softmax(head_logits(model, h[s : s + step]), dim=-1)
         lp.append(logp.gather(-1, t[s : s + step, None].to(logp.device)).squeeze(-1))
         p = logp.exp()
         logp = torch.where(p > 0, logp, 0.0)  # tokens with p = 0 (e.g. -inf logits) add nothing, and no 0 * inf
@@ -211,6 +196,47 @@ def _vocab_stats(model, input_ids, attention_mask, labels, chunk_elements: int =
         return full
 
     return scatter(lp), scatter(mu), scatter(sg)
+
+
+def pad_batch(sequences: Sequence[list[int]], starts: Sequence[int], pad: int, device):
+    """Right-padded `(input_ids, attention_mask, labels)` `[B, T]`: `labels` keeps `sequences[i][starts[i]:]`,
+    -100 elsewhere."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    attn = torch.zeros((len(sequences), width), dtype=torch.long)
+    labels = torch.full((len(sequences), width), -100, dtype=torch.long)
+    for r, (seq, start) in enumerate(zip(sequences, starts)):
+        t = torch.tensor(seq, dtype=torch.long)
+        ids[r, : len(seq)] = t
+        attn[r, : len(seq)] = 1
+        labels[r, start : len(seq)] = t[start:]
+    return ids.to(device), attn.to(device), labels.to(device)
+
+
+def encode_pairs(tokenizer, fmt: PromptFormat, questions, answers, max_length: int, names=None):
+    """`(sequences, starts)`: `prompt_ids(question) + answer_ids(answer)` (EOS included) cut on the right to
+    `max_length`, and where each answer starts. A pair left with no answer token raises `ValueError` naming it."""
+    prompt_cache: dict[str, list[int]] = {}
+    sequences, starts = [], []
+    for i, (q, a) in enumerate(zip(questions, answers)):
+        if not isinstance(q, str) or not isinstance(a, str):
+            raise TypeError(f"{_item_name(names, i)}: question and answer must be strings, got {q!r}, {a!r}")
+        if q not in prompt_cache:
+            prompt_cache[q] = fmt.prompt_ids(tokenizer, q)
+        p = prompt_cache[q]
+        seq = (p + fmt.answer_ids(tokenizer, a))[:max_length]
+        if len(seq) <= len(p) or len(p) == 0:
+            why = (
+                f"the prompt alone is {len(p)} tokens and max_length is {max_length}"
+                if len(p) >= max_length
+                else "the prompt is empty"
+                if len(p) == 0
+                else "the answer has no tokens"
+            )
+            raise ValueError(f"{_item_name(names, i)}: no answer token left to score ({why})")
+        sequences.append(seq)
+        starts.append(len(p))
+    return sequences, starts
 
 
 def _score_encoded(
@@ -240,20 +266,11 @@ def _score_encoded(
     batches = _batches([len(s) for s in sequences], batch_size, group_by_length)
     with eval_mode(model), _progress(len(batches), desc, progress) as bar:
         for idx in batches:
-            width = max(len(sequences[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            attn = torch.zeros((len(idx), width), dtype=torch.long)
-            labels = torch.full((len(idx), width), -100, dtype=torch.long)
-            for r, i in enumerate(idx):
-                seq = torch.tensor(sequences[i], dtype=torch.long)
-                ids[r, : len(seq)] = seq
-                attn[r, : len(seq)] = 1
-                labels[r, starts[i] : len(seq)] = seq[starts[i] :]
-            ids, attn, labels = ids.to(device), attn.to(device), labels.to(device)
+            ids, attn, labels = pad_batch([sequences[i] for i in idx], [starts[i] for i in idx], pad, device)
             if vocab_stats:
                 lp, mu, sg = _vocab_stats(model, ids, attn, labels)
             else:
-                lp = fused_token_logps(model, ids, attention_mask=attn, labels=labels)
+                lp = forward_logps(model, ids, attention_mask=attn, labels=labels).token_logps
             lp = lp.float().cpu()
             scored = (labels[:, 1:] != -100).cpu()
             if vocab_stats:
@@ -311,26 +328,7 @@ def score_answers(
     if names is not None and len(names) != len(answers):
         raise ValueError(f"{len(names)} names but {len(answers)} answers")
     fmt = resolve_prompt_format(tokenizer, prompt_format)
-    prompt_cache: dict[str, list[int]] = {}
-    sequences, starts = [], []
-    for i, (q, a) in enumerate(zip(questions, answers)):
-        if not isinstance(q, str) or not isinstance(a, str):
-            raise TypeError(f"{_item_name(names, i)}: question and answer must be strings, got {q!r}, {a!r}")
-        if q not in prompt_cache:
-            prompt_cache[q] = fmt.prompt_ids(tokenizer, q)
-        p = prompt_cache[q]
-        seq = (p + fmt.answer_ids(tokenizer, a))[:max_length]
-        if len(seq) <= len(p) or len(p) == 0:
-            why = (
-                f"the prompt alone is {len(p)} tokens and max_length is {max_length}"
-                if len(p) >= max_length
-                else "the prompt is empty"
-                if len(p) == 0
-                else "the answer has no tokens"
-            )
-            raise ValueError(f"{_item_name(names, i)}: no answer token left to score ({why})")
-        sequences.append(seq)
-        starts.append(len(p))
+    sequences, starts = encode_pairs(tokenizer, fmt, questions, answers, max_length, names)
     return _score_encoded(
         model,
         tokenizer,

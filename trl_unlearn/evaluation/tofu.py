@@ -26,8 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from . import metrics as M
-from .report import EvalReport, check_same_settings, package_version
+import trl_unlearn.evaluation.metrics as M
+
+from .report import AGGREGATES, EvalReport, check_same_settings, package_version
 from .scoring import generate_answers, resolve_prompt_format, score_answers
 
 __all__ = ["TOFU_SETS", "evaluate_tofu", "load_tofu_eval_sets", "tofu_aggregates", "tofu_files"]
@@ -55,7 +56,7 @@ def tofu_files(split: str) -> dict[str, str]:
 def _read_stem(data_dir: str, stem: str) -> tuple[list[dict], str]:
     """Rows of one TOFU file and a name for it in error messages."""
     if os.path.isdir(data_dir):
-        from trl_unlearn.synthetic import load_tofu_split
+        from ..data import load_tofu_split
 
         return load_tofu_split(data_dir, stem), os.path.join(data_dir, f"{stem}.json")
     if os.path.exists(data_dir) or data_dir.count("/") != 1:
@@ -306,3 +307,5 @@ def evaluate_tofu(
     report.metrics = tofu_aggregates(per_item, reference, settings)
     return report
 
+
+AGGREGATES["tofu"] = tofu_aggregates

@@ -1,0 +1,73 @@
+"""The `trl-unlearn` command, the package's only command line.
+
+    trl-unlearn simnpo|npo|gradascent|graddiff --model_name_or_path M --dataset_name D [--config recipe.yaml] ...
+    trl-unlearn eval tofu --model PATH --data_dir DIR --split forget10 --output report.json [--retain_report R]
+    trl-unlearn eval muse --model PATH --data_dir DIR --output report.json [--auc_retrain X | --retrain_report R]
+    trl-unlearn relearn --model PATH --data_dir DIR --split forget10 --output curve.json
+
+Modules: `train` (training subcommands, TRL script style), `eval`, `relearn`, `loading` (model / tokenizer loading
+for scripts). Nothing heavy is imported until a command runs, so `--help` and argument errors come back at once.
+Errors in the data or settings print one line (exit 2); `--debug` or `TRL_UNLEARN_DEBUG=1` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+__all__ = ["METHOD_NAMES", "build_parser", "main"]
+
+METHOD_NAMES = ("simnpo", "npo", "gradascent", "graddiff")
+
+
+def _register_train(subparsers) -> None:
+    """`trl-unlearn <method> ...`: the rest of the line goes to the method's TrlParser (every config field is a
+    flag, `--config recipe.yaml` reads them from YAML; `trl-unlearn <method> --help` lists them)."""
+    for method in METHOD_NAMES:
+        p = subparsers.add_parser(method, help=f"unlearn with {method} (TRL-style flags, --config YAML)", add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+
+
+def _run_train(method: str, argv: list[str]) -> int:
+    from .train import make_parser, parse, run
+
+    run(method, *parse(make_parser(method), method, argv))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .eval import register_eval
+    from .relearn import register_relearn
+
+    parser = argparse.ArgumentParser(prog="trl-unlearn", description="LLM unlearning with TRL: train and evaluate.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _register_train(sub)
+    register_eval(sub)
+    register_relearn(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; returns the exit code (2 with a one-line message on a data or settings error)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv[:1] or os.environ.get("TRL_UNLEARN_DEBUG", "") not in ("", "0")
+    try:
+        if argv[:1] == ["--debug"]:
+            argv = argv[1:]
+        if argv and argv[0] in METHOD_NAMES:  # the whole line goes to the method's TrlParser (argparse would eat --help)
+            return _run_train(argv[0], argv[1:])
+        args = build_parser().parse_args(argv)
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError, OSError, ImportError) as e:
+        if debug:
+            raise
+        print(f"trl-unlearn: error: {e}", file=sys.stderr)
+        print("(run with --debug or TRL_UNLEARN_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

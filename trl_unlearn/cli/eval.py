@@ -1,0 +1,132 @@
+"""`trl-unlearn eval tofu|muse`: evaluate a saved model and write a JSON report."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from .loading import load_model_and_tokenizer, saved_prompt_format
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["register_eval"]
+
+
+def _add_common_eval_args(p: argparse.ArgumentParser, batch_size: int, max_length: int) -> None:
+    p.add_argument("--model", required=True, help="model folder (or Hub id) to evaluate")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model folder)")
+    p.add_argument("--data_dir", required=True, help="benchmark data folder")
+    p.add_argument("--output", required=True, help="where to write the JSON report")
+    p.add_argument("--batch_size", type=int, default=batch_size, help="scoring batch size (default %(default)s)")
+    p.add_argument("--generation_batch_size", type=int, default=None, help="default: --batch_size")
+    p.add_argument("--max_length", type=int, default=max_length,
+                   help="max tokens of a scored sequence (default %(default)s)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--no_progress", action="store_true", help="hide progress bars")
+    p.add_argument("--update_model_card", action="store_true",
+                   help="record the results in the model folder's README.md (model-index), for push_to_hub")
+
+
+def _tofu_prompt_format(args) -> str:
+    """`--prompt_format`, defaulting to the one the model was trained with (recorded beside it by `trl-unlearn
+    <method>`); a loud warning when the two differ."""
+    recorded = saved_prompt_format(args.model)
+    if args.prompt_format is None:
+        return recorded or "auto"
+    if recorded is not None and args.prompt_format != recorded:
+        logger.warning(
+            f"WARNING: --prompt_format {args.prompt_format!r} differs from the format this model was trained with "
+            f"({recorded!r}, recorded in {args.model}): the scores will not measure what training changed."
+        )
+    return args.prompt_format
+
+
+def _run_eval_tofu(args):
+    from ..evaluation import evaluate_tofu
+
+    model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, args.dtype, args.device)
+    retain_model = None
+    if args.retain_model:
+        retain_model, _ = load_model_and_tokenizer(args.retain_model, args.tokenizer, args.dtype, args.device)
+    return evaluate_tofu(
+        model, tokenizer, args.data_dir, split=args.split, retain_report=args.retain_report,
+        retain_model=retain_model, prompt_format=_tofu_prompt_format(args), batch_size=args.batch_size,
+        generation_batch_size=args.generation_batch_size, max_length=args.max_length,
+        max_new_tokens=args.max_new_tokens, progress=False if args.no_progress else None, model_path=args.model,
+    ), f"TOFU {args.split}", {"forget_quality": "--retain_report or --retain_model"}
+
+
+def _run_eval_muse(args):
+    from ..evaluation import evaluate_muse
+
+    model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, args.dtype, args.device)
+    return evaluate_muse(
+        model, tokenizer, args.data_dir, parts=args.parts, auc_retrain=args.auc_retrain,
+        retrain_report=args.retrain_report, batch_size=args.batch_size,
+        generation_batch_size=args.generation_batch_size, max_length=args.max_length,
+        verbmem_max_new_tokens=args.verbmem_max_new_tokens, knowmem_max_new_tokens=args.knowmem_max_new_tokens,
+        knowmem_shots=args.knowmem_shots, min_k=args.min_k, min_k_plus_plus=not args.no_min_k_plus_plus,
+        rouge_use_stemmer=args.rouge_use_stemmer, progress=False if args.no_progress else None,
+        model_path=args.model,
+    ), f"MUSE {os.path.basename(os.path.normpath(args.data_dir))}", {"privleak": "--auc_retrain or --retrain_report"}
+
+
+def _run(evaluate):
+    """A `func` for a benchmark parser: evaluate, save the report, print its table (with the flag that fills each
+    n/a metric), and with `--update_model_card` record the numbers in the model folder's card."""
+
+    def run(args) -> int:
+        report, dataset, hints = evaluate(args)
+        report.save(args.output)
+        report.print_table()
+        for metric, flag in hints.items():
+            if metric in report.metrics and report.metrics[metric] is None:
+                print(f"{metric} is n/a: pass {flag} to compute it.")
+        print(f"report written to {args.output}")
+        if args.update_model_card:
+            from ..model_card import add_evaluation
+
+            numbers = {k: v for k, v in report.metrics.items() if v is not None}
+            print(f"model card updated: {add_evaluation(args.model, numbers, dataset)}")
+        return 0
+
+    return run
+
+
+def register_eval(subparsers) -> None:
+    """`trl-unlearn eval {tofu,muse}`."""
+    ev = subparsers.add_parser("eval", help="evaluate a model on an unlearning benchmark")
+    bench = ev.add_subparsers(dest="benchmark", required=True, metavar="{tofu,muse}")
+
+    t = bench.add_parser("tofu", help="TOFU: probability, ROUGE-L, truth ratio, forget quality, model utility")
+    _add_common_eval_args(t, batch_size=16, max_length=512)
+    t.add_argument("--split", default="forget10", help="forget01, forget05, forget10 (default %(default)s)")
+    ref = t.add_mutually_exclusive_group()
+    ref.add_argument("--retain_report", default=None,
+                     help="report of the retain model on the same split (for forget quality)")
+    ref.add_argument("--retain_model", default=None, help="retain model folder, scored here (forget quality)")
+    t.add_argument("--max_new_tokens", type=int, default=200, help="greedy generation length (default %(default)s)")
+    t.add_argument("--prompt_format", default=None,
+                   help="default: the format the model was trained with (recorded by trl-unlearn <method>), else "
+                        "auto (chat template if any, else plain); or chat, plain, or a string with {question}")
+    t.set_defaults(func=_run(_run_eval_tofu))
+
+    m = bench.add_parser("muse", help="MUSE: VerbMem, KnowMem, PrivLeak (Min-K%% Prob)")
+    _add_common_eval_args(m, batch_size=8, max_length=2048)
+    m.add_argument("--parts", nargs="+", default=["verbmem", "knowmem", "privleak"],
+                   choices=["verbmem", "knowmem", "privleak"])
+    ref = m.add_mutually_exclusive_group()
+    ref.add_argument("--auc_retrain", type=float, default=None, help="the retrained model's forget_holdout Min-K%% AUC")
+    ref.add_argument("--retrain_report", "--retain_report", dest="retrain_report", default=None,
+                     help="report of the retrained model on the same data (its privleak_auc)")
+    m.add_argument("--verbmem_max_new_tokens", type=int, default=128)
+    m.add_argument("--knowmem_max_new_tokens", type=int, default=32)
+    m.add_argument("--knowmem_shots", type=int, default=None, help="few-shot examples per prompt (default: all)")
+    m.add_argument("--min_k", type=float, default=0.4)
+    m.add_argument("--no_min_k_plus_plus", action="store_true", help="skip Min-K%%++ (saves the vocab statistics)")
+    m.add_argument("--rouge_use_stemmer", action="store_true", help="Porter stemmer in ROUGE (muse_bench: off)")
+    m.set_defaults(func=_run(_run_eval_muse))
+
+
