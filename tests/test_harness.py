@@ -283,6 +283,10 @@ def test_run_from_args_on_saved_model(tasks_dir, colour_tokenizer, tmp_path, cap
     assert rep.settings["dtype"] == "float32" and rep.settings["device"] == "cpu"
     printed = capsys.readouterr().out
     assert "0.6000 ± 0.2449" in printed and f"report written to {out}" in printed
+    # a folder path straight to evaluate_harness: loaded there (tokenizer from the folder)
+    rep = evaluate_harness(model_dir, tasks="toy_mc", include_path=tasks_dir, include_defaults=False, limit=2,
+                           device="cpu")  # fmt: skip
+    assert rep.settings["model"] == str(model_dir) and rep.metrics["toy_mc/acc"] == pytest.approx(0.5)  # ACC[:2]
 
 
 def test_argument_parsing():

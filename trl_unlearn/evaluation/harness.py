@@ -29,7 +29,7 @@ import torch
 from .report import EvalReport, package_version
 from .scoring import eval_mode
 
-__all__ = ["HarnessReport", "add_arguments", "evaluate_harness", "run_from_args"]
+__all__ = ["HarnessReport", "add_arguments", "evaluate_from_args", "evaluate_harness", "run_from_args"]
 
 BENCHMARK = "lm-eval"
 LM_EVAL_URL = "https://github.com/EleutherAI/lm-evaluation-harness"
@@ -294,9 +294,10 @@ def _per_item(samples: Sequence[Mapping[str, Any]], output_type: str | None) -> 
 # ------------------------------------------------------------------------------------------------- running
 
 
-def load_model_and_tokenizer(model_path: str, tokenizer_path: str | None = None, dtype: str = "auto", device=None):
+def _load_model_and_tokenizer(model_path: str, tokenizer_path: str | None = None, dtype: str = "auto", device=None):
     """`AutoModelForCausalLM` from `model_path` in eval mode on `device` (default: CUDA when available), and its
-    tokenizer (`PreTrainedTokenizerFast` when the folder has a ``tokenizer.json``, else `AutoTokenizer`)."""
+    tokenizer (`PreTrainedTokenizerFast` when the folder has a ``tokenizer.json``, else `AutoTokenizer`).
+    The same as the command line's loader, kept here while the CLI package moves."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
     tokenizer_path = tokenizer_path or model_path
@@ -348,7 +349,7 @@ def evaluate_harness(
     """Run lm-eval `tasks` on a causal LM and return a `HarnessReport`.
 
     `model`: a loaded ``transformers`` causal LM (then `tokenizer` is required; `device` and `dtype` are ignored) or a
-    model folder / Hub id (loaded with `load_model_and_tokenizer` on `device` in `dtype`). `tasks`: lm-eval task or
+    model folder / Hub id (loaded with ``AutoModelForCausalLM`` on `device` in `dtype`). `tasks`: lm-eval task or
     group names, a list or a comma-separated string. `include_path`: folder(s) of extra task YAML files (local data:
     docs/wmdp.md); `include_defaults=False` indexes only those (skips lm-eval's ~14k built-in task files). `limit`:
     documents per task (an int, or a fraction < 1); for smoke tests only. `num_fewshot`: overrides the tasks' default
@@ -370,7 +371,7 @@ def evaluate_harness(
 
     if isinstance(model, (str, os.PathLike)):
         model_name = model_name or os.fspath(model)
-        loaded, loaded_tok = load_model_and_tokenizer(os.fspath(model), None, dtype, device)
+        loaded, loaded_tok = _load_model_and_tokenizer(os.fspath(model), None, dtype, device)
         model, tokenizer = loaded, tokenizer or loaded_tok
     elif tokenizer is None:
         raise ValueError("evaluate_harness: pass the tokenizer with an in-memory model")
@@ -459,11 +460,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])  # fmt: skip
 
 
-def run_from_args(args: argparse.Namespace) -> int:
-    """Load the model, run `evaluate_harness`, write the JSON report to ``args.output``, print the table; returns 0."""
+def evaluate_from_args(args: argparse.Namespace) -> HarnessReport:
+    """Load ``args.model`` and run `evaluate_harness` with the `add_arguments` options."""
     _import_lm_eval()  # fail before loading a large model
-    model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, args.dtype, args.device)
-    report = evaluate_harness(
+    model, tokenizer = _load_model_and_tokenizer(args.model, args.tokenizer, args.dtype, args.device)
+    return evaluate_harness(
         model,
         tokenizer,
         args.tasks,
@@ -474,6 +475,11 @@ def run_from_args(args: argparse.Namespace) -> int:
         num_fewshot=args.num_fewshot,
         model_name=args.model,
     )
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """`evaluate_from_args`, then write the JSON report to ``args.output`` and print the table; returns 0."""
+    report = evaluate_from_args(args)
     report.save(args.output)
     report.print_table()
     print(f"report written to {args.output}")
