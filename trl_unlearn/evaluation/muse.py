@@ -19,7 +19,9 @@ file                               content
 
 Metrics: VerbMem (greedy continuation, ROUGE-L F1 x 100 against the reference cut to the same number of tokens),
 KnowMem on forget and retain QA (few-shot "Question: ... Answer: ..." prompts, greedy, ROUGE-L F1 x 100),
-membership AUCs (LOSS, zlib, Min-K%, Min-K%++) and PrivLeak from Min-K% Prob (k = 0.4).
+membership AUCs (LOSS, zlib, Min-K%, Min-K%++) and PrivLeak from Min-K% Prob (k = 0.4). Every convention that
+changes a number on the same inputs follows muse_bench's metrics/{verbmem,knowmem,privleak}.py under the
+transformers 4.40 it pins (docs/evaluation.md, "Parity with muse_bench").
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -39,7 +42,12 @@ from .scoring import generate_answers, score_texts
 __all__ = ["MUSE_PARTS", "KNOWMEM_STOP", "evaluate_muse", "knowmem_prompt", "load_muse_file", "muse_aggregates"]
 
 MUSE_PARTS = ("verbmem", "knowmem", "privleak")
-KNOWMEM_STOP = ("\n\n", "\nQuestion:", "Question:")
+# muse_bench cuts a KnowMem answer before the first of each of these, in this order
+KNOWMEM_STOP = ("\n\n", "\nQuestion", "Question:")
+# transformers 4.40's `clean_up_tokenization`, which muse_bench's decode(clean_up_tokenization_spaces=True) applies
+# to every tokenizer; transformers >= 5 skips it for BPE tokenizers (Llama's among them), so it is done here
+_CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+             (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))  # fmt: skip
 # settings that must match between a run and the retrained model's report it takes the AUC from
 RETRAIN_REPORT_KEYS = ("benchmark", "privleak_fingerprint", "max_length", "min_k")
 # membership attacks: per-item column -> does a higher score mean "member"?
@@ -87,10 +95,43 @@ def load_muse_file(path: str | os.PathLike, kind: str) -> list:
 
 
 def knowmem_prompt(question: str, shots: Sequence[Mapping[str, str]] = ()) -> str:
-    """Few-shot prompt: each shot as ``"Question: {q}\\nAnswer: {a}\\n\\n"``, then
-    ``"Question: {question}\\nAnswer:"``."""
+    """muse_bench's few-shot prompt: each shot as ``"Question: {q}\\nAnswer: {a}\\n\\n"``, then
+    ``"Question: {question}\\nAnswer: "`` (with the trailing space)."""
     head = "".join(f"Question: {s['question']}\nAnswer: {s['answer']}\n\n" for s in shots)
-    return f"{head}Question: {question}\nAnswer:"
+    return f"{head}Question: {question}\nAnswer: "
+
+
+def _clean_up(text: str) -> str:
+    for a, b in _CLEAN_UP:
+        text = text.replace(a, b)
+    return text
+
+
+def _knowmem_answer(text: str) -> str:
+    """A decoded KnowMem generation as muse_bench keeps it: cleaned up, cut before each stop string in turn,
+    not stripped."""
+    text = _clean_up(text)
+    for stop in KNOWMEM_STOP:
+        text = text.split(stop, 1)[0]
+    return text
+
+
+def _verbmem_reference(tokenizer, gt: str, max_new_tokens: int) -> str:
+    """The true continuation tokenised WITH the tokenizer's special tokens, cut to `max_new_tokens` ids, decoded
+    without them (muse_bench: one text token fewer when the tokenizer adds BOS)."""
+    ids = tokenizer(gt, add_special_tokens=True)["input_ids"][:max_new_tokens]
+    return _clean_up(tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+
+
+@contextmanager
+def _raw_decoding(tokenizer):
+    """`generate_answers` decodes with the tokenizer's own clean-up setting: off here, `_clean_up` runs once."""
+    old = getattr(tokenizer, "clean_up_tokenization_spaces", None)
+    tokenizer.clean_up_tokenization_spaces = False
+    try:
+        yield
+    finally:
+        tokenizer.clean_up_tokenization_spaces = old
 
 
 def _fingerprint(items) -> str:
@@ -148,7 +189,7 @@ def evaluate_muse(
     retrain_report: EvalReport | str | os.PathLike | None = None,
     batch_size: int = 8,
     generation_batch_size: int | None = None,
-    max_length: int = 2048,
+    max_length: int | None = None,
     verbmem_max_new_tokens: int = 128,
     knowmem_max_new_tokens: int = 32,
     knowmem_shots: int | None = None,
@@ -164,8 +205,10 @@ def evaluate_muse(
     published value) or `retrain_report` (an `EvalReport` or its path, made by this function for the retrained
     model on the same privleak data with the same `max_length` and `min_k`, else `ValueError`); without either,
     PrivLeak is None and the AUCs are still reported. `knowmem_shots` caps the number of few-shot examples taken
-    from the ``*_qa_icl.json`` files (default all; none when the files are absent). ROUGE uses no stemmer by
-    default, as muse_bench does. Prompts are raw text (no chat template).
+    from the ``*_qa_icl.json`` files (default all; none when the files are absent). `max_length` cuts PrivLeak
+    texts to their first `max_length` tokens (default None: whole texts, as muse_bench). ROUGE uses no stemmer by
+    default, as muse_bench does. Prompts are raw text (no chat template). `generation_batch_size=1` decodes one
+    prompt at a time without padding, as muse_bench does (larger batches are left-padded).
     """
     unknown = set(parts) - set(MUSE_PARTS)
     if unknown or not parts:
@@ -178,7 +221,8 @@ def evaluate_muse(
         "model": model_path if model_path is not None else getattr(model, "name_or_path", None) or None,
         "data_dir": data_dir,
         "parts": list(parts),
-        "prompt_format": "raw (verbmem prefix; knowmem few-shot 'Question: ...\\nAnswer:')",
+        "prompt_format": "raw (verbmem prefix; knowmem few-shot 'Question: ...\\nAnswer: ')",
+        "knowmem_stop": list(KNOWMEM_STOP),
         "max_length": max_length,
         "verbmem_max_new_tokens": verbmem_max_new_tokens,
         "knowmem_max_new_tokens": knowmem_max_new_tokens,
@@ -228,18 +272,12 @@ def evaluate_muse(
     if "verbmem" in parts:
         rows = data["verbmem"]
         prompts = [r["prompt"] for r in rows]
-        # the reference is the true continuation cut to as many tokens as the model may generate
-        refs = [
-            tokenizer.decode(
-                tokenizer(r["gt"], add_special_tokens=False)["input_ids"][:verbmem_max_new_tokens],
-                skip_special_tokens=True,
-            )
-            for r in rows
-        ]
-        gens = generate_answers(
-            model, tokenizer, prompts, max_new_tokens=verbmem_max_new_tokens, batch_size=gen_bs,
-            prompt_format="raw", progress=progress,
-        )  # fmt: skip
+        refs = [_verbmem_reference(tokenizer, r["gt"], verbmem_max_new_tokens) for r in rows]
+        with _raw_decoding(tokenizer):
+            gens = generate_answers(
+                model, tokenizer, prompts, max_new_tokens=verbmem_max_new_tokens, batch_size=gen_bs,
+                prompt_format="raw", progress=progress, postprocess=_clean_up,
+            )  # fmt: skip
         per_item["verbmem_forget"] = {
             "reference": refs,
             "generation": gens,
@@ -248,10 +286,11 @@ def evaluate_muse(
     if "knowmem" in parts:
         names = ("knowmem_forget", "knowmem_retain")
         prompts = [knowmem_prompt(r["question"], data[f"{n}_icl"]) for n in names for r in data[n]]
-        gens = generate_answers(
-            model, tokenizer, prompts, max_new_tokens=knowmem_max_new_tokens, batch_size=gen_bs,
-            prompt_format="raw", stop_strings=KNOWMEM_STOP, progress=progress,
-        )  # fmt: skip
+        with _raw_decoding(tokenizer):
+            gens = generate_answers(
+                model, tokenizer, prompts, max_new_tokens=knowmem_max_new_tokens, batch_size=gen_bs,
+                prompt_format="raw", progress=progress, postprocess=_knowmem_answer,
+            )  # fmt: skip
         start = 0
         for n in names:
             rows = data[n]
@@ -297,3 +336,4 @@ def _slice_result(res, a: int, b: int):
         token_mu=res.token_mu[a:b] if res.token_mu is not None else None,
         token_sigma=res.token_sigma[a:b] if res.token_sigma is not None else None,
     )
+
