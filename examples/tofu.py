@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 from accelerate import PartialState
-from transformers import set_seed
+from transformers import TrainerCallback, set_seed
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config, get_quantization_config
 
 from trl_unlearn import SimNPOConfig
@@ -53,13 +53,26 @@ class TofuArguments(UnlearnScriptArguments, StudyArguments):
     plot: bool = field(default=True, metadata={"help": "Save results.png (needs matplotlib)."})
 
 
+class EpochProgress(TrainerCallback):
+    """One line per epoch (the runs here hide tqdm bars), so a user sees the study move."""
+
+    def __init__(self, what):
+        self.what = what
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        losses = [h["loss"] for h in state.log_history if "loss" in h]
+        loss = f", loss {losses[-1]:.3f}" if losses else ""
+        print(f"  {self.what}: epoch {round(state.epoch)}/{round(args.num_train_epochs)}{loss}", flush=True)
+
+
 def finetune(model, tokenizer, rows: list[dict], out: str, epochs: int, seed: int):
     """Teach a tiny model a QA set (plain SFT on the answers) with TRL's SFTTrainer."""
     args = SFTConfig(output_dir=out, num_train_epochs=epochs, per_device_train_batch_size=16, learning_rate=5e-3,
                      lr_scheduler_type="cosine", warmup_steps=10, weight_decay=0.0, use_cpu=not torch.cuda.is_available(),
                      bf16=False, report_to=[], save_strategy="no", logging_steps=50, gradient_checkpointing=False,
                      completion_only_loss=True, max_length=128, seed=seed, disable_tqdm=True)
-    SFTTrainer(model=model, args=args, train_dataset=qa_to_trl(rows), processing_class=tokenizer).train()
+    SFTTrainer(model=model, args=args, train_dataset=qa_to_trl(rows), processing_class=tokenizer,
+               callbacks=[EpochProgress("fine-tuning")]).train()
     return model
 
 
@@ -83,7 +96,8 @@ def synthetic_setup(args: TofuArguments, training_args, out: str):
     return data_dir, tokenizer, *models
 
 
-def evaluate(model, tokenizer, data_dir, args, retain_report=None, retain_model=None, path=None):
+def evaluate(model, tokenizer, data_dir, args, retain_report=None, retain_model=None, path=None, name="model"):
+    print(f"Evaluating {name} (TOFU metrics: scoring and greedy answers) ...", flush=True)
     model.eval()
     # Score and generate with the prompt format the model was trained with
     prompt_format = "chat" if args.conversational else args.prompt_template
@@ -118,6 +132,7 @@ def plot(rows: dict[str, dict], path: str):
         ax.scatter(m["model_utility"], fq, s=80, label=name)
         ax.annotate(name, (m["model_utility"], fq), textcoords="offset points", xytext=(5, 5))
     ax.set_yscale("log")
+    ax.margins(x=0.25, y=0.35)  # room for the labels inside the frame
     ax.set_xlabel("model utility (higher is better)")
     ax.set_ylabel("forget quality, KS p-value (higher is better)")
     ax.set_title("TOFU: forget quality vs model utility")
@@ -150,7 +165,7 @@ def main(args: TofuArguments, training_args: SimNPOConfig, model_args: ModelConf
     results = {}
     retain_report = args.retain_report
     if state.is_main_process and (embedded or retain_model is not None):
-        report = evaluate(retain_model, tokenizer, data_dir, args)
+        report = evaluate(retain_model, tokenizer, data_dir, args, name="Retrain")
         # The retain model against itself: identical truth ratios, forget quality 1 by definition
         report.reference["retain_forget_truth_ratio"] = list(report.per_item["forget"]["truth_ratio"])
         report.metrics = report.recompute()
@@ -159,7 +174,7 @@ def main(args: TofuArguments, training_args: SimNPOConfig, model_args: ModelConf
         results["Retrain"] = report.metrics
     if state.is_main_process and embedded:
         results["Original"] = evaluate(original, tokenizer, data_dir, args, retain_report,
-                                       path=os.path.join(out, "report_original.json")).metrics
+                                       path=os.path.join(out, "report_original.json"), name="Original").metrics
 
     for method in [m.strip() for m in (args.methods or "npo,simnpo").split(",") if m.strip()]:
         trainer_cls, _ = METHODS[method]
@@ -172,13 +187,13 @@ def main(args: TofuArguments, training_args: SimNPOConfig, model_args: ModelConf
                                         "attn_implementation": model_args.attn_implementation}
         trainer = trainer_cls(model=model, args=config, forget_dataset=forget, retain_dataset=retain,
                               processing_class=tokenizer, quantization_config=get_quantization_config(model_args),
-                              peft_config=get_peft_config(model_args))
+                              peft_config=get_peft_config(model_args), callbacks=[EpochProgress("unlearning")])
         print(f"Unlearning {args.forget_split} with {trainer._name} ...", flush=True)
         trainer.train()
         if state.is_main_process:
             unwrapped = trainer.accelerator.unwrap_model(trainer.model)
             report = evaluate(unwrapped, tokenizer, data_dir, args, retain_report,
-                              path=os.path.join(out, f"report_{method}.json"))
+                              path=os.path.join(out, f"report_{method}.json"), name=trainer._name)
             results[trainer._name] = report.metrics
             trainer.evaluation_summary = {k: report.metrics.get(k) for k, _ in SHOWN}
         trainer.save_model(config.output_dir)

@@ -5,6 +5,7 @@ command-line help and setting one is an error."""
 
 import argparse
 import logging
+import os
 from dataclasses import MISSING, dataclass, field, fields
 
 from trl import DPOConfig
@@ -91,6 +92,7 @@ class UnlearningConfig(DPOConfig):
             )
         if not _accelerator_available():
             self.dataloader_pin_memory = False  # nothing to pin for (silences torch's warning)
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # what DeepSpeed would pick, without its warning
         if self.bf16 is not False and not self.fp16 and not self.use_cpu and not _accelerator_available():
             logger.warning("No GPU found: training in fp32 on the CPU (bf16, TRL's default and the recipes' "
                            "setting, needs a GPU here; pass `bf16=False` to silence this, or `use_cpu=True` to "

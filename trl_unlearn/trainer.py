@@ -36,7 +36,7 @@ from .data import (
     split_eval,
     tokenize_dataset,
 )
-from .model_card import CITATIONS, UnlearningCard, write_card
+from .model_card import CITATIONS, card_from_trainer, write_card
 from .modeling import add_unlearning_head, check_model_path
 from .reference import kl_teacher, plan_reference, reference_context, reference_forward, scored_labels
 
@@ -200,26 +200,8 @@ class UnlearningTrainer(DPOTrainer):
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
         """Write the model card (README.md in `output_dir`): base model, data, method, settings, reference,
         evaluation (`evaluation_summary`), with the Hub metadata. `dataset_name` names the data (Hub id)."""
-        if not self.is_world_process_zero():
-            return
-        a, info = self.args, self.card_data
-        hyper = {k: getattr(a, k, None) for k in (
-            "beta", "gamma", "forget_weight", "retain_weight", "retain_loss_type", "learning_rate", "num_train_epochs",
-            "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "lr_scheduler_type",
-            "warmup_ratio", "weight_decay", "max_length", "seed")}
-        if self.token_level_forget:  # GA / GradDiff: no β
-            hyper.pop("beta")
-        datasets = list(info.get("datasets") or ([dataset_name] if dataset_name else []))
-        card = UnlearningCard(
-            method=self._name,
-            base_model=getattr(self.accelerator.unwrap_model(self.model).config, "_name_or_path", "") or "unknown",
-            forget_data=info["forget_data"], retain_data=info["retain_data"],
-            reference=self.reference_plan.describe(), hyperparameters=hyper, paper=self._paper,
-            tags=self._tag_names + ([tags] if isinstance(tags, str) else list(tags or [])), datasets=datasets,
-            evaluation=self.evaluation_summary, eval_dataset=info.get("eval_dataset"),
-            prompt_format=info.get("prompt_format"),
-        )
-        write_card(card, self.args.output_dir)
+        if self.is_world_process_zero():
+            write_card(card_from_trainer(self, dataset_name, tags), self.args.output_dir)
 
     def save_model(self, output_dir=None, _internal_call=False):
         super().save_model(output_dir, _internal_call)

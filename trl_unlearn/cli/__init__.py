@@ -41,7 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval import register_eval
     from .relearn import register_relearn
 
-    parser = argparse.ArgumentParser(prog="trl-unlearn", description="LLM unlearning with TRL: train and evaluate.")
+    parser = argparse.ArgumentParser(
+        prog="trl-unlearn", description="LLM unlearning with TRL: train and evaluate.",
+        epilog="Errors print one line; `trl-unlearn --debug COMMAND ...` or TRL_UNLEARN_DEBUG=1 shows the traceback.",
+    )
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _register_train(sub)
@@ -64,8 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError, OSError, ImportError) as e:
         if debug:
             raise
-        print(f"trl-unlearn: error: {e}", file=sys.stderr)
-        print("(run with --debug or TRL_UNLEARN_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(f"trl-unlearn: error: {e}", file=sys.stderr)  # one line; --debug shows the traceback
         return 2
 
 
