@@ -35,8 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from . import metrics as M
-from .report import EvalReport, check_same_settings, package_version
+import trl_unlearn.evaluation.metrics as M
+
+from .report import AGGREGATES, EvalReport, check_same_settings, package_version
 from .scoring import generate_answers, score_texts
 
 __all__ = ["MUSE_PARTS", "KNOWMEM_STOP", "evaluate_muse", "knowmem_prompt", "load_muse_file", "muse_aggregates"]
@@ -337,3 +338,5 @@ def _slice_result(res, a: int, b: int):
         token_sigma=res.token_sigma[a:b] if res.token_sigma is not None else None,
     )
 
+
+AGGREGATES["muse"] = muse_aggregates
