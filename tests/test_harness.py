@@ -19,7 +19,7 @@ import sys
 import pytest
 import torch
 
-from trl_unlearn.evaluation.harness import HarnessReport, add_arguments, evaluate_harness, run_from_args
+from trl_unlearn.evaluation.harness import HarnessReport, add_arguments, evaluate_harness, main, run_from_args
 from trl_unlearn.evaluation.report import EvalReport
 from trl_unlearn.tiny import tiny_llama, train_tokenizer
 
@@ -251,6 +251,18 @@ def test_unknown_task_is_named(tasks_dir, colour_tokenizer):
         evaluate_harness(constant_model(colour_tokenizer), colour_tokenizer, "toy_mc", include_path=tasks_dir / "no")
     with pytest.raises(ValueError, match="tokenizer"):
         evaluate_harness(constant_model(colour_tokenizer), None, "toy_mc")
+
+
+@needs_lm_eval
+def test_main_reports_a_bad_task_in_one_line(tasks_dir, colour_tokenizer, tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    constant_model(colour_tokenizer).save_pretrained(model_dir)
+    colour_tokenizer.save_pretrained(model_dir)
+    argv = ["--model", str(model_dir), "--tasks", "toy_mcc", "--output", str(tmp_path / "r.json"),
+            "--include_path", str(tasks_dir), "--no_builtin_tasks"]  # fmt: skip
+    assert main(argv) == 2
+    assert "unknown lm-eval task(s): 'toy_mcc'" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
 
 
 def test_missing_lm_eval_names_the_extra(monkeypatch, colour_tokenizer, tmp_path):

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import random
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -29,7 +30,7 @@ import torch
 from .report import EvalReport, package_version
 from .scoring import eval_mode
 
-__all__ = ["HarnessReport", "add_arguments", "evaluate_from_args", "evaluate_harness", "run_from_args"]
+__all__ = ["HarnessReport", "add_arguments", "evaluate_from_args", "evaluate_harness", "main", "run_from_args"]
 
 BENCHMARK = "lm-eval"
 LM_EVAL_URL = "https://github.com/EleutherAI/lm-evaluation-harness"
@@ -484,3 +485,21 @@ def run_from_args(args: argparse.Namespace) -> int:
     report.print_table()
     print(f"report written to {args.output}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m trl_unlearn.evaluation.harness ...``: the same as ``trl-unlearn eval lm-eval ...``; a data or
+    settings error prints one line and returns 2."""
+    parser = argparse.ArgumentParser(prog="python -m trl_unlearn.evaluation.harness",
+                                     description="lm-eval tasks (WMDP, MMLU, ...) on a saved model; a JSON report")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run_from_args(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
