@@ -1,9 +1,11 @@
-"""Benchmark the LM-head log-prob op: forward + backward of per-token log-probs from hidden states.
+"""Benchmark the LM head + unlearning loss: forward + backward of a SimNPO loss from final hidden states.
 
-Variants (every position scored, labels all valid, the same inputs):
-  naive  full logits -> fp32 log_softmax -> gather (`trl_unlearn.ops.naive_token_logps`)
+Every variant computes the same loss from the same inputs: B sequences of T - 1 scored rows each (labels all valid),
+per-sequence summed label log-probs, SimNPO (beta 2.5) averaged over the B sequences.
+  naive  full logits -> fp32 log_softmax -> gather (`trl_unlearn.ops.naive_token_logps`), then the loss
   trl    `trl.kernels.ChunkedLogProbFunction`, called as `trl.trainer.utils.add_fused_lm_head` calls it off-Triton
-  ours   `trl_unlearn.ops.chunked_token_logps`
+  ours   `trl_unlearn.ops.chunked_token_logps` (per-token log-probs; the head is recomputed in backward)
+  fused  `trl_unlearn.fused_loss.fused_linear_sequence_loss` (the loss and its gradients in the forward pass)
 
 Each (variant, shape, dtype, device) runs in a fresh subprocess: on CPU the peak is `ru_maxrss` minus the resident set
 after the inputs are allocated; on CUDA it is `max_memory_allocated` minus the allocated memory at that point. Both
@@ -13,7 +15,7 @@ in parentheses, as it is less disturbed than wall time when other jobs share the
 and weight bf16 tensors (no autocast). `--frozen-head` leaves the weight without gradient (the LoRA case).
 
     python benchmarks/loss_head.py                       # the default table (fp32 CPU; + bf16 CUDA if available)
-    python benchmarks/loss_head.py --shapes 4x512x1024x128256 --variants ours --chunk-size 512 --repeats 2
+    python benchmarks/loss_head.py --shapes 4x512x1024x128256 --variants ours,fused --chunk-size 512 --repeats 2
 """
 
 import argparse
@@ -37,9 +39,14 @@ def rss_bytes():
 def worker(args):
     """Run one variant in this (fresh) process and print one JSON line."""
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     import trl.trainer.utils  # noqa: F401  (imported before the baseline: every variant pays the same imports)
     from trl.kernels import ChunkedLogProbFunction
 
+    from trl_unlearn import losses
+    from trl_unlearn.fused_loss import fused_linear_sequence_loss
     from trl_unlearn.ops import DEFAULT_CHUNK_SIZE, chunked_token_logps, naive_token_logps
 
     trl_chunk = getattr(trl.trainer.utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", 32768)
@@ -53,17 +60,26 @@ def worker(args):
     weight = torch.randn(V, H, device=device, dtype=dtype).mul_(0.02).requires_grad_(not args.frozen_head)
     labels = torch.randint(0, V, (N,), device=device)
 
+    def seq_loss(seq_logps):  # SimNPO, mean over the B sequences
+        return losses.simnpo_loss(seq_logps, torch.tensor(float(T - 1)), beta=2.5) / B
+
+    def from_token_logps(logp):
+        return seq_loss(logp.view(B, T - 1).sum(-1)).sum()
+
     if args.worker == "naive":
-        def logps():
-            return naive_token_logps(hidden, weight, labels)
+        def loss():
+            return from_token_logps(naive_token_logps(hidden, weight, labels))
     elif args.worker == "trl":
-        def logps():
+        def loss():
             # (hidden, weight, bias, targets, temperature, chunk_size, softcap, logit_scale, outputs)
             out = ChunkedLogProbFunction.apply(hidden, weight, None, labels, 1.0, trl_chunk, None, 1.0, ("log_probs",))
-            return out[0]
+            return from_token_logps(out[0])
+    elif args.worker == "ours":
+        def loss():
+            return from_token_logps(chunked_token_logps(hidden, weight, labels, chunk_size=our_chunk))
     else:
-        def logps():
-            return chunked_token_logps(hidden, weight, labels, chunk_size=our_chunk)
+        def loss():
+            return fused_linear_sequence_loss(hidden, weight, labels, [T - 1] * B, seq_loss, chunk_rows=our_chunk)[0]
 
     def sync():
         if device.type == "cuda":
@@ -78,7 +94,7 @@ def worker(args):
     times, cpu_times = [], []
     for i in range(args.repeats + 1):  # the first call is a warm-up (its memory counts, its time does not)
         t0, c0 = time.perf_counter(), time.process_time()
-        (-logps().mean()).backward()
+        loss().backward()
         sync()
         if i:
             times.append(time.perf_counter() - t0)
@@ -90,17 +106,20 @@ def worker(args):
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     grads = (N * H + (0 if args.frozen_head else V * H)) * hidden.element_size()
     print(json.dumps({"times": times, "cpu_times": cpu_times, "peak": peak, "grads": grads,
-                      "chunk": trl_chunk if args.worker == "trl" else our_chunk if args.worker == "ours" else None}))
+                      "chunk": trl_chunk if args.worker == "trl" else None if args.worker == "naive" else our_chunk}))
 
 
 def run_variant(args, variant, shape, dtype, device):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant, "--shape", shape, "--dtype", dtype,
-           "--device", device, "--repeats", str(args.repeats)]
+           "--device", device, "--repeats", str(args.repeats), "--threads", str(args.threads)]
     if args.chunk_size:
         cmd += ["--chunk-size", str(args.chunk_size)]
     if args.frozen_head:
         cmd.append("--frozen-head")
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
         sys.stderr.write(proc.stderr)
         return None
@@ -116,9 +135,13 @@ def main():
                              "peak): evens out load from other processes on a shared machine")
     parser.add_argument("--dtype", default=None, help="fp32, bf16 or fp32,bf16 (default: fp32 on CPU, bf16 on CUDA)")
     parser.add_argument("--device", default=None, help="cpu, cuda or cpu,cuda (default: cpu, plus cuda if available)")
-    parser.add_argument("--variants", default="naive,trl,ours")
-    parser.add_argument("--chunk-size", type=int, default=None, help="rows per tile for ours (default: the op's)")
+    parser.add_argument("--variants", default="naive,trl,ours,fused")
+    parser.add_argument("--chunk-size", type=int, default=None,
+                        help="rows per tile for ours and fused (default: the ops' 512)")
     parser.add_argument("--frozen-head", action="store_true", help="LM head without gradient (LoRA training)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per worker (0: torch's default). 1 by default: on a shared machine the CPU "
+                             "time of one thread measures the work")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--shape", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -129,7 +152,8 @@ def main():
 
     devices = args.device.split(",") if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     variants = args.variants.split(",")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, repeats={args.repeats}, rounds={args.rounds}"
+    threads = args.threads or torch.get_num_threads()
+    print(f"torch {torch.__version__}, {threads} torch thread(s) per worker, repeats={args.repeats}, rounds={args.rounds}"
           f"{', frozen head' if args.frozen_head else ''}, load average at start {os.getloadavg()[0]:.2f}")
     header = ("| device | dtype | B x T x H x V | variant | chunk | median s (CPU s) | peak MiB | excl. grads MiB "
               "| peak vs naive | excl. grads vs naive | time vs naive (CPU) | time vs TRL (CPU) |")

@@ -12,8 +12,15 @@ Variants (the same Llama, the same seeded TOFU-like data: prompt 15-25 tokens, a
   naive_npo     the same with NPO: a live reference forward (no grad, full logits too) on the forget rows
   naive_simnpo_dyn  (extra, for attribution) naive_simnpo with rows padded to the longest row of their own forward
                  instead of `--max-length`: what is left is the gain of the single forward + chunked LM head alone
+  chunked_simnpo  written here, the trainer's loss path without the trainer: ONE forward over the 4 forget + 4
+                 retain rows padded to the longest of the 8, the backbone's hidden states at the scored positions,
+                 per-token log-probs from `ops.chunked_token_logps` (head recomputed in backward), SimNPO + retain
+                 NLL normalised as the trainer does
+  fused_simnpo   the same with `fused_loss.fused_linear_sequence_loss`: the loss and its gradients in the forward
+  sft            TRL's `SFTTrainer` (completion-only loss, its fused LM head) over exactly the rows of
+                 chunked_simnpo / fused_simnpo: the same 8 rows per step, in order, padded the same way
 
-Trainer variants run `trainer.train()` for `--warmup + --steps` optimizer steps; a callback times each step from
+Trainer variants (simnpo, npo_*, sft) run `trainer.train()` for `--warmup + --steps` optimizer steps; a callback times each step from
 `on_step_begin` to `on_step_end`, i.e. `training_step` (forward + backward) + grad clipping + `optimizer.step()` +
 scheduler + `zero_grad`, not the data loading that precedes it. The naive variants run the same sequence by hand
 with the optimizer the trainer would build (`Trainer.get_optimizer_cls_and_kwargs`: fused AdamW) and
@@ -36,6 +43,12 @@ other jobs load the machine.
     python benchmarks/train_step.py --layers 2 --hidden 256 --heads 4 --intermediate 688 --steps 2 \\
         --variants simnpo,naive_simnpo
     python benchmarks/train_step.py --json out.json      # also write the raw per-variant results
+    python benchmarks/train_step.py --layers 2 --hidden 256 --heads 4 --intermediate 688 --vocab 128256 \
+        --prompt-len 20,40 --answer-len 79,159 --variants simnpo,naive_simnpo_dyn,chunked_simnpo,fused_simnpo,sft
+                                                         # the fused-loss table (issue 10's model and rows)
+
+Every hand-driven variant records its loss: naive_simnpo_dyn, chunked_simnpo and fused_simnpo compute the same loss
+on the same rows from the same initial model, and the driver prints the three.
 """
 
 import argparse
@@ -49,8 +62,9 @@ import subprocess
 import sys
 import time
 
-TRAINER_VARIANTS = ("simnpo", "npo_live", "npo_pre")
+TRAINER_VARIANTS = ("simnpo", "npo_live", "npo_pre", "sft")
 NAIVE_VARIANTS = ("naive_simnpo", "naive_npo", "naive_simnpo_dyn")
+HEAD_VARIANTS = ("chunked_simnpo", "fused_simnpo")
 DEFAULT_VARIANTS = "simnpo,npo_live,npo_pre,naive_simnpo,naive_npo,naive_simnpo_dyn"
 LABELS = {
     "simnpo": "SimNPOTrainer",
@@ -59,6 +73,9 @@ LABELS = {
     "naive_simnpo": "naive SimNPO (pad to max_length)",
     "naive_npo": "naive NPO (pad to max_length, live ref)",
     "naive_simnpo_dyn": "naive SimNPO, padded to longest row",
+    "chunked_simnpo": "SimNPO loss path, chunked op (by hand)",
+    "fused_simnpo": "SimNPO loss path, fused loss (by hand)",
+    "sft": "TRL SFTTrainer, same rows",
 }
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 
@@ -107,11 +124,11 @@ class StepMeter:
         reset_peak()
         self.t0, self.c0 = time.perf_counter(), time.process_time()
 
-    def end(self, tokens):
+    def end(self, tokens, loss=None):
         dt, cpu = time.perf_counter() - self.t0, time.process_time() - self.c0
         hwm = peak_rss()
         self.records.append({"time": dt, "cpu": cpu, "start": self.start - self.origin, "peak": hwm - self.start,
-                             "abs_peak": hwm - self.origin, "tokens": tokens})
+                             "abs_peak": hwm - self.origin, "tokens": tokens, "loss": loss})
 
 
 # ------------------------------------------------------------------------------------------------------- data --
@@ -192,7 +209,9 @@ def run_trainer(args, variant, meter, forget, retain, tokenizer, output_dir):
 
     t0 = time.perf_counter()
     model = build_model(args)
-    if variant == "simnpo":
+    if variant == "sft":
+        trainer = sft_trainer(args, model, forget, retain, tokenizer, output_dir)
+    elif variant == "simnpo":
         trainer = SimNPOTrainer(model=model, args=trainer_args(args, SimNPOConfig, output_dir),
                                 forget_dataset=forget, retain_dataset=retain, processing_class=tokenizer)
     else:
@@ -214,6 +233,26 @@ def run_trainer(args, variant, meter, forget, retain, tokenizer, output_dir):
     setup = time.perf_counter() - t0
     trainer.train()
     return setup
+
+
+def sft_trainer(args, model, forget, retain, tokenizer, output_dir):
+    """`SFTTrainer` whose step k trains on forget rows k*B..(k+1)*B-1 then the same retain rows, in that order."""
+    from datasets import concatenate_datasets
+    from torch.utils.data import SequentialSampler
+    from trl import SFTConfig, SFTTrainer
+
+    B = args.batch
+    steps = len(forget) // B
+    order = [d.select(range(k * B, (k + 1) * B)) for k in range(steps) for d in (forget, retain)]
+
+    class InOrder(SFTTrainer):
+        def _get_train_sampler(self, train_dataset=None):
+            return SequentialSampler(train_dataset or self.train_dataset)
+
+    cfg = trainer_args(args, SFTConfig, output_dir)
+    cfg.per_device_train_batch_size = 2 * B
+    cfg.max_length = None  # no truncation; rows are padded to the longest of the batch
+    return InOrder(model=model, args=cfg, train_dataset=concatenate_datasets(order), processing_class=tokenizer)
 
 
 def naive_logps(model, ids, attention_mask, labels):
@@ -277,11 +316,67 @@ def run_naive(args, variant, meter, forget_rows, retain_rows, output_dir):
         retain_loss = -r_logps.sum() / r_tokens.sum()
         loss = cfg.forget_weight * forget_loss + cfg.retain_weight * retain_loss
         loss.backward()
+        value = loss.item()
         del f_logps, r_logps, loss
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
         model.zero_grad(set_to_none=True)
-        meter.end(tokens)
+        meter.end(tokens, value)
+    return setup
+
+
+def run_head(args, variant, meter, forget_rows, retain_rows, output_dir):
+    """The trainer's loss without the trainer: one forward over forget + retain rows, then the chunked op or the
+    fused loss on the scored positions; SimNPO (mean over forget rows) + retain NLL (mean over retain tokens)."""
+    import torch
+    from transformers import Trainer
+
+    from trl_unlearn import SimNPOConfig, losses
+    from trl_unlearn.fused_loss import fused_linear_sequence_loss
+    from trl_unlearn.ops import chunked_token_logps
+
+    t0 = time.perf_counter()
+    cfg = trainer_args(args, SimNPOConfig, output_dir)
+    model = build_model(args).train()
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    opt_cls, opt_kwargs = Trainer.get_optimizer_cls_and_kwargs(cfg, model)
+    optimizer = opt_cls([p for p in model.parameters() if p.requires_grad], **opt_kwargs)
+    head = model.get_output_embeddings()
+    setup = time.perf_counter() - t0
+    B = args.batch
+    for step in range(args.warmup + args.steps):
+        rows = forget_rows[step * B:(step + 1) * B] + retain_rows[step * B:(step + 1) * B]
+        ids, attention_mask, labels = naive_batch(rows, None, eos=2)  # right-padded to the longest of the 2B rows
+        meter.begin()
+        hidden = model.model(input_ids=ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
+        targets = labels[:, 1:]
+        scored = targets != -100
+        num_tokens = scored.sum(-1)
+        is_forget = torch.arange(2 * B) < B
+        # step-wide counts: one micro-batch per step on one process, so this batch's
+        n_forget, n_retain_tokens = B, num_tokens[B:].sum().float()
+        nt = num_tokens.float().clamp(min=1)
+
+        def seq_loss(logps):
+            forget = losses.simnpo_loss(logps, nt, cfg.beta, cfg.gamma) * (cfg.forget_weight / n_forget)
+            return torch.where(is_forget, forget, -logps * (cfg.retain_weight / n_retain_tokens))
+
+        if variant == "fused_simnpo":
+            loss, _ = fused_linear_sequence_loss(hidden[scored], head.weight, targets[scored], num_tokens, seq_loss,
+                                                 head.bias)
+        else:
+            logp = chunked_token_logps(hidden[scored], head.weight, targets[scored], head.bias)
+            seq_of_row = torch.arange(2 * B)[:, None].expand_as(scored)[scored]
+            loss = seq_loss(logp.new_zeros(2 * B).index_add(0, seq_of_row, logp)).sum()
+        del hidden
+        loss.backward()
+        value = loss.item()
+        del loss
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        meter.end(ids.numel(), value)
     return setup
 
 
@@ -311,6 +406,8 @@ def worker(args):
     with tempfile.TemporaryDirectory() as out:
         if args.worker in TRAINER_VARIANTS:
             setup = run_trainer(args, args.worker, meter, forget, retain, tokenizer, out)
+        elif args.worker in HEAD_VARIANTS:
+            setup = run_head(args, args.worker, meter, forget_rows, retain_rows, out)
         else:
             setup = run_naive(args, args.worker, meter, forget_rows, retain_rows, out)
     timed = meter.records[args.warmup:]
@@ -426,15 +523,18 @@ def main():
                       f"step peak {max(s['peak'] for s in r['steps']) / 2**20:.0f} MiB", flush=True)
             results.append(r)
     merged = merge(results)
-    base = merged.get("naive_simnpo")
+    base_name = "naive_simnpo" if "naive_simnpo" in merged else "naive_simnpo_dyn"
+    base = merged.get(base_name)
+    base_label = "naive SimNPO" if base_name == "naive_simnpo" else "naive SimNPO dyn"
 
-    def ratio(m, key):
-        return f"{m[key] / base[key]:.2f}x" if base and base[key] > 0 else "-"
+    def ratio(m, key, b=None):
+        b = b or base
+        return f"{m[key] / b[key]:.2f}x" if b and b[key] > 0 else "-"
 
     print()
-    print("| variant | tokens/step (rows x T) | median wall s | median CPU s | step peak MiB | static MiB | total MiB "
-          "| CPU time vs naive SimNPO | wall time vs naive SimNPO | step peak vs naive SimNPO "
-          "| total vs naive SimNPO | setup s |")
+    print(f"| variant | tokens/step (rows x T) | median wall s | median CPU s | step peak MiB | static MiB | total MiB "
+          f"| CPU time vs {base_label} | wall time vs {base_label} | step peak vs {base_label} "
+          f"| total vs {base_label} | setup s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for v in variants:
         m = merged.get(v)
@@ -449,6 +549,15 @@ def main():
         print(f"\nNPO (precomputed ref) / SimNPO: CPU time {pre['cpu'] / sim['cpu']:.2f}x, wall time "
               f"{pre['time'] / sim['time']:.2f}x, step peak {pre['peak'] / sim['peak']:.2f}x, total "
               f"{pre['total'] / sim['total']:.2f}x")
+    fused = merged.get("fused_simnpo")
+    for other in ("naive_simnpo_dyn", "chunked_simnpo", "sft"):
+        o = merged.get(other)
+        if fused and o:
+            print(f"fused_simnpo / {other}: CPU time {ratio(fused, 'cpu', o)}, wall time {ratio(fused, 'time', o)}, "
+                  f"step peak {ratio(fused, 'peak', o)}, total {ratio(fused, 'total', o)}")
+    first = {v: m["steps"][0]["loss"] for v, m in merged.items() if m["steps"][0].get("loss") is not None}
+    if first:  # the same loss on the same rows from the same model (first timed step of the first round)
+        print("loss at the first timed step: " + ", ".join(f"{v} {x:.6f}" for v, x in first.items()))
     print(f"load average at end {os.getloadavg()[0]:.2f}")
     if args.json:
         with open(args.json, "w") as f:
