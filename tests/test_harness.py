@@ -240,6 +240,11 @@ def test_model_index(report):
     assert card.to_dict()["model-index"][0]["results"][0]["metrics"][0]["value"] == 0.6
     with pytest.raises(ValueError, match="no accuracy for 'nope'"):
         report.eval_results(["nope"])
+    # a local copy of a Hub dataset names it in its YAML metadata
+    copy = HarnessReport.from_dict(json.loads(json.dumps(report.to_dict())))
+    copy.settings["configs"]["toy_mc"]["metadata"].update(hub_dataset="org/toy", hub_config="colours")
+    dataset = copy.model_index("m", ["toy_mc"])[0]["results"][0]["dataset"]
+    assert (dataset["type"], dataset["config"], dataset["name"]) == ("org/toy", "colours", "toy_mc")
 
 
 @needs_lm_eval

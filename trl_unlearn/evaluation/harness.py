@@ -220,7 +220,10 @@ class HarnessReport(EvalReport):
     # --------------------------------------------------------------------------------------- model card
     def eval_results(self, tasks: Sequence[str] | None = None) -> list:
         """`huggingface_hub.EvalResult` objects (``acc`` and ``acc_norm`` where present) for `tasks` (default: the
-        requested ones): for ``ModelCardData(eval_results=..., model_name=...)``. Values are fractions (0-1)."""
+        requested ones): for ``ModelCardData(eval_results=..., model_name=...)``. Values are fractions (0-1).
+
+        The dataset is the task's Hub ``dataset_path`` / ``dataset_name``; a task on local files names the Hub dataset
+        it copies with ``metadata: {hub_dataset: ..., hub_config: ...}`` in its YAML, else the task name stands in."""
         from huggingface_hub import EvalResult
 
         out = []
@@ -228,11 +231,13 @@ class HarnessReport(EvalReport):
             if f"{name}/acc" not in self.metrics and f"{name}/acc_norm" not in self.metrics:
                 raise ValueError(f"no accuracy for {name!r} in this report (tasks: {sorted(self._reported())})")
             leaves = [self.settings.get("configs", {}).get(t, {}) for t in self._leaves(name)]
-            paths = {c.get("dataset_path") for c in leaves}
+            hub = [c.get("metadata") or {} for c in leaves]  # a local copy of a Hub dataset may name it there
+            paths = {m.get("hub_dataset") or c.get("dataset_path") for c, m in zip(leaves, hub)}
             path = paths.pop() if len(paths) == 1 else None
             multiple_choice = all(c.get("output_type") == "multiple_choice" for c in leaves)
             splits = {c.get("test_split") for c in leaves}
             split = splits.pop() if len(splits) == 1 else None
+            config = (hub[0].get("hub_config") or leaves[0].get("dataset_name")) if len(leaves) == 1 else None
             shots = self._num_fewshot(name)
             for metric in ("acc", "acc_norm"):
                 value = self.metrics.get(f"{name}/{metric}")
@@ -243,7 +248,7 @@ class HarnessReport(EvalReport):
                     task_name="Multiple Choice" if multiple_choice else "Text Generation",
                     dataset_type=path if path and path not in _LOCAL_BUILDERS else name,
                     dataset_name=_PRETTY.get(name, name),
-                    dataset_config=leaves[0].get("dataset_name") if len(leaves) == 1 else None,
+                    dataset_config=config,
                     dataset_split=split,
                     dataset_args=None if shots is None else {"num_few_shot": shots},
                     metric_type=metric,
