@@ -31,7 +31,7 @@ def test_recipes_parse(recipe, monkeypatch):
     example = load_example("tofu" if name.startswith("tofu") else "muse")
     if name.startswith("tofu"):
         args, config, model_args = example.parse(["--config", recipe, "--use_cpu", "true", "--bf16", "false"])
-        assert args.split in name and args.methods in name
+        assert args.forget_split in name and args.methods in name
         assert config.learning_rate in (1e-5, 1e-4) and config.num_train_epochs == 10
         retain = method_config(args.methods, config, "out", args.npo_beta)
         assert retain.retain_weight == 1.0 and (args.methods != "simnpo" or retain.beta in (2.5, 4.5))
@@ -126,5 +126,7 @@ def test_muse_example_runs_on_a_tiny_corpus(tmp_path, tokenizer):
     results = example.main(*parsed)
     assert set(results) == {"SimNPO", "NPO"}
     assert all(m["privleak"] is not None for m in results.values())
-    windows = example.windows(docs, tokenizer, 16)
+    from trl_unlearn.data import text_windows
+
+    windows = text_windows(docs, tokenizer, 16)
     assert all(len(tokenizer(t, add_special_tokens=False)["input_ids"]) <= 16 for t in windows["text"])

@@ -13,7 +13,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["register_eval"]
 
 
-def _add_common_eval_args(p: argparse.ArgumentParser, batch_size: int, max_length: int) -> None:
+def _add_common_eval_args(p: argparse.ArgumentParser, batch_size: int, max_length: int | None) -> None:
     p.add_argument("--model", required=True, help="model folder (or Hub id) to evaluate")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model folder)")
     p.add_argument("--data_dir", required=True, help="benchmark data folder")
@@ -21,7 +21,8 @@ def _add_common_eval_args(p: argparse.ArgumentParser, batch_size: int, max_lengt
     p.add_argument("--batch_size", type=int, default=batch_size, help="scoring batch size (default %(default)s)")
     p.add_argument("--generation_batch_size", type=int, default=None, help="default: --batch_size")
     p.add_argument("--max_length", type=int, default=max_length,
-                   help="max tokens of a scored sequence (default %(default)s)")
+                   help="max tokens of a scored sequence (default %(default)s" + (": whole texts, as muse_bench)"
+                                                                                   if max_length is None else ")"))
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--no_progress", action="store_true", help="hide progress bars")
@@ -114,7 +115,7 @@ def register_eval(subparsers) -> None:
     t.set_defaults(func=_run(_run_eval_tofu))
 
     m = bench.add_parser("muse", help="MUSE: VerbMem, KnowMem, PrivLeak (Min-K%% Prob)")
-    _add_common_eval_args(m, batch_size=8, max_length=2048)
+    _add_common_eval_args(m, batch_size=8, max_length=None)
     m.add_argument("--parts", nargs="+", default=["verbmem", "knowmem", "privleak"],
                    choices=["verbmem", "knowmem", "privleak"])
     ref = m.add_mutually_exclusive_group()
