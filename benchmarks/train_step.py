@@ -20,14 +20,14 @@ Variants (the same Llama, the same seeded TOFU-like data: prompt 15-25 tokens, a
   sft            TRL's `SFTTrainer` (completion-only loss, its fused LM head) over exactly the rows of
                  chunked_simnpo / fused_simnpo: the same 8 rows per step, in order, padded the same way
 
-Trainer variants (simnpo, npo_*, sft) run `trainer.train()` for `--warmup + --steps` optimizer steps; a callback times each step from
-`on_step_begin` to `on_step_end`, i.e. `training_step` (forward + backward) + grad clipping + `optimizer.step()` +
-scheduler + `zero_grad`, not the data loading that precedes it. The naive variants run the same sequence by hand
-with the optimizer the trainer would build (`Trainer.get_optimizer_cls_and_kwargs`: fused AdamW) and
-`max_grad_norm=1.0` clipping. All run fp32, without gradient checkpointing (pass `--gradient-checkpointing` to turn
-it on everywhere); the naive variants call the model without `labels` (passing them, as Trainer-based unlearning
-code usually does, adds the model's own cross-entropy over the full logits: the naive numbers here are, if anything,
-flattering).
+Trainer variants (simnpo, npo_*, sft) run `trainer.train()` for `--warmup + --steps` optimizer steps; a callback
+times each step from `on_step_begin` to `on_step_end`, i.e. `training_step` (forward + backward) + grad clipping +
+`optimizer.step()` + scheduler + `zero_grad`, not the data loading that precedes it. The naive and by-hand variants
+run the same sequence with the optimizer the trainer would build (`Trainer.get_optimizer_cls_and_kwargs`: fused
+AdamW) and `max_grad_norm=1.0` clipping. All run fp32, without gradient checkpointing (pass
+`--gradient-checkpointing` to turn it on everywhere); the naive variants call the model without `labels` (passing
+them, as Trainer-based unlearning code usually does, adds the model's own cross-entropy over the full logits: the
+naive numbers here are, if anything, flattering).
 
 Memory: each variant runs in a fresh subprocess. Before each step the process calls `gc.collect()` and glibc's
 `malloc_trim(0)`, records its resident set (the step baseline: weights, reference, AdamW states, allocator and

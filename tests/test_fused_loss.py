@@ -62,15 +62,16 @@ def test_plan_packs_whole_sequences_under_the_budget():
     assert _plan([], 4) == []
 
 
-@pytest.mark.parametrize("transform", list(TRANSFORMS)[:2])
-@pytest.mark.parametrize("frozen", [False, True], ids=["trainable-head", "frozen-head"])
-def test_gradcheck_float64(transform, frozen):
-    hidden, weight, b, labels = make_inputs(sum(LENGTHS), 5, 11, frozen=frozen)
-    seq_loss = make_seq_loss("simnpo", LENGTHS, IS_FORGET)
+@pytest.mark.parametrize("frozen, transform", [(False, "scale-softcap-temp"), (True, "plain")],
+                         ids=["trainable-head", "frozen-head"])
+def test_gradcheck_float64(frozen, transform):
+    lengths, is_forget = [3, 0, 6, 1], torch.tensor([True, False, True, False])  # 6 rows > chunk_rows=4
+    hidden, weight, b, labels = make_inputs(sum(lengths), 4, 7, frozen=frozen)
+    seq_loss = make_seq_loss("simnpo", lengths, is_forget)
     inputs = (hidden,) if frozen else (hidden, weight, b)
 
     def loss(hidden, weight=weight, b=b):
-        return fused_linear_sequence_loss(hidden, weight, labels, LENGTHS, seq_loss, b, chunk_rows=4,
+        return fused_linear_sequence_loss(hidden, weight, labels, lengths, seq_loss, b, chunk_rows=4,
                                           **TRANSFORMS[transform])[0]
 
     assert torch.autograd.gradcheck(loss, inputs)
@@ -130,8 +131,8 @@ def test_each_row_projected_once_unless_its_sequence_exceeds_the_budget(monkeypa
     for frozen in (False, True):
         hidden, weight, b, labels = make_inputs(sum(LENGTHS), 5, 11, frozen=frozen)
         projected.clear()
-        loss, _ = fused_linear_sequence_loss(hidden, weight, labels, LENGTHS, make_seq_loss("simnpo", LENGTHS, IS_FORGET),
-                                             b, chunk_rows=4)
+        seq_loss = make_seq_loss("simnpo", LENGTHS, IS_FORGET)
+        loss, _ = fused_linear_sequence_loss(hidden, weight, labels, LENGTHS, seq_loss, b, chunk_rows=4)
         assert max(projected) <= 4
         long_rows = 9 + 5
         assert sum(projected) == sum(LENGTHS) + long_rows

@@ -101,6 +101,23 @@ def _plan(lengths, budget):
     return chunks
 
 
+def _chunk_losses(seq_loss, seq_logps, s0, s1, with_grad):
+    """`sum(seq_loss(seq_logps)[s0:s1])` (0-dim, `seq_logps`' dtype) and, if `with_grad`, its gradient `[S]` w.r.t.
+    `seq_logps` (only entries `s0:s1` are meaningful); None otherwise."""
+    with torch.enable_grad():
+        x = seq_logps.detach().clone().requires_grad_(with_grad)
+        out = seq_loss(x)
+        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"seq_loss must return a tensor of shape {tuple(x.shape)} (one loss per sequence), "
+                             f"got {got}.")
+        part = out[s0:s1].sum().to(x.dtype)
+        grad = None
+        if with_grad:
+            grad = torch.autograd.grad(part, x)[0] if part.requires_grad else torch.zeros_like(x)
+    return part.detach(), grad
+
+
 class FusedLinearSequenceLoss(torch.autograd.Function):
     """`apply(hidden, weight, bias, labels, lengths (tuple of ints), seq_loss, chunk_rows, logit_scale, softcap,
     temperature, needs_grad (3 bools: hidden, weight, bias))` -> `(loss, seq_logps)`; see the module docstring."""
@@ -119,27 +136,13 @@ class FusedLinearSequenceLoss(torch.autograd.Function):
         n_rows, n_seqs = hidden.shape[0], len(lengths)
         chunks = _plan(lengths, chunk_rows)
         seq_logps = torch.zeros(n_seqs, device=device, dtype=acc)
-        seq_of_row = torch.repeat_interleave(torch.arange(n_seqs, device=device), torch.tensor(lengths, dtype=torch.long).to(device))
+        seq_of_row = torch.repeat_interleave(torch.arange(n_seqs), torch.tensor(lengths, dtype=torch.long)).to(device)
         total = torch.zeros((), device=device, dtype=acc)
         grad_hidden = torch.empty_like(hidden) if need_h else None
-        grad_weight = (torch.empty if n_rows else torch.zeros)(weight.shape, device=device, dtype=acc) if need_w else None
+        new = torch.empty if n_rows else torch.zeros  # grad_weight is written (not added to) by the first tile
+        grad_weight = new(weight.shape, device=device, dtype=acc) if need_w else None
         grad_bias = torch.zeros(bias.shape, device=device, dtype=acc) if need_b else None
-        first = True  # grad_weight not written yet (`_addmm_fp32_` then overwrites it)
-
-        def losses_of(s0, s1):
-            """Value and `d/d seq_logps` (None without gradients) of `sum(seq_loss(seq_logps)[s0:s1])`."""
-            with torch.enable_grad():
-                x = seq_logps.detach().clone().requires_grad_(any(needs_grad))
-                out = seq_loss(x)
-                if not isinstance(out, torch.Tensor) or out.shape != (n_seqs,):
-                    got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                    raise ValueError(f"seq_loss must return a tensor of shape ({n_seqs},) (one loss per sequence), "
-                                     f"got {got}.")
-                part = out[s0:s1].sum().to(acc)
-                grad = None
-                if x.requires_grad:
-                    grad = torch.autograd.grad(part, x)[0] if part.requires_grad else torch.zeros_like(x)
-            return part.detach(), grad
+        first = True  # grad_weight not written yet
 
         with _gather_ctx(weight, bias), torch.autocast(device.type, enabled=False):
             w = weight.to(dtype)
@@ -165,7 +168,9 @@ class FusedLinearSequenceLoss(torch.autograd.Function):
                 if need_b:
                     grad_bias.add_(g.sum(dim=0))
                 g = tile[: r1 - r0].copy_(g) if tile32 is not tile else g  # back to the GEMM dtype
-                if need_h:
+                if need_h and grad_hidden.dtype == dtype:
+                    torch.mm(g, w, out=grad_hidden[r0:r1])
+                elif need_h:  # autocast: the GEMM in its dtype, the gradient in hidden's
                     grad_hidden[r0:r1] = g @ w
                 if need_w:
                     _addmm_fp32_(grad_weight, g.t(), hidden[r0:r1].to(dtype), first=first)
@@ -176,14 +181,14 @@ class FusedLinearSequenceLoss(torch.autograd.Function):
                     p, slope, logp = tile_forward(r0, r1) if r1 > r0 else (None, None, None)
                     if logp is not None:
                         seq_logps.index_add_(0, seq_of_row[r0:r1], logp)
-                    value, grad = losses_of(s0, s1)
+                    value, grad = _chunk_losses(seq_loss, seq_logps, s0, s1, any(needs_grad))
                     if grad is not None and r1 > r0:
                         tile_backward(r0, r1, p, slope, grad[seq_of_row[r0:r1]])
                 else:  # one sequence over several tiles: sum its log-probs first, then differentiate each tile
                     tiles = [(a, min(a + chunk_rows, r1)) for a in range(r0, r1, chunk_rows)]
                     for a, c in tiles:
                         seq_logps[s0] += tile_forward(a, c)[2].sum()
-                    value, grad = losses_of(s0, s1)
+                    value, grad = _chunk_losses(seq_loss, seq_logps, s0, s1, any(needs_grad))
                     if grad is not None:
                         for a, c in tiles:
                             p, slope, _ = tile_forward(a, c)
@@ -237,7 +242,8 @@ def fused_linear_sequence_loss(
         n_rows, vocab = hidden.shape[0], weight.shape[0]
         if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
             raise ValueError(f"hidden must be [N, H] and weight [V, H], got {tuple(hidden.shape)} and "
-                             f"{tuple(weight.shape)} (pass the scored rows only: hidden[:, :-1][labels[:, 1:] != -100])")
+                             f"{tuple(weight.shape)} (pass the scored rows only: "
+                             "hidden[:, :-1][labels[:, 1:] != -100])")
         if labels.shape != (n_rows,):
             raise ValueError(f"labels must be [N] = [{n_rows}], one per row of hidden, got {tuple(labels.shape)}")
         lengths = torch.as_tensor(seq_lengths).reshape(-1).long()
