@@ -1,7 +1,9 @@
 """Forget and retain data: files and TRL dataset formats in, one padded forget+retain batch out.
 
-Files: TOFU's layout (`load_tofu_split`, `write_tofu_layout`: JSON lines per split); QA rows become TRL rows with
-the ONE plain prompt template `PROMPT_TEMPLATE` (`qa_to_trl`) or as conversational rows for a chat template.
+Files: TOFU's layout (`load_tofu_split`, `write_tofu_layout`: JSON lines per split) and raw-text corpora
+(`load_text_corpus`, `text_windows`). QA rows become TRL rows with the ONE plain prompt template `PROMPT_TEMPLATE`
+(`qa_to_trl`) or conversational rows for a chat template; for scoring, a `PromptFormat` (the same template, or the
+chat template) turns QA pairs into token ids (`encode_pairs`) and right-padded batches (`pad_batch`).
 
 Accepted formats (TRL's, standard or conversational):
 - language modeling: `text` or `messages`; every token after the first is scored;
@@ -17,7 +19,7 @@ their retain rows into ONE right-padded batch (padded to the longest row, never 
 import json
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
 """The plain prompt of QA data (TOFU's); the completion is `" " + answer`."""
+PLAIN_TEMPLATE = PROMPT_TEMPLATE
 
 FORMATS = {
     "language_modeling": "`text` (or `messages`)",
@@ -139,6 +142,114 @@ def text_windows(texts: Iterable[str], tokenizer, max_length: int) -> Dataset:
     size = max_length - 1
     chunks = [ids[i : i + size] for i in range(0, len(ids), size)]
     return Dataset.from_dict({"text": [tokenizer.decode(c, skip_special_tokens=True) for c in chunks if len(c) > 1]})
+
+
+# ------------------------------------------------------------------------------------------- QA pairs for scoring --
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a question becomes prompt token ids, and what goes before a scored answer.
+
+    `template` None means the tokenizer's chat template (one user turn, `add_generation_prompt=True`, rendered to
+    text and tokenised without adding special tokens, since templates write their own BOS). Otherwise `template`
+    is a format string with a ``{question}`` field, tokenised with the tokenizer's special tokens (BOS if it adds
+    one). `answer_prefix` is prepended to each scored answer (``" "`` after ``"Answer:"``).
+    """
+
+    template: str | None
+    answer_prefix: str = ""
+
+    @property
+    def name(self) -> str:
+        """The description recorded in reports: ``"chat_template"`` or the template string."""
+        return "chat_template" if self.template is None else self.template
+
+    def prompt_ids(self, tokenizer, question: str) -> list[int]:
+        if self.template is None:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
+            )
+            return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(tokenizer(self.template.format(question=question), add_special_tokens=True)["input_ids"])
+
+    def answer_ids(self, tokenizer, answer: str) -> list[int]:
+        ids = list(tokenizer(self.answer_prefix + answer, add_special_tokens=False)["input_ids"])
+        if tokenizer.eos_token_id is not None:
+            ids.append(tokenizer.eos_token_id)
+        return ids
+
+
+def resolve_prompt_format(tokenizer, prompt_format: str | PromptFormat = "auto") -> PromptFormat:
+    """`"auto"` (chat template if the tokenizer has one, else `"plain"`), `"chat"`, `"plain"`
+    (``"Question: {question}\\nAnswer:"``, answers after a space), `"raw"` (the text itself is the prompt: plain
+    continuation, nothing in between), or any format string containing ``{question}`` (answers after a space when
+    it does not end in whitespace)."""
+    if isinstance(prompt_format, PromptFormat):
+        return prompt_format
+    if prompt_format == "auto":
+        prompt_format = "chat" if getattr(tokenizer, "chat_template", None) else "plain"
+    if prompt_format == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("prompt_format='chat' but the tokenizer has no chat template")
+        return PromptFormat(None, "")
+    if prompt_format == "plain":
+        return PromptFormat(PLAIN_TEMPLATE, " ")
+    if prompt_format == "raw":
+        return PromptFormat("{question}", "")
+    if prompt_format == "chat_template":  # the recorded name of the chat format
+        return resolve_prompt_format(tokenizer, "chat")
+    if "{question}" not in prompt_format:
+        raise ValueError(
+            f"prompt_format must be 'auto', 'chat', 'plain', 'raw' or a string with a '{{question}}' field, "
+            f"got {prompt_format!r}"
+        )
+    return PromptFormat(prompt_format, "" if prompt_format[-1:].isspace() else " ")
+
+
+def _item_name(names: Sequence[str] | None, i: int) -> str:
+    return names[i] if names is not None else f"item {i}"
+
+
+def pad_batch(sequences: Sequence[list[int]], starts: Sequence[int], pad: int, device):
+    """Right-padded `(input_ids, attention_mask, labels)` `[B, T]`: `labels` keeps `sequences[i][starts[i]:]`,
+    -100 elsewhere."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
+    attn = torch.zeros((len(sequences), width), dtype=torch.long)
+    labels = torch.full((len(sequences), width), -100, dtype=torch.long)
+    for r, (seq, start) in enumerate(zip(sequences, starts)):
+        t = torch.tensor(seq, dtype=torch.long)
+        ids[r, : len(seq)] = t
+        attn[r, : len(seq)] = 1
+        labels[r, start : len(seq)] = t[start:]
+    return ids.to(device), attn.to(device), labels.to(device)
+
+
+def encode_pairs(tokenizer, fmt: PromptFormat, questions, answers, max_length: int, names=None):
+    """`(sequences, starts)`: `prompt_ids(question) + answer_ids(answer)` (EOS included) cut on the right to
+    `max_length`, and where each answer starts. A pair left with no answer token raises `ValueError` naming it."""
+    prompt_cache: dict[str, list[int]] = {}
+    sequences, starts = [], []
+    for i, (q, a) in enumerate(zip(questions, answers)):
+        if not isinstance(q, str) or not isinstance(a, str):
+            raise TypeError(f"{_item_name(names, i)}: question and answer must be strings, got {q!r}, {a!r}")
+        if q not in prompt_cache:
+            prompt_cache[q] = fmt.prompt_ids(tokenizer, q)
+        p = prompt_cache[q]
+        seq = (p + fmt.answer_ids(tokenizer, a))[:max_length]
+        if len(seq) <= len(p) or len(p) == 0:
+            why = (
+                f"the prompt alone is {len(p)} tokens and max_length is {max_length}"
+                if len(p) >= max_length
+                else "the prompt is empty"
+                if len(p) == 0
+                else "the answer has no tokens"
+            )
+            raise ValueError(f"{_item_name(names, i)}: no answer token left to score ({why})")
+        sequences.append(seq)
+        starts.append(len(p))
+    return sequences, starts
 
 
 # -------------------------------------------------------------------------------------------------------- formats --

@@ -40,7 +40,8 @@ import trl_unlearn.evaluation.metrics as M
 from ..modeling import forward_logps
 from .probes import probe_metrics, qa_pairs
 from .report import EvalReport, json_safe, load_json, package_version, save_json
-from .scoring import PromptFormat, _model_device, _pad_id, encode_pairs, eval_mode, pad_batch, resolve_prompt_format
+from ..data import PromptFormat, encode_pairs, pad_batch, resolve_prompt_format
+from .scoring import _model_device, _pad_id, eval_mode
 
 __all__ = [
     "RELEARN_FORMAT_VERSION",

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..data import PROMPT_TEMPLATE
+from ..data import PLAIN_TEMPLATE, PromptFormat, _item_name, encode_pairs, pad_batch, resolve_prompt_format
 from ..modeling import forward_logps, head_logits, scored_hidden
 
 __all__ = [
@@ -39,70 +39,6 @@ __all__ = [
     "pad_batch",
 ]
 
-PLAIN_TEMPLATE = PROMPT_TEMPLATE
-
-
-# ------------------------------------------------------------------------------------------------ prompt format
-
-
-@dataclass(frozen=True)
-class PromptFormat:
-    """How a question becomes prompt token ids, and what goes before a scored answer.
-
-    `template` None means the tokenizer's chat template (one user turn, `add_generation_prompt=True`, rendered to
-    text and tokenised without adding special tokens, since templates write their own BOS). Otherwise `template`
-    is a format string with a ``{question}`` field, tokenised with the tokenizer's special tokens (BOS if it adds
-    one). `answer_prefix` is prepended to each scored answer (``" "`` after ``"Answer:"``).
-    """
-
-    template: str | None
-    answer_prefix: str = ""
-
-    @property
-    def name(self) -> str:
-        """The description recorded in reports: ``"chat_template"`` or the template string."""
-        return "chat_template" if self.template is None else self.template
-
-    def prompt_ids(self, tokenizer, question: str) -> list[int]:
-        if self.template is None:
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
-            )
-            return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-        return list(tokenizer(self.template.format(question=question), add_special_tokens=True)["input_ids"])
-
-    def answer_ids(self, tokenizer, answer: str) -> list[int]:
-        ids = list(tokenizer(self.answer_prefix + answer, add_special_tokens=False)["input_ids"])
-        if tokenizer.eos_token_id is not None:
-            ids.append(tokenizer.eos_token_id)
-        return ids
-
-
-def resolve_prompt_format(tokenizer, prompt_format: str | PromptFormat = "auto") -> PromptFormat:
-    """`"auto"` (chat template if the tokenizer has one, else `"plain"`), `"chat"`, `"plain"`
-    (``"Question: {question}\\nAnswer:"``, answers after a space), `"raw"` (the text itself is the prompt: plain
-    continuation, nothing in between), or any format string containing ``{question}`` (answers after a space when
-    it does not end in whitespace)."""
-    if isinstance(prompt_format, PromptFormat):
-        return prompt_format
-    if prompt_format == "auto":
-        prompt_format = "chat" if getattr(tokenizer, "chat_template", None) else "plain"
-    if prompt_format == "chat":
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("prompt_format='chat' but the tokenizer has no chat template")
-        return PromptFormat(None, "")
-    if prompt_format == "plain":
-        return PromptFormat(PLAIN_TEMPLATE, " ")
-    if prompt_format == "raw":
-        return PromptFormat("{question}", "")
-    if prompt_format == "chat_template":  # the recorded name of the chat format
-        return resolve_prompt_format(tokenizer, "chat")
-    if "{question}" not in prompt_format:
-        raise ValueError(
-            f"prompt_format must be 'auto', 'chat', 'plain', 'raw' or a string with a '{{question}}' field, "
-            f"got {prompt_format!r}"
-        )
-    return PromptFormat(prompt_format, "" if prompt_format[-1:].isspace() else " ")
 
 
 # -------------------------------------------------------------------------------------------------------- scoring
@@ -198,47 +134,6 @@ def _vocab_stats(model, input_ids, attention_mask, labels, chunk_elements: int =
     return scatter(lp), scatter(mu), scatter(sg)
 
 
-def pad_batch(sequences: Sequence[list[int]], starts: Sequence[int], pad: int, device):
-    """Right-padded `(input_ids, attention_mask, labels)` `[B, T]`: `labels` keeps `sequences[i][starts[i]:]`,
-    -100 elsewhere."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad, dtype=torch.long)
-    attn = torch.zeros((len(sequences), width), dtype=torch.long)
-    labels = torch.full((len(sequences), width), -100, dtype=torch.long)
-    for r, (seq, start) in enumerate(zip(sequences, starts)):
-        t = torch.tensor(seq, dtype=torch.long)
-        ids[r, : len(seq)] = t
-        attn[r, : len(seq)] = 1
-        labels[r, start : len(seq)] = t[start:]
-    return ids.to(device), attn.to(device), labels.to(device)
-
-
-def encode_pairs(tokenizer, fmt: PromptFormat, questions, answers, max_length: int, names=None):
-    """`(sequences, starts)`: `prompt_ids(question) + answer_ids(answer)` (EOS included) cut on the right to
-    `max_length`, and where each answer starts. A pair left with no answer token raises `ValueError` naming it."""
-    prompt_cache: dict[str, list[int]] = {}
-    sequences, starts = [], []
-    for i, (q, a) in enumerate(zip(questions, answers)):
-        if not isinstance(q, str) or not isinstance(a, str):
-            raise TypeError(f"{_item_name(names, i)}: question and answer must be strings, got {q!r}, {a!r}")
-        if q not in prompt_cache:
-            prompt_cache[q] = fmt.prompt_ids(tokenizer, q)
-        p = prompt_cache[q]
-        seq = (p + fmt.answer_ids(tokenizer, a))[:max_length]
-        if len(seq) <= len(p) or len(p) == 0:
-            why = (
-                f"the prompt alone is {len(p)} tokens and max_length is {max_length}"
-                if len(p) >= max_length
-                else "the prompt is empty"
-                if len(p) == 0
-                else "the answer has no tokens"
-            )
-            raise ValueError(f"{_item_name(names, i)}: no answer token left to score ({why})")
-        sequences.append(seq)
-        starts.append(len(p))
-    return sequences, starts
-
-
 def _score_encoded(
     model,
     tokenizer,
@@ -295,10 +190,6 @@ def _score_encoded(
         token_mu=tok_mu if vocab_stats else None,
         token_sigma=tok_sg if vocab_stats else None,
     )
-
-
-def _item_name(names: Sequence[str] | None, i: int) -> str:
-    return names[i] if names is not None else f"item {i}"
 
 
 def score_answers(
