@@ -191,3 +191,24 @@ def test_help_imports_nothing_heavy():
             "print(sorted(m for m in ('torch', 'transformers', 'trl', 'datasets') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_readme_quick_start_runs_as_written_on_cpu(files, tmp_path, monkeypatch):
+    """The README's Python quick start, with only the model and data paths filled in (and no Hub push)."""
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    section = readme.split("## Quick start (drop-in)", 1)[1]
+    code = section.split("```python", 1)[1].split("```", 1)[0]
+    data = tmp_path / "tofu"
+    data.mkdir()
+    for split in ("forget10", "retain90"):
+        rows = [json.loads(line) for line in open(os.path.join(files["tofu"], f"{split}.json"))][:8]
+        (data / f"{split}.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert "path/or/hub-id-of-your-finetuned-model" in code and "trainer.push_to_hub()" in code
+    code = code.replace("path/or/hub-id-of-your-finetuned-model", files["model"]).replace("trainer.push_to_hub()", "")
+    code = code.replace('"tofu/', f'"{data}/')
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(code, "README quick start", "exec"), namespace)
+    trainer = namespace["trainer"]
+    assert trainer.state.global_step > 0 and (torch.cuda.is_available() or trainer.args.bf16 is False)
+    assert (tmp_path / "out" / "README.md").is_file()
