@@ -14,6 +14,7 @@ import argparse
 import importlib.util
 import json
 import math
+import subprocess
 import sys
 
 import pytest
@@ -315,3 +316,19 @@ def test_argument_parsing():
     assert parser.parse_args(["--model", "m", "--tasks", "a", "--output", "o", "--limit", "10"]).limit == 10
     with pytest.raises(SystemExit):
         parser.parse_args(["--model", "m", "--tasks", "a", "--output", "o", "--batch_size", "big"])
+
+
+def test_harness_module_imports_nothing_heavy():
+    """harness.py alone (without the evaluation package's __init__) builds its parser without torch, transformers,
+    datasets or lm-eval: the command line can register `eval lm-eval` and stay light for --help."""
+    code = (
+        "import argparse, os, sys, types\nimport trl_unlearn\n"
+        "pkg = types.ModuleType('trl_unlearn.evaluation')\n"
+        "pkg.__path__ = [os.path.join(os.path.dirname(trl_unlearn.__file__), 'evaluation')]\n"
+        "sys.modules['trl_unlearn.evaluation'] = pkg\n"
+        "from trl_unlearn.evaluation.harness import add_arguments\n"
+        "p = argparse.ArgumentParser(); add_arguments(p); p.format_help()\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'trl', 'datasets', 'lm_eval') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -25,10 +25,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 
 from .report import EvalReport, package_version
-from .scoring import eval_mode
+
+# torch, transformers and lm-eval are imported where used: building the command line's parser stays light
 
 __all__ = ["HarnessReport", "add_arguments", "evaluate_from_args", "evaluate_harness", "main", "run_from_args"]
 
@@ -124,7 +124,7 @@ class HarnessReport(EvalReport):
             "configs": configs,
             "lm_eval_version": _version("lm_eval"),
             "transformers_version": _version("transformers"),
-            "torch_version": torch.__version__,
+            "torch_version": _version("torch"),
             "package_version": package_version(),
         }
         return cls(benchmark=BENCHMARK, metrics=metrics, per_item=per_item, settings=settings)
@@ -304,6 +304,7 @@ def _load_model_and_tokenizer(model_path: str, tokenizer_path: str | None = None
     """`AutoModelForCausalLM` from `model_path` in eval mode on `device` (default: CUDA when available), and its
     tokenizer (`PreTrainedTokenizerFast` when the folder has a ``tokenizer.json``, else `AutoTokenizer`).
     The same as the command line's loader, kept here while the CLI package moves."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
     tokenizer_path = tokenizer_path or model_path
@@ -367,6 +368,10 @@ def evaluate_harness(
     torch RNG states are restored afterwards (lm-eval seeds them globally).
     """
     lm_eval, HFLM, TaskManager = _import_lm_eval()
+    import torch
+
+    from .scoring import eval_mode
+
     names = _task_list(tasks)
     paths = _include_paths(include_path)
     reserved = {"model", "tasks", "task_manager", "limit", "batch_size", "num_fewshot", "log_samples"}
