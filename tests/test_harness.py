@@ -260,11 +260,9 @@ def test_unknown_task_is_named(tasks_dir, colour_tokenizer):
 
 
 @needs_lm_eval
-def test_main_reports_a_bad_task_in_one_line(tasks_dir, colour_tokenizer, tmp_path, capsys):
-    model_dir = tmp_path / "model"
-    constant_model(colour_tokenizer).save_pretrained(model_dir)
-    colour_tokenizer.save_pretrained(model_dir)
-    argv = ["--model", str(model_dir), "--tasks", "toy_mcc", "--output", str(tmp_path / "r.json"),
+def test_main_reports_a_bad_task_in_one_line(tasks_dir, tmp_path, capsys):
+    """The task names are checked before the model is loaded (here there is no model to load)."""
+    argv = ["--model", str(tmp_path / "no_model"), "--tasks", "toy_mcc", "--output", str(tmp_path / "r.json"),
             "--include_path", str(tasks_dir), "--no_builtin_tasks"]  # fmt: skip
     assert main(argv) == 2
     assert "unknown lm-eval task(s): 'toy_mcc'" in capsys.readouterr().err

@@ -300,21 +300,22 @@ def _per_item(samples: Sequence[Mapping[str, Any]], output_type: str | None) -> 
 # ------------------------------------------------------------------------------------------------- running
 
 
-def _load_model_and_tokenizer(model_path: str, tokenizer_path: str | None = None, dtype: str = "auto", device=None):
-    """`AutoModelForCausalLM` from `model_path` in eval mode on `device` (default: CUDA when available), and its
-    tokenizer (`PreTrainedTokenizerFast` when the folder has a ``tokenizer.json``, else `AutoTokenizer`).
-    The same as the command line's loader, kept here while the CLI package moves."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+def _load_tokenizer(path: str):
+    """`PreTrainedTokenizerFast` when the folder has a ``tokenizer.json``, else `AutoTokenizer` (as the CLI does)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    tokenizer_path = tokenizer_path or model_path
-    if os.path.isfile(os.path.join(tokenizer_path, "tokenizer.json")):
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_path)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
-    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
-    return model, tokenizer
+    if os.path.isfile(os.path.join(path, "tokenizer.json")):
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _load_model(path: str, dtype: str = "auto", device: str | None = None):
+    """`AutoModelForCausalLM` from `path` in eval mode on `device` (default: CUDA when available)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
+    return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
 
 
 def _task_list(tasks: str | Sequence[str]) -> list[str]:
@@ -356,7 +357,8 @@ def evaluate_harness(
     """Run lm-eval `tasks` on a causal LM and return a `HarnessReport`.
 
     `model`: a loaded ``transformers`` causal LM (then `tokenizer` is required; `device` and `dtype` are ignored) or a
-    model folder / Hub id (loaded with ``AutoModelForCausalLM`` on `device` in `dtype`). `tasks`: lm-eval task or
+    model folder / Hub id (loaded with ``AutoModelForCausalLM`` on `device` in `dtype`, after the task names are
+    checked). `tokenizer`: a tokenizer or its folder (default for a model folder: that folder). `tasks`: lm-eval task or
     group names, a list or a comma-separated string. `include_path`: folder(s) of extra task YAML files (local data:
     docs/wmdp.md); `include_defaults=False` indexes only those (skips lm-eval's ~14k built-in task files). `limit`:
     documents per task (an int, or a fraction < 1); for smoke tests only. `num_fewshot`: overrides the tasks' default
@@ -380,17 +382,13 @@ def evaluate_harness(
     if isinstance(batch_size, str) and not batch_size.startswith("auto"):
         raise ValueError(f"batch_size must be an int or 'auto', got {batch_size!r}")
 
-    if isinstance(model, (str, os.PathLike)):
-        model_name = model_name or os.fspath(model)
-        loaded, loaded_tok = _load_model_and_tokenizer(os.fspath(model), None, dtype, device)
-        model, tokenizer = loaded, tokenizer or loaded_tok
-    elif tokenizer is None:
+    from_path = isinstance(model, (str, os.PathLike))
+    if not from_path and tokenizer is None:
         raise ValueError("evaluate_harness: pass the tokenizer with an in-memory model")
-    model_name = model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
 
     task_manager = TaskManager(include_path=paths or None, include_defaults=include_defaults)
     unknown = [t for t in names if t not in task_manager.all_tasks]
-    if unknown:
+    if unknown:  # before loading a model
         import difflib
 
         hints = {t: difflib.get_close_matches(t, task_manager.all_tasks, n=3) for t in unknown}
@@ -399,6 +397,13 @@ def evaluate_harness(
             + "; ".join(f"{t!r}" + (f" (did you mean {', '.join(h)}?)" if h else "") for t, h in hints.items())
             + ("" if paths else " — local task YAMLs need include_path")
         )
+
+    if isinstance(tokenizer, (str, os.PathLike)) or (from_path and tokenizer is None):
+        tokenizer = _load_tokenizer(os.fspath(model if tokenizer is None else tokenizer))
+    if from_path:
+        model_name = model_name or os.fspath(model)
+        model = _load_model(os.fspath(model), dtype, device)
+    model_name = model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
 
     rng = random.getstate(), np.random.get_state()
     cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
@@ -472,19 +477,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def evaluate_from_args(args: argparse.Namespace) -> HarnessReport:
-    """Load ``args.model`` and run `evaluate_harness` with the `add_arguments` options."""
-    _import_lm_eval()  # fail before loading a large model
-    model, tokenizer = _load_model_and_tokenizer(args.model, args.tokenizer, args.dtype, args.device)
+    """`evaluate_harness` on ``args.model`` with the `add_arguments` options (tasks are checked before the model is
+    loaded)."""
     return evaluate_harness(
-        model,
-        tokenizer,
+        args.model,
+        args.tokenizer,
         args.tasks,
         include_path=args.include_path,
         include_defaults=not args.no_builtin_tasks,
         limit=args.limit,
         batch_size=args.batch_size,
         num_fewshot=args.num_fewshot,
-        model_name=args.model,
+        device=args.device,
+        dtype=args.dtype,
     )
 
 
