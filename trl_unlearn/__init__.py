@@ -1,4 +1,4 @@
-"""trl-unlearn: LLM unlearning (SimNPO, NPO, GA, GradDiff) as drop-in Hugging Face TRL trainers.
+"""trl-unlearn: LLM unlearning (SimNPO, NPO, GA, GradDiff, RMU) as drop-in Hugging Face TRL trainers.
 
 The public names below load on first use (as in transformers and TRL), so `trl-unlearn --help` starts at once.
 """
@@ -10,6 +10,7 @@ __version__ = "0.1.0.dev0"
 _EXPORTS = {
     "config": ["SimNPOConfig", "NPOConfig", "GradAscentConfig", "GradDiffConfig", "UnlearningConfig"],
     "trainer": ["SimNPOTrainer", "NPOTrainer", "GradAscentTrainer", "GradDiffTrainer", "UnlearningTrainer"],
+    "rmu": ["RMUConfig", "RMUTrainer"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)

@@ -73,6 +73,7 @@ class UnlearningTrainer(DPOTrainer):
 
     config_class = UnlearningConfig
     forget_needs_reference = False  # does the forget term compare against π_ref?
+    retain_needs_reference = False  # does the retain term always compare against π_ref (RMU), whatever its type?
     token_level_forget = False  # forget term normalised by tokens (GA) rather than by samples
     _tag_names = ["trl", "trl-unlearn", "unlearning"]
     _name = "Unlearning"
@@ -110,7 +111,8 @@ class UnlearningTrainer(DPOTrainer):
         uses_peft = peft_config is not None or (not isinstance(model, str) and is_peft_model(model))
         self.retain_kl = args.retain_weight > 0 and args.retain_loss_type == "kl"
         self.reference_plan = plan_reference(
-            forget_needs_reference=self.forget_needs_reference, retain_kl=self.retain_kl,
+            forget_needs_reference=self.forget_needs_reference,
+            retain_kl=self.retain_kl or (self.retain_needs_reference and args.retain_weight > 0),
             precompute=args.precompute_ref_log_probs, has_ref_model=ref_model is not None, uses_peft=uses_peft,
             model_is_instance=not isinstance(model, str), method=type(self).__name__,
         )
@@ -371,8 +373,19 @@ class UnlearningTrainer(DPOTrainer):
         mode = "train" if self.model.training else "eval"
         stats = torch.cat([stats, torch.isfinite(loss.detach()).float().reshape(1)])
         rows = self.accelerator.gather(stats[None]).cpu()
-        f_term, r_term, has_retain, f_sum, f_tok, r_sum, r_tok, w_sum, n_forget, finite = rows.unbind(-1)
-        metrics = self._metrics[mode]
+        self._log_metrics(self._metrics[mode], rows[:, :-1])
+        if mode == "train" and not rows[:, -1].all():
+            last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+            raise FloatingPointError(
+                f"Non-finite unlearning loss at step {self.state.global_step + 1}; stopped before applying it. "
+                f"Last good checkpoint: {last or 'none saved yet'}. Lower the learning rate or `beta`, or check "
+                "the data; resume with `trainer.train(resume_from_checkpoint=...)`."
+            )
+
+    def _log_metrics(self, metrics, rows):
+        """Append one micro-batch's metrics from `rows` `[world_size, S]`: the `_unlearning_loss` statistics of
+        every rank."""
+        f_term, r_term, has_retain, f_sum, f_tok, r_sum, r_tok, w_sum, n_forget = rows.unbind(-1)
         metrics["forget/loss"].append(f_term.mean().item())
         metrics["forget/logps_per_token"].append((f_sum.sum() / f_tok.sum().clamp(min=1)).item())
         metrics["num_tokens/forget"].append(f_tok.sum().item())
@@ -381,13 +394,6 @@ class UnlearningTrainer(DPOTrainer):
             metrics["retain/loss"].append(r_term.mean().item())
             metrics["retain/logps_per_token"].append((r_sum.sum() / r_tok.sum().clamp(min=1)).item())
             metrics["num_tokens/retain"].append(r_tok.sum().item())
-        if mode == "train" and not finite.all():
-            last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
-            raise FloatingPointError(
-                f"Non-finite unlearning loss at step {self.state.global_step + 1}; stopped before applying it. "
-                f"Last good checkpoint: {last or 'none saved yet'}. Lower the learning rate or `beta`, or check "
-                "the data; resume with `trainer.train(resume_from_checkpoint=...)`."
-            )
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         if eval_dataset is not None and not isinstance(eval_dataset, str):

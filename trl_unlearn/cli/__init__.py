@@ -1,6 +1,6 @@
 """The `trl-unlearn` command, the package's only command line.
 
-    trl-unlearn simnpo|npo|gradascent|graddiff --model_name_or_path M --dataset_name D [--config recipe.yaml] ...
+    trl-unlearn simnpo|npo|gradascent|graddiff|rmu --model_name_or_path M --dataset_name D [--config recipe.yaml] ...
     trl-unlearn eval tofu --model PATH --data_dir DIR --split forget10 --output report.json [--retain_report R]
     trl-unlearn eval muse --model PATH --data_dir DIR --output report.json [--auc_retrain X | --retrain_report R]
     trl-unlearn relearn --model PATH --data_dir DIR --split forget10 --output curve.json
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 __all__ = ["METHOD_NAMES", "build_parser", "main"]
 
-METHOD_NAMES = ("simnpo", "npo", "gradascent", "graddiff")
+METHOD_NAMES = ("simnpo", "npo", "gradascent", "graddiff", "rmu")
 
 
 def _register_train(subparsers) -> None:

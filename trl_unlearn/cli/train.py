@@ -1,4 +1,4 @@
-"""`trl-unlearn simnpo|npo|gradascent|graddiff`: the training scripts, in TRL's script style.
+"""`trl-unlearn simnpo|npo|gradascent|graddiff|rmu`: the training scripts, in TRL's script style.
 
     trl-unlearn simnpo --model_name_or_path MODEL --dataset_name locuslab/TOFU --forget_split forget10 \
         --output_dir out [--config recipe.yaml] [--use_peft ...]
@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from ..config import GradAscentConfig, GradDiffConfig, NPOConfig, SimNPOConfig
 from ..data import PROMPT_TEMPLATE, load_text_corpus, load_tofu_split, qa_to_trl, text_windows
+from ..rmu import RMUConfig, RMUTrainer
 from ..trainer import GradAscentTrainer, GradDiffTrainer, NPOTrainer, SimNPOTrainer
 from .loading import load_tokenizer, save_prompt_format
 
@@ -27,6 +28,7 @@ METHODS = {
     "npo": (NPOTrainer, NPOConfig),
     "gradascent": (GradAscentTrainer, GradAscentConfig),
     "graddiff": (GradDiffTrainer, GradDiffConfig),
+    "rmu": (RMUTrainer, RMUConfig),
 }
 TOFU_RETAIN = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
 
