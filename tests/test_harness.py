@@ -10,17 +10,17 @@ Each choice is one token, so its log-likelihood is ``logit - logZ`` (``Z = e + e
   > red (-4.77/3) (with V = 294, logZ = 5.77), so red and yellow swap places.
 """
 
-import argparse
 import importlib.util
 import json
 import math
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from trl_unlearn.evaluation.harness import HarnessReport, add_arguments, evaluate_harness, main, run_from_args
+from trl_unlearn.cli import build_parser
+from trl_unlearn.cli import main as cli_main
+from trl_unlearn.evaluation.harness import HarnessReport, evaluate_harness
 from trl_unlearn.evaluation.report import EvalReport
 from trl_unlearn.tiny import tiny_llama, train_tokenizer
 
@@ -262,9 +262,9 @@ def test_unknown_task_is_named(tasks_dir, colour_tokenizer):
 @needs_lm_eval
 def test_main_reports_a_bad_task_in_one_line(tasks_dir, tmp_path, capsys):
     """The task names are checked before the model is loaded (here there is no model to load)."""
-    argv = ["--model", str(tmp_path / "no_model"), "--tasks", "toy_mcc", "--output", str(tmp_path / "r.json"),
-            "--include_path", str(tasks_dir), "--no_builtin_tasks"]  # fmt: skip
-    assert main(argv) == 2
+    argv = ["eval", "lm-eval", "--model", str(tmp_path / "no_model"), "--tasks", "toy_mcc", "--output",
+            str(tmp_path / "r.json"), "--include_path", str(tasks_dir), "--no_builtin_tasks"]  # fmt: skip
+    assert cli_main(argv) == 2
     assert "unknown lm-eval task(s): 'toy_mcc'" in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
 
@@ -273,11 +273,10 @@ def test_missing_lm_eval_names_the_extra(monkeypatch, colour_tokenizer, tmp_path
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` now raises ImportError
     with pytest.raises(ImportError, match=r'pip install "trl-unlearn\[lm-eval\]"'):
         evaluate_harness(constant_model(colour_tokenizer), colour_tokenizer, "toy_mc")
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    args = parser.parse_args(["--model", str(tmp_path / "absent"), "--tasks", "toy_mc", "--output", "r.json"])
+    args = build_parser().parse_args(["eval", "lm-eval", "--model", str(tmp_path / "absent"), "--tasks", "toy_mc",
+                                      "--output", "r.json"])
     with pytest.raises(ImportError, match=r"trl-unlearn\[lm-eval\]"):  # before trying to load the model
-        run_from_args(args)
+        args.func(args)
 
 
 @needs_lm_eval
@@ -285,20 +284,27 @@ def test_run_from_args_on_saved_model(tasks_dir, colour_tokenizer, tmp_path, cap
     model_dir = tmp_path / "model"
     constant_model(colour_tokenizer).save_pretrained(model_dir)
     colour_tokenizer.save_pretrained(model_dir)
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
     out = tmp_path / "out" / "report.json"
-    args = parser.parse_args([
-        "--model", str(model_dir), "--tasks", "toy_mc", "--output", str(out), "--include_path", str(tasks_dir),
-        "--no_builtin_tasks", "--batch_size", "2", "--device", "cpu", "--dtype", "float32",
-    ])  # fmt: skip
-    assert run_from_args(args) == 0
+    assert cli_main([
+        "eval", "lm-eval", "--model", str(model_dir), "--tasks", "toy_mc", "--output", str(out), "--include_path",
+        str(tasks_dir), "--no_builtin_tasks", "--batch_size", "2", "--device", "cpu", "--dtype", "float32",
+    ]) == 0  # fmt: skip
     rep = HarnessReport.load(out)
     assert rep.metrics["toy_mc/acc"] == pytest.approx(3 / 5) and rep.metrics["toy_mc/acc_norm"] == pytest.approx(2 / 5)
     assert rep.settings["model"] == str(model_dir) and rep.settings["batch_size"] == 2
     assert rep.settings["dtype"] == "float32" and rep.settings["device"] == "cpu"
     printed = capsys.readouterr().out
     assert "0.6000 ± 0.2449" in printed and f"report written to {out}" in printed
+    # --update_model_card records the task accuracy (model-index) in the folder's card
+    from huggingface_hub import ModelCard
+
+    ModelCard("---\nlicense: mit\n---\n# an unlearned model\n").save(model_dir / "README.md")
+    assert cli_main(["eval", "lm-eval", "--model", str(model_dir), "--tasks", "toy_mc", "--output", str(out),
+                     "--include_path", str(tasks_dir), "--no_builtin_tasks", "--device", "cpu",
+                     "--update_model_card"]) == 0  # fmt: skip
+    card = ModelCard.load(model_dir / "README.md")
+    accs = [r.metric_value for r in card.data.eval_results if r.metric_type == "acc"]
+    assert accs == [pytest.approx(3 / 5)] and "Evaluation" in card.text
     # a folder path straight to evaluate_harness: loaded there (tokenizer from the folder)
     rep = evaluate_harness(model_dir, tasks="toy_mc", include_path=tasks_dir, include_defaults=False, limit=2,
                            device="cpu")  # fmt: skip
@@ -306,27 +312,11 @@ def test_run_from_args_on_saved_model(tasks_dir, colour_tokenizer, tmp_path, cap
 
 
 def test_argument_parsing():
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    a = parser.parse_args(["--model", "m", "--tasks", "a,b", "--output", "o", "--limit", "0.5", "--batch_size",
-                           "auto", "--include_path", "x", "--include_path", "y", "--num_fewshot", "5"])  # fmt: skip
+    parser = build_parser()
+    head = ["eval", "lm-eval", "--model", "m", "--output", "o"]
+    a = parser.parse_args(head + ["--tasks", "a,b", "--limit", "0.5", "--batch_size", "auto", "--include_path", "x",
+                                  "--include_path", "y", "--num_fewshot", "5"])  # fmt: skip
     assert (a.limit, a.batch_size, a.include_path, a.num_fewshot) == (0.5, "auto", ["x", "y"], 5)
-    assert parser.parse_args(["--model", "m", "--tasks", "a", "--output", "o", "--limit", "10"]).limit == 10
+    assert parser.parse_args(head + ["--tasks", "a", "--limit", "10"]).limit == 10
     with pytest.raises(SystemExit):
-        parser.parse_args(["--model", "m", "--tasks", "a", "--output", "o", "--batch_size", "big"])
-
-
-def test_harness_module_imports_nothing_heavy():
-    """harness.py alone (without the evaluation package's __init__) builds its parser without torch, transformers,
-    datasets or lm-eval: the command line can register `eval lm-eval` and stay light for --help."""
-    code = (
-        "import argparse, os, sys, types\nimport trl_unlearn\n"
-        "pkg = types.ModuleType('trl_unlearn.evaluation')\n"
-        "pkg.__path__ = [os.path.join(os.path.dirname(trl_unlearn.__file__), 'evaluation')]\n"
-        "sys.modules['trl_unlearn.evaluation'] = pkg\n"
-        "from trl_unlearn.evaluation.harness import add_arguments\n"
-        "p = argparse.ArgumentParser(); add_arguments(p); p.format_help()\n"
-        "print(sorted(m for m in ('torch', 'transformers', 'trl', 'datasets', 'lm_eval') if m in sys.modules))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+        parser.parse_args(head + ["--tasks", "a", "--batch_size", "big"])

@@ -188,7 +188,7 @@ def test_missing_model_path_is_one_clean_line(files, capsys):
 
 def test_help_imports_nothing_heavy():
     code = ("import sys\nfrom trl_unlearn.cli import build_parser\nbuild_parser().format_help()\n"
-            "print(sorted(m for m in ('torch', 'transformers', 'trl', 'datasets') if m in sys.modules))")
+            "print(sorted(m for m in ('torch', 'transformers', 'trl', 'datasets', 'lm_eval') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

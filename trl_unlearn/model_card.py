@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .modeling import is_hub_id
+from .loading import is_hub_id
 
 CITATIONS = {
     "SimNPO": textwrap.dedent("""\
@@ -171,15 +171,17 @@ def write_card(card: UnlearningCard, output_dir: str) -> str:
     return path
 
 
-def add_evaluation(output_dir: str, evaluation: dict, dataset: str) -> str:
+def add_evaluation(output_dir: str, evaluation: dict, dataset: str, eval_results: list | None = None) -> str:
     """Record `evaluation` (`{metric: value}`) measured on `dataset` in the card of `output_dir`: the `model-index`
-    metadata and the Evaluation section. Returns the card's path."""
+    metadata (`eval_results`, `huggingface_hub.EvalResult`s, when given; else one per number) and the Evaluation
+    section. Returns the card's path."""
     path = os.path.join(output_dir, "README.md")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No model card at {path}: --update_model_card needs a folder saved by trl-unlearn.")
     card = ModelCard.load(path)
-    results = [r for r in (card.data.eval_results or []) if r.dataset_name != dataset]
-    card.data.eval_results = results + (_eval_results(evaluation, dataset) or [])
+    new = eval_results if eval_results is not None else (_eval_results(evaluation, dataset) or [])
+    replaced = {r.dataset_name for r in new} | {dataset}
+    card.data.eval_results = [r for r in (card.data.eval_results or []) if r.dataset_name not in replaced] + new
     if not card.data.model_name:
         card.data.model_name = os.path.basename(os.path.abspath(output_dir))
     section = _evaluation_text(evaluation, dataset)

@@ -16,8 +16,6 @@ adapter on the LM head itself is refused.
 """
 
 import functools
-import os
-import re
 import types
 from dataclasses import dataclass
 
@@ -50,19 +48,6 @@ class KLTeacher:
     weight: torch.Tensor
     bias: torch.Tensor | None = None
     transform: tuple = (1.0, None)
-
-
-def is_hub_id(name: str | None) -> bool:
-    """A Hub repo id (`org/name` or `name`), not a local folder or file."""
-    return bool(name) and not os.path.exists(name) and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None
-
-
-def check_model_path(name: str, what: str = "model") -> None:
-    """A clear error for a `model_name_or_path` that is neither an existing folder nor a Hub id."""
-    if not os.path.exists(name) and not is_hub_id(name):
-        raise ValueError(
-            f"The {what} {name!r} is not an existing folder, and not a Hub model id (`org/name`): check the path."
-        )
 
 
 def head_transform(config) -> tuple[float, float | None]:

@@ -37,7 +37,8 @@ from .data import (
     tokenize_dataset,
 )
 from .model_card import CITATIONS, card_from_trainer, write_card
-from .modeling import add_unlearning_head, check_model_path
+from .loading import check_model_path
+from .modeling import add_unlearning_head
 from .reference import kl_teacher, plan_reference, reference_context, reference_forward, scored_labels
 
 

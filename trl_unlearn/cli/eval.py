@@ -74,6 +74,33 @@ def _run_eval_muse(args):
     ), f"MUSE {os.path.basename(os.path.normpath(args.data_dir))}", {"privleak": "--auc_retrain or --retrain_report"}
 
 
+def _run_eval_lm_eval(args):
+    from ..evaluation.harness import evaluate_harness
+
+    report = evaluate_harness(
+        args.model, args.tokenizer, args.tasks, include_path=args.include_path,
+        include_defaults=not args.no_builtin_tasks, limit=args.limit, batch_size=args.batch_size,
+        num_fewshot=args.num_fewshot, device=args.device, dtype=args.dtype,
+    )
+    return report, f"lm-eval {args.tasks}", {}
+
+
+def _limit(text: str) -> int | float:
+    x = float(text)
+    if x <= 0:
+        raise argparse.ArgumentTypeError(f"--limit must be > 0, got {text}")
+    return int(x) if x >= 1 and x.is_integer() else x
+
+
+def _batch_size(text: str) -> int | str:
+    if text.startswith("auto"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--batch_size must be an integer or 'auto', got {text!r}") from None
+
+
 def _run(evaluate):
     """A `func` for a benchmark parser: evaluate, save the report, print its table (with the flag that fills each
     n/a metric), and with `--update_model_card` record the numbers in the model folder's card."""
@@ -89,17 +116,21 @@ def _run(evaluate):
         if args.update_model_card:
             from ..model_card import add_evaluation
 
-            numbers = {k: v for k, v in report.metrics.items() if v is not None}
-            print(f"model card updated: {add_evaluation(args.model, numbers, dataset)}")
+            if hasattr(report, "eval_results"):  # lm-eval: the requested tasks' accuracies, not every subtask
+                results = report.eval_results()
+                numbers = {f"{r.dataset_name} {r.metric_type}": r.metric_value for r in results}
+            else:
+                results, numbers = None, {k: v for k, v in report.metrics.items() if v is not None}
+            print(f"model card updated: {add_evaluation(args.model, numbers, dataset, results)}")
         return 0
 
     return run
 
 
 def register_eval(subparsers) -> None:
-    """`trl-unlearn eval {tofu,muse}`."""
+    """`trl-unlearn eval {tofu,muse,lm-eval}`."""
     ev = subparsers.add_parser("eval", help="evaluate a model on an unlearning benchmark")
-    bench = ev.add_subparsers(dest="benchmark", required=True, metavar="{tofu,muse}")
+    bench = ev.add_subparsers(dest="benchmark", required=True, metavar="{tofu,muse,lm-eval}")
 
     t = bench.add_parser("tofu", help="TOFU: probability, ROUGE-L, truth ratio, forget quality, model utility")
     _add_common_eval_args(t, batch_size=16, max_length=512)
@@ -130,4 +161,21 @@ def register_eval(subparsers) -> None:
     m.add_argument("--rouge_use_stemmer", action="store_true", help="Porter stemmer in ROUGE (muse_bench: off)")
     m.set_defaults(func=_run(_run_eval_muse))
 
-
+    h = bench.add_parser("lm-eval", help="WMDP, MMLU or any lm-evaluation-harness task (docs/wmdp.md)")
+    h.add_argument("--model", required=True, help="model folder (or Hub id) to evaluate")
+    h.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model folder)")
+    h.add_argument("--tasks", required=True, help="comma-separated lm-eval tasks, e.g. wmdp_bio,wmdp_cyber,mmlu")
+    h.add_argument("--output", required=True, help="where to write the JSON report")
+    h.add_argument("--include_path", action="append", default=None,
+                   help="folder of extra task YAML files (local data); may be repeated")
+    h.add_argument("--no_builtin_tasks", action="store_true",
+                   help="index only the --include_path tasks, not lm-eval's built-in ones (faster start)")
+    h.add_argument("--limit", type=_limit, default=None,
+                   help="documents per task (int) or fraction (< 1); for smoke tests, not for reported numbers")
+    h.add_argument("--batch_size", type=_batch_size, default=8, help="int or 'auto' (default %(default)s)")
+    h.add_argument("--num_fewshot", type=int, default=None, help="default: each task's own (WMDP, MMLU: 0)")
+    h.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    h.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    h.add_argument("--update_model_card", action="store_true",
+                   help="record the accuracies in the model folder's README.md (model-index), for push_to_hub")
+    h.set_defaults(func=_run(_run_eval_lm_eval))

@@ -1,43 +1,14 @@
-"""Model and tokenizer loading for the command line and the example scripts (the only place that does it)."""
+"""What the command line and the example scripts load and record beside a model: the model and tokenizer
+(`trl_unlearn.loading`) and the training prompt format."""
 
 import json
 import os
 
+from ..loading import load_model_and_tokenizer, load_tokenizer
+
+__all__ = ["PROMPT_FILE", "load_model_and_tokenizer", "load_tokenizer", "save_prompt_format", "saved_prompt_format"]
+
 PROMPT_FILE = "unlearning_prompt.json"
-
-
-def load_model_and_tokenizer(model_path: str, tokenizer_path: str | None = None, dtype: str = "auto", device=None):
-    """`AutoModelForCausalLM.from_pretrained(model_path)` in eval mode on `device` (default: CUDA when available),
-    and its tokenizer (`PreTrainedTokenizerFast` when the folder has a ``tokenizer.json``, else `AutoTokenizer`)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
-
-    from ..modeling import check_model_path
-
-    check_model_path(model_path)
-    tokenizer_path = tokenizer_path or model_path
-    if os.path.isfile(os.path.join(tokenizer_path, "tokenizer.json")):
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_path)
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device).eval()
-    return model, tokenizer
-
-
-def load_tokenizer(path: str):
-    """The model's tokenizer; a local `tokenizer.json` loads as `PreTrainedTokenizerFast` (AutoTokenizer can pick
-    a wrong class for tokenizers saved without a class name)."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    from ..modeling import check_model_path
-
-    check_model_path(path, "tokenizer / model")
-    if os.path.isfile(os.path.join(path, "tokenizer.json")):
-        return PreTrainedTokenizerFast.from_pretrained(path)
-    return AutoTokenizer.from_pretrained(path)
 
 
 def save_prompt_format(output_dir: str, prompt_format: str) -> None:

@@ -5,6 +5,7 @@ run the benchmarks and return an `EvalReport` (`report`). See docs/evaluation.md
 """
 
 from .callback import UnlearningEvalCallback
+from .harness import HarnessReport, evaluate_harness
 from .muse import evaluate_muse
 from .probes import probe_metrics, qa_pairs
 from .relearn import RelearnCurve, plot_relearn_curves, relearning_attack, select_relearn_indices
@@ -14,6 +15,8 @@ from .tofu import evaluate_tofu
 
 __all__ = [
     "EvalReport",
+    "HarnessReport",
+    "evaluate_harness",
     "RelearnCurve",
     "UnlearningEvalCallback",
     "plot_relearn_curves",

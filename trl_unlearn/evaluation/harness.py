@@ -15,22 +15,21 @@ Install the extra: ``pip install "trl-unlearn[lm-eval]"``. See docs/wmdp.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import random
-import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from .report import EvalReport, package_version
+from ..loading import load_model, load_tokenizer
+from .report import AGGREGATES, EvalReport, package_version
 
 # torch, transformers and lm-eval are imported where used: building the command line's parser stays light
 
-__all__ = ["HarnessReport", "add_arguments", "evaluate_from_args", "evaluate_harness", "main", "run_from_args"]
+__all__ = ["HarnessReport", "evaluate_harness"]
 
 BENCHMARK = "lm-eval"
 LM_EVAL_URL = "https://github.com/EleutherAI/lm-evaluation-harness"
@@ -300,24 +299,6 @@ def _per_item(samples: Sequence[Mapping[str, Any]], output_type: str | None) -> 
 # ------------------------------------------------------------------------------------------------- running
 
 
-def _load_tokenizer(path: str):
-    """`PreTrainedTokenizerFast` when the folder has a ``tokenizer.json``, else `AutoTokenizer` (as the CLI does)."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    if os.path.isfile(os.path.join(path, "tokenizer.json")):
-        return PreTrainedTokenizerFast.from_pretrained(path)
-    return AutoTokenizer.from_pretrained(path)
-
-
-def _load_model(path: str, dtype: str = "auto", device: str | None = None):
-    """`AutoModelForCausalLM` from `path` in eval mode on `device` (default: CUDA when available)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
-    return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
-
-
 def _task_list(tasks: str | Sequence[str]) -> list[str]:
     names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks)]
     names = [t for t in names if t]
@@ -399,10 +380,10 @@ def evaluate_harness(
         )
 
     if isinstance(tokenizer, (str, os.PathLike)) or (from_path and tokenizer is None):
-        tokenizer = _load_tokenizer(os.fspath(model if tokenizer is None else tokenizer))
+        tokenizer = load_tokenizer(os.fspath(model if tokenizer is None else tokenizer))
     if from_path:
         model_name = model_name or os.fspath(model)
-        model = _load_model(os.fspath(model), dtype, device)
+        model = load_model(os.fspath(model), dtype, device)
     model_name = model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
 
     rng = random.getstate(), np.random.get_state()
@@ -439,82 +420,5 @@ def evaluate_harness(
     return HarnessReport.from_results(results, settings)
 
 
-# ---------------------------------------------------------------------------------------------- command line
-
-
-def _limit(text: str) -> int | float:
-    x = float(text)
-    if x <= 0:
-        raise argparse.ArgumentTypeError(f"--limit must be > 0, got {text}")
-    return int(x) if x >= 1 and x.is_integer() else x
-
-
-def _batch_size(text: str) -> int | str:
-    if text.startswith("auto"):
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--batch_size must be an integer or 'auto', got {text!r}") from None
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``trl-unlearn eval lm-eval`` arguments."""
-    parser.add_argument("--model", required=True, help="model folder (or Hub id) to evaluate")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model folder)")
-    parser.add_argument("--tasks", required=True, help="comma-separated lm-eval tasks, e.g. wmdp_bio,wmdp_cyber,mmlu")
-    parser.add_argument("--output", required=True, help="where to write the JSON report")
-    parser.add_argument("--include_path", action="append", default=None,
-                        help="folder of extra task YAML files (local data); may be repeated")
-    parser.add_argument("--no_builtin_tasks", action="store_true",
-                        help="index only the --include_path tasks, not lm-eval's built-in ones (faster start)")
-    parser.add_argument("--limit", type=_limit, default=None,
-                        help="documents per task (int) or fraction (< 1); for smoke tests, not for reported numbers")
-    parser.add_argument("--batch_size", type=_batch_size, default=8, help="int or 'auto' (default %(default)s)")
-    parser.add_argument("--num_fewshot", type=int, default=None, help="default: each task's own (WMDP, MMLU: 0)")
-    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])  # fmt: skip
-
-
-def evaluate_from_args(args: argparse.Namespace) -> HarnessReport:
-    """`evaluate_harness` on ``args.model`` with the `add_arguments` options (tasks are checked before the model is
-    loaded)."""
-    return evaluate_harness(
-        args.model,
-        args.tokenizer,
-        args.tasks,
-        include_path=args.include_path,
-        include_defaults=not args.no_builtin_tasks,
-        limit=args.limit,
-        batch_size=args.batch_size,
-        num_fewshot=args.num_fewshot,
-        device=args.device,
-        dtype=args.dtype,
-    )
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    """`evaluate_from_args`, then write the JSON report to ``args.output`` and print the table; returns 0."""
-    report = evaluate_from_args(args)
-    report.save(args.output)
-    report.print_table()
-    print(f"report written to {args.output}")
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m trl_unlearn.evaluation.harness ...``: the same as ``trl-unlearn eval lm-eval ...``; a data or
-    settings error prints one line and returns 2."""
-    parser = argparse.ArgumentParser(prog="python -m trl_unlearn.evaluation.harness",
-                                     description="lm-eval tasks (WMDP, MMLU, ...) on a saved model; a JSON report")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run_from_args(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+AGGREGATES[BENCHMARK] = lambda per_item, reference, settings: HarnessReport(
+    BENCHMARK, {}, per_item, dict(settings), dict(reference)).recompute()

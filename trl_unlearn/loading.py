@@ -1,0 +1,47 @@
+"""Loading a causal LM and its tokenizer the package's way (model folders or Hub ids), with a clear error for a
+path that is neither. Nothing heavy is imported until a function runs, so the command line stays light."""
+
+import os
+import re
+
+
+def is_hub_id(name: str | None) -> bool:
+    """A Hub repo id (`org/name` or `name`), not a local folder or file."""
+    return bool(name) and not os.path.exists(name) and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None
+
+
+def check_model_path(name: str, what: str = "model") -> None:
+    """A clear error for a `model_name_or_path` that is neither an existing folder nor a Hub id."""
+    if not os.path.exists(name) and not is_hub_id(name):
+        raise ValueError(
+            f"The {what} {name!r} is not an existing folder, and not a Hub model id (`org/name`): check the path."
+        )
+
+
+def load_tokenizer(path: str):
+    """The model's tokenizer; a local `tokenizer.json` loads as `PreTrainedTokenizerFast` (AutoTokenizer can pick
+    a wrong class for tokenizers saved without a class name)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    check_model_path(path, "tokenizer / model")
+    if os.path.isfile(os.path.join(path, "tokenizer.json")):
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def load_model(path: str, dtype: str = "auto", device=None):
+    """`AutoModelForCausalLM.from_pretrained(path)` in `dtype`, in eval mode on `device` (default: CUDA when
+    available)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    check_model_path(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
+    return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
+
+
+def load_model_and_tokenizer(model_path: str, tokenizer_path: str | None = None, dtype: str = "auto", device=None):
+    """`load_model(model_path, dtype, device)` and `load_tokenizer(tokenizer_path or model_path)`."""
+    check_model_path(model_path)
+    tokenizer = load_tokenizer(tokenizer_path or model_path)
+    return load_model(model_path, dtype, device), tokenizer
