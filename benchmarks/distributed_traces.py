@@ -25,6 +25,8 @@ RUNS = [
     {"name": "npo_kl_live_reference", "method": "npo", "retain_loss_type": "kl"},
     {"name": "gradascent_full", "method": "gradascent"},
     {"name": "graddiff_lora", "method": "graddiff", "lora": True},
+    # RMU: forward cut after layer 0 of 2 (layer 1 and the LM head never run), a frozen reference, MLP 0 trains
+    {"name": "rmu_full", "method": "rmu", "config": {"layer_id": 0, "steering_coeff": 4.0, "retain_weight": 10.0}},
 ]
 QLORA_RUNS = [{"name": "npo_qlora", "method": "npo", "qlora": True}]
 

@@ -40,6 +40,7 @@ def test_same_loss_trace_whatever_the_launch(traces):
     assert zero3["npo_full_precomputed"]["precomputed_reference"] and zero3["npo_full_precomputed"]["ref_model"] is None
     assert zero3["npo_lora_adapters_off"]["ref_model"] is None
     assert zero3["npo_kl_live_reference"]["ref_model"] == "DeepSpeedEngine"
+    assert zero3["rmu_full"]["ref_model"] == "DeepSpeedEngine"  # RMU's frozen reference, prepared by DeepSpeed
     # Unlearning moved the model: the traces are not flat
     assert single["simnpo_full"]["losses"][0] != single["simnpo_full"]["losses"][-1]
 

@@ -282,8 +282,9 @@ def test_model_card_and_logged_metrics(tokenizer, forget_ds, retain_ds, tmp_path
         assert key in log, key
     trainer.save_model()
     card = (tmp_path / "out" / "README.md").read_text()
-    for needle in ["RMU", "2403.03218", "rmu", "`layer_id` | 2", "`steering_coeff` | 4.0", "`update_layers` | [0, 1, 2]",
-                   "`retain_weight` | 10.0", "a frozen copy of the initial model", "@article{li2024wmdp"]:
+    for needle in ["RMU", "2403.03218", "rmu", "`layer_id` | 2", "`steering_coeff` | 4.0",
+                   "`update_layers` | [0, 1, 2]", "`retain_weight` | 10.0", "a frozen copy of the initial model",
+                   "@article{li2024wmdp"]:
         assert needle in card, needle
     assert "retain_loss_type" not in card and "`beta`" not in card
     assert os.path.isfile(tmp_path / "out" / "rmu_control_vector.pt")

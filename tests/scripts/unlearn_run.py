@@ -24,6 +24,7 @@ def run_one(a, model_dir, data, out):
         retain = None
     else:
         kwargs["retain_loss_type"] = a.get("retain_loss_type", "nll")
+    kwargs.update(a.get("config", {}))  # method-specific settings (RMU's layer_id, ...)
     args = config_cls(
         output_dir=out, save_steps=a.get("save_steps", 500), per_device_train_batch_size=a.get("per_device_batch", 2),
         gradient_accumulation_steps=a.get("grad_accum", 1), max_steps=a.get("max_steps", 3), learning_rate=1e-3,
@@ -71,7 +72,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model_dir", required=True)
     p.add_argument("--data", required=True)
-    p.add_argument("--runs", required=True, help="JSON list of {name, method, lora, qlora, retain_loss_type, ...}")
+    p.add_argument("--runs", required=True, help="JSON list of {name, method, lora, qlora, retain_loss_type, config}")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     data = json.load(open(a.data))
