@@ -86,6 +86,61 @@ def test_gradient_ascent_baselines(cls, cfg, model, tokenizer, forget_ds, retain
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
 
 
+def _naive_loss(method, logps, n, f, ref):
+    """The trainers' loss on one batch from full-logits log-probs (weights as in `training_grad_case`)."""
+    if method == "simnpo":
+        forget = (-(2 / 2.0) * torch.nn.functional.logsigmoid(-(2.0 / n[f]) * logps[f] - 0.5)).mean()
+    elif method == "npo":
+        forget = (-(2 / 0.5) * torch.nn.functional.logsigmoid(-0.5 * (logps[f] - ref))).mean()
+    else:  # gradient ascent: token-mean log-likelihood
+        forget = logps[f].sum() / n[f].sum()
+    retain = -logps[~f].sum() / n[~f].sum()
+    return 0.7 * forget + (0.3 * retain if method != "gradascent" else 0.0)
+
+
+@pytest.mark.parametrize("method", ["simnpo", "npo", "gradascent", "graddiff"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_training_gradients_match_naive_full_logits(method, tied, tokenizer, forget_ds, retain_ds, tmp_path,
+                                                    monkeypatch):
+    """The fused training loss (gradients computed in the forward, `fused_loss.py`) gives the full-logits autograd
+    gradients for every parameter, trainable head or tied embeddings."""
+    import trl_unlearn.modeling
+    from trl_unlearn.tiny import tiny_llama
+
+    calls = []
+    fused_op = trl_unlearn.modeling.fused_linear_sequence_loss
+    monkeypatch.setattr(trl_unlearn.modeling, "fused_linear_sequence_loss",
+                        lambda *a, **k: calls.append(1) or fused_op(*a, **k))
+
+    cls, cfg, extra = {
+        "simnpo": (SimNPOTrainer, SimNPOConfig, dict(beta=2.0, gamma=0.5)),
+        "npo": (NPOTrainer, NPOConfig, dict(beta=0.5)),
+        "gradascent": (GradAscentTrainer, GradAscentConfig, {}),
+        "graddiff": (GradDiffTrainer, GradDiffConfig, {}),
+    }[method]
+    model = tiny_llama(tokenizer, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, tie_word_embeddings=tied)
+    args = cpu_args(cfg, tmp_path, forget_weight=0.7, retain_weight=0.0 if method == "gradascent" else 0.3, **extra)
+    trainer = cls(model=model, args=args, forget_dataset=forget_ds, retain_dataset=retain_ds,
+                  processing_class=tokenizer)
+    with torch.no_grad():  # move away from the reference, so NPO's weights are not all 1
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    batch = first_batch(trainer)
+    model.train()
+    loss = trainer.compute_loss(model, batch)
+    loss.backward()
+    assert calls == [1]  # training went through the fused op
+    fused = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    logps, n = naive_terms(model, batch)
+    f = batch["forget_mask"]
+    expected = _naive_loss(method, logps, n, f, batch.get("ref_logps"))
+    expected.backward()
+    torch.testing.assert_close(loss.detach(), expected.detach(), rtol=1e-5, atol=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(fused[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_retain_kl_matches_full_vocab_kl(model, tokenizer, forget_ds, retain_ds, tmp_path):
     args = cpu_args(SimNPOConfig, tmp_path, retain_loss_type="kl", forget_weight=0.0, retain_weight=1.0)
     trainer = SimNPOTrainer(model=model, args=args, forget_dataset=forget_ds, retain_dataset=retain_ds,

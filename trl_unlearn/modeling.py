@@ -6,7 +6,8 @@ Used by training (the policy and reference forwards), evaluation scoring, relear
 - `head_transform(config)` / `head_logits(model, hidden)`: the model's own logit scaling and soft-capping, and the
   full fp32 logits of a few rows (evaluation statistics over the vocabulary);
 - `forward_logps(model, ...)`: label log-probs `[B, T-1]` from the chunked head (`ops.chunked_token_logps`), and
-  optionally the entropy, the KL to a frozen teacher, and the scored hidden states;
+  optionally the entropy, the KL to a frozen teacher, and the scored hidden states; or, for training, a sum of
+  per-sequence losses with its gradients from the fused loss (`fused_loss.fused_linear_sequence_loss`);
 - `add_unlearning_head(model)`: patches `model.forward` once so that `model(..., fused_logps=True)` returns
   `forward_logps(...)`. The trainers call the policy through its (DDP / DeepSpeed) wrapper, whose hooks must run.
 
@@ -23,6 +24,7 @@ import torch
 from transformers.utils import ModelOutput
 
 from ._trl_compat import chunked_kl
+from .fused_loss import fused_linear_sequence_loss
 from .ops import DEFAULT_CHUNK_SIZE, chunked_token_logps
 
 
@@ -30,12 +32,16 @@ from .ops import DEFAULT_CHUNK_SIZE, chunked_token_logps
 class UnlearningLMOutput(ModelOutput):
     """`token_logps` `[B, T-1]` fp32 log-prob of each next-token label (0 where unscored); `entropy` `[B, T-1]` when
     asked; `token_kl` `[B, T-1]` KL(teacher ‖ model) at the teacher's positions (0 elsewhere) when a teacher was given;
-    `hidden` `[N, H]` the final hidden states at the scored positions, when asked (a reference's, as a KL teacher)."""
+    `hidden` `[N, H]` the final hidden states at the scored positions, when asked (a reference's, as a KL teacher).
+    With a `sequence_loss`: `loss` (0-dim, with its gradients already computed by the fused op) and `seq_logps` `[B]`
+    the summed label log-prob of each row, instead of `token_logps`."""
 
     token_logps: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
     token_kl: torch.Tensor | None = None
     hidden: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
+    seq_logps: torch.Tensor | None = None
 
 
 @dataclass
@@ -108,17 +114,26 @@ def _scatter(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 
 def forward_logps(
     model, input_ids=None, attention_mask=None, labels=None, *, return_entropy=False, kl_teacher=None,
-    return_hidden=False, chunk_size=DEFAULT_CHUNK_SIZE, temperature=1.0, **backbone_kwargs,
+    return_hidden=False, sequence_loss=None, chunk_size=DEFAULT_CHUNK_SIZE, temperature=1.0, **backbone_kwargs,
 ) -> UnlearningLMOutput:
-    """Label log-probs of a causal LM (see the module docstring) without the `[B, T, V]` logits."""
+    """Label log-probs of a causal LM (see the module docstring) without the `[B, T, V]` logits. With
+    `sequence_loss` (`[B]` summed log-probs -> `[B]` losses, elementwise; see `fused_loss.py`) it returns their sum
+    from the fused loss op instead, for training."""
     hidden, targets, mask = scored_hidden(model, input_ids, attention_mask, labels, **backbone_kwargs)
     weight, bias, (logit_scale, softcap) = lm_head(model)
-    logps = chunked_token_logps(hidden, weight, targets, bias, chunk_size=chunk_size, logit_scale=logit_scale,
-                                softcap=softcap, temperature=temperature, return_entropy=return_entropy)
-    logps, entropy = logps if return_entropy else (logps, None)
-    out = UnlearningLMOutput(token_logps=_scatter(mask, logps), hidden=hidden if return_hidden else None)
-    if entropy is not None:
-        out.entropy = _scatter(mask, entropy)
+    out = UnlearningLMOutput(hidden=hidden if return_hidden else None)
+    if sequence_loss is not None:
+        out.loss, out.seq_logps = fused_linear_sequence_loss(
+            hidden, weight, targets, mask.sum(-1), sequence_loss, bias, logit_scale=logit_scale, softcap=softcap,
+            temperature=temperature, chunk_rows=chunk_size,
+        )
+    else:
+        logps = chunked_token_logps(hidden, weight, targets, bias, chunk_size=chunk_size, logit_scale=logit_scale,
+                                    softcap=softcap, temperature=temperature, return_entropy=return_entropy)
+        logps, entropy = logps if return_entropy else (logps, None)
+        out.token_logps = _scatter(mask, logps)
+        if entropy is not None:
+            out.entropy = _scatter(mask, entropy)
     if kl_teacher is not None:
         # the teacher's positions are a subset of the scored ones: pick them out of the scored rows
         rows = kl_teacher.mask[mask]

@@ -320,8 +320,9 @@ class RMUTrainer(UnlearningTrainer):
             return ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        rmu_layer=self.args.layer_id)
 
-    def _unlearning_loss(self, model, inputs, counts):
-        """The micro-batch's share of the step's RMU loss (module docstring) and its statistics for logging."""
+    def _unlearning_loss(self, model, inputs, counts, scale=1.0):
+        """The micro-batch's share of the step's RMU loss (module docstring), times `scale`, and its statistics for
+        logging."""
         args = self.args
         fmask = inputs["forget_mask"]
         rows = ~fmask
@@ -348,7 +349,7 @@ class RMUTrainer(UnlearningTrainer):
                 forget_dist.detach().mean(), retain_term, rows.any().float(), forget.new_tensor(len(forget_dist)),
                 num_retain, F.cosine_similarity(forget, control[None], dim=-1).sum(), forget.norm(dim=-1).sum(),
             ]).float()
-        return loss, stats
+        return loss * scale, stats
 
     def _log_metrics(self, metrics, rows):
         f_term, r_term, has_retain, f_tok, r_tok, cos_sum, norm_sum = rows.unbind(-1)

@@ -323,13 +323,16 @@ class UnlearningTrainer(DPOTrainer):
             counts, scale = batch_counts(inputs).to(inputs["input_ids"].device), 1.0
         else:  # DDP / DeepSpeed average gradients over ranks: undo it, the counts already span all ranks
             counts, scale = num_items_in_batch, float(self.accelerator.num_processes)
-        loss, stats = self._unlearning_loss(model, inputs, counts)
-        loss = loss * scale
+        loss, stats = self._unlearning_loss(model, inputs, counts, scale)
         self._log_step(stats, loss)
         return (loss, None) if return_outputs else loss
 
-    def _unlearning_loss(self, model, inputs, counts):
-        """The micro-batch's loss (its share of the step's) and its statistics for logging."""
+    def _unlearning_loss(self, model, inputs, counts, scale=1.0):
+        """The micro-batch's loss (its share of the step's, times `scale`) and its statistics for logging.
+
+        Training runs the fused loss (`fused_loss.py`): the forget term and the retain NLL are per-sequence losses
+        whose gradients the patched forward computes with the LM head, in one pass; the retain KL keeps its chunked
+        kernel. Without gradients (evaluation) the forward returns label log-probs and the same terms are summed."""
         args = self.args
         fmask = inputs["forget_mask"]
         ref_logps = None
@@ -340,31 +343,46 @@ class UnlearningTrainer(DPOTrainer):
                 forget_batch = {k: inputs[k][fmask] for k in ("input_ids", "attention_mask", "completion_mask")}
                 ref_logps = self._reference_token_logps(model, forget_batch).sum(-1)
         kl_teacher = self._retain_kl_teacher(model, inputs) if self.retain_kl and not fmask.all() else None
-        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                    labels=scored_labels(inputs), fused_logps=True, kl_teacher=kl_teacher)
         mask = inputs["completion_mask"][:, 1:]
-        logps, num_tokens = out.token_logps.sum(-1), mask.sum(-1).float()
-        local = batch_counts(inputs).to(counts)
+        num_tokens = mask.sum(-1).float()
         # Each term is its mean over this micro-batch (what gets logged) times this micro-batch's share of the step
-        share = local / counts.clamp(min=1)
-
-        f_logps, f_tokens = logps[fmask], num_tokens[fmask]
-        forget_term = self.forget_loss(f_logps, f_tokens, ref_logps).mean()
-        loss = args.forget_weight * forget_term * share[1 if self.token_level_forget else 0]
-        retain_term = torch.zeros_like(forget_term)
+        share = batch_counts(inputs).to(counts) / counts.clamp(min=1)
         r = ~fmask
-        if r.any():
+        forget_coef = args.forget_weight * share[1 if self.token_level_forget else 0] * scale / fmask.sum()
+        retain_coef = args.retain_weight * share[3] * scale / r.sum().clamp(min=1)
+
+        def sequence_losses(logps):  # [B] -> [B]: each sequence's weighted share of the loss, elementwise in logps
+            forget = self.forget_loss(logps[fmask], num_tokens[fmask], ref_logps) * forget_coef
             if self.retain_kl:
-                retain_term = losses.kl_loss(out.token_kl[r], mask[r]).mean()
+                retain = torch.zeros_like(logps)
             else:
-                retain_term = losses.nll_loss(logps[r], num_tokens[r]).mean()
-            loss = loss + args.retain_weight * retain_term * share[3]
+                retain = losses.nll_loss(logps, num_tokens, num_tokens[r].sum().clamp(min=1)) * (r.sum() / len(r))
+                retain = retain * retain_coef
+            return torch.where(fmask, logps.new_zeros(logps.shape).masked_scatter(fmask, forget), retain)
+
+        kw = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=scored_labels(inputs),
+                  fused_logps=True, kl_teacher=kl_teacher)
+        if torch.is_grad_enabled():
+            out = model(**kw, sequence_loss=sequence_losses)
+            logps, loss = out.seq_logps, out.loss
+        else:
+            out = model(**kw)
+            logps = out.token_logps.sum(-1)
+            loss = sequence_losses(logps).sum()
+        retain_term = torch.zeros((), device=logps.device)
+        if r.any() and self.retain_kl:
+            retain_term = losses.kl_loss(out.token_kl[r], mask[r]).mean()
+            loss = loss + retain_term * retain_coef * r.sum()
         with torch.no_grad():
-            weight = self.forget_weight_stat(f_logps.detach(), f_tokens, ref_logps)
+            logps = logps.detach()
+            f_logps, f_tokens = logps[fmask], num_tokens[fmask]
+            forget_term = self.forget_loss(f_logps, f_tokens, ref_logps).mean()
+            if r.any() and not self.retain_kl:
+                retain_term = losses.nll_loss(logps[r], num_tokens[r]).mean()
+            weight = self.forget_weight_stat(f_logps, f_tokens, ref_logps)
             stats = torch.stack([
-                forget_term.detach(), retain_term.detach(), r.any().float(),
-                f_logps.detach().sum(), f_tokens.sum(), logps[r].detach().sum(), num_tokens[r].sum(),
-                weight.sum(), fmask.sum().float(),
+                forget_term, retain_term.detach(), r.any().float(), f_logps.sum(), f_tokens.sum(), logps[r].sum(),
+                num_tokens[r].sum(), weight.sum(), fmask.sum().float(),
             ]).float()
         return loss, stats
 
