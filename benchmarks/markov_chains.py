@@ -25,10 +25,13 @@ Defaults = the paper's setup, as in the authors' `synthetic/` code (OPTML-Group/
   "forget quality" (higher = more forgotten). The retrain model's forget quality is each chain's target level;
   `first_crossing` gives the retain distance at which a chain first reaches it.
 
+Deviations from the authors' code: the samples come from numpy streams (same distributions, other draws than their
+torch.multinomial ones); 5 unlearning seeds instead of their one run (seed 42); nothing else known.
+
 Outputs: a crossing table (per method, chain, setting, seed), the paper's figure (forget quality vs retain distance
 along the path) as `<out_dir>/markov_<setting>.png`, and every trace as `<out_dir>/markov_traces.json`.
 
-    python benchmarks/markov_chains.py                     # both settings, 5 seeds, 2 processes (~10-15 min)
+    python benchmarks/markov_chains.py                     # both settings, 5 seeds, 2 processes
     python benchmarks/markov_chains.py --settings short --unlearn_seeds 0 --out_dir /tmp/mc
 """
 
@@ -221,9 +224,9 @@ def _init_worker(threads):
 
 def pretrain_job(job):
     """job = (tag, setting, args): tag "retrain" (retain only) or "original" (the setting's pre-training sets).
-    -> (tag, setting, state_dict, {setting: KL dict of the trained model}, seconds)."""
+    -> (tag, setting, state_dict, {setting: KL dict of the trained model}, (wall s, CPU s))."""
     tag, setting, args = job
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     train, _ = setting_data(args, setting)
     names = ["retain"] if tag == "retrain" else ["retain", "forget1"] + (["forget2"] if SETTINGS[setting][1] else [])
     inputs = torch.cat([train[s][0] for s in names])
@@ -245,17 +248,18 @@ def pretrain_job(job):
               f"({time.time() - t0:.0f}s)", flush=True)
     settings = list(args.settings) if tag == "retrain" else [setting]
     kls = {s: setting_data(args, s)[1](model) for s in settings}
-    return tag, setting, {k: v.clone() for k, v in model.state_dict().items()}, kls, time.time() - t0
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    return tag, setting, state, kls, (time.time() - t0, time.process_time() - c0)
 
 
 def unlearn_job(job):
-    """job = (setting, method, seed, original state_dict, args) -> (setting, method, seed, trace, seconds).
+    """job = (setting, method, seed, original state_dict, args) -> (setting, method, seed, trace, (wall s, CPU s)).
     trace[t] = {"step", "retain", "forget1", "forget2", and for t > 0 "loss" and the mean gradient weight of the
     batch's forget-1 / forget-2 rows (None if none)}."""
     from trl_unlearn.losses import npo_loss, npo_weight, simnpo_loss, simnpo_weight
 
     setting, method, seed, state, args = job
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     train, evaluate = setting_data(args, setting)
     inputs = torch.cat([train["forget1"][0], train["forget2"][0]])
     labels = torch.cat([train["forget1"][1], train["forget2"][1]])
@@ -290,7 +294,7 @@ def unlearn_job(job):
         w = {f"w_forget{i + 1}": weight[chain[idx] == i].mean().item() if (chain[idx] == i).any() else None
              for i in range(2)}
         trace.append({"step": step, **evaluate(model), "loss": loss.item(), **w})
-    return setting, method, seed, trace, time.time() - t0
+    return setting, method, seed, trace, (time.time() - t0, time.process_time() - c0)
 
 
 # ----------------------------------------------------------------------------------------------------- reporting --
@@ -336,51 +340,62 @@ def seed_table(rows, seeds):
 
 
 def plot(setting, runs, levels, retrain_retain, rows, args, path):
-    """The paper's figure (left): forget quality vs retain distance along the path, per method and chain; thin lines
-    each seed, thick the mean over seeds; retrain level dotted; crossings marked x. Right: the same per step."""
+    """Left: the paper's figure, forget quality vs retain distance along the unlearning path (linear axes, around the
+    crossings), per method and chain: thin lines each seed, thick the mean over seeds, x each seed's first crossing;
+    open black = original, filled black = retrain, gray lines = retrain levels. Middle: the whole path (log axes).
+    Right: every distance per step, mean over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors, styles, marks = {"NPO": "tab:blue", "SimNPO": "tab:red"}, {"forget1": "-", "forget2": "--"}, \
-        {"forget1": "*", "forget2": "o"}
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(14, 5.5))
+    colors, styles = {"NPO": "tab:blue", "SimNPO": "tab:red"}, {"forget1": "-", "forget2": "--"}
+    marks = {"forget1": "*", "forget2": "o"}
+    fig, axes = plt.subplots(1, 3, figsize=(19, 5.8))
+    ax, lx, bx = axes
+    first = next(iter(runs.values()))[0][0]
+    crossed = [c[1] for r in rows for c in r["per_seed"] if c]
     for method, traces in runs.items():
         retain = np.array([[r["retain"] for r in tr] for tr in traces])
         for chain in ("forget1", "forget2"):
             forget = np.array([[r[chain] for r in tr] for tr in traces])
-            for x, y in zip(retain, forget):
-                ax.plot(x, y, styles[chain], color=colors[method], lw=0.6, alpha=0.3)
-            ax.plot(retain.mean(0), forget.mean(0), styles[chain], color=colors[method], lw=2.2,
-                    label=f"{method} - {LABELS[chain]} (mean of {len(traces)})")
-            bx.plot(forget.mean(0), styles[chain], color=colors[method], lw=1.8, label=f"{method} {LABELS[chain]}")
+            label = f"{method} - {LABELS[chain]}"
+            for a in (ax, lx):
+                for x, y in zip(retain, forget):
+                    a.plot(x, y, styles[chain], color=colors[method], lw=0.6, alpha=0.35)
+                a.plot(retain.mean(0), forget.mean(0), styles[chain], color=colors[method], lw=2.2,
+                       label=f"{label} (mean of {len(traces)} seeds)")
+            bx.plot(forget.mean(0), styles[chain], color=colors[method], lw=1.8, label=label)
             row = next(r for r in rows if (r["method"], r["chain"]) == (method, chain))
             pts = [c[1] for c in row["per_seed"] if c]
-            ax.plot(pts, [levels[chain]] * len(pts), "x", color=colors[method], ms=8, mew=2)
-        bx.plot(retain.mean(0), ":", color=colors[method], lw=1.8, label=f"{method} retain distance")
-    first = next(iter(runs.values()))[0][0]
+            ax.plot(pts, [levels[chain]] * len(pts), "x", color=colors[method], ms=9, mew=2)
+        bx.plot(retain.mean(0), ":", color=colors[method], lw=1.8, label=f"{method} - retain distance")
     for chain in ("forget1", "forget2"):
-        ax.axhline(levels[chain], ls=styles[chain], color="gray", lw=0.8)
-        bx.axhline(levels[chain], ls=styles[chain], color="gray", lw=0.8)
-        ax.plot(first["retain"], first[chain], marks[chain], color="black", mfc="none", ms=13, mew=1.5)
-        ax.plot(retrain_retain, levels[chain], marks[chain], color="black", ms=13)
-    ax.set_xlim(left=0)
-    ax.set_ylim(0, max(1.3 * max(levels.values()), 0.1))
-    ax.set_xlabel("retain distance: KL(true transitions ‖ model) on retain test")
-    ax.set_ylabel("forget quality: KL(true transitions ‖ model) on forget test")
-    ax.set_title(f"{SETTINGS[setting][2]}\nNPO β {args.npo_beta}, SimNPO β {args.simnpo_beta}; open black: original, "
-                 f"filled: retrain (gray line: its level); x: first crossing per seed", fontsize=9)
+        for a in axes:
+            a.axhline(levels[chain], ls=styles[chain], color="gray", lw=0.9)
+        for a in (ax, lx):
+            a.plot(first["retain"], first[chain], marks[chain], color="black", mfc="none", ms=14, mew=1.5)
+            a.plot(retrain_retain, levels[chain], marks[chain], color="black", ms=14)
+    ax.set_xlim(0, 1.3 * max(crossed + [2 * first["retain"]]))
+    ax.set_ylim(0, 1.5 * max(levels.values()))
+    lx.set_xscale("log")
+    lx.set_yscale("log")
+    for a in (ax, lx):
+        a.set_xlabel("retain distance: KL(true transitions ‖ model) on retain test")
+        a.set_ylabel("forget quality: KL(true transitions ‖ model) on forget test")
+        a.grid(alpha=0.3, which="both")
+    ax.set_title(f"{SETTINGS[setting][2]}\nNPO β {args.npo_beta}, SimNPO β {args.simnpo_beta}, forget loss only; "
+                 "x: first crossing (each seed)\nopen black: original, filled: retrain (gray: its levels)", fontsize=9)
     ax.legend(fontsize=8, loc="lower right")
-    ax.grid(alpha=0.3)
+    lx.set_title("the whole path, log axes", fontsize=9)
     bx.set_yscale("log")
     bx.set_xlabel("unlearning step")
     bx.set_ylabel("KL(true transitions ‖ model)")
-    bx.set_title("mean over seeds per step (gray: retrain forget levels)", fontsize=9)
+    bx.set_title("per step, mean over seeds (gray: retrain forget levels)", fontsize=9)
     bx.legend(fontsize=7, ncol=2)
     bx.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -445,8 +460,8 @@ def main(argv=None):
             results[setting][method][seed] = trace
             secs[f"unlearn {setting} {method} {seed}"] = sec
             last = trace[-1]
-            print(f"  {setting} {method} seed {seed}: {sec:.0f}s; step {last['step']}: retain {last['retain']:.4f} "
-                  f"forget-1 {last['forget1']:.4f} forget-2 {last['forget2']:.4f}", flush=True)
+            print(f"  {setting} {method} seed {seed}: {sec[0]:.0f}s wall, {sec[1]:.0f}s CPU; step {last['step']}: "
+                  f"retain {last['retain']:.4f} forget-1 {last['forget1']:.4f} forget-2 {last['forget2']:.4f}", flush=True)
 
     levels = {s: {c: kls["retrain", s][c] for c in ("forget1", "forget2")} for s in args.settings}
     initial = {s: kls["original", s] for s in args.settings}
@@ -469,7 +484,8 @@ def main(argv=None):
         print(f"figure: {path}")
     wall, load_end = time.time() - t_start, os.getloadavg()
     print(f"\nwall time {wall:.0f}s ({wall / 60:.1f} min); load average at end {load_end[0]:.2f} / {load_end[1]:.2f} / "
-          f"{load_end[2]:.2f} (1/5/15 min); CPU seconds in workers {sum(secs.values()):.0f}")
+          f"{load_end[2]:.2f} (1/5/15 min); worker CPU time {sum(c for _, c in secs.values()):.0f}s "
+          f"(pre-training {sum(c for k, (_, c) in secs.items() if k.startswith('pretrain')):.0f}s)")
     print(f"command: python {' '.join(sys.argv)}")
     path = os.path.join(args.out_dir, "markov_traces.json")
     with open(path, "w") as f:
