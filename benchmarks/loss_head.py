@@ -10,8 +10,9 @@ per-sequence summed label log-probs, SimNPO (beta 2.5) averaged over the B seque
 Each (variant, shape, dtype, device) runs in a fresh subprocess: on CPU the peak is `ru_maxrss` minus the resident set
 after the inputs are allocated; on CUDA it is `max_memory_allocated` minus the allocated memory at that point. Both
 include the gradients of hidden and weight (which every variant must return); the "excl. grads" column subtracts them.
-Time is the median wall time of forward + backward after one warm-up call; the process CPU time (all threads) is shown
-in parentheses, as it is less disturbed than wall time when other jobs share the machine. `--dtype bf16` makes hidden
+Time is the median wall time of forward + backward after one warm-up call; the process CPU time is shown in
+parentheses, as it is less disturbed than wall time when other jobs share the machine (each worker runs 1 torch thread
+unless `--threads` says otherwise). `--dtype bf16` makes hidden
 and weight bf16 tensors (no autocast). `--frozen-head` leaves the weight without gradient (the LoRA case).
 
     python benchmarks/loss_head.py                       # the default table (fp32 CPU; + bf16 CUDA if available)
