@@ -29,6 +29,8 @@ RUNS = [
     {"name": "rmu_full", "method": "rmu", "config": {"layer_id": 0, "steering_coeff": 4.0, "retain_weight": 10.0}},
 ]
 QLORA_RUNS = [{"name": "npo_qlora", "method": "npo", "qlora": True}]
+# FSDP2 (torch's fully_shard, DTensor parameters): the fused loss reads the head inside the root module's forward
+FSDP2_RUNS = [r for r in RUNS if r["name"] in ("simnpo_full", "npo_full_precomputed", "graddiff_lora")]
 
 LAUNCH = {
     "single": [sys.executable],
@@ -37,7 +39,18 @@ LAUNCH = {
               "--mixed_precision", "no"],
     "zero3": ["accelerate", "launch", "--use_deepspeed", "--zero_stage", "3", "--num_processes", "2",
               "--mixed_precision", "no", "--zero3_init_flag", "true", "--zero3_save_16bit_model", "true"],
+    "fsdp2": ["accelerate", "launch", "--use_fsdp", "--fsdp_version", "2", "--num_processes", "2",
+              "--mixed_precision", "no", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+              "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer", "--fsdp_state_dict_type",
+              "FULL_STATE_DICT"],
 }
+
+
+def runs_for(mode: str) -> list[dict]:
+    """The runs each launch kind checks: all of them; QLoRA on one process and DDP; a subset under FSDP2."""
+    if mode == "fsdp2":
+        return FSDP2_RUNS
+    return RUNS + (QLORA_RUNS if mode in ("single", "ddp") else [])
 
 
 def prepare(folder: str) -> tuple[str, str]:
@@ -93,15 +106,14 @@ def table(by_mode: dict[str, dict]) -> str:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--modes", default="single,ddp,zero2,zero3")
+    p.add_argument("--modes", default="single,ddp,zero2,zero3,fsdp2")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     folder = a.out or tempfile.mkdtemp(prefix="trl_unlearn_dist_")
     model_dir, data_file = prepare(folder)
     by_mode = {}
     for mode in a.modes.split(","):
-        runs = RUNS + (QLORA_RUNS if mode in ("single", "ddp") else [])
-        by_mode[mode] = launch(mode, runs, model_dir, data_file, os.path.join(folder, mode))
+        by_mode[mode] = launch(mode, runs_for(mode), model_dir, data_file, os.path.join(folder, mode))
     print(f"torch threads per process: 1; machine: {os.cpu_count()} CPUs")
     print(table(by_mode))
 

@@ -1,5 +1,5 @@
-"""Real multi-process runs on CPU: 2-process DDP (gloo) and DeepSpeed ZeRO-2/3 give the same loss traces as one
-process for the same global batch; ZeRO-3 and LoRA outputs load back; a SIGTERM'd run resumes exactly."""
+"""Real multi-process runs on CPU: 2-process DDP (gloo), DeepSpeed ZeRO-2/3 and FSDP2 give the same loss traces as
+one process for the same global batch; ZeRO-3 and LoRA outputs load back; a SIGTERM'd run resumes exactly."""
 
 import json
 import os
@@ -21,9 +21,8 @@ def traces(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("dist"))
     model_dir, data_file = dt.prepare(folder)
     by_mode = {}
-    for mode in ["single", "ddp", "zero2", "zero3"]:
-        runs = dt.RUNS + (dt.QLORA_RUNS if mode in ("single", "ddp") else [])
-        by_mode[mode] = dt.launch(mode, runs, model_dir, data_file, os.path.join(folder, mode))
+    for mode in ["single", "ddp", "zero2", "zero3", "fsdp2"]:
+        by_mode[mode] = dt.launch(mode, dt.runs_for(mode), model_dir, data_file, os.path.join(folder, mode))
     print("\n" + dt.table(by_mode))
     return folder, model_dir, data_file, by_mode
 
@@ -31,7 +30,7 @@ def traces(tmp_path_factory):
 def test_same_loss_trace_whatever_the_launch(traces):
     _, _, _, by_mode = traces
     single = by_mode["single"]
-    for mode in ["ddp", "zero2", "zero3"]:
+    for mode in ["ddp", "zero2", "zero3", "fsdp2"]:
         for name, trace in by_mode[mode].items():
             assert trace["world_size"] == 2 and trace["deepspeed"] == mode.startswith("zero")
             assert trace["losses"] == pytest.approx(single[name]["losses"], rel=1e-5, abs=1e-5), (mode, name)
