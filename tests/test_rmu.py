@@ -139,16 +139,21 @@ def test_forget_activations_reach_the_control_vector_and_retain_ones_stay(learne
     assert f_logp0 - f_logp1 > 10 * (r_logp0 - r_logp1)
 
 
-@pytest.mark.parametrize("update_layers,update_modules", [(None, ["mlp"]), ([1, 2], ["mlp.down_proj"])])
+@pytest.mark.parametrize("update_layers,update_modules,checkpointing", [
+    (None, ["mlp"], {}),  # non-reentrant activation checkpointing, the default
+    ([1, 2], ["mlp.down_proj"], {"use_reentrant": True}),
+    ([1, 2], ["mlp"], None),  # no activation checkpointing
+])
 def test_only_update_parameters_change_and_the_forward_stops_at_layer_id(
-    update_layers, update_modules, tokenizer, forget_ds, retain_ds, tmp_path
+    update_layers, update_modules, checkpointing, tokenizer, forget_ds, retain_ds, tmp_path
 ):
     model = llama4(tokenizer)
-    calls = []
+    calls, backward = [], []
     for module in (model.model.layers[LAYER + 1], model.lm_head):
         module.register_forward_hook(lambda *a: calls.append(1))
+    model.model.layers[0].register_full_backward_hook(lambda *a: backward.append(1))
     args = rmu_args(tmp_path, max_steps=2, update_layers=update_layers, update_modules=update_modules,
-                    gradient_checkpointing=True)
+                    activation_checkpointing=checkpointing is not None, activation_checkpointing_kwargs=checkpointing)
     trainer = RMUTrainer(model=model, args=args, forget_dataset=forget_ds, retain_dataset=retain_ds,
                          processing_class=tokenizer)
     before = params(model)
@@ -161,6 +166,7 @@ def test_only_update_parameters_change_and_the_forward_stops_at_layer_id(
     assert changed == expected == set(trainer.update_parameters)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == expected
     assert not calls  # no layer above layer_id and no LM head ran in training
+    assert bool(backward) == (0 in layers)  # and no backward below the first trained layer
     assert len(trainer.ref_model.model.layers) == LAYER + 1  # the frozen copy keeps only the layers it runs
 
 

@@ -19,8 +19,8 @@ final EOS, the positions that produce the answer. Padding never counts.
 the same on every rank and device, fixed for the run, saved with each checkpoint (`rmu_control_vector.pt`) and read
 back on resume.
 
-The forward stops at layer `layer_id`: the decoder runs on its first `layer_id + 1` layers only, and no LM head runs
-(`benchmarks/rmu_cost.py` measures what this saves). Only the parameters of `update_modules` in `update_layers` train
+The forward stops at layer `layer_id`: the decoder runs on its first `layer_id + 1` layers only, and no LM head runs;
+the backward stops at the first trained layer (`benchmarks/rmu_cost.py` measures what this saves). Only the parameters of `update_modules` in `update_layers` train
 (with PEFT: the adapters there); everything else is frozen.
 """
 
@@ -66,7 +66,7 @@ class RMUConfig(UnlearningConfig):
             0), as in the paper.
         update_modules (`list[str]`, *optional*, defaults to `["mlp"]`):
             Modules of those layers that train, as names inside a layer (`"mlp"`, `"mlp.down_proj"`, ...). The WMDP code
-            trains `mlp.down_proj` only (its `--param_ids 6`); the paper's text, the whole MLP.
+            trains `mlp.down_proj` only (its `--param_ids 6`): pass `["mlp.down_proj"]` to reproduce it.
         retain_weight (`float`, *optional*, defaults to `1200.0`):
             α, the weight of the retain term (WMDP: 1200 for Zephyr-7B).
         learning_rate (`float`, *optional*, defaults to `5e-5`):
@@ -143,29 +143,38 @@ def decoder_layers(model) -> tuple[torch.nn.Module, str]:
     )
 
 
-def layer_output(lm, owner, name, layer_id, input_ids=None, attention_mask=None, **kwargs) -> torch.Tensor:
+def layer_output(lm, owner, name, layer_id, grad_from=0, input_ids=None, attention_mask=None, **kwargs):
     """Output `[B, T, H]` of decoder layer `layer_id` of the causal LM `lm`, running only layers `0 .. layer_id` (the
-    layer list of `owner.name` is cut for the call) and no LM head."""
+    layer list of `owner.name` is cut for the call) and no LM head. The graph starts at the input of layer
+    `grad_from` (the first trained layer): no backward runs below it, even when activation checkpointing has made
+    the embeddings' output require grad (transformers does, for reentrant checkpointing)."""
     layers = getattr(owner, name)
     captured = []
 
     def keep(module, args, output):
         captured.append(output[0] if isinstance(output, tuple) else output)
 
-    handle = layers[layer_id].register_forward_hook(keep)
+    def cut(module, args, kw):  # inside the layer's checkpoint, if any: a fresh leaf, recomputed with grad
+        if args:
+            return (args[0].detach().requires_grad_(torch.is_grad_enabled()), *args[1:]), kw
+        return args, {**kw, "hidden_states": kw["hidden_states"].detach().requires_grad_(torch.is_grad_enabled())}
+
+    handles = [layers[layer_id].register_forward_hook(keep),
+               layers[grad_from].register_forward_pre_hook(cut, with_kwargs=True)]
     setattr(owner, name, layers[: layer_id + 1])
     try:
         kwargs = {k: v for k, v in kwargs.items() if v is not None and k not in ("labels", "return_dict")}
         lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
     finally:
         setattr(owner, name, layers)
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     return captured[0]
 
 
 def add_layer_forward(model) -> None:
-    """Patch `model.forward` (of the causal LM inside a PEFT wrapper) once so that `model(..., rmu_layer=k)` returns
-    `layer_output(..., k)`; without `rmu_layer` the forward is unchanged. Called through its DDP / DeepSpeed wrapper,
+    """Patch `model.forward` (of the causal LM inside a PEFT wrapper) once so that `model(..., rmu_layer=k,
+    rmu_grad_from=j)` returns `layer_output(..., k, j)`; without `rmu_layer` the forward is unchanged. Called through its DDP / DeepSpeed wrapper,
     whose hooks must run."""
     lm = causal_lm(model)
     if getattr(lm.forward, "_rmu_layer", False):
@@ -174,10 +183,10 @@ def add_layer_forward(model) -> None:
     owner, name = decoder_layers(lm)
 
     @functools.wraps(inner)
-    def forward(self, *args, rmu_layer=None, **kwargs):
+    def forward(self, *args, rmu_layer=None, rmu_grad_from=0, **kwargs):
         if rmu_layer is None:
             return inner(*args, **kwargs)
-        return layer_output(self, owner, name, rmu_layer, *args, **kwargs)
+        return layer_output(self, owner, name, rmu_layer, rmu_grad_from, *args, **kwargs)
 
     forward._rmu_layer = True
     forward._unlearning_head = getattr(inner, "_unlearning_head", False)  # `add_unlearning_head` keeps this patch
@@ -332,7 +341,7 @@ class RMUTrainer(UnlearningTrainer):
             batch = {k: inputs[k][rows] for k in ("input_ids", "attention_mask")}
             ref = self._reference_hidden(model, batch)[:, :-1][positions[rows]].float()  # [N_r, H]
         hidden = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                       rmu_layer=args.layer_id)[:, :-1]
+                       rmu_layer=args.layer_id, rmu_grad_from=min(args.update_layers))[:, :-1]
         forget = hidden[positions & fmask[:, None]].float()  # [N_f, H]
         control = self.control_vector.to(forget.device)
         forget_dist = (forget - control).pow(2).mean(-1)  # [N_f]
