@@ -1,46 +1,74 @@
-"""The TOFU protocol at small scale, on the real TOFU files, on CPU.
+"""The TOFU protocol at small scale, on the real TOFU files, on CPU: a sweep that can separate methods.
 
-    python benchmarks/tofu_small.py --data_dir ../shared/data/tofu [--out outputs/tofu_small]
+    python benchmarks/tofu_small.py --data_dir ../shared/data/tofu [--out outputs/tofu_small] [--reuse_models]
 
-A small Llama is trained FROM SCRATCH (no pretrained model can be loaded here) on:
-- target ("Original"): the forget split (default forget01: the last 2 authors, 40 QA) + the first
-  `--retain_authors` retain authors (20 by default: exactly the authors of TOFU's `retain_perturbed` evaluation
-  set) + the Real Authors and World Facts QA (a model trained from scratch knows only what it is taught, so these
-  are taught to both models: model utility then measures whether unlearning kept trained knowledge);
-- "Retrain": the same without the forget split.
-The target is then unlearned with GA, GradDiff, NPO and SimNPO (forget = the forget split, retain = the retain
-authors), every model is evaluated with the package's TOFU metrics (forget quality against Retrain), and each
-unlearned model is put through a relearning attack (fine-tuning on 10% of the forget split). The script first checks
-that the target really knows the forget set (ROUGE-L recall and probability well above Retrain's), otherwise the
-study would measure nothing. Prints tables; writes reports, curves and PNGs to `--out`.
+1. Original / Retrain. A small Llama is trained FROM SCRATCH (no pretrained model can be loaded here) on the forget
+   split (default forget01: the last 2 authors, 40 QA) + the first `--retain_authors` retain authors (20: exactly the
+   authors of TOFU's `retain_perturbed` evaluation set) + the Real Authors and World Facts QA (taught to both models,
+   so model utility measures whether unlearning kept trained knowledge); "Retrain" is the same without the forget
+   split. Both are saved in `--out` (`--reuse_models` loads them). The script checks that the target really knows
+   the forget set, otherwise the study would measure nothing.
+2. Sweep (seed `--seeds[0]`). Unlearning follows the published protocol's shape (`docs/method.md` §3): lr = lr_mult x
+   the fine-tuning lr (the published one equals the fine-tuning lr), warm-up one epoch then linear decay, weight decay
+   0.01, one forget and one retain row per item, batch = the fine-tuning batch; GA, GradDiff, NPO (β 0.1, forget
+   weight 1) and SimNPO (γ 0) over lr_mult x epochs, and for SimNPO also β x forget weight (the paper's forget01/05
+   weight 0.1375, and 1). Every point is scored WITHOUT generation: forget probability and truth ratio, forget
+   quality with its KS statistic D, and model utility from the 6 numbers that need no generation
+   (`model_utility_no_rouge`).
+3. Each method's best point: the highest forget quality with utility >= `--floor` x Original's.
+4. Final points: each best point re-run with every seed of `--seeds`, evaluated with the full TOFU metrics (greedy
+   answers, ROUGE-L, the 9-number model utility), membership-inference AUC (Min-K%++ and LOSS: forget QA as
+   members, QA of retain authors that no model saw as non-members; Retrain's AUC is the target), and a relearning
+   attack (NLL on `--relearn_fraction` of the forget set; Retrain attacked too, as the from-scratch reference).
+Writes sweep.jsonl and finals.jsonl (one line per run, so `--resume` continues a stopped run), results.json,
+summary.md and the Pareto and relearning PNGs (`--figures`).
 """
 
 import argparse
 import copy
+import importlib.util
 import json
+import math
 import os
 import platform
 import time
 
+import numpy as np
 import torch
 from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
-from trl_unlearn.evaluation import evaluate_tofu
-from trl_unlearn.evaluation.relearn import plot_relearn_curves, relearning_attack
-from trl_unlearn.data import PROMPT_TEMPLATE, load_tofu_split, qa_to_trl
-from trl_unlearn.tiny import tiny_llama, train_tokenizer
+import trl_unlearn.evaluation.metrics as M
 from trl_unlearn.cli.train import METHODS
+from trl_unlearn.data import PROMPT_TEMPLATE, load_tofu_split, qa_to_trl
+from trl_unlearn.evaluation import EvalReport, evaluate_tofu
+from trl_unlearn.evaluation.relearn import relearning_attack, select_relearn_indices
+from trl_unlearn.evaluation.scoring import score_answers
+from trl_unlearn.evaluation.tofu import load_tofu_eval_sets
+from trl_unlearn.tiny import tiny_llama, train_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location("tofu_example", os.path.join(ROOT, "examples", "tofu.py"))
+EX = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(EX)  # the example's helpers: one definition of the scoring and selection rule
+ks_test, best_under_floor, score_without_generation, mean_sd = (
+    EX.ks_test, EX.best_under_floor, EX.score_without_generation, EX.mean_sd)
 
 RETAIN_OF = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
-SHOWN = ["forget_quality", "model_utility", "forget_rougeL_recall", "forget_probability", "retain_rougeL_recall",
-         "retain_probability", "real_authors_rougeL_recall", "world_facts_rougeL_recall"]
+NAMES = {m: cls._name for m, (cls, _) in METHODS.items()}
+FINAL = ["forget_quality", "ks_d", "model_utility", "model_utility_no_rouge", "forget_rougeL_recall",
+         "forget_probability", "retain_rougeL_recall", "mia_minkpp_auc", "mia_loss_auc"]
 
 
-def parse():
+def floats(s):
+    return [float(x) for x in s.split(",") if x.strip()]
+
+
+def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", required=True, help="folder of TOFU's JSON-lines files")
     p.add_argument("--out", default="outputs/tofu_small")
+    p.add_argument("--figures", default=os.path.join(ROOT, "docs", "figures"), help="where the PNGs go")
     p.add_argument("--split", default="forget01")
     p.add_argument("--retain_authors", type=int, default=20)
     p.add_argument("--hidden", type=int, default=128)
@@ -48,151 +76,391 @@ def parse():
     p.add_argument("--vocab", type=int, default=2048)
     p.add_argument("--finetune_epochs", type=int, default=25)
     p.add_argument("--finetune_lr", type=float, default=3e-3)
+    p.add_argument("--batch", type=int, default=16, help="fine-tuning batch; unlearning: this many forget + retain")
     p.add_argument("--methods", default="gradascent,graddiff,npo,simnpo")
-    p.add_argument("--unlearn_epochs", type=int, default=5)
-    p.add_argument("--unlearn_lr", type=float, default=2e-4)
+    p.add_argument("--lr_mults", default="0.1,0.2,0.5,1", help="unlearning lr as multiples of --finetune_lr")
+    p.add_argument("--epochs", default="5,10", help="unlearning epochs (published: 10)")
     p.add_argument("--npo_beta", type=float, default=0.1)
-    p.add_argument("--simnpo_beta", type=float, default=2.5)
+    p.add_argument("--simnpo_betas", default="2.5,4.5")
+    p.add_argument("--simnpo_forget_weights", default="0.1375,1")
+    p.add_argument("--floor", type=float, default=0.95, help="keep points with utility >= floor x Original's")
+    p.add_argument("--seeds", default="0,1,2", help="unlearning seeds; the sweep uses the first")
     p.add_argument("--relearn_fraction", type=float, default=0.1)
     p.add_argument("--relearn_steps", type=int, default=30)
-    p.add_argument("--relearn_lr", type=float, default=2e-4)
+    p.add_argument("--relearn_lr_mult", type=float, default=0.1, help="relearning lr, x --finetune_lr")
     p.add_argument("--max_new_tokens", type=int, default=64)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0, help="model initialisation and fine-tuning")
     p.add_argument("--reuse_models", action="store_true",
                    help="load Original/Retrain (and the tokenizer) saved in --out by an earlier run instead of training")
-    return p.parse_args()
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the sweep points in --out/sweep.jsonl and the saved Original/Retrain reports")
+    return p.parse_args(argv)
 
 
-def finetune(model, tokenizer, rows, epochs, lr, seed, out):
-    args = SFTConfig(output_dir=out, num_train_epochs=epochs, per_device_train_batch_size=16, learning_rate=lr,
-                     lr_scheduler_type="cosine", warmup_steps=0.05, use_cpu=True, bf16=False, report_to=[],
-                     save_strategy="no", logging_steps=100, gradient_checkpointing=False, completion_only_loss=True,
-                     max_length=256, seed=seed, disable_tqdm=True)
-    set_seed(seed)
+def grid(a) -> list[dict]:
+    """The sweep's points, method by method: lr_mult x epochs (x β x forget weight for SimNPO)."""
+    points = []
+    for method in a.methods.split(","):
+        if method == "simnpo":
+            extra = [{"beta": b, "forget_weight": w} for b in floats(a.simnpo_betas)
+                     for w in floats(a.simnpo_forget_weights)]
+        else:
+            extra = [{"beta": a.npo_beta if method == "npo" else None, "forget_weight": 1.0}]
+        for epochs in [int(e) for e in floats(a.epochs)]:
+            for mult in floats(a.lr_mults):
+                points += [{"method": method, "lr_mult": mult, "epochs": epochs, **x} for x in extra]
+    return points
+
+
+def key(point: dict, seed: int) -> str:
+    return json.dumps([point[k] for k in ("method", "lr_mult", "epochs", "beta", "forget_weight")] + [seed])
+
+
+def finetune(model, tokenizer, rows, a, out):
+    args = SFTConfig(output_dir=out, num_train_epochs=a.finetune_epochs, per_device_train_batch_size=a.batch,
+                     learning_rate=a.finetune_lr, lr_scheduler_type="cosine", warmup_steps=0.05, use_cpu=True,
+                     bf16=False, report_to=[], save_strategy="no", logging_steps=100, gradient_checkpointing=False,
+                     completion_only_loss=True, max_length=256, seed=a.seed, disable_tqdm=True)
+    set_seed(a.seed)
     SFTTrainer(model=model, args=args, train_dataset=qa_to_trl(rows), processing_class=tokenizer).train()
     return model.eval()
 
 
-def evaluate(model, tokenizer, a, retain_report=None):
-    return evaluate_tofu(model.eval(), tokenizer, a.data_dir, split=a.split, retain_report=retain_report,
-                         prompt_format=PROMPT_TEMPLATE, batch_size=32, max_new_tokens=a.max_new_tokens,
-                         max_length=256, progress=False)
-
-
-def unlearn(method, target, tokenizer, forget, retain, a, out):
+def unlearn(point, seed, target, tokenizer, forget, retain, a):
+    """One unlearning run in the published protocol's shape (module docstring); returns the unlearned model."""
+    method = point["method"]
     trainer_cls, config_cls = METHODS[method]
-    kw = {"beta": a.npo_beta} if method == "npo" else {"beta": a.simnpo_beta} if method == "simnpo" else {}
-    config = config_cls(output_dir=out, num_train_epochs=a.unlearn_epochs, per_device_train_batch_size=8,
-                        learning_rate=a.unlearn_lr, lr_scheduler_type="constant", use_cpu=True, bf16=False,
-                        report_to=[], save_strategy="no", logging_steps=10, gradient_checkpointing=False,
-                        max_length=256, seed=a.seed, disable_tqdm=True, **kw)
+    kw = {"beta": point["beta"]} if method in ("npo", "simnpo") else {}
+    config = config_cls(output_dir=os.path.join(a.out, "unlearn"), num_train_epochs=point["epochs"],
+                        per_device_train_batch_size=a.batch, learning_rate=point["lr_mult"] * a.finetune_lr,
+                        lr_scheduler_type="linear", warmup_steps=math.ceil(len(forget) / a.batch), weight_decay=0.01,
+                        forget_weight=point["forget_weight"], use_cpu=True, bf16=False, report_to=[],
+                        save_strategy="no", logging_steps=1000, gradient_checkpointing=False, max_length=256,
+                        seed=seed, disable_tqdm=True, **kw)
     trainer = trainer_cls(model=copy.deepcopy(target).train(), args=config, forget_dataset=forget,
                           retain_dataset=retain if method != "gradascent" else None, processing_class=tokenizer)
     trainer.train()
     return trainer.model.eval()
 
 
-def table(rows: dict[str, dict]) -> str:
-    lines = ["| model | " + " | ".join(SHOWN) + " |", "|---|" + "---|" * len(SHOWN)]
-    for name, m in rows.items():
-        lines.append(f"| {name} | " + " | ".join("n/a" if m.get(k) is None else f"{m[k]:.3g}" for k in SHOWN) + " |")
-    return "\n".join(lines)
+def membership_aucs(model, tokenizer, members, nonmembers) -> dict:
+    """ROC AUC of forget QA (members) against unseen QA (non-members), scoring the answer given the question:
+    Min-K%++ (k 0.4; higher = member) and LOSS (lower = member). 1 = members stand out, 0.5 = chance."""
+    rows = members + nonmembers
+    res = score_answers(model, tokenizer, [r["question"] for r in rows], [r["answer"] for r in rows],
+                        prompt_format=PROMPT_TEMPLATE, batch_size=32, max_length=256, vocab_stats=True, progress=False)
+    mkpp = np.array([M.min_k_plus_plus(lp, mu, sg, k=0.4)
+                     for lp, mu, sg in zip(res.token_logps, res.token_mu, res.token_sigma)])
+    n = len(members)
+    return {"mia_minkpp_auc": M.membership_auc(mkpp[:n], mkpp[n:]),
+            "mia_loss_auc": M.membership_auc(res.avg_nll[:n], res.avg_nll[n:], higher_is_member=False)}
 
 
-def main():
-    a = parse()
+def d_lattice(d: float, n: int) -> str:
+    return f"{d:.3f} ({round(d * n)}/{n})"
+
+
+def plot_pareto(sweep, base, chosen, floor, path, n):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for i, method in enumerate(dict.fromkeys(p["method"] for p in sweep)):
+        pts = [p for p in sweep if p["method"] == method]
+        color, marker = f"C{i}", "osD^v"[i % 5]
+        mu = [p["model_utility_no_rouge"] for p in pts]
+        ax1.scatter(mu, [max(p["forget_quality"], 1e-30) for p in pts], color=color, marker=marker, alpha=0.6,
+                    label=NAMES[method])
+        ax2.scatter(mu, [p["ks_d"] for p in pts], color=color, marker=marker, alpha=0.6, label=NAMES[method])
+        c = chosen.get(method)
+        if c is not None:
+            ax1.scatter(c["model_utility_no_rouge"], max(c["forget_quality"], 1e-30), s=180, facecolors="none",
+                        edgecolors=color, linewidths=2)
+            ax2.scatter(c["model_utility_no_rouge"], c["ks_d"], s=180, facecolors="none", edgecolors=color,
+                        linewidths=2)
+    for name, m, marker in [("Original", base["Original"], "*"), ("Retrain", base["Retrain"], "P")]:
+        ax1.scatter(m["model_utility_no_rouge"], max(m["forget_quality"], 1e-30), color="k", marker=marker, s=120,
+                    label=name)
+        ax2.scatter(m["model_utility_no_rouge"], m["ks_d"], color="k", marker=marker, s=120, label=name)
+    for ax in (ax1, ax2):
+        ax.axvline(floor, color="gray", linestyle=":", label="utility floor")
+        ax.set_xlabel("model utility without ROUGE (higher is better)")
+    ax1.set_yscale("log")
+    ax1.set_ylabel("forget quality, KS p-value (higher is better)")
+    ax2.set_ylabel(f"KS statistic D (lower is better; steps of 1/{n})")
+    ax1.set_title("Sweep: forget quality vs utility (circled: chosen)")
+    ax2.set_title("Sweep: KS D vs utility")
+    ax2.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_relearn(curves: dict, retrain_prob: float, path: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (name, runs) in enumerate(curves.items()):
+        steps = runs[0]["steps"]
+        unseen = np.array([r["forget_probability_unseen"] for r in runs])
+        relearned = np.array([r["forget_probability_relearned"] for r in runs])
+        ax.plot(steps, unseen.mean(0), "-", marker="o", ms=3, color=f"C{i}", label=f"{name}: items not relearned")
+        ax.plot(steps, relearned.mean(0), ":", color=f"C{i}", label=f"{name}: the relearned items")
+        if len(runs) > 1:
+            ax.fill_between(steps, unseen.min(0), unseen.max(0), color=f"C{i}", alpha=0.15)
+    ax.axhline(retrain_prob, color="gray", linestyle="--", label="Retrain before the attack")
+    ax.set_yscale("log")
+    ax.set_xlabel("relearning steps")
+    ax.set_ylabel("forget probability (mean exp(-NLL))")
+    ax.set_title("Relearning attack (lines: mean over seeds; band: min-max)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    a = parse(argv)
     torch.set_num_threads(a.threads)
     os.makedirs(a.out, exist_ok=True)
-    t0 = time.time()
+    os.makedirs(a.figures, exist_ok=True)
+    seeds = [int(s) for s in floats(a.seeds)]
+    t_start, c_start, load_start = time.time(), time.process_time(), os.getloadavg()
+    phases = {}
+
+    def phase(name, t0, c0):
+        phases[name] = {"wall_s": round(time.time() - t0, 1), "cpu_s": round(time.process_time() - c0, 1),
+                        "load_avg_end": os.getloadavg()[0]}
+        print(f"time: {name}: {phases[name]['wall_s']:.0f} s wall, {phases[name]['cpu_s']:.0f} s CPU, "
+              f"load {phases[name]['load_avg_end']:.1f}", flush=True)
+
+    # ---------------------------------------------------------------------------------- data, Original, Retrain
     forget_rows = load_tofu_split(a.data_dir, a.split)
     retain_all = load_tofu_split(a.data_dir, RETAIN_OF[a.split])
     retain_rows = retain_all[: 20 * a.retain_authors]  # TOFU: 20 QA per author, authors in order
+    holdout_rows = retain_all[20 * a.retain_authors: 20 * a.retain_authors + len(forget_rows)]  # seen by no model
     extra = load_tofu_split(a.data_dir, "real_authors") + load_tofu_split(a.data_dir, "world_facts")
-    eval_texts = []
-    for stem in [f"{a.split}_perturbed", "retain_perturbed", "real_authors_perturbed", "world_facts_perturbed"]:
-        for r in load_tofu_split(a.data_dir, stem):
-            eval_texts += [r["question"], r["answer"], r.get("paraphrased_answer", "")] + list(r["perturbed_answer"])
-    train_texts = [PROMPT_TEMPLATE.format(question=r["question"]) + " " + r["answer"]
-                   for r in forget_rows + retain_rows + extra]
     saved = {name: os.path.join(a.out, name.lower()) for name in ("Original", "Retrain")}
     reuse = a.reuse_models and all(os.path.isfile(os.path.join(d, "config.json")) for d in saved.values())
+    t0, c0 = time.time(), time.process_time()
     if reuse:
         from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
         tokenizer = PreTrainedTokenizerFast.from_pretrained(saved["Original"])
+        models = {n: AutoModelForCausalLM.from_pretrained(d).eval() for n, d in saved.items()}
+        print(f"loaded Original and Retrain from {a.out}", flush=True)
     else:
+        eval_texts = []
+        for stem in [f"{a.split}_perturbed", "retain_perturbed", "real_authors_perturbed", "world_facts_perturbed"]:
+            for r in load_tofu_split(a.data_dir, stem):
+                eval_texts += [r["question"], r["answer"], r.get("paraphrased_answer", "")] + list(r["perturbed_answer"])
+        train_texts = [PROMPT_TEMPLATE.format(question=r["question"]) + " " + r["answer"]
+                       for r in forget_rows + retain_rows + extra]
         tokenizer = train_tokenizer(train_texts + eval_texts, vocab_size=a.vocab)
-    sizes = {"forget": len(forget_rows), "retain": len(retain_rows), "real_authors+world_facts": len(extra)}
-    print(f"data: {sizes}; tokenizer vocab {len(tokenizer)}", flush=True)
+        models = {}
+        for name, rows in [("Original", forget_rows + retain_rows + extra), ("Retrain", retain_rows + extra)]:
+            model = tiny_llama(tokenizer, hidden_size=a.hidden, num_hidden_layers=a.layers, num_attention_heads=4,
+                               seed=a.seed)
+            models[name] = finetune(model, tokenizer, rows, a, saved[name])
+            model.save_pretrained(saved[name])
+            tokenizer.save_pretrained(saved[name])
+            print(f"trained {name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on {len(rows)} "
+                  f"QA", flush=True)
+        phase("training Original and Retrain", t0, c0)
+    print(f"data: forget {len(forget_rows)}, retain {len(retain_rows)}, real_authors+world_facts {len(extra)}, "
+          f"holdout {len(holdout_rows)}; tokenizer vocab {len(tokenizer)}", flush=True)
 
-    models = {}
-    for name, rows in [("Original", forget_rows + retain_rows + extra), ("Retrain", retain_rows + extra)]:
-        if reuse:
-            models[name] = AutoModelForCausalLM.from_pretrained(saved[name]).eval()
-            print(f"loaded {name} from {saved[name]}", flush=True)
+    def full_eval(model, retain_report=None):
+        return evaluate_tofu(model.eval(), tokenizer, a.data_dir, split=a.split, retain_report=retain_report,
+                             prompt_format=PROMPT_TEMPLATE, batch_size=32, max_new_tokens=a.max_new_tokens,
+                             max_length=256, progress=False)
+
+    t0, c0 = time.time(), time.process_time()
+    reports = {}
+    for name in ("Retrain", "Original"):
+        path = os.path.join(a.out, f"report_{name.lower()}.json")
+        if a.resume and os.path.isfile(path):
+            reports[name] = EvalReport.load(path)
             continue
-        t = time.time()
-        model = tiny_llama(tokenizer, hidden_size=a.hidden, num_hidden_layers=a.layers, num_attention_heads=4,
-                           seed=a.seed)
-        models[name] = finetune(model, tokenizer, rows, a.finetune_epochs, a.finetune_lr, a.seed,
-                                os.path.join(a.out, name.lower()))
-        print(f"trained {name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on {len(rows)} QA "
-              f"in {time.time() - t:.0f}s", flush=True)
-        model.save_pretrained(saved[name])
-        tokenizer.save_pretrained(saved[name])
-
-    reports = {"Retrain": evaluate(models["Retrain"], tokenizer, a)}
-    retain_report = reports["Retrain"]
-    retain_report.reference["retain_forget_truth_ratio"] = list(retain_report.per_item["forget"]["truth_ratio"])
-    retain_report.metrics = retain_report.recompute()
-    reports["Original"] = evaluate(models["Original"], tokenizer, a, retain_report)
-    o, r = reports["Original"].metrics, reports["Retrain"].metrics
+        reports[name] = full_eval(models[name], reports.get("Retrain"))
+        if name == "Retrain":  # against itself: identical truth ratios, forget quality 1 by definition
+            reports[name].reference["retain_forget_truth_ratio"] = list(reports[name].per_item["forget"]["truth_ratio"])
+            reports[name].metrics = reports[name].recompute()
+        reports[name].save(path)
+    retain_ratios = reports["Retrain"].reference["retain_forget_truth_ratio"]
+    n = len(retain_ratios)
+    sets = load_tofu_eval_sets(a.data_dir, a.split)
+    score = lambda m: score_without_generation(m, tokenizer, sets, retain_ratios, PROMPT_TEMPLATE)  # noqa: E731
+    base = {}
+    for name in ("Original", "Retrain"):
+        quick = score(models[name])
+        base[name] = {**reports[name].metrics, "ks_d": quick["ks_d"],
+                      "model_utility_no_rouge": quick["model_utility_no_rouge"],
+                      **membership_aucs(models[name], tokenizer, forget_rows, holdout_rows)}
+    o, r = base["Original"], base["Retrain"]
     print(f"target knows the forget set? forget ROUGE-L recall {o['forget_rougeL_recall']:.3f} vs Retrain "
           f"{r['forget_rougeL_recall']:.3f}; forget probability {o['forget_probability']:.3f} vs "
           f"{r['forget_probability']:.3f}", flush=True)
     if not (o["forget_rougeL_recall"] > r["forget_rougeL_recall"] + 0.2 and o["forget_probability"] > 2 * r["forget_probability"]):
         raise SystemExit("The target does not clearly know the forget set: train longer (--finetune_epochs).")
+    floor = a.floor * o["model_utility_no_rouge"]
+    phase("evaluating Original and Retrain", t0, c0)
 
-    forget = qa_to_trl(forget_rows)
-    retain = qa_to_trl(retain_rows)
-    curves = {}
+    # ------------------------------------------------------------------------------------------------- sweep
+    forget, retain = qa_to_trl(forget_rows), qa_to_trl(retain_rows)
+    sweep_path = os.path.join(a.out, "sweep.jsonl")
+    done = {}
+    if a.resume and os.path.isfile(sweep_path):
+        for line in open(sweep_path):
+            p = json.loads(line)
+            done[key(p, p["seed"])] = p
+    elif os.path.isfile(sweep_path):
+        os.remove(sweep_path)
+    points = grid(a)
+    print(f"sweep: {len(points)} points (seed {seeds[0]}), {sum(key(p, seeds[0]) in done for p in points)} "
+          f"already done; utility floor {floor:.4f} = {a.floor} x Original's {o['model_utility_no_rouge']:.4f} "
+          f"(no ROUGE)", flush=True)
+    t0, c0 = time.time(), time.process_time()
+    sweep = []
+    for i, point in enumerate(points):
+        k = key(point, seeds[0])
+        if k not in done:
+            t = time.time()
+            m = score(unlearn(point, seeds[0], models["Original"], tokenizer, forget, retain, a))
+            done[k] = {**point, "seed": seeds[0], **{x: v for x, v in m.items() if not isinstance(v, list)},
+                       "wall_s": round(time.time() - t, 1)}
+            with open(sweep_path, "a") as f:
+                f.write(json.dumps(done[k]) + "\n")
+            p = done[k]
+            print(f"[{i + 1}/{len(points)}] {NAMES[p['method']]} lr x{p['lr_mult']:g} {p['epochs']} ep"
+                  + (f" β {p['beta']:g}" if p["beta"] is not None else "") + f" fw {p['forget_weight']:g}: "
+                  f"FQ {p['forget_quality']:.3g} D {d_lattice(p['ks_d'], n)} MU6 {p['model_utility_no_rouge']:.4f} "
+                  f"forget prob {p['forget_probability']:.3g} ({p['wall_s']:.0f} s, load {os.getloadavg()[0]:.1f})",
+                  flush=True)
+        sweep.append(done[k])
+    phase(f"sweep ({len(sweep)} points)", t0, c0)
+
+    # ------------------------------------------------------------------------------------ final (best) points
+    t0, c0 = time.time(), time.process_time()
+    chosen = {}
     for method in a.methods.split(","):
-        t = time.time()
-        model = unlearn(method, models["Original"], tokenizer, forget, retain, a, os.path.join(a.out, f"unlearn_{method}"))
-        name = METHODS[method][0]._name
-        reports[name] = evaluate(model, tokenizer, a, retain_report)
-        reports[name].save(os.path.join(a.out, f"report_{method}.json"))
-        print(f"{name}: unlearned and evaluated in {time.time() - t:.0f}s; " + ", ".join(
-            f"{k} {reports[name].metrics[k]:.3g}" for k in SHOWN[:4]), flush=True)
-        curves[name] = relearning_attack(
-            model, tokenizer, forget_rows, fraction=a.relearn_fraction, steps=a.relearn_steps,
-            eval_every=max(1, a.relearn_steps // 5), learning_rate=a.relearn_lr, batch_size=4, seed=a.seed,
-            prompt_format=PROMPT_TEMPLATE, max_new_tokens=a.max_new_tokens, max_length=256, progress=False,
-        )
-        curves[name].save(os.path.join(a.out, f"relearn_{method}.json"))
-    for name, report in reports.items():
-        report.save(os.path.join(a.out, f"report_{name.lower()}.json"))
+        best = best_under_floor([p for p in sweep if p["method"] == method], floor, utility="model_utility_no_rouge")
+        if best is None:
+            print(f"{NAMES[method]}: no sweep point reaches the utility floor {floor:.4f}", flush=True)
+        else:
+            chosen[method] = best
+    idx = select_relearn_indices(len(forget_rows), a.relearn_fraction, 0)
+    forget_only = {"forget": sets["forget"]}
 
-    results = table({k: v.metrics for k, v in reports.items()})
-    relearn_lines = ["| method | " + " | ".join(f"step {s}" for s in next(iter(curves.values())).steps) + " |",
-                     "|---|" + "---|" * len(next(iter(curves.values())).steps)]
-    for name, c in curves.items():
-        relearn_lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in c.series("forget_probability")) + " |")
-    relearn = "\n".join(relearn_lines)
+    def relearn_eval(m):
+        q = score_without_generation(m, tokenizer, forget_only, retain_ratios, PROMPT_TEMPLATE)
+        prob = np.array(q["forget_probabilities"])
+        unseen = np.ones(len(prob), bool)
+        unseen[idx] = False
+        return {"forget_probability": q["forget_probability"], "forget_probability_relearned": float(prob[idx].mean()),
+                "forget_probability_unseen": float(prob[unseen].mean()), "forget_quality": q["forget_quality"],
+                "ks_d": q["ks_d"]}
+
+    def attack(model, seed):
+        c = relearning_attack(model, tokenizer, forget_rows, indices=idx, steps=a.relearn_steps,
+                              eval_every=max(1, a.relearn_steps // 5), learning_rate=a.relearn_lr_mult * a.finetune_lr,
+                              batch_size=4, seed=seed, evaluate=relearn_eval, prompt_format=PROMPT_TEMPLATE,
+                              max_length=256, progress=False)
+        return {"steps": c.steps, **{k: c.series(k) for k in c.metrics[0]}}
+
+    curves = {"Retrain": [attack(models["Retrain"], seeds[0])]}  # no unlearning seed: one curve
+    finals_path = os.path.join(a.out, "finals.jsonl")
+    finals_done = {}
+    if a.resume and os.path.isfile(finals_path):
+        for line in open(finals_path):
+            run = json.loads(line)
+            finals_done[run["key"]] = run
+    elif os.path.isfile(finals_path):
+        os.remove(finals_path)
+    finals = {}
+    for method, best in chosen.items():
+        runs = []
+        for seed in seeds:
+            if key(best, seed) in finals_done:
+                runs.append(finals_done[key(best, seed)])
+                continue
+            model = unlearn(best, seed, models["Original"], tokenizer, forget, retain, a)
+            quick = score(model)
+            report = full_eval(model, reports["Retrain"])
+            report.save(os.path.join(a.out, f"report_{method}_seed{seed}.json"))
+            run = {"key": key(best, seed), "seed": seed, **report.metrics, "ks_d": quick["ks_d"],
+                   "model_utility_no_rouge": quick["model_utility_no_rouge"],
+                   **membership_aucs(model, tokenizer, forget_rows, holdout_rows), "relearn": attack(model, seed)}
+            if seed == seeds[0] and abs(quick["forget_quality"] - best["forget_quality"]) > 1e-9:
+                print(f"warning: {NAMES[method]} seed {seed} re-run gives FQ {quick['forget_quality']:.4g}, the sweep "
+                      f"{best['forget_quality']:.4g} (not deterministic)", flush=True)
+            runs.append(run)
+            with open(finals_path, "a") as f:
+                f.write(json.dumps(run) + "\n")
+            print(f"{NAMES[method]} seed {seed}: " + ", ".join(f"{k} {run[k]:.3g}" for k in FINAL), flush=True)
+        finals[method] = runs
+        curves[NAMES[method]] = [r["relearn"] for r in runs]
+    phase(f"final points ({len(chosen)} methods x {len(seeds)} seeds, with relearning and MIA)", t0, c0)
+
+    # ------------------------------------------------------------------------------------------------ output
+    setting = lambda p: (f"lr {p['lr_mult']:g}x ({p['lr_mult'] * a.finetune_lr:.2g}), {p['epochs']} ep"  # noqa: E731
+                         + (f", β {p['beta']:g}" if p["beta"] is not None else "") + f", fw {p['forget_weight']:g}")
+    lines = ["| model | setting | " + " | ".join(FINAL) + " | FQ per seed |", "|---|---|" + "---|" * (len(FINAL) + 1)]
+    for name in ("Original", "Retrain"):
+        lines.append(f"| {name} | - | " + " | ".join(f"{base[name][k]:.3g}" for k in FINAL) + " | - |")
+    for method, runs in finals.items():
+        lines.append(f"| {NAMES[method]} | {setting(chosen[method])} | "
+                     + " | ".join(mean_sd([r[k] for r in runs]) for k in FINAL) + " | "
+                     + ", ".join(f"{r['forget_quality']:.2g}" for r in runs) + " |")
+    final_table = "\n".join(lines)
+    sweep_lines = ["| method | lr_mult | epochs | β | fw | FQ | D | MU6 | forget prob | forget TR |",
+                   "|---|---|---|---|---|---|---|---|---|---|"]
+    for p in sweep:
+        mark = "**" if chosen.get(p["method"]) is p else ""
+        beta = "-" if p["beta"] is None else f"{p['beta']:g}"
+        sweep_lines.append(
+            f"| {mark}{NAMES[p['method']]}{mark} | {p['lr_mult']:g} | {p['epochs']} | {beta} | "
+            f"{p['forget_weight']:g} | {p['forget_quality']:.3g} | {d_lattice(p['ks_d'], n)} | "
+            f"{p['model_utility_no_rouge']:.4f} | {p['forget_probability']:.3g} | {p['forget_truth_ratio']:.3f} |")
+    sweep_table = "\n".join(sweep_lines)
+    steps = curves["Retrain"][0]["steps"]
+    rl = ["| model | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|" + "---|" * len(steps)]
+    for name, runs in curves.items():
+        rl.append(f"| {name} | " + " | ".join(mean_sd([r["forget_probability_unseen"][j] for r in runs])
+                                              for j in range(len(steps))) + " |")
+    relearn_table = "\n".join(rl)
+
     try:
-        plot_relearn_curves(curves, "forget_probability", path=os.path.join(a.out, "relearn_forget_probability.png"),
-                            reference=reports["Retrain"].metrics["forget_probability"])
+        plot_pareto(sweep, base, chosen, floor, os.path.join(a.figures, "tofu_small_pareto.png"), n)
+        plot_relearn(curves, base["Retrain"]["forget_probability"], os.path.join(a.figures, "tofu_small_relearn.png"))
     except ImportError:
-        pass
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {a.threads} threads"
-    summary = (f"## TOFU-small ({a.split}, trained from scratch)\n\nmachine: {machine}; wall time "
-               f"{(time.time() - t0) / 60:.1f} min\n\nsettings: {json.dumps(vars(a))}\n\n{results}\n\n"
-               f"Relearning attack (forget probability of the whole forget split, fine-tuning on "
-               f"{a.relearn_fraction:.0%} of it):\n\n{relearn}\n")
+        print("matplotlib is not installed: no plots", flush=True)
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+               f"{a.threads} thread(s)")
+    total = {"wall_s": round(time.time() - t_start, 1), "cpu_s": round(time.process_time() - c_start, 1),
+             "load_avg_start": load_start, "load_avg_end": os.getloadavg()}
+    summary = (f"## TOFU-small ({a.split}, trained from scratch)\n\nmachine: {machine}; wall {total['wall_s'] / 60:.1f} "
+               f"min, CPU {total['cpu_s'] / 60:.1f} min, load average (1/5/15 min) at start {load_start}, at end "
+               f"{total['load_avg_end']}\n\nphases: {json.dumps(phases)}\n\nsettings: {json.dumps(vars(a))}\n\n"
+               f"Utility floor: {floor:.4f} = {a.floor} x Original's model utility without ROUGE.\n\n"
+               f"Best point per method, seeds {seeds} (mean ± sd):\n\n{final_table}\n\n"
+               f"Relearning attack: forget probability of the {len(forget_rows) - len(idx)} forget items NOT relearned "
+               f"(NLL on {len(idx)} items, lr {a.relearn_lr_mult * a.finetune_lr:.2g}, batch 4):\n\n{relearn_table}\n\n"
+               f"Sweep (seed {seeds[0]}, no generation; chosen points in bold):\n\n{sweep_table}\n")
     print(summary, flush=True)
     with open(os.path.join(a.out, "summary.md"), "w") as f:
         f.write(summary)
+    with open(os.path.join(a.out, "results.json"), "w") as f:
+        json.dump({"settings": vars(a), "machine": machine, "time": total, "phases": phases, "floor": floor,
+                   "baselines": base, "sweep": sweep, "chosen": chosen, "finals": finals,
+                   "relearn_retrain": curves["Retrain"]}, f, indent=1)
+    return finals
 
 
 if __name__ == "__main__":

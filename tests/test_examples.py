@@ -48,20 +48,74 @@ def test_recipes_parse(recipe, monkeypatch):
 
 
 def test_tofu_example_embedded_study_runs(tmp_path):
-    """The default study at toy size: two trained models, NPO and SimNPO, a results table and a plot."""
+    """The default study at toy size: two trained models, a sweep per method, the chosen settings re-run with two
+    seeds, a results table, the sweep and a plot."""
     example = load_example("tofu")
     argv = ["--output_dir", str(tmp_path), "--num_authors", "4", "--finetune_epochs", "1", "--max_steps", "1",
-            "--max_new_tokens", "8"]
+            "--max_new_tokens", "8", "--sweep_lr_mults", "1", "--sweep_forget_weights", "0.125,1", "--seeds", "2"]
     results = example.main(*example.parse(argv))
     assert list(results) == ["Retrain", "Original", "NPO", "SimNPO"]
     for metrics in results.values():
         assert 0.0 <= metrics["model_utility"] <= 1.0 and metrics["forget_quality"] is not None
+        assert 0.0 <= metrics["ks_d"] <= 1.0
     assert results["Retrain"]["forget_quality"] == pytest.approx(1.0)  # identical truth ratios: KS p-value 1
+    for name in ("NPO", "SimNPO"):
+        assert [s["seed"] for s in results[name]["per_seed"]] == [0, 1]
+        assert results[name]["setting"]["forget_weight"] in (0.125, 1.0)
+    sweep = json.load(open(tmp_path / "sweep.json"))
+    assert [(p["method"], p["forget_weight"]) for p in sweep["points"]] == [
+        ("NPO", 0.125), ("NPO", 1.0), ("SimNPO", 0.125), ("SimNPO", 1.0)]
+    assert [p["learning_rate"] for p in sweep["points"]] == pytest.approx([5e-3] * 4)  # 1 x --finetune_lr
+    assert [p["beta"] for p in sweep["points"]] == [0.1, 0.1, 4.5, 4.5]
     saved = json.load(open(tmp_path / "results.json"))
     assert saved.keys() == results.keys()
     assert (tmp_path / "results.png").stat().st_size > 1000
     card = (tmp_path / "simnpo" / "README.md").read_text()
     assert "forget_quality" in card and "SimNPO" in card
+
+
+def test_best_under_floor_picks_the_best_forget_quality_above_the_utility_floor():
+    best_under_floor = load_example("tofu").best_under_floor
+    table = [
+        {"name": "a", "forget_quality": 0.9, "model_utility": 0.50},  # the best forget quality, but below any floor
+        {"name": "b", "forget_quality": 0.3, "model_utility": 0.80},
+        {"name": "c", "forget_quality": 0.6, "model_utility": 0.70},
+        {"name": "d", "forget_quality": 0.6, "model_utility": 0.75},  # ties with c: higher utility wins
+    ]
+    assert best_under_floor(table, 0.7)["name"] == "d"
+    assert best_under_floor(table, 0.75)["name"] == "d"  # utility equal to the floor is kept
+    assert best_under_floor(table, 0.76)["name"] == "b"
+    assert best_under_floor(table, 0.0)["name"] == "a"
+    assert best_under_floor(table, 0.81) is None
+    renamed = [{"fq": p["forget_quality"], "mu": p["model_utility"], "name": p["name"]} for p in table]
+    assert best_under_floor(renamed, 0.7, utility="mu", score="fq")["name"] == "d"
+
+
+def test_ks_test_and_utility_without_rouge_on_hand_computed_cases():
+    example = load_example("tofu")
+    d, p = example.ks_test([1, 2, 3, 4], [5, 6, 7, 8])  # disjoint: D = 1, exact p = 2 / C(8, 4)
+    assert d == 1.0 and p == pytest.approx(2 / 70)
+    assert example.ks_test([1, 2, 3, 4], [3, 4, 5, 6])[0] == 0.5  # ECDF gap 2/4 at x = 2 (and at x = 4)
+    assert example.ks_test([1, 2, 3], [1, 2, 3]) == (0.0, 1.0)
+    metrics = {f"{s}_{m}": 0.5 for s in ("retain", "real_authors", "world_facts") for m in ("probability", "truth_ratio")}
+    metrics["retain_probability"] = 1.0
+    metrics["retain_rougeL_recall"] = 0.0  # ROUGE is not part of it
+    assert example.utility_without_rouge(metrics) == pytest.approx(6 / (5 * 2 + 1))
+
+
+def test_tofu_small_grid_sweeps_what_the_paper_searches():
+    spec = importlib.util.spec_from_file_location("tofu_small", os.path.join(ROOT, "benchmarks", "tofu_small.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    points = bench.grid(bench.parse(["--data_dir", "unused"]))
+    by_method = {m: [p for p in points if p["method"] == m] for m in ("gradascent", "graddiff", "npo", "simnpo")}
+    assert {m: len(v) for m, v in by_method.items()} == {"gradascent": 8, "graddiff": 8, "npo": 8, "simnpo": 32}
+    assert {(p["beta"], p["forget_weight"]) for p in by_method["npo"]} == {(0.1, 1.0)}
+    assert {(p["beta"], p["forget_weight"]) for p in by_method["simnpo"]} == {
+        (2.5, 0.1375), (2.5, 1.0), (4.5, 0.1375), (4.5, 1.0)}
+    assert {(p["lr_mult"], p["epochs"]) for p in by_method["graddiff"]} == {
+        (m, e) for m in (0.1, 0.2, 0.5, 1.0) for e in (5, 10)}
+    assert len({bench.key(p, 0) for p in points}) == len(points)  # every point has its own resume key
 
 
 def test_train_cli_with_yaml_config(tmp_path, tokenizer):
