@@ -172,7 +172,7 @@ def score(model, tokenizer, facts, args, generate=True, probe=True) -> list[dict
 
 
 GENERATED = ("forget", "retain", "neighbour", "utility")  # sets whose greedy answers are checked
-PROBED = ("forget", "retain", "neighbour", "nonmember")  # sets whose entity probability / Min-K%++ are scored
+PROBED = ("forget", "retain", "nonmember")  # sets whose entity probability / Min-K%++ are scored
 
 
 def set_metrics(sets: dict, recs: dict) -> dict:
@@ -288,8 +288,9 @@ def relearn(model, tokenizer, sets: dict, seed: int, args, step0: dict) -> dict:
         recs = [step0[f] for f in forget] if not calls else score(m, tokenizer, forget, args)
         calls.append(1)
         return {"forget_acc": float(np.mean([r["correct"] for r in recs])),
+                "forget_p": float(np.mean([r["p_entity"] for r in recs])),
                 "forget_acc_unseen": float(np.mean([recs[i]["correct"] for i in unseen])) if unseen else None,
-                "forget_p": float(np.mean([r["p_entity"] for r in recs]))}
+                "forget_p_unseen": float(np.mean([recs[i]["p_entity"] for i in unseen])) if unseen else None}
 
     curve = relearning_attack(model, tokenizer, [(f.question, f.answer) for f in forget], indices=idx,
                               steps=args.relearn_steps, eval_every=args.relearn_eval_every,
@@ -352,7 +353,7 @@ def relearn_table(results: dict) -> str:
     lines = ["| model | mode | lr | " + " | ".join(f"step {s}" for s in steps) + " |",
              "|---|---|---|" + "---:|" * len(steps)]
     for r in runs:
-        cells = [f"{m['forget_acc_unseen']:.2f} / {m['forget_acc']:.2f}" for m in r["relearn"]["metrics"]]
+        cells = [f"{m['forget_acc_unseen']:.2f} / {m['forget_p_unseen']:.2f}" for m in r["relearn"]["metrics"]]
         lines.append(f"| {METHOD_NAMES[r['method']]} | {r['mode']} | {r['lr']:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -360,8 +361,8 @@ def relearn_table(results: dict) -> str:
 def legend() -> str:
     lines = ["What the columns mean (mean ± sd over seeds; 'base' is the untouched model on the same facts):"]
     lines += [f"  {h:>13}: {what}. Good: {good}." for _, h, what, good in COLUMNS]
-    lines.append("  Relearning table: forget accuracy of the facts NOT relearned / of all forget facts, after k steps "
-                 "of fine-tuning on the others.")
+    lines.append("  Relearning table: accuracy / entity probability of the forget facts NOT relearned, after k steps "
+                 "of fine-tuning on the others (step 0: the unlearned model). Good: both stay low.")
     lines.append("  Only facts the base model answers right are forgotten / retained, so every accuracy starts at 1.")
     return "\n".join(lines)
 
@@ -425,7 +426,8 @@ def plot(results: dict, path: str, relearn_path: str):
 # ----------------------------------------------------------------------------------------------------------- main
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="full fine-tuning only, one lr, one seed (~2-3 min)")
+    p.add_argument("--quick", action="store_true",
+                   help="full fine-tuning only, the last lr, one seed, 2 relearning steps (~3 min)")
     p.add_argument("--methods", default="gradascent,graddiff,npo,simnpo")
     p.add_argument("--modes", default="full,lora", help="full and/or lora")
     p.add_argument("--full_lrs", default="1e-5,3e-5", help="learning rates of full fine-tuning")
@@ -456,7 +458,7 @@ def parse(argv=None):
     args = p.parse_args(argv)
     if args.quick:  # quick defaults; flags given explicitly still win
         p.set_defaults(modes="full", seeds="0", full_lrs=p.get_default("full_lrs").split(",")[-1],
-                       lora_lrs=p.get_default("lora_lrs").split(",")[-1])
+                       lora_lrs=p.get_default("lora_lrs").split(",")[-1], relearn_steps=2)
         args = p.parse_args(argv)
     floats = lambda s: [float(x) for x in s.split(",") if x.strip()]  # noqa: E731
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -552,7 +554,7 @@ def main(argv=None) -> int:
     print("\n" + md + "\n")
     if rl:
         print(f"Relearning attack ({args.relearn_steps} steps at lr {args.relearn_lr:g} on "
-              f"{args.relearn_fraction:g} of the forget facts; forget acc not relearned / all):\n{rl}\n")
+              f"{args.relearn_fraction:g} of the forget facts; accuracy / probability of the others):\n{rl}\n")
     print(legend())
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1, default=str)

@@ -271,10 +271,12 @@ def test_study_end_to_end_on_a_tiny_model(tiny_gguf, tiny_cache, tmp_path, monke
         for k in ("forget_acc", "retain_acc", "utility_acc", "forget_p", "retain_p", "mia_auc"):
             assert 0.0 <= m[k] <= 1.0
         assert r["relearn"]["steps"] == [0, 1, 2] and m["relearn_acc"] in (0.0, 1.0)
+        step0 = r["relearn"]["metrics"][0]  # the unlearned model: the run's own forget evaluation
+        assert (step0["forget_acc"], step0["forget_p"]) == (m["forget_acc"], m["forget_p"])
         assert any("loss" in h for h in r["log_history"])
     base = results["base"]["0"]
     assert base["forget_acc"] == base["retain_acc"] == base["utility_acc"] == 1.0
-    assert "| NPO | lora | 0.0003 | 1 |" in printed and "What the columns mean" in printed
+    assert "| NPO | lora | 0.001 | 1 |" in printed and "What the columns mean" in printed
     assert (out / "real_knowledge.png").stat().st_size > 1000
     assert (out / "real_knowledge_relearn.png").stat().st_size > 1000
     assert "load average" in printed and "Wall time" in printed
