@@ -212,3 +212,16 @@ def test_readme_quick_start_runs_as_written_on_cpu(files, tmp_path, monkeypatch)
     trainer = namespace["trainer"]
     assert trainer.state.global_step > 0 and (torch.cuda.is_available() or trainer.args.bf16 is False)
     assert (tmp_path / "out" / "README.md").is_file()
+
+
+def test_checkpointing_flag_old_and_new_names(tmp_path):
+    """TRL scripts and recipes say `gradient_checkpointing`; transformers 5 calls it `activation_checkpointing` and
+    warns about the old name. Both names work, the default (TRL's: on) comes without a warning."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        assert SimNPOConfig(output_dir=str(tmp_path), use_cpu=True).activation_checkpointing is True
+        off = SimNPOConfig(output_dir=str(tmp_path), use_cpu=True, gradient_checkpointing=False)
+    assert off.activation_checkpointing is False and off.gradient_checkpointing is False
+    assert SimNPOConfig(output_dir=str(tmp_path), use_cpu=True, activation_checkpointing=False).gradient_checkpointing is False

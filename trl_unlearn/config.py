@@ -90,6 +90,8 @@ class UnlearningConfig(DPOConfig):
                 "(their loss is set by the trainer class and `forget_weight` / `retain_weight` / "
                 "`retain_loss_type`). Remove them."
             )
+        if self.gradient_checkpointing is not None:  # the old name, as TRL scripts and recipes write it, wins
+            self.activation_checkpointing = self.gradient_checkpointing
         if not _accelerator_available():
             self.dataloader_pin_memory = False  # nothing to pin for (silences torch's warning)
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # what DeepSpeed would pick, without its warning
