@@ -313,8 +313,8 @@ COLUMNS = [  # (metric, header, what it is, what is good)
      "high (base: 1)"),
     ("mia_auc", "MIA AUC", "Min-K%++ AUC, forget facts (members) vs facts of the same kinds the model gets wrong",
      "0.5 = forget facts look like facts it never knew; base > 0.5; < 0.5 = they stand out as erased"),
-    ("relearn_acc", "relearned acc", "forget accuracy on the forget facts NOT relearned, after the relearning "
-     "attack fine-tunes on the others (first seed)", "low = the knowledge does not come back"),
+    ("relearn_acc", "acc after relearn", "accuracy on the forget facts NOT relearned, after the relearning attack "
+     "fine-tuned on the others (first seed only)", "low = the knowledge does not come back"),
 ]
 
 
@@ -360,7 +360,7 @@ def relearn_table(results: dict) -> str:
 
 def legend() -> str:
     lines = ["What the columns mean (mean ± sd over seeds; 'base' is the untouched model on the same facts):"]
-    lines += [f"  {h:>13}: {what}. Good: {good}." for _, h, what, good in COLUMNS]
+    lines += [f"  {h:>17}: {what}. Good: {good}." for _, h, what, good in COLUMNS]
     lines.append("  Relearning table: accuracy / entity probability of the forget facts NOT relearned, after k steps "
                  "of fine-tuning on the others (step 0: the unlearned model). Good: both stay low.")
     lines.append("  Only facts the base model answers right are forgotten / retained, so every accuracy starts at 1.")
@@ -383,7 +383,8 @@ def plot(results: dict, path: str, relearn_path: str):
     for ax, y in zip(axes, ("retain_acc", "utility_acc")):
         for (method, mode, lr), ms in groups.items():
             xs, ys = [m["forget_acc"] for m in ms], [m[y] for m in ms]
-            ax.errorbar(np.mean(xs), np.mean(ys), xerr=np.std(xs), yerr=np.std(ys), color=colours[method],
+            sd = (lambda v: np.std(v, ddof=1)) if len(ms) > 1 else (lambda v: 0.0)  # as in the table
+            ax.errorbar(np.mean(xs), np.mean(ys), xerr=sd(xs), yerr=sd(ys), color=colours[method],
                         marker="o" if mode == "full" else "s", mfc=colours[method] if mode == "full" else "white",
                         ms=7, capsize=2, linestyle="none")
             ax.annotate(f"{lr:g}", (np.mean(xs), np.mean(ys)), textcoords="offset points", xytext=(4, 4), fontsize=7)
