@@ -232,6 +232,24 @@ def test_lora_trains_the_adapters_of_update_modules_only(tokenizer, forget_ds, r
     assert trainer.state.log_history[0]["retain/loss"] == 0.0
 
 
+def test_qlora_trains_the_mlp_adapters_of_update_layers(tokenizer, forget_ds, retain_ds, tmp_path):
+    bnb = pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig
+    from transformers import BitsAndBytesConfig
+
+    llama4(tokenizer).save_pretrained(tmp_path / "base")
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    trainer = RMUTrainer(model=str(tmp_path / "base"), args=rmu_args(tmp_path, max_steps=2, update_layers=[1, 2]),
+                         forget_dataset=forget_ds, retain_dataset=retain_ds, processing_class=tokenizer,
+                         quantization_config=quant, peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=[
+                             "gate_proj", "up_proj", "down_proj"], layers_to_transform=[1, 2]))
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in trainer.model.modules())
+    before = {n: p.detach().float().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p.detach().float())}
+    assert changed == {n for n in before if "lora_" in n} and len(changed) == 12  # 3 modules x A, B x 2 layers
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(layer_id=-1), "`layer_id` must be >= 0"),
     (dict(update_layers=[]), "`update_layers` is empty"),
