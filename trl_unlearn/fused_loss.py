@@ -45,8 +45,9 @@ and `ref_logps` `[S]` (NPO; any value on retain rows):
 
 (`losses.ga_loss(logps, num_tokens, n_forget_tokens) / S` and `losses.nll_loss(...) / S` give the same GA and NLL
 shares, `losses` being `trl_unlearn.losses`.) Multiply constant factors (e.g. the number of ranks) into `seq_loss`
-rather than into `loss`: backward then returns the saved buffers as they are; any other incoming gradient costs a
-scaled copy of each (and, for buffers already in the parameter's dtype, one host sync to find out).
+rather than into `loss`. Backward reads the incoming gradient on the host (one sync on GPUs) when a saved buffer is
+already in its input's dtype: if it is 1 the buffer is returned as it is (autograd takes it without a copy), else a
+scaled copy is made; buffers in another dtype (fp32 accumulators of a bf16 head) are scaled while being cast.
 
 Chunking, and why it is exact. `loss = sum_s l_s(L_s)`, so `d loss / d theta = sum_i g_{s(i)} d logp_i / d theta`,
 with `theta` = hidden, weight or bias and `d logp_i / d z_i = onehot(label_i) - softmax(z_i)`. Each term needs row
