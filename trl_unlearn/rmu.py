@@ -20,8 +20,8 @@ the same on every rank and device, fixed for the run, saved with each checkpoint
 back on resume.
 
 The forward stops at layer `layer_id`: the decoder runs on its first `layer_id + 1` layers only, and no LM head runs;
-the backward stops at the first trained layer (`benchmarks/rmu_cost.py` measures what this saves). Only the parameters of `update_modules` in `update_layers` train
-(with PEFT: the adapters there); everything else is frozen.
+the backward stops at the first trained layer (`benchmarks/rmu_cost.py` measures what this saves). Only the
+parameters of `update_modules` in `update_layers` train (with PEFT: the adapters there); everything else is frozen.
 """
 
 import argparse
@@ -51,7 +51,7 @@ CONTROL_VECTOR_FILE = "rmu_control_vector.pt"
 class RMUConfig(UnlearningConfig):
     r"""
     Configuration for [`RMUTrainer`] (RMU, arXiv 2403.03218). Defaults: the WMDP code's Zephyr-7B run
-    (`rmu/unlearn.py` of github.com/centerforaisafety/wmdp with the README's `--steering_coeffs 6.5 --alpha 1200`).
+    (`rmu/unlearn.py` of github.com/centerforaisafety/wmdp, run with `--steering_coeffs 6.5 --alpha 1200`).
 
     Parameters:
         layer_id (`int`, *optional*, defaults to `7`):
@@ -174,8 +174,8 @@ def layer_output(lm, owner, name, layer_id, grad_from=0, input_ids=None, attenti
 
 def add_layer_forward(model) -> None:
     """Patch `model.forward` (of the causal LM inside a PEFT wrapper) once so that `model(..., rmu_layer=k,
-    rmu_grad_from=j)` returns `layer_output(..., k, j)`; without `rmu_layer` the forward is unchanged. Called through its DDP / DeepSpeed wrapper,
-    whose hooks must run."""
+    rmu_grad_from=j)` returns `layer_output(..., k, j)`; without `rmu_layer` the forward is unchanged. Called through
+    its DDP / DeepSpeed wrapper, whose hooks must run."""
     lm = causal_lm(model)
     if getattr(lm.forward, "_rmu_layer", False):
         return
