@@ -206,7 +206,7 @@ def run(method: str, script_args, training_args, model_args):
 def method_config(method: str, base, output_dir: str, npo_beta: float | None = None):
     """The config of `method`, every shared field copied from `base` (a parsed config of another method, e.g. the
     `SimNPOConfig` an example script parses). `beta` is SimNPO's: NPO takes `npo_beta`, and GA / GradDiff, whose
-    losses have no β, keep their default. Gradient ascent gets `retain_weight=0`."""
+    losses have no β, keep their default. Gradient ascent gets `retain_weight=0`; RMU keeps its own weights and lr."""
     _, config_cls = METHODS[method]
     shared = {f.name for f in dataclasses.fields(config_cls) if f.init} & {
         f.name for f in dataclasses.fields(base) if f.init
@@ -219,4 +219,7 @@ def method_config(method: str, base, output_dir: str, npo_beta: float | None = N
         values.pop("beta", None)
     if method == "gradascent":
         values["retain_weight"] = 0.0
+    if method == "rmu":  # RMU's own scales (α = retain_weight, its lr) are not the likelihood losses'
+        for name in ("retain_weight", "forget_weight", "learning_rate", "retain_loss_type", "precompute_ref_log_probs"):
+            values.pop(name, None)
     return config_cls(**values)
