@@ -231,6 +231,7 @@ def evaluate(model, tokenizer, data_dir, args, retain_report=None, retain_model=
     ref = report.reference.get("retain_forget_truth_ratio")
     if ref:
         report.metrics["ks_d"] = ks_test(report.per_item["forget"]["truth_ratio"], ref)[0]
+    report.metrics["model_utility_no_rouge"] = utility_without_rouge(report.metrics)
     if path:
         report.save(path)
     return report
@@ -253,18 +254,20 @@ def print_table(rows: dict[str, dict]) -> str:
 
 
 def plot(rows: dict[str, dict], path: str, sweep: list[dict] = (), floor: float | None = None):
-    """Forget quality against model utility: chosen settings (mean ± sd over seeds), Original, Retrain, and the
-    sweep points (utility without ROUGE, so on a slightly different x scale: small markers)."""
+    """Forget quality against model utility: each model (a method: its chosen setting, each seed small and the
+    geometric mean of forget quality large) and the sweep points (x). With a sweep, utility is the version without
+    ROUGE for every point (the one the rule uses), so the floor line applies."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    utility = "model_utility_no_rouge" if sweep else "model_utility"
     fig, ax = plt.subplots(figsize=(6, 4.5))
     colors = {}
     for name, m in rows.items():
         seeds = m.get("per_seed") or [m]
-        mu = [s["model_utility"] for s in seeds]
+        mu = [s[utility] for s in seeds]
         fq = [max(s.get("forget_quality") or 1e-12, 1e-12) for s in seeds]
         h = ax.errorbar(np.mean(mu), np.exp(np.mean(np.log(fq))), xerr=np.std(mu) if len(mu) > 1 else None,
                         fmt="o", ms=9, capsize=3, label=name)
@@ -274,11 +277,13 @@ def plot(rows: dict[str, dict], path: str, sweep: list[dict] = (), floor: float 
     for p in sweep:
         ax.scatter(p["model_utility_no_rouge"], max(p["forget_quality"], 1e-12), marker="x", s=18, alpha=0.5,
                    color=colors.get(p["method"], "gray"))
+    if sweep:
+        ax.scatter([], [], marker="x", color="gray", label="sweep points (seed 0)")
     if floor is not None:
-        ax.axvline(floor, color="gray", linestyle=":", label="utility floor (sweep)")
+        ax.axvline(floor, color="gray", linestyle=":", label="utility floor")
     ax.set_yscale("log")
     ax.margins(x=0.15, y=0.25)
-    ax.set_xlabel("model utility (higher is better; x: sweep points, no ROUGE)")
+    ax.set_xlabel("model utility" + (" without ROUGE" if sweep else "") + " (higher is better)")
     ax.set_ylabel("forget quality, KS p-value (higher is better)")
     ax.set_title("TOFU: forget quality vs model utility")
     ax.legend(fontsize=8)
@@ -303,7 +308,7 @@ def embedded_study(args, training_args, out, results):
     # The retain model against itself: identical truth ratios, forget quality 1 by definition
     report.reference["retain_forget_truth_ratio"] = list(report.per_item["forget"]["truth_ratio"])
     report.metrics = report.recompute()
-    report.metrics["ks_d"] = 0.0
+    report.metrics.update(ks_d=0.0, model_utility_no_rouge=utility_without_rouge(report.metrics))
     report.save(os.path.join(out, "report_retrain.json"))
     retain_report = report
     results["Retrain"] = report.metrics
