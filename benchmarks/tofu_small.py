@@ -161,20 +161,28 @@ def d_lattice(d: float, n: int) -> str:
     return f"{d:.3f} ({round(d * n)}/{n})"
 
 
-def plot_pareto(sweep, base, chosen, floor, path, n):
+def plot_pareto(sweep, base, chosen, floor, path, n, colors):
+    """Forget quality and KS D against utility for every sweep point; points far below the floor (utility <
+    floor - 0.1) are drawn at the left edge as "<" so the region that matters keeps its scale."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
+    left = floor - 0.1
+    clipped = 0
     for i, method in enumerate(dict.fromkeys(p["method"] for p in sweep)):
         pts = [p for p in sweep if p["method"] == method]
-        color, marker = f"C{i}", "osD^v"[i % 5]
-        mu = [p["model_utility_no_rouge"] for p in pts]
-        ax1.scatter(mu, [max(p["forget_quality"], 1e-30) for p in pts], color=color, marker=marker, alpha=0.6,
-                    label=NAMES[method])
-        ax2.scatter(mu, [p["ks_d"] for p in pts], color=color, marker=marker, alpha=0.6, label=NAMES[method])
+        color, marker = colors[NAMES[method]], "osD^v"[i % 5]
+        for inside in (True, False):
+            sub = [p for p in pts if (p["model_utility_no_rouge"] >= left) == inside]
+            mu = [max(p["model_utility_no_rouge"], left) for p in sub]
+            clipped += 0 if inside else len(sub)
+            style = dict(color=color, marker=marker if inside else "<", alpha=0.6,
+                         label=NAMES[method] if inside else None)
+            ax1.scatter(mu, [max(p["forget_quality"], 1e-30) for p in sub], **style)
+            ax2.scatter(mu, [p["ks_d"] for p in sub], **style)
         c = chosen.get(method)
         if c is not None:
             ax1.scatter(c["model_utility_no_rouge"], max(c["forget_quality"], 1e-30), s=180, facecolors="none",
@@ -188,6 +196,8 @@ def plot_pareto(sweep, base, chosen, floor, path, n):
     for ax in (ax1, ax2):
         ax.axvline(floor, color="gray", linestyle=":", label="utility floor")
         ax.set_xlabel("model utility without ROUGE (higher is better)")
+        if clipped:
+            ax.text(0.01, 0.01, f"<: {clipped} points with utility < {left:.2f}", transform=ax.transAxes, fontsize=8)
     ax1.set_yscale("log")
     ax1.set_ylabel("forget quality, KS p-value (higher is better)")
     ax2.set_ylabel(f"KS statistic D (lower is better; steps of 1/{n})")
@@ -199,27 +209,28 @@ def plot_pareto(sweep, base, chosen, floor, path, n):
     plt.close(fig)
 
 
-def plot_relearn(curves: dict, retrain_prob: float, path: str):
+def plot_relearn(curves: dict, retrain_prob: float, path: str, colors):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for i, (name, runs) in enumerate(curves.items()):
+    fig, ax = plt.subplots(figsize=(8.5, 4))
+    for name, runs in curves.items():
         steps = runs[0]["steps"]
         unseen = np.array([r["forget_probability_unseen"] for r in runs])
         relearned = np.array([r["forget_probability_relearned"] for r in runs])
-        ax.plot(steps, unseen.mean(0), "-", marker="o", ms=3, color=f"C{i}", label=f"{name}: items not relearned")
-        ax.plot(steps, relearned.mean(0), ":", color=f"C{i}", label=f"{name}: the relearned items")
+        color = colors.get(name, "k")
+        ax.plot(steps, unseen.mean(0), "-", marker="o", ms=3, color=color, label=f"{name}: items not relearned")
+        ax.plot(steps, relearned.mean(0), ":", color=color, label=f"{name}: the relearned items")
         if len(runs) > 1:
-            ax.fill_between(steps, unseen.min(0), unseen.max(0), color=f"C{i}", alpha=0.15)
+            ax.fill_between(steps, unseen.min(0), unseen.max(0), color=color, alpha=0.15)
     ax.axhline(retrain_prob, color="gray", linestyle="--", label="Retrain before the attack")
     ax.set_yscale("log")
     ax.set_xlabel("relearning steps")
     ax.set_ylabel("forget probability (mean exp(-NLL))")
     ax.set_title("Relearning attack (lines: mean over seeds; band: min-max)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -436,9 +447,11 @@ def main(argv=None):
                                               for j in range(len(steps))) + " |")
     relearn_table = "\n".join(rl)
 
+    colors = {NAMES[m]: f"C{i}" for i, m in enumerate(a.methods.split(","))}
     try:
-        plot_pareto(sweep, base, chosen, floor, os.path.join(a.figures, "tofu_small_pareto.png"), n)
-        plot_relearn(curves, base["Retrain"]["forget_probability"], os.path.join(a.figures, "tofu_small_relearn.png"))
+        plot_pareto(sweep, base, chosen, floor, os.path.join(a.figures, "tofu_small_pareto.png"), n, colors)
+        plot_relearn(curves, base["Retrain"]["forget_probability"], os.path.join(a.figures, "tofu_small_relearn.png"),
+                     colors)
     except ImportError:
         print("matplotlib is not installed: no plots", flush=True)
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
