@@ -15,9 +15,12 @@
    weight 0.1375, and 1). Every point is scored WITHOUT generation: forget probability and truth ratio, forget
    quality with its KS statistic D, and model utility from the 6 numbers that need no generation
    (`model_utility_no_rouge`).
-3. Each method's best point: the highest forget quality with utility >= `--floor` x Original's.
-4. Final points: each best point re-run with every seed of `--seeds`, evaluated with the full TOFU metrics (greedy
-   answers, ROUGE-L, the 9-number model utility), membership-inference AUC (Min-K%++ and LOSS: forget QA as
+3. Each method's best point: the highest forget quality with utility (without ROUGE) >= `--floor` x Original's.
+   It is then evaluated in full (seed `--seeds[0]`, greedy answers, ROUGE-L, TOFU's 9-number model utility); if
+   its full utility falls below `--floor` x Original's full utility, the next point in the ranking is tried (at
+   most `--full_checks` per method), so the chosen point keeps the utility TOFU defines.
+4. Final points: each chosen point re-run with every seed of `--seeds`, evaluated with the full TOFU metrics,
+   membership-inference AUC (Min-K%++ and LOSS: forget QA as
    members, QA of retain authors that no model saw as non-members; Retrain's AUC is the target), and a relearning
    attack (NLL on `--relearn_fraction` of the forget set; Retrain attacked too, as the from-scratch reference).
 Writes sweep.jsonl and finals.jsonl (one line per run, so `--resume` continues a stopped run), results.json,
@@ -51,8 +54,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location("tofu_example", os.path.join(ROOT, "examples", "tofu.py"))
 EX = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(EX)  # the example's helpers: one definition of the scoring and selection rule
-ks_test, best_under_floor, score_without_generation, mean_sd = (
-    EX.ks_test, EX.best_under_floor, EX.score_without_generation, EX.mean_sd)
+ks_test, rank_under_floor, score_without_generation, mean_sd = (
+    EX.ks_test, EX.rank_under_floor, EX.score_without_generation, EX.mean_sd)
 
 RETAIN_OF = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
 NAMES = {m: cls._name for m, (cls, _) in METHODS.items()}
@@ -84,6 +87,9 @@ def parse(argv=None):
     p.add_argument("--simnpo_betas", default="2.5,4.5")
     p.add_argument("--simnpo_forget_weights", default="0.1375,1")
     p.add_argument("--floor", type=float, default=0.95, help="keep points with utility >= floor x Original's")
+    p.add_argument("--full_checks", type=int, default=5,
+                   help="per method, at most this many sweep points (best first) evaluated in full to find one whose "
+                        "full model utility also reaches the floor")
     p.add_argument("--seeds", default="0,1,2", help="unlearning seeds; the sweep uses the first")
     p.add_argument("--relearn_fraction", type=float, default=0.1)
     p.add_argument("--relearn_steps", type=int, default=30)
@@ -161,9 +167,9 @@ def d_lattice(d: float, n: int) -> str:
     return f"{d:.3f} ({round(d * n)}/{n})"
 
 
-def plot_pareto(sweep, base, chosen, floor, path, n, colors):
-    """Forget quality and KS D against utility for every sweep point; points far below the floor (utility <
-    floor - 0.1) are drawn at the left edge as "<" so the region that matters keeps its scale."""
+def plot_pareto(sweep, base, chosen, rejected, floor, path, n, colors):
+    """Forget quality and KS D against utility for every sweep point (circled: chosen; crossed: rejected on the full
+    utility); points far below the floor (utility < floor - 0.1) are drawn at the left edge as "<"."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -183,6 +189,9 @@ def plot_pareto(sweep, base, chosen, floor, path, n, colors):
                          label=NAMES[method] if inside else None)
             ax1.scatter(mu, [max(p["forget_quality"], 1e-30) for p in sub], **style)
             ax2.scatter(mu, [p["ks_d"] for p in sub], **style)
+        for r in rejected.get(method, []):
+            ax1.scatter(r["model_utility_no_rouge"], max(r["forget_quality"], 1e-30), s=120, marker="x", color="k")
+            ax2.scatter(r["model_utility_no_rouge"], r["ks_d"], s=120, marker="x", color="k")
         c = chosen.get(method)
         if c is not None:
             ax1.scatter(c["model_utility_no_rouge"], max(c["forget_quality"], 1e-30), s=180, facecolors="none",
@@ -201,7 +210,7 @@ def plot_pareto(sweep, base, chosen, floor, path, n, colors):
     ax1.set_yscale("log")
     ax1.set_ylabel("forget quality, KS p-value (higher is better)")
     ax2.set_ylabel(f"KS statistic D (lower is better; steps of 1/{n})")
-    ax1.set_title("Sweep: forget quality vs utility (circled: chosen)")
+    ax1.set_title("Sweep: forget quality vs utility (o: chosen, x: rejected)")
     ax2.set_title("Sweep: KS D vs utility")
     ax2.legend(fontsize=8, loc="best")
     fig.tight_layout()
@@ -359,13 +368,6 @@ def main(argv=None):
 
     # ------------------------------------------------------------------------------------ final (best) points
     t0, c0 = time.time(), time.process_time()
-    chosen = {}
-    for method in a.methods.split(","):
-        best = best_under_floor([p for p in sweep if p["method"] == method], floor, utility="model_utility_no_rouge")
-        if best is None:
-            print(f"{NAMES[method]}: no sweep point reaches the utility floor {floor:.4f}", flush=True)
-        else:
-            chosen[method] = best
     idx = select_relearn_indices(len(forget_rows), a.relearn_fraction, 0)
     forget_only = {"forget": sets["forget"]}
 
@@ -394,34 +396,54 @@ def main(argv=None):
             finals_done[run["key"]] = run
     elif os.path.isfile(finals_path):
         os.remove(finals_path)
-    finals = {}
-    for method, best in chosen.items():
-        runs = []
-        for seed in seeds:
-            if key(best, seed) in finals_done:
-                runs.append(finals_done[key(best, seed)])
-                continue
-            model = unlearn(best, seed, models["Original"], tokenizer, forget, retain, a)
+
+    def final_run(point, seed):
+        """One final point and seed: full TOFU evaluation, membership AUCs, relearning (cached in finals.jsonl)."""
+        k = key(point, seed)
+        if k not in finals_done:
+            model = unlearn(point, seed, models["Original"], tokenizer, forget, retain, a)
             quick = score(model)
             report = full_eval(model, reports["Retrain"])
-            report.save(os.path.join(a.out, f"report_{method}_seed{seed}.json"))
-            run = {"key": key(best, seed), "seed": seed, **report.metrics, "ks_d": quick["ks_d"],
+            tag = "_".join(f"{x}{point[x]:g}" for x in ("lr_mult", "epochs", "beta", "forget_weight") if point[x] is not None)
+            report.save(os.path.join(a.out, f"report_{point['method']}_{tag}_seed{seed}.json"))
+            run = {"key": k, "seed": seed, **report.metrics, "ks_d": quick["ks_d"],
                    "model_utility_no_rouge": quick["model_utility_no_rouge"],
                    **membership_aucs(model, tokenizer, forget_rows, holdout_rows), "relearn": attack(model, seed)}
-            if seed == seeds[0] and abs(quick["forget_quality"] - best["forget_quality"]) > 1e-9:
-                print(f"warning: {NAMES[method]} seed {seed} re-run gives FQ {quick['forget_quality']:.4g}, the sweep "
-                      f"{best['forget_quality']:.4g} (not deterministic)", flush=True)
-            runs.append(run)
+            if seed == seeds[0] and abs(quick["forget_quality"] - point["forget_quality"]) > 1e-9:
+                print(f"warning: {NAMES[point['method']]} seed {seed} re-run gives FQ {quick['forget_quality']:.4g}, "
+                      f"the sweep {point['forget_quality']:.4g} (not deterministic)", flush=True)
             with open(finals_path, "a") as f:
                 f.write(json.dumps(run) + "\n")
-            print(f"{NAMES[method]} seed {seed}: " + ", ".join(f"{k} {run[k]:.3g}" for k in FINAL), flush=True)
-        finals[method] = runs
-        curves[NAMES[method]] = [r["relearn"] for r in runs]
+            finals_done[k] = run
+            print(f"{NAMES[point['method']]} seed {seed}: " + ", ".join(f"{x} {run[x]:.3g}" for x in FINAL), flush=True)
+        return finals_done[k]
+
+    full_floor = a.floor * o["model_utility"]
+    chosen, rejected, finals = {}, {}, {}
+    for method in a.methods.split(","):
+        ranked = rank_under_floor([p for p in sweep if p["method"] == method], floor, utility="model_utility_no_rouge")
+        for point in ranked[: a.full_checks]:
+            full = final_run(point, seeds[0])["model_utility"]
+            if full >= full_floor:
+                chosen[method] = point
+                break
+            rejected.setdefault(method, []).append({**point, "full_model_utility": full})
+            print(f"{NAMES[method]}: {key(point, seeds[0])} keeps utility {point['model_utility_no_rouge']:.4f} without "
+                  f"ROUGE but its full model utility {full:.4f} < {full_floor:.4f}: next point", flush=True)
+        if method not in chosen:
+            print(f"{NAMES[method]}: none of its {min(len(ranked), a.full_checks)} best points under the floor keeps "
+                  f"the full model utility >= {full_floor:.4f}; no final point", flush=True)
+            continue
+        finals[method] = [final_run(chosen[method], seed) for seed in seeds]
+        curves[NAMES[method]] = [r["relearn"] for r in finals[method]]
     phase(f"final points ({len(chosen)} methods x {len(seeds)} seeds, with relearning and MIA)", t0, c0)
 
     # ------------------------------------------------------------------------------------------------ output
     setting = lambda p: (f"lr {p['lr_mult']:g}x ({p['lr_mult'] * a.finetune_lr:.2g}), {p['epochs']} ep"  # noqa: E731
                          + (f", β {p['beta']:g}" if p["beta"] is not None else "") + f", fw {p['forget_weight']:g}")
+    rejected_lines = "".join(f"- {NAMES[m]}: {setting(p)} was first by the rule, but its full model utility (seed "
+                             f"{seeds[0]}) is {p['full_model_utility']:.4f} < {full_floor:.4f}\n"
+                             for m, ps in rejected.items() for p in ps) or "- none\n"
     lines = ["| model | setting | " + " | ".join(FINAL) + " | FQ per seed |", "|---|---|" + "---|" * (len(FINAL) + 1)]
     for name in ("Original", "Retrain"):
         lines.append(f"| {name} | - | " + " | ".join(f"{base[name][k]:.3g}" for k in FINAL) + " | - |")
@@ -430,10 +452,11 @@ def main(argv=None):
                      + " | ".join(mean_sd([r[k] for r in runs]) for k in FINAL) + " | "
                      + ", ".join(f"{r['forget_quality']:.2g}" for r in runs) + " |")
     final_table = "\n".join(lines)
+    rejected_keys = {key(r, 0) for rs in rejected.values() for r in rs}
     sweep_lines = ["| method | lr_mult | epochs | β | fw | FQ | D | MU6 | forget prob | forget TR |",
                    "|---|---|---|---|---|---|---|---|---|---|"]
     for p in sweep:
-        mark = "**" if chosen.get(p["method"]) is p else ""
+        mark = "**" if chosen.get(p["method"]) is p else "~~" if key(p, 0) in rejected_keys else ""
         beta = "-" if p["beta"] is None else f"{p['beta']:g}"
         sweep_lines.append(
             f"| {mark}{NAMES[p['method']]}{mark} | {p['lr_mult']:g} | {p['epochs']} | {beta} | "
@@ -449,7 +472,7 @@ def main(argv=None):
 
     colors = {NAMES[m]: f"C{i}" for i, m in enumerate(a.methods.split(","))}
     try:
-        plot_pareto(sweep, base, chosen, floor, os.path.join(a.figures, "tofu_small_pareto.png"), n, colors)
+        plot_pareto(sweep, base, chosen, rejected, floor, os.path.join(a.figures, "tofu_small_pareto.png"), n, colors)
         plot_relearn(curves, base["Retrain"]["forget_probability"], os.path.join(a.figures, "tofu_small_relearn.png"),
                      colors)
     except ImportError:
@@ -461,17 +484,21 @@ def main(argv=None):
     summary = (f"## TOFU-small ({a.split}, trained from scratch)\n\nmachine: {machine}; wall {total['wall_s'] / 60:.1f} "
                f"min, CPU {total['cpu_s'] / 60:.1f} min, load average (1/5/15 min) at start {load_start}, at end "
                f"{total['load_avg_end']}\n\nphases: {json.dumps(phases)}\n\nsettings: {json.dumps(vars(a))}\n\n"
-               f"Utility floor: {floor:.4f} = {a.floor} x Original's model utility without ROUGE.\n\n"
+               f"Utility floors: {floor:.4f} = {a.floor} x Original's model utility without ROUGE (sweep); "
+               f"{full_floor:.4f} = {a.floor} x Original's full model utility (check of the chosen points).\n\n"
+               f"Points first by the rule but rejected on the full utility:\n{rejected_lines}\n"
                f"Best point per method, seeds {seeds} (mean ± sd):\n\n{final_table}\n\n"
                f"Relearning attack: forget probability of the {len(forget_rows) - len(idx)} forget items NOT relearned "
                f"(NLL on {len(idx)} items, lr {a.relearn_lr_mult * a.finetune_lr:.2g}, batch 4):\n\n{relearn_table}\n\n"
-               f"Sweep (seed {seeds[0]}, no generation; chosen points in bold):\n\n{sweep_table}\n")
+               f"Sweep (seed {seeds[0]}, no generation; chosen points in bold, rejected ones struck through):\n\n"
+               f"{sweep_table}\n")
     print(summary, flush=True)
     with open(os.path.join(a.out, "summary.md"), "w") as f:
         f.write(summary)
     with open(os.path.join(a.out, "results.json"), "w") as f:
         json.dump({"settings": vars(a), "machine": machine, "time": total, "phases": phases, "floor": floor,
-                   "baselines": base, "sweep": sweep, "chosen": chosen, "finals": finals,
+                   "floor_full": full_floor, "baselines": base, "sweep": sweep, "chosen": chosen, "rejected": rejected,
+                   "finals": finals,
                    "relearn_retrain": curves["Retrain"]}, f, indent=1)
     return finals
 

@@ -97,14 +97,19 @@ def ks_test(ratios, retain_ratios) -> tuple[float, float]:
     return float(res.statistic), float(res.pvalue)
 
 
+def rank_under_floor(points: list[dict], floor: float, utility: str = "model_utility",
+                     score: str = "forget_quality") -> list[dict]:
+    """The points with `utility >= floor`, best first: highest `score`, ties to higher utility, then the earlier
+    point."""
+    kept = [(i, p) for i, p in enumerate(points) if p[utility] >= floor]
+    return [p for _, p in sorted(kept, key=lambda ip: (-ip[1][score], -ip[1][utility], ip[0]))]
+
+
 def best_under_floor(points: list[dict], floor: float, utility: str = "model_utility",
                      score: str = "forget_quality") -> dict | None:
-    """The point with the highest `score` among those with `utility >= floor` (ties: higher utility, then the
-    earlier point); None when no point reaches the floor."""
-    kept = [(i, p) for i, p in enumerate(points) if p[utility] >= floor]
-    if not kept:
-        return None
-    return max(kept, key=lambda ip: (ip[1][score], ip[1][utility], -ip[0]))[1]
+    """The first of `rank_under_floor`: the highest `score` with `utility >= floor`; None when no point reaches it."""
+    ranked = rank_under_floor(points, floor, utility, score)
+    return ranked[0] if ranked else None
 
 
 def utility_without_rouge(metrics: dict) -> float:

@@ -87,6 +87,8 @@ def test_best_under_floor_picks_the_best_forget_quality_above_the_utility_floor(
     assert best_under_floor(table, 0.76)["name"] == "b"
     assert best_under_floor(table, 0.0)["name"] == "a"
     assert best_under_floor(table, 0.81) is None
+    ranked = load_example("tofu").rank_under_floor(table, 0.7)
+    assert [p["name"] for p in ranked] == ["d", "c", "b"]
     renamed = [{"fq": p["forget_quality"], "mu": p["model_utility"], "name": p["name"]} for p in table]
     assert best_under_floor(renamed, 0.7, utility="mu", score="fq")["name"] == "d"
 
