@@ -126,7 +126,7 @@ def key(point: dict, seed: int) -> str:
 def finetune(model, tokenizer, rows, a, out):
     args = SFTConfig(output_dir=out, num_train_epochs=a.finetune_epochs, per_device_train_batch_size=a.batch,
                      learning_rate=a.finetune_lr, lr_scheduler_type="cosine", warmup_steps=0.05, use_cpu=True,
-                     bf16=False, report_to=[], save_strategy="no", logging_steps=100, gradient_checkpointing=False,
+                     bf16=False, report_to=[], save_strategy="no", logging_steps=100, activation_checkpointing=False,
                      completion_only_loss=True, max_length=256, seed=a.seed, disable_tqdm=True)
     set_seed(a.seed)
     SFTTrainer(model=model, args=args, train_dataset=qa_to_trl(rows), processing_class=tokenizer).train()
@@ -142,7 +142,7 @@ def unlearn(point, seed, target, tokenizer, forget, retain, a):
                         per_device_train_batch_size=a.batch, learning_rate=point["lr_mult"] * a.finetune_lr,
                         lr_scheduler_type="linear", warmup_steps=math.ceil(len(forget) / a.batch), weight_decay=0.01,
                         forget_weight=point["forget_weight"], use_cpu=True, bf16=False, report_to=[],
-                        save_strategy="no", logging_steps=1000, gradient_checkpointing=False, max_length=256,
+                        save_strategy="no", logging_steps=1000, activation_checkpointing=False, max_length=256,
                         seed=seed, disable_tqdm=True, **kw)
     trainer = trainer_cls(model=copy.deepcopy(target).train(), args=config, forget_dataset=forget,
                           retain_dataset=retain if method != "gradascent" else None, processing_class=tokenizer)

@@ -177,7 +177,7 @@ def finetune(model, tokenizer, rows: list[dict], out: str, epochs: int, lr: floa
     """Teach a tiny model a QA set (plain SFT on the answers) with TRL's SFTTrainer."""
     args = SFTConfig(output_dir=out, num_train_epochs=epochs, per_device_train_batch_size=16, learning_rate=lr,
                      lr_scheduler_type="cosine", warmup_steps=10, weight_decay=0.0, use_cpu=not torch.cuda.is_available(),
-                     bf16=False, report_to=[], save_strategy="no", logging_steps=50, gradient_checkpointing=False,
+                     bf16=False, report_to=[], save_strategy="no", logging_steps=50, activation_checkpointing=False,
                      completion_only_loss=True, max_length=128, seed=seed, disable_tqdm=True)
     SFTTrainer(model=model, args=args, train_dataset=qa_to_trl(rows), processing_class=tokenizer,
                callbacks=[EpochProgress("fine-tuning")]).train()
@@ -455,7 +455,7 @@ DEFAULTS = {  # the embedded study only (no --model_name_or_path); any flag or Y
     "weight_decay": 0.01,
     "per_device_train_batch_size": 4,
     "beta": 4.5,  # SimNPO on forget10 (paper: beta 4.5, forget weight 0.125); NPO: beta 0.1 (--npo_beta)
-    "gradient_checkpointing": False,
+    "activation_checkpointing": False,
     "report_to": "none",
     "save_strategy": "no",
     "logging_steps": 10,
