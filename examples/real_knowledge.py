@@ -207,8 +207,9 @@ def evaluate(model, tokenizer, sets: dict, args) -> tuple[dict, dict]:
 # ---------------------------------------------------------------------------------------------------------- split
 def split(known: list[Fact], unknown: list[Fact], seed: int, args) -> dict:
     """Per target kind, whole entities (seeded order) until each of forget / retain / neighbour has at least
-    `n_forget` / `n_retain` / `n_neighbour` facts; the first `n_utility` known facts of the other kinds and the
-    first `n_nonmember` unknown facts of each target kind (the same for every seed)."""
+    `n_forget` / `n_retain` / `n_neighbour` facts; `n_utility` known facts of the other kinds, one kind after the
+    other, and the first `n_nonmember` unknown facts of each target kind (the same for every seed)."""
+    import itertools
     import random
 
     rng = random.Random(seed)
@@ -228,7 +229,8 @@ def split(known: list[Fact], unknown: list[Fact], seed: int, args) -> dict:
                 raise ValueError(f"only {len(known)} known facts: not enough {kind} facts left for the {name} set "
                                  f"({len(taken)} < {n}); lower --n_{name}")
             sets[name] += taken
-    sets["utility"] = [f for f in known if f.kind in UTILITY_KINDS][: args.n_utility]
+    by_kind = [[f for f in known if f.kind == k] for k in UTILITY_KINDS]  # taken in turn: every kind is present
+    sets["utility"] = [f for row in itertools.zip_longest(*by_kind) for f in row if f is not None][: args.n_utility]
     sets["nonmember"] = [f for k in TARGET_KINDS for f in [u for u in unknown if u.kind == k][: args.n_nonmember]]
     return sets
 
