@@ -35,7 +35,7 @@ from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config, 
 import trl_unlearn.evaluation.metrics as M
 from trl_unlearn import SimNPOConfig
 from trl_unlearn.evaluation import evaluate_tofu
-from trl_unlearn.evaluation.tofu import _score_sets, _truth_ratios, load_tofu_eval_sets
+from trl_unlearn.evaluation.tofu import load_tofu_eval_sets, score_tofu_sets, truth_ratios
 from trl_unlearn.cli.loading import load_tokenizer
 from trl_unlearn.cli.train import METHODS, StudyArguments, UnlearnScriptArguments, load_qa_split, method_config
 from trl_unlearn.data import qa_to_trl, write_tofu_layout
@@ -137,15 +137,15 @@ def score_without_generation(model, tokenizer, sets, retain_ratios=None, prompt_
     truth ratio; `model_utility_no_rouge` when the three utility sets are there; with Retrain's forget truth ratios
     `forget_quality` and `ks_d`. Per forget item (lists): `forget_truth_ratios` (the reference when `model` is
     Retrain) and `forget_probabilities`."""
-    cols = _score_sets(model, tokenizer, sets, tuple(sets), prompt_format=prompt_format, batch_size=batch_size,
-                       max_length=max_length, group_by_length=True, progress=False)
+    cols = score_tofu_sets(model, tokenizer, sets, prompt_format=prompt_format, batch_size=batch_size,
+                           max_length=max_length, progress=False)
     out = {}
     for s, c in cols.items():
         if s in ("forget", "retain"):
             prob = M.probability(c["avg_nll_answer"])
         else:
             prob = M.normalized_probability(c["avg_nll_answer"], c["avg_nll_perturbed"])
-        ratios = _truth_ratios(c, s)
+        ratios = truth_ratios(c, s)
         out[f"{s}_probability"] = float(np.mean(prob))
         out[f"{s}_truth_ratio"] = (M.truth_ratio_forget_score(ratios) if s == "forget"
                                    else M.truth_ratio_score(ratios))

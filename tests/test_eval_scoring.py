@@ -146,3 +146,26 @@ def test_generation_matches_manual_greedy_and_stop_strings(lm, tokenizer):
     cut = generate_answers(lm, tokenizer, [q], max_new_tokens=6, prompt_format="plain", postprocess=None,
                            stop_strings=["never there", stop])  # fmt: skip
     assert cut == [manual[: manual.find(stop)]]
+
+
+def test_tofu_scores_without_generation_are_evaluate_tofus(lm, tokenizer, tmp_path):
+    """`score_tofu_sets` (public, used by the example studies) gives the columns `evaluate_tofu` reports, an item's
+    answer NLL is `score_answers` on that pair, and `truth_ratios` is the report's truth ratio."""
+    from trl_unlearn.data import write_tofu_layout
+    from trl_unlearn.evaluation import evaluate_tofu, score_tofu_sets, truth_ratios
+    from trl_unlearn.evaluation.tofu import load_tofu_eval_sets
+    from trl_unlearn.synthetic import make_tofu_like
+
+    folder = write_tofu_layout(tmp_path / "tofu", make_tofu_like(num_authors=10, questions_per_author=2, seed=0))
+    report = evaluate_tofu(lm, tokenizer, folder, "forget10", prompt_format="plain", max_new_tokens=2)
+    sets = load_tofu_eval_sets(folder, "forget10")
+    cols = score_tofu_sets(lm, tokenizer, sets, ("forget", "world_facts"), prompt_format="plain")
+    assert set(cols) == {"forget", "world_facts"}
+    for s, c in cols.items():
+        for key, values in c.items():
+            np.testing.assert_allclose(np.array(values, dtype=float), np.array(report.per_item[s][key], dtype=float),
+                                       rtol=1e-5, atol=1e-6, err_msg=f"{s}/{key}")
+        np.testing.assert_allclose(truth_ratios(c, s), report.per_item[s]["truth_ratio"], rtol=1e-5)
+    row = sets["forget"][0][1]
+    one = score_answers(lm, tokenizer, [row["question"]], [row["answer"]], prompt_format="plain")
+    assert cols["forget"]["avg_nll_answer"][1] == pytest.approx(one.avg_nll[0].item(), rel=1e-5)

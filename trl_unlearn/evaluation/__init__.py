@@ -11,7 +11,7 @@ from .probes import probe_metrics, qa_pairs
 from .relearn import RelearnCurve, plot_relearn_curves, relearning_attack, select_relearn_indices
 from .report import EvalReport
 from .scoring import PromptFormat, ScoreResult, generate_answers, resolve_prompt_format, score_answers, score_texts
-from .tofu import evaluate_tofu
+from .tofu import evaluate_tofu, score_tofu_sets, truth_ratios
 
 __all__ = [
     "EvalReport",
@@ -28,6 +28,8 @@ __all__ = [
     "ScoreResult",
     "evaluate_muse",
     "evaluate_tofu",
+    "score_tofu_sets",
+    "truth_ratios",
     "generate_answers",
     "resolve_prompt_format",
     "score_answers",

@@ -29,9 +29,12 @@ import numpy as np
 import trl_unlearn.evaluation.metrics as M
 
 from .report import AGGREGATES, EvalReport, check_same_settings, package_version
-from .scoring import generate_answers, resolve_prompt_format, score_answers
+from .scoring import PromptFormat, generate_answers, resolve_prompt_format, score_answers
 
-__all__ = ["TOFU_SETS", "evaluate_tofu", "load_tofu_eval_sets", "tofu_aggregates", "tofu_files"]
+__all__ = [
+    "TOFU_SETS", "evaluate_tofu", "load_tofu_eval_sets", "score_tofu_sets", "tofu_aggregates", "tofu_files",
+    "truth_ratios",
+]
 
 TOFU_SETS = ("forget", "retain", "real_authors", "world_facts")
 # sets whose truth ratio uses a paraphrased answer (the others use the ground-truth answer)
@@ -111,7 +114,8 @@ def _fingerprint(rows: Sequence[Mapping]) -> str:
 # -------------------------------------------------------------------------------------------------- aggregation
 
 
-def _truth_ratios(cols: Mapping[str, list], set_name: str) -> np.ndarray:
+def truth_ratios(cols: Mapping[str, list], set_name: str) -> np.ndarray:
+    """Per-item truth ratios of one set's `score_tofu_sets` columns (paraphrased answer where the set has one)."""
     para = cols["avg_nll_paraphrased"] if set_name in _PARAPHRASED else cols["avg_nll_answer"]
     return M.truth_ratio(cols["avg_nll_perturbed"], para)
 
@@ -130,7 +134,7 @@ def tofu_aggregates(
         else:
             prob = M.normalized_probability(cols["avg_nll_answer"], cols["avg_nll_perturbed"])
         rouge = [M.rouge_l_recall(g, a, use_stemmer) for g, a in zip(cols["generation"], cols["answer"])]
-        ratios = _truth_ratios(cols, s)
+        ratios = truth_ratios(cols, s)
         out[f"{s}_probability"] = float(np.mean(prob))
         out[f"{s}_rougeL_recall"] = float(np.mean(rouge))
         out[f"{s}_truth_ratio"] = (
@@ -139,7 +143,7 @@ def tofu_aggregates(
     out["model_utility"] = M.model_utility([out[f"{s}_{m}"] for s in UTILITY_SETS for m in UTILITY_MEASURES])
     retain_ratios = reference.get("retain_forget_truth_ratio")
     out["forget_quality"] = (
-        M.forget_quality(_truth_ratios(per_item["forget"], "forget"), retain_ratios) if retain_ratios else None
+        M.forget_quality(truth_ratios(per_item["forget"], "forget"), retain_ratios) if retain_ratios else None
     )
     return out
 
@@ -147,10 +151,17 @@ def tofu_aggregates(
 # --------------------------------------------------------------------------------------------------- evaluation
 
 
-def _score_sets(
-    model, tokenizer, sets, set_names, *, prompt_format, batch_size, max_length, group_by_length, progress
+def score_tofu_sets(
+    model, tokenizer, sets, set_names=None, *, prompt_format="auto", batch_size=16, max_length=512,
+    group_by_length=True, progress=None,
 ):
-    """Score every answer of every item of `set_names` in one batched call; returns set -> per-item columns."""
+    """TOFU's likelihood columns without generation: every answer of every item of `set_names` (default: all of
+    `sets`, as `load_tofu_eval_sets` returns them) scored in one batched call. Returns set -> per-item columns
+    ``avg_nll_answer``, ``num_tokens_answer``, ``avg_nll_perturbed`` (a list per item) and, for the paraphrased
+    sets, ``avg_nll_paraphrased``: the columns `evaluate_tofu` reports, which `truth_ratios` turns into ratios."""
+    set_names = tuple(sets) if set_names is None else tuple(set_names)
+    if not isinstance(prompt_format, PromptFormat):
+        prompt_format = resolve_prompt_format(tokenizer, prompt_format)
     questions, answers, names, slots = [], [], [], []
     for s in set_names:
         rows, where = sets[s]
@@ -260,11 +271,11 @@ def evaluate_tofu(
         reference = {
             "source": source or f"retain report of {retain_report.settings.get('model')}",
             "model": retain_report.settings.get("model"),
-            "retain_forget_truth_ratio": _truth_ratios(retain_report.per_item["forget"], "forget").tolist(),
+            "retain_forget_truth_ratio": truth_ratios(retain_report.per_item["forget"], "forget").tolist(),
         }
 
     common = dict(prompt_format=fmt, max_length=max_length, group_by_length=group_by_length, progress=progress)
-    cols = _score_sets(model, tokenizer, sets, TOFU_SETS, batch_size=batch_size, **common)
+    cols = score_tofu_sets(model, tokenizer, sets, TOFU_SETS, batch_size=batch_size, **common)
     all_questions = [r["question"] for s in TOFU_SETS for r in sets[s][0]]
     generations = generate_answers(
         model,
@@ -290,17 +301,17 @@ def evaluate_tofu(
             "generation": gens,
             "rougeL_recall": [M.rouge_l_recall(g, r["answer"], rouge_use_stemmer) for g, r in zip(gens, rows)],
             **c,
-            "truth_ratio": _truth_ratios(c, s).tolist(),
+            "truth_ratio": truth_ratios(c, s).tolist(),
         }
 
     if retain_model is not None:
-        rcols = _score_sets(
+        rcols = score_tofu_sets(
             retain_model, retain_tokenizer or tokenizer, sets, ("forget",), batch_size=batch_size, **common
         )
         reference = {
             "source": f"retain model {getattr(retain_model, 'name_or_path', '') or '(in memory)'}",
             "model": getattr(retain_model, "name_or_path", None) or None,
-            "retain_forget_truth_ratio": _truth_ratios(rcols["forget"], "forget").tolist(),
+            "retain_forget_truth_ratio": truth_ratios(rcols["forget"], "forget").tolist(),
         }
 
     report = EvalReport(benchmark="tofu", metrics={}, per_item=per_item, settings=settings, reference=reference)
