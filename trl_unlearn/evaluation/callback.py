@@ -6,11 +6,13 @@ loggers (console, TensorBoard, W&B, ... and `trainer.state.log_history`):
 
 * ``probe/forget_probability``, ``probe/retain_probability``: mean `exp(-avg_nll)` of the ground-truth answers
   (TOFU's "Probability", `method.md` §4);
-* with ``rouge=True``: ``probe/forget_rougeL_recall``, ``probe/retain_rougeL_recall`` of greedy answers (slower).
+* with ``rouge=True``: ``probe/forget_rougeL_recall``, ``probe/retain_rougeL_recall`` of greedy answers (slower);
+* with ``harness_tasks``: ``probe/harness/{task}/{metric}`` (``probe/harness/mmlu/acc``, ...) of lm-eval tasks run on
+  the first ``harness_limit`` documents of each task (`evaluate_harness`, the ``lm-eval`` extra).
 
-It can stop training early when the retain probability (utility) falls below a threshold, absolute or relative to
-its value when training began, and it keeps ``trainer.evaluation_summary`` set to the last probe numbers, so they
-are written into the model card.
+It can stop training early when the retain probability or a harness metric (utility) falls below a threshold,
+absolute or relative to its value when training began, and it keeps ``trainer.evaluation_summary`` set to the last
+probe numbers, so they are written into the model card.
 
 Usage::
 
@@ -19,19 +21,27 @@ Usage::
     trainer = SimNPOTrainer(model=..., args=..., forget_dataset=..., retain_dataset=..., processing_class=tokenizer)
     probe.attach(trainer)          # = trainer.add_callback(probe) + keep a reference to the trainer
     trainer.train()
+
+    # MMLU (32 questions of each of its 57 subjects) as a guard: stop when accuracy falls below 90% of its start
+    guard = UnlearningEvalCallback(harness_tasks="mmlu", harness_limit=32, min_harness_metrics={"mmlu/acc": 0.9},
+                                   relative=True, eval_steps=50)
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
+import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from accelerate.utils import extract_model_from_parallel
 from transformers import Trainer, TrainerCallback
 
+from .harness import _Harness, _task_list
 from .probes import probe_metrics, qa_pairs
 from .scoring import PromptFormat, eval_mode
 
@@ -50,13 +60,38 @@ def _broadcast_from_main(obj):
     return obj
 
 
+def _headline(report) -> dict[str, float | None]:
+    """The report's metrics of the requested tasks and groups (a group lm-eval does not aggregate: its tasks'), and of
+    the tasks a requested tag stands for (reported tasks that are neither requested nor in a group)."""
+    members = {t for kids in report.settings.get("group_subtasks", {}).values() for t in kids}
+    shown = set()
+    for name in report.tasks:
+        own = [k for k in report.metrics if k.partition("/")[0] == name]
+        shown |= {name} if own else set(report._leaves(name))
+    shown |= {k.partition("/")[0] for k in report.metrics} - members - set(report.tasks)
+    return {k: v for k, v in report.metrics.items() if k.partition("/")[0] in shown}
+
+
+@contextlib.contextmanager
+def _quiet_lm_eval():
+    """lm-eval's log messages below ERROR are dropped (every probe after the first repeats the first's)."""
+    log = logging.getLogger("lm_eval")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 class UnlearningEvalCallback(TrainerCallback):
-    """Probe forget / retain probability every `eval_steps` steps; optional early stop on lost utility.
+    """Probe forget / retain probability (and lm-eval tasks) every `eval_steps` steps; optional early stop on lost
+    utility.
 
     Args:
         forget_rows, retain_rows: small probe sets (tens of rows): TOFU-layout rows (``question``, ``answer``; extra
             keys ignored; a `datasets.Dataset` with these columns works) or (question, answer) pairs. Either may be
-            None, not both; early stopping needs `retain_rows`.
+            None; early stopping on the retain probability needs `retain_rows`.
         trainer: the trainer to log through; or call `attach(trainer)`. Without one, the numbers only go to
             `state.log_history` (not to the reporting integrations) and `evaluation_summary` is not set.
         tokenizer: default: the trainer's `processing_class`.
@@ -66,21 +101,44 @@ class UnlearningEvalCallback(TrainerCallback):
         rouge: also greedy-generate answers (`max_new_tokens`) and log ROUGE-L recall (off by default: slower).
         prompt_format, batch_size, max_length: as in `score_answers`. Use the format the model is trained with
             (``"plain"`` for ``"Question: ...\\nAnswer:"`` prompt-completion data, ``"chat"`` for conversational data).
+        harness_tasks: lm-eval task or group names (a list or a comma-separated string, e.g. ``"mmlu"``), run with
+            `evaluate_harness` at every probe; their metrics are logged as ``harness/{task}/{metric}`` (requested
+            names only: ``mmlu/acc``, not its 57 subjects; a name lm-eval reports no metric for, such as a tag, logs
+            its tasks'). At least one of `forget_rows`, `retain_rows`, `harness_tasks` is needed.
+        harness_limit: documents per task (lm-eval's ``limit``: an int, or a fraction < 1; None: all). It applies to
+            every task of a group: ``"mmlu"`` with 32 scores 57 x 32 questions.
+        harness_include_path, harness_include_defaults: folder(s) of local task YAMLs; False indexes only those
+            (skips the ~10 s indexing of lm-eval's built-in tasks).
+        harness_num_fewshot, harness_batch_size: as `evaluate_harness`'s `num_fewshot` and `batch_size` (an int:
+            ``"auto"`` could pick different sizes on different ranks).
+        harness_kwargs: other `evaluate_harness` keyword arguments (``hflm_kwargs``, ``apply_chat_template``,
+            ``fewshot_random_seed``, ...).
         min_retain_probability: stop training (`control.should_training_stop`) at the first probe after a training
             step where the retain probability is below this value, or, with `relative=True`, below this fraction of
             its value at train begin (then the train-begin probe always runs).
+        min_harness_metrics: the same for harness metrics: ``{"mmlu/acc": 0.9}`` (keys ``"{task}/{metric}"`` with a
+            task of `harness_tasks`). `relative` applies to every threshold. Training stops when any one is not met.
         prefix: prefix of the logged keys.
         update_evaluation_summary: keep `trainer.evaluation_summary` (the model card's evaluation section) set to the
             last probe numbers; other keys already there are kept.
 
-    After training: `history` holds every probe (``{"step": ..., metric: value}``), `baseline_retain_probability` the
-    train-begin value, `stopped_at` the step training was stopped at (None if it was not).
+    After training: `history` holds every probe (``{"step": ..., metric: value}``), `baseline` the train-begin values
+    of the thresholded metrics (`baseline_retain_probability` the retain probability's), `stopped_at` the step
+    training was stopped at (None if it was not), `harness_report` the last probe's `HarnessReport` (per-document
+    results; on the main process only).
+
+    Each probe wraps the model in a new lm-eval ``HFLM``; the tasks are indexed once (when the callback is built:
+    unknown names fail then) and loaded once (at the first probe), then reused. Every probe restores the model's
+    train / eval mode and the ``random``, numpy and torch RNG states (lm-eval seeds them), and lm-eval gets a copy of
+    the tokenizer (it may add a pad token). lm-eval's own log messages are shown at the first probe only.
 
     Distributed training: every rank runs the probe on its (unwrapped) model with the same inputs, so all ranks run
     the same forward passes and collectives (ZeRO-3 parameter gathering included), and rank 0's numbers are broadcast
-    to the others, so every rank takes the same early-stop decision. Logging goes through `Trainer.log` on every rank
-    as the trainer's own logging does; the reporting integrations write from the main process only. FSDP (whose
-    unwrapped model cannot run a forward on its own) is not supported.
+    to the others, so every rank takes the same early-stop decision. lm-eval treats a model object it is given as a
+    single process (``HFLM``: rank 0 of 1, no accelerator of its own), so each rank scores every document, in the
+    same batches (hence no ``"auto"`` batch size); lm-eval returns results on local rank 0 only. Logging goes through
+    `Trainer.log` on every rank as the trainer's own logging does; the reporting integrations write from the main
+    process only. FSDP (whose unwrapped model cannot run a forward on its own) is not supported.
     """
 
     def __init__(
@@ -98,22 +156,51 @@ class UnlearningEvalCallback(TrainerCallback):
         prompt_format: str | PromptFormat = "auto",
         batch_size: int = 16,
         max_length: int = 512,
+        harness_tasks: str | Sequence[str] | None = None,
+        harness_limit: int | float | None = 32,
+        harness_include_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+        harness_include_defaults: bool = True,
+        harness_num_fewshot: int | None = None,
+        harness_batch_size: int = 8,
+        harness_kwargs: Mapping[str, Any] | None = None,
         min_retain_probability: float | None = None,
+        min_harness_metrics: Mapping[str, float] | None = None,
         relative: bool = False,
         prefix: str = "probe/",
         update_evaluation_summary: bool = True,
     ):
         self.forget = qa_pairs(forget_rows, "forget probe") if forget_rows is not None else []
         self.retain = qa_pairs(retain_rows, "retain probe") if retain_rows is not None else []
-        if not self.forget and not self.retain:
-            raise ValueError("UnlearningEvalCallback needs forget_rows and/or retain_rows")
+        if not self.forget and not self.retain and harness_tasks is None:
+            raise ValueError("UnlearningEvalCallback needs forget_rows and/or retain_rows, or harness_tasks")
         if eval_steps < 1:
             raise ValueError(f"eval_steps must be >= 1, got {eval_steps}")
+        self.thresholds: dict[str, float] = {}  # metric (unprefixed key) -> minimum (a fraction with `relative`)
         if min_retain_probability is not None:
             if not self.retain:
                 raise ValueError("min_retain_probability (early stopping on utility) needs retain_rows")
             if min_retain_probability < 0:
                 raise ValueError(f"min_retain_probability must be >= 0, got {min_retain_probability}")
+            self.thresholds["retain_probability"] = min_retain_probability
+        self.harness = None
+        if harness_tasks is not None:
+            if isinstance(harness_batch_size, bool) or not isinstance(harness_batch_size, int) or harness_batch_size < 1:
+                raise ValueError(f"harness_batch_size must be an int >= 1, got {harness_batch_size!r}")
+            if harness_limit is not None and (isinstance(harness_limit, bool) or harness_limit <= 0):
+                raise ValueError(f"harness_limit must be > 0 (documents, or a fraction < 1) or None, got {harness_limit}")
+            names = _task_list(harness_tasks)
+            for key, value in (min_harness_metrics or {}).items():
+                if key.partition("/")[0] not in names or not key.partition("/")[2]:
+                    raise ValueError(f"min_harness_metrics key {key!r}: use '{{task}}/{{metric}}' with a task of "
+                                     f"harness_tasks {names} (e.g. '{names[0]}/acc')")  # fmt: skip
+                if value < 0:
+                    raise ValueError(f"min_harness_metrics[{key!r}] must be >= 0, got {value}")
+            self.harness = _Harness(names, include_path=harness_include_path, include_defaults=harness_include_defaults,
+                                    limit=harness_limit, batch_size=harness_batch_size, num_fewshot=harness_num_fewshot,
+                                    **dict(harness_kwargs or {}))  # fmt: skip
+            self.thresholds.update({"harness/" + k: v for k, v in (min_harness_metrics or {}).items()})
+        elif min_harness_metrics:
+            raise ValueError("min_harness_metrics needs harness_tasks")
         self.trainer = trainer
         self.tokenizer = tokenizer
         self.eval_steps = eval_steps
@@ -129,10 +216,16 @@ class UnlearningEvalCallback(TrainerCallback):
         self.prefix = prefix
         self.update_evaluation_summary = update_evaluation_summary
         self.history: list[dict[str, Any]] = []
-        self.baseline_retain_probability: float | None = None
+        self.baseline: dict[str, float] = {}
         self.stopped_at: int | None = None
+        self.harness_report = None
+        self._harness_tokenizer = None
         self._last_step: int | None = None
         self._warned = False
+
+    @property
+    def baseline_retain_probability(self) -> float | None:
+        return self.baseline.get("retain_probability")
 
     def attach(self, trainer) -> UnlearningEvalCallback:
         """`trainer.add_callback(self)` and log through `trainer` from now on. Returns self."""
@@ -144,12 +237,23 @@ class UnlearningEvalCallback(TrainerCallback):
     def probe(self, model, tokenizer) -> dict[str, float]:
         """The probe metrics of `model` now (unprefixed keys); the model's train / eval mode is left as it was."""
         model = extract_model_from_parallel(model)
-        with eval_mode(model):
-            metrics, _ = probe_metrics(
-                model, tokenizer, self.forget, self.retain, prompt_format=self.prompt_format,
-                batch_size=self.batch_size, max_length=self.max_length, rouge=self.rouge,
-                max_new_tokens=self.max_new_tokens,
-            )
+        metrics = {}
+        if self.forget or self.retain:
+            with eval_mode(model):
+                metrics, _ = probe_metrics(
+                    model, tokenizer, self.forget, self.retain, prompt_format=self.prompt_format,
+                    batch_size=self.batch_size, max_length=self.max_length, rouge=self.rouge,
+                    max_new_tokens=self.max_new_tokens,
+                )
+        if self.harness is not None:
+            if self._harness_tokenizer is None:
+                self._harness_tokenizer = copy.deepcopy(tokenizer)
+            quiet = bool(self.history)  # lm-eval's messages: at the first probe only
+            with _quiet_lm_eval() if quiet else contextlib.nullcontext():
+                report = self.harness(model, self._harness_tokenizer)
+            if report is not None:  # None on processes with LOCAL_RANK > 0; rank 0's numbers are broadcast below
+                self.harness_report = report
+                metrics.update({"harness/" + k: v for k, v in _headline(report).items()})
         return _broadcast_from_main(metrics)
 
     def _tokenizer(self, kwargs):
@@ -165,21 +269,22 @@ class UnlearningEvalCallback(TrainerCallback):
     def _run(self, state, control, kwargs, check_stop: bool) -> dict[str, float]:
         step = state.global_step
         metrics = self.probe(kwargs["model"], self._tokenizer(kwargs))
+        missing = [k for k in self.thresholds if metrics.get(k) is None]
+        if missing:  # every rank has the same (broadcast) metrics: every rank raises
+            raise ValueError(f"UnlearningEvalCallback: no value for {missing} to threshold; the probe gives "
+                             f"{sorted(k for k, v in metrics.items() if v is not None)}")  # fmt: skip
         self._last_step = step
         self.history.append({"step": step, **metrics})
-        logs = {self.prefix + k: v for k, v in metrics.items()}
-        if check_stop and self.min_retain_probability is not None:
-            threshold = self.min_retain_probability
-            if self.relative:
-                threshold = threshold * (self.baseline_retain_probability or 0.0)
-            if metrics["retain_probability"] < threshold:
-                control.should_training_stop = True
-                self.stopped_at = step
-                logs[self.prefix + "early_stop"] = 1.0
-                logger.warning(
-                    "UnlearningEvalCallback: retain probability %.4g < %.4g at step %d: stopping training",
-                    metrics["retain_probability"], threshold, step,
-                )
+        logs = {self.prefix + k: v for k, v in metrics.items() if v is not None}
+        if check_stop:
+            for key, minimum in self.thresholds.items():
+                threshold = minimum * self.baseline.get(key, 0.0) if self.relative else minimum
+                if metrics[key] < threshold:
+                    control.should_training_stop = True
+                    self.stopped_at = step
+                    logs[self.prefix + "early_stop"] = 1.0
+                    logger.warning("UnlearningEvalCallback: %s %.4g < %.4g at step %d: stopping training",
+                                   key, metrics[key], threshold, step)  # fmt: skip
         self._log(state, control, logs)
         return metrics
 
@@ -213,9 +318,10 @@ class UnlearningEvalCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.stopped_at = None
         self._last_step = None
-        if self.eval_on_train_begin or (self.relative and self.min_retain_probability is not None):
+        self.baseline = {}
+        if self.eval_on_train_begin or (self.relative and self.thresholds):
             metrics = self._run(state, control, kwargs, check_stop=False)
-            self.baseline_retain_probability = metrics.get("retain_probability")
+            self.baseline = {k: metrics[k] for k in self.thresholds}
         return control
 
     def on_step_end(self, args, state, control, **kwargs):

@@ -318,6 +318,104 @@ def _include_paths(include_path) -> list[str]:
     return [os.path.abspath(p) for p in paths]
 
 
+class _Harness:
+    """lm-eval `tasks` made ready once (names checked, task files indexed), run on a model any number of times:
+    `evaluate_harness` runs it once, `UnlearningEvalCallback` at every probe. Arguments as `evaluate_harness`'s."""
+
+    def __init__(self, tasks, *, include_path=None, include_defaults=True, limit=None, batch_size=8, num_fewshot=None,
+                 log_samples=True, hflm_kwargs=None, **simple_evaluate_kwargs):  # fmt: skip
+        _, _, TaskManager = _import_lm_eval()
+        self.names = _task_list(tasks)
+        self.paths = _include_paths(include_path)
+        reserved = {"model", "tasks", "task_manager", "limit", "batch_size", "num_fewshot", "log_samples"}
+        if reserved & simple_evaluate_kwargs.keys():
+            raise ValueError(f"pass {sorted(reserved & simple_evaluate_kwargs.keys())} as evaluate_harness arguments")
+        if isinstance(batch_size, str) and not batch_size.startswith("auto"):
+            raise ValueError(f"batch_size must be an int or 'auto', got {batch_size!r}")
+        self.limit, self.batch_size, self.num_fewshot, self.log_samples = limit, batch_size, num_fewshot, log_samples
+        self.hflm_kwargs = dict(hflm_kwargs or {})
+        self.simple_evaluate_kwargs = simple_evaluate_kwargs
+        self.task_manager = _reusing(TaskManager)(include_path=self.paths or None, include_defaults=include_defaults)
+        all_tasks = self.task_manager.all_tasks
+        unknown = [t for t in self.names if t not in all_tasks]
+        if unknown:  # before loading a model
+            import difflib
+
+            hints = {t: difflib.get_close_matches(t, all_tasks, n=3) for t in unknown}
+            raise ValueError(
+                "unknown lm-eval task(s): "
+                + "; ".join(f"{t!r}" + (f" (did you mean {', '.join(h)}?)" if h else "") for t, h in hints.items())
+                + ("" if self.paths else " — local task YAMLs need include_path")
+            )
+
+    def __call__(self, model, tokenizer, model_name: str | None = None) -> HarnessReport | None:
+        """The report of `model` now; None on a process lm-eval does not return results on (``LOCAL_RANK`` > 0)."""
+        import lm_eval
+        import torch
+        from lm_eval.models.huggingface import HFLM
+
+        from .scoring import eval_mode
+
+        rng = random.getstate(), np.random.get_state()
+        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        with eval_mode(model), torch.random.fork_rng(devices=cuda):
+            try:
+                lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size, **self.hflm_kwargs)
+                results = lm_eval.simple_evaluate(
+                    model=lm,
+                    tasks=self.names,
+                    task_manager=self.task_manager,
+                    limit=self.limit,
+                    num_fewshot=self.num_fewshot,
+                    log_samples=self.log_samples,
+                    **self.simple_evaluate_kwargs,
+                )
+            finally:
+                random.setstate(rng[0])
+                np.random.set_state(rng[1])
+        if results is None:
+            return None
+        settings = {
+            "model": model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__,
+            "tasks": self.names,
+            "include_path": self.paths,
+            "limit": self.limit,
+            "batch_size": self.batch_size,
+            "num_fewshot": self.num_fewshot,
+            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+            "device": str(next(model.parameters()).device),
+            "hflm_kwargs": _jsonable(self.hflm_kwargs),
+            "simple_evaluate_kwargs": _jsonable(self.simple_evaluate_kwargs),
+        }
+        return HarnessReport.from_results(results, settings)
+
+
+def _reusing(TaskManager):
+    """A `TaskManager` subclass that builds the task objects of a task list once and hands out the same ones again,
+    so repeated runs do not read the tasks' datasets again. A reused task scores as a new one: lm-eval builds its
+    requests again at every ``evaluate``, and ``simple_evaluate`` sets its few-shot count and re-seeds its few-shot
+    sampler every time. ``load`` is what ``simple_evaluate`` calls (lm-eval 0.4.11+), ``load_task_or_group`` what
+    0.4.10's ``get_task_dict`` calls."""
+
+    class ReusingTaskManager(TaskManager):
+        def _reuse(self, build, task_list):
+            key = tuple(task_list) if isinstance(task_list, list) else task_list
+            if not all(isinstance(k, str) for k in (key if isinstance(key, tuple) else (key,))):
+                return build(task_list)  # configs or task objects: not cached
+            cache = self.__dict__.setdefault("_built", {})
+            if (build.__name__, key) not in cache:
+                cache[build.__name__, key] = build(task_list)
+            return cache[build.__name__, key]
+
+        def load(self, task_list):
+            return self._reuse(super().load, task_list)
+
+        def load_task_or_group(self, task_list=None):
+            return self._reuse(super().load_task_or_group, task_list)
+
+    return ReusingTaskManager
+
+
 def evaluate_harness(
     model,
     tokenizer=None,
@@ -350,74 +448,22 @@ def evaluate_harness(
     The model is evaluated in eval mode without gradients; its train/eval mode and the caller's ``random``, numpy and
     torch RNG states are restored afterwards (lm-eval seeds them globally).
     """
-    lm_eval, HFLM, TaskManager = _import_lm_eval()
-    import torch
-
-    from .scoring import eval_mode
-
-    names = _task_list(tasks)
-    paths = _include_paths(include_path)
-    reserved = {"model", "tasks", "task_manager", "limit", "batch_size", "num_fewshot", "log_samples"}
-    if reserved & simple_evaluate_kwargs.keys():
-        raise ValueError(f"pass {sorted(reserved & simple_evaluate_kwargs.keys())} as evaluate_harness arguments")
-    if isinstance(batch_size, str) and not batch_size.startswith("auto"):
-        raise ValueError(f"batch_size must be an int or 'auto', got {batch_size!r}")
-
     from_path = isinstance(model, (str, os.PathLike))
     if not from_path and tokenizer is None:
+        _import_lm_eval()  # a missing extra is the first thing to report
         raise ValueError("evaluate_harness: pass the tokenizer with an in-memory model")
-
-    task_manager = TaskManager(include_path=paths or None, include_defaults=include_defaults)
-    unknown = [t for t in names if t not in task_manager.all_tasks]
-    if unknown:  # before loading a model
-        import difflib
-
-        hints = {t: difflib.get_close_matches(t, task_manager.all_tasks, n=3) for t in unknown}
-        raise ValueError(
-            "unknown lm-eval task(s): "
-            + "; ".join(f"{t!r}" + (f" (did you mean {', '.join(h)}?)" if h else "") for t, h in hints.items())
-            + ("" if paths else " — local task YAMLs need include_path")
-        )
-
+    harness = _Harness(tasks, include_path=include_path, include_defaults=include_defaults, limit=limit,
+                       batch_size=batch_size, num_fewshot=num_fewshot, log_samples=log_samples,
+                       hflm_kwargs=hflm_kwargs, **simple_evaluate_kwargs)  # fmt: skip
     if isinstance(tokenizer, (str, os.PathLike)) or (from_path and tokenizer is None):
         tokenizer = load_tokenizer(os.fspath(model if tokenizer is None else tokenizer))
     if from_path:
         model_name = model_name or os.fspath(model)
         model = load_model(os.fspath(model), dtype, device)
-    model_name = model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
-
-    rng = random.getstate(), np.random.get_state()
-    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    with eval_mode(model), torch.random.fork_rng(devices=cuda):
-        try:
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, **dict(hflm_kwargs or {}))
-            results = lm_eval.simple_evaluate(
-                model=lm,
-                tasks=names,
-                task_manager=task_manager,
-                limit=limit,
-                num_fewshot=num_fewshot,
-                log_samples=log_samples,
-                **simple_evaluate_kwargs,
-            )
-        finally:
-            random.setstate(rng[0])
-            np.random.set_state(rng[1])
-    if results is None:  # lm-eval returns None on ranks other than 0
+    report = harness(model, tokenizer, model_name)
+    if report is None:  # lm-eval returns None on processes other than the (local) main one
         raise RuntimeError("lm_eval.simple_evaluate returned no results (not the main process?)")
-    settings = {
-        "model": model_name,
-        "tasks": names,
-        "include_path": paths,
-        "limit": limit,
-        "batch_size": batch_size,
-        "num_fewshot": num_fewshot,
-        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        "device": str(next(model.parameters()).device),
-        "hflm_kwargs": _jsonable(dict(hflm_kwargs or {})),
-        "simple_evaluate_kwargs": _jsonable(simple_evaluate_kwargs),
-    }
-    return HarnessReport.from_results(results, settings)
+    return report
 
 
 AGGREGATES[BENCHMARK] = lambda per_item, reference, settings: HarnessReport(
