@@ -40,7 +40,8 @@ def main(args: MuseArguments, training_args: SimNPOConfig, model_args: ModelConf
         raise ValueError("examples/muse.py needs --model_name_or_path and --dataset_name (see the module docstring).")
     tokenizer = load_tokenizer(model_args.model_name_or_path)
     args.dataset_config = args.dataset_config or "raw"
-    forget, retain = (load_split(args, s, tokenizer, training_args.max_length) for s in (args.forget_split, args.retain()))
+    forget = load_split(args, args.forget_split, tokenizer, training_args.max_length)
+    retain = load_split(args, args.retain(), tokenizer, training_args.max_length, "retain")
     results = {}
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
         trainer_cls, _ = METHODS[method]

@@ -28,27 +28,40 @@ RECIPES = sorted(glob.glob(os.path.join(ROOT, "examples", "recipes", "*.yaml")))
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, tokenizer):
-    """A tiny saved model (with a chat template), TOFU-layout files and a MUSE-layout corpus folder."""
+    """Tiny saved models (with a chat template; one 8 layers deep for RMU's layer 7), TOFU-layout files, a MUSE-layout
+    corpus folder, and two JSON-lines corpus folders standing in for WMDP's forget corpus and WikiText."""
     root = tmp_path_factory.mktemp("user")
-    model = tiny_llama(tokenizer, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                       max_position_embeddings=2048)
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    for name, layers in (("model", 2), ("model8", 8)):
+        model = tiny_llama(tokenizer, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                           max_position_embeddings=2048)
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
     tofu = write_tofu_layout(root / "tofu", make_tofu_like(num_authors=10, questions_per_author=4, seed=0))
     (root / "muse" / "raw").mkdir(parents=True)
     for name, rows in (("forget", QA[:6]), ("retain1", QA[6:12])):
         docs = [f"{q} {a}" for q, a in rows]
         (root / "muse" / "raw" / f"{name}.txt").write_text("\n\n".join(docs))
-    return {"model": str(root / "model"), "tofu": str(tofu), "muse": str(root / "muse"), "root": root}
+    for folder, split, rows in (("wmdp_forget", "train", QA[12:20]), ("wmdp_retain", "test", QA[20:28])):
+        (root / folder).mkdir()
+        docs = [""] + [f"{q} {a} {q} {a}" for q, a in rows]  # WikiText has empty rows; > 50 characters each
+        (root / folder / f"{split}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return {"model": str(root / "model"), "model8": str(root / "model8"), "tofu": str(tofu),
+            "muse": str(root / "muse"), "wmdp_forget": str(root / "wmdp_forget"),
+            "wmdp_retain": str(root / "wmdp_retain"), "root": root}
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=os.path.basename)
 def test_every_recipe_runs_through_the_cli(recipe, files, tmp_path):
     """Only the model, the data, the output, the step count and the dtype are overridden."""
-    method = yaml.safe_load(open(recipe))["methods"]
-    data = files["muse"] if os.path.basename(recipe).startswith("muse") else files["tofu"]
+    config = yaml.safe_load(open(recipe))
+    name = os.path.basename(recipe)
+    if name.startswith("wmdp"):  # forget and retain text from two datasets
+        data = ["--dataset_name", files["wmdp_forget"], "--retain_dataset_name", files["wmdp_retain"]]
+    else:
+        data = ["--dataset_name", files["muse"] if name.startswith("muse") else files["tofu"]]
+    model = files["model8"] if config.get("layer_id", 0) >= 2 else files["model"]
     out = tmp_path / "out"
-    code = main([method, "--config", recipe, "--model_name_or_path", files["model"], "--dataset_name", data,
+    code = main([config["methods"], "--config", recipe, "--model_name_or_path", model, *data,
                  "--output_dir", str(out), "--max_steps", "1", "--dtype", "float32"])
     assert code == 0
     assert (out / "README.md").is_file()

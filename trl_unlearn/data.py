@@ -1,9 +1,10 @@
 """Forget and retain data: files and TRL dataset formats in, one padded forget+retain batch out.
 
 Files: TOFU's layout (`load_tofu_split`, `write_tofu_layout`: JSON lines per split) and raw-text corpora
-(`load_text_corpus`, `text_windows`). QA rows become TRL rows with the ONE plain prompt template `PROMPT_TEMPLATE`
-(`qa_to_trl`) or conversational rows for a chat template; for scoring, a `PromptFormat` (the same template, or the
-chat template) turns QA pairs into token ids (`encode_pairs`) and right-padded batches (`pad_batch`).
+(`load_text_corpus`, `drop_short_documents`, then `text_windows` or `text_documents`). QA rows become TRL rows with
+the ONE plain prompt template `PROMPT_TEMPLATE` (`qa_to_trl`) or conversational rows for a chat template; for
+scoring, a `PromptFormat` (the same template, or the chat template) turns QA pairs into token ids (`encode_pairs`)
+and right-padded batches (`pad_batch`).
 
 Accepted formats (TRL's, standard or conversational):
 - language modeling: `text` or `messages`; every token after the first is scored;
@@ -119,29 +120,93 @@ def qa_to_trl(rows: Iterable[Mapping], template: str | None = PROMPT_TEMPLATE, q
     })
 
 
-def load_text_corpus(dataset_name: str, split: str, config: str = "raw") -> list[str]:
-    """Documents of a raw-text corpus (MUSE's layout): a local `<dataset_name>/raw/<split>.txt` (documents separated
-    by blank lines) or the Hub dataset `dataset_name`, config `config`, split `split` (its `text` column)."""
+def load_text_corpus(dataset_name: str, split: str, config: str | None = "raw", text_column: str = "text") -> list[str]:
+    """Documents of a raw-text corpus, as they are stored:
+
+    - a local folder in MUSE's layout, `<dataset_name>/raw/<split>.txt` (documents separated by blank lines);
+    - a local folder of JSON-lines files, `<dataset_name>/<split>.jsonl` (one object a line, its `text_column`);
+    - the Hub dataset `dataset_name`, config `config`, split `split` (its `text_column`), e.g. `cais/wmdp-corpora`,
+      config `cyber-forget-corpus`, split `train`.
+
+    Empty documents are kept here: `drop_short_documents` drops them with a counted warning."""
     if os.path.isdir(dataset_name):
-        path = os.path.join(dataset_name, "raw", f"{split}.txt")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"Corpus file not found: {path!r} (MUSE layout: <folder>/raw/<split>.txt).")
-        with open(path, encoding="utf-8") as f:
-            return [d.strip() for d in f.read().split("\n\n") if d.strip()]
+        muse = os.path.join(dataset_name, "raw", f"{split}.txt")
+        jsonl = os.path.join(dataset_name, f"{split}.jsonl")
+        if os.path.isfile(muse):
+            with open(muse, encoding="utf-8") as f:
+                return [d.strip() for d in f.read().split("\n\n") if d.strip()]
+        if not os.path.isfile(jsonl):
+            raise FileNotFoundError(
+                f"Corpus file not found: neither {muse!r} (MUSE layout: <folder>/raw/<split>.txt) nor {jsonl!r} "
+                "(JSON lines: <folder>/<split>.jsonl). Check the dataset folder and the split name."
+            )
+        texts = []
+        with open(jsonl, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{jsonl}, line {lineno}: not valid JSON: {e}") from e
+                if not isinstance(row, dict) or text_column not in row:
+                    raise ValueError(
+                        f"{jsonl}, line {lineno}: expected a JSON object with a {text_column!r} key, got "
+                        f"{str(row)[:80]!r}. Set `text_column` to the key that holds the documents."
+                    )
+                texts.append(row[text_column])
+        return _check_texts(texts, jsonl)
     from datasets import load_dataset
 
-    return list(load_dataset(dataset_name, config, split=split)["text"])
+    dataset = load_dataset(dataset_name, config, split=split)
+    if text_column not in dataset.column_names:
+        raise ValueError(
+            f"{dataset_name} (config {config!r}, split {split!r}) has columns {dataset.column_names}, not "
+            f"{text_column!r}: set `text_column` to the column that holds the documents."
+        )
+    return _check_texts(list(dataset[text_column]), f"{dataset_name} ({config}, {split})")
+
+
+def _check_texts(texts: list, where: str) -> list[str]:
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"{where}: document {i} is {t!r} ({type(t).__name__}), not a string. Fix or drop it.")
+    return texts
+
+
+def drop_short_documents(texts: Sequence[str], name: str, min_chars: int = 0) -> list[str]:
+    """The documents that are neither empty nor whitespace-only and have more than `min_chars` characters (the
+    WMDP code's `len(text) > min_len`, on the text as stored). Warns with the count of those dropped; an error when
+    none is left."""
+    kept = [t for t in texts if t.strip() and len(t) > min_chars]
+    dropped = len(texts) - len(kept)
+    if not kept:
+        raise ValueError(
+            f"The {name} corpus has no document left: all {len(texts)} are empty, whitespace-only or at most "
+            f"min_text_chars={min_chars} characters long. Check the split and `text_column`, or lower `min_text_chars`."
+        )
+    if dropped:
+        rule = "empty or whitespace-only" + (f", or at most {min_chars} characters long" if min_chars else "")
+        logger.warning(f"Dropped {dropped} of {len(texts)} documents of the {name} corpus: {rule}.")
+    return kept
 
 
 def text_windows(texts: Iterable[str], tokenizer, max_length: int) -> Dataset:
     """The concatenated documents (each followed by EOS) cut into windows of `max_length - 1` tokens, as
-    language-modeling `text` rows (MUSE's training data; the trainer appends the EOS back)."""
+    language-modeling `text` rows (MUSE's training data; the trainer appends the EOS back). A last window of one
+    token is dropped."""
     ids = []
     for t in texts:
         ids += tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     size = max_length - 1
     chunks = [ids[i : i + size] for i in range(0, len(ids), size)]
     return Dataset.from_dict({"text": [tokenizer.decode(c, skip_special_tokens=True) for c in chunks if len(c) > 1]})
+
+
+def text_documents(texts: Iterable[str]) -> Dataset:
+    """One language-modeling `text` row per document, as stored (the WMDP code's rows); the trainer truncates each
+    to `max_length` tokens, keeping the start (`truncation_mode="keep_start"`, the default)."""
+    return Dataset.from_dict({"text": list(texts)})
 
 
 # ------------------------------------------------------------------------------------------- QA pairs for scoring --

@@ -2,6 +2,7 @@
 
     trl-unlearn simnpo --model_name_or_path MODEL --dataset_name locuslab/TOFU --forget_split forget10 \
         --output_dir out [--config recipe.yaml] [--use_peft ...]
+    trl-unlearn rmu --config examples/recipes/wmdp_rmu.yaml     # forget and retain text from two datasets
 
 Every field of the method's config (`SimNPOConfig`, ...), TRL's `ModelConfig` (PEFT / quantization flags),
 `UnlearnScriptArguments` and `StudyArguments` below is a flag or a YAML key (`--config`), so one recipe serves both
@@ -16,7 +17,8 @@ import os
 from dataclasses import dataclass, field
 
 from ..config import GradAscentConfig, GradDiffConfig, NPOConfig, SimNPOConfig
-from ..data import PROMPT_TEMPLATE, load_text_corpus, load_tofu_split, qa_to_trl, text_windows
+from ..data import (PROMPT_TEMPLATE, drop_short_documents, load_text_corpus, load_tofu_split, qa_to_trl,
+                    text_documents, text_windows)
 from ..rmu import RMUConfig, RMUTrainer
 from ..trainer import GradAscentTrainer, GradDiffTrainer, NPOTrainer, SimNPOTrainer
 from .loading import load_tokenizer, save_prompt_format
@@ -33,26 +35,56 @@ METHODS = {
 TOFU_RETAIN = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
 
 
+TEXT_ROWS = ("windows", "documents")
+
+
 @dataclass
 class UnlearnScriptArguments:
-    """Where the forget and retain data come from.
+    """Where the forget and retain data come from, and how raw text becomes rows.
 
     `dataset_name` is a local folder of JSON-lines files in TOFU's layout (`forget10.json`, `retain90.json`, ...), a
-    local folder in MUSE's layout (`raw/forget.txt`, `raw/retain1.txt`), or a Hub dataset id: its configs are the
-    splits (`locuslab/TOFU`), or with `dataset_config` its raw-text splits (`muse-bench/MUSE-News`, config `raw`).
-    Rows already in a TRL format are used as they are; question/answer rows become prompt-completion rows with
-    `prompt_template` (or conversational rows); raw text is cut into `max_length` windows (every token scored).
+    local folder of raw text in MUSE's layout (`raw/forget.txt`, `raw/retain1.txt`) or as JSON lines
+    (`<split>.jsonl`, documents under `text_column`), or a Hub dataset id: its configs are the splits
+    (`locuslab/TOFU`), or with `dataset_config` a config of raw-text splits (`muse-bench/MUSE-News`, config `raw`;
+    `cais/wmdp-corpora`, config `cyber-forget-corpus`). The retain split comes from the same dataset, or from
+    `retain_dataset_name` / `retain_dataset_config` (WMDP: forget `cais/wmdp-corpora`, retain `wikitext`); each
+    dataset's kind is found on its own. Rows already in a TRL format are used as they are; question/answer rows
+    become prompt-completion rows with `prompt_template` (or conversational rows); raw text becomes language-modeling
+    rows: `max_length` windows of the concatenated documents (`text_rows="windows"`, MUSE) or one row per document,
+    truncated to `max_length` tokens by the trainer (`"documents"`, the WMDP code).
     """
 
     dataset_name: str | None = field(
-        default=None, metadata={"help": "Local TOFU- or MUSE-layout folder, or Hub dataset id."}
+        default=None,
+        metadata={"help": "Forget data: a local TOFU-, MUSE- or JSON-lines-layout folder, or a Hub dataset id."},
     )
     dataset_config: str | None = field(
         default=None, metadata={"help": "Hub config holding raw-text splits (MUSE: 'raw'); default: configs = splits."}
     )
-    forget_split: str = field(default="forget10", metadata={"help": "Forget split (file stem or Hub config)."})
+    retain_dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Retain data from another dataset (same kinds of value); default: dataset_name."},
+    )
+    retain_dataset_config: str | None = field(
+        default=None,
+        metadata={"help": "Hub config of the retain data; default: dataset_config if the retain data come from "
+                          "dataset_name, else none."},
+    )
+    forget_split: str = field(default="forget10", metadata={"help": "Forget split (file stem or Hub config/split)."})
     retain_split: str | None = field(
         default=None, metadata={"help": "Retain split (default: the complement of a TOFU forget split); 'none': none."}
+    )
+    text_column: str = field(default="text", metadata={"help": "Raw text: the column / JSON key of the documents."})
+    text_rows: str = field(
+        default="windows",
+        metadata={"help": "Raw text into rows: 'windows' (the documents concatenated and cut into max_length-token "
+                          "windows, MUSE) or 'documents' (one row per document, truncated to max_length, WMDP).",
+                  "choices": list(TEXT_ROWS)},
+    )
+    min_text_chars: int = field(
+        default=0,
+        metadata={"help": "Raw text: drop documents of at most this many characters (empty and whitespace-only ones "
+                          "are always dropped); the SimNPO authors' WMDP code: 50."},
     )
     question_column: str = field(default="question", metadata={"help": "Column holding the question."})
     answer_column: str = field(default="answer", metadata={"help": "Column holding the answer."})
@@ -61,6 +93,12 @@ class UnlearnScriptArguments:
         default=False, metadata={"help": "Build conversational rows (the model's chat template) instead."}
     )
 
+    def __post_init__(self):
+        if self.text_rows not in TEXT_ROWS:
+            raise ValueError(f"`text_rows={self.text_rows!r}`: use 'windows' (MUSE) or 'documents' (WMDP).")
+        if self.min_text_chars < 0:
+            raise ValueError(f"`min_text_chars={self.min_text_chars}` must be >= 0 (0 drops only empty documents).")
+
     def retain(self) -> str | None:
         if self.retain_split is not None:
             return None if self.retain_split.lower() in ("", "none") else self.retain_split
@@ -68,6 +106,16 @@ class UnlearnScriptArguments:
             raise ValueError(f"`--retain_split` is needed ('none' for no retain data): {self.forget_split!r} is not "
                              "a TOFU forget split.")
         return TOFU_RETAIN[self.forget_split]
+
+    def source(self, role: str = "forget") -> tuple[str, str | None]:
+        """`(dataset, config)` of the forget or retain data."""
+        if self.dataset_name is None:
+            raise ValueError("`--dataset_name` is required: a local TOFU-, MUSE- or JSON-lines-layout folder or a Hub "
+                             "dataset id.")
+        if role == "forget" or self.retain_dataset_name in (None, self.dataset_name):
+            config = self.dataset_config if role == "forget" else self.retain_dataset_config or self.dataset_config
+            return self.dataset_name, config
+        return self.retain_dataset_name, self.retain_dataset_config
 
     def prompt_format(self) -> str:
         """What `trl-unlearn eval --prompt_format` takes to score as this run trained."""
@@ -89,36 +137,63 @@ class StudyArguments:
     auc_retrain: float | None = field(default=None, metadata={"help": "MUSE: the retrained model's PrivLeak AUC."})
 
 
-def is_text_corpus(args: UnlearnScriptArguments) -> bool:
-    """Raw-text (MUSE-layout) data rather than QA / TRL rows."""
-    name = args.dataset_name
-    return args.dataset_config is not None or (name is not None and os.path.isdir(os.path.join(name, "raw")))
+def is_text_corpus(name: str, config: str | None, split: str) -> bool:
+    """Raw text (documents) rather than QA / TRL rows: a local MUSE-layout folder (`raw/`), a local folder with
+    `<split>.jsonl` (or, without `<split>.json`, other `.jsonl` files), or a Hub dataset named with a config. A path
+    that is no folder is an error naming the layouts."""
+    if os.path.isdir(name):
+        if os.path.isdir(os.path.join(name, "raw")) or os.path.isfile(os.path.join(name, f"{split}.jsonl")):
+            return True
+        jsonl = any(f.endswith(".jsonl") for f in os.listdir(name))
+        return jsonl and not os.path.isfile(os.path.join(name, f"{split}.json"))
+    if os.path.exists(name) or name.startswith(("/", "./", "../", "~")):
+        raise ValueError(
+            f"Dataset {name!r} is not a folder: give a folder in TOFU's layout (<folder>/<split>.json), MUSE's "
+            "(<folder>/raw/<split>.txt) or of JSON lines (<folder>/<split>.jsonl, documents under `text_column`), or "
+            "a Hub dataset id."
+        )
+    return config is not None
 
 
-def load_split(args: UnlearnScriptArguments, split: str, tokenizer, max_length: int):
-    """One split as a TRL dataset: raw-text corpora cut into windows, or `load_qa_split`."""
-    if is_text_corpus(args):
-        return text_windows(load_text_corpus(args.dataset_name, split, args.dataset_config or "raw"), tokenizer,
-                            max_length)
-    return load_qa_split(args, split)
+def load_split(args: UnlearnScriptArguments, split: str, tokenizer, max_length: int, role: str = "forget"):
+    """The forget or retain split as a TRL dataset: raw text as `text_rows` (windows or documents) after dropping
+    empty and short documents (counted warning), or `load_qa_split`."""
+    name, config = args.source(role)
+    if not is_text_corpus(name, config, split):
+        return load_qa_split(args, split, name)
+    texts = load_text_corpus(name, split, config, args.text_column)
+    texts = drop_short_documents(texts, f"{role} ({name}, {split})", args.min_text_chars)
+    return text_documents(texts) if args.text_rows == "documents" else text_windows(texts, tokenizer, max_length)
 
 
-def load_qa_split(args: UnlearnScriptArguments, split: str):
-    """One split as a TRL dataset: a local TOFU-layout file or a Hub config, QA rows mapped to prompt-completion."""
+def describe_split(args: UnlearnScriptArguments, split: str, role: str, num_rows: int, max_length: int) -> str:
+    """The model card's `forget_data` / `retain_data` line: dataset, config, split, rows and how text became rows."""
+    name, config = args.source(role)
+    line = f"{name} ({f'{config}, ' if config and not os.path.isdir(name) else ''}{split}), {num_rows} examples"
+    if is_text_corpus(name, config, split):
+        line += (f": documents truncated to {max_length} tokens" if args.text_rows == "documents"
+                 else f": {max_length}-token windows")
+    return line
+
+
+def load_qa_split(args: UnlearnScriptArguments, split: str, dataset_name: str | None = None):
+    """One split of `dataset_name` (default: `args.dataset_name`) as a TRL dataset: a local TOFU-layout file or a Hub
+    config, QA rows mapped to prompt-completion."""
     from datasets import Dataset, load_dataset
 
-    if args.dataset_name is None:
+    name = dataset_name or args.dataset_name
+    if name is None:
         raise ValueError("`--dataset_name` is required: a local TOFU- or MUSE-layout folder or a Hub dataset id.")
-    if os.path.isdir(args.dataset_name):
-        dataset = Dataset.from_list(load_tofu_split(args.dataset_name, split))
+    if os.path.isdir(name):
+        dataset = Dataset.from_list(load_tofu_split(name, split))
     else:
-        dataset = load_dataset(args.dataset_name, name=split, split="train")
+        dataset = load_dataset(name, name=split, split="train")
     if {"prompt", "completion"} <= set(dataset.column_names) or "text" in dataset.column_names:
         return dataset
     missing = {args.question_column, args.answer_column} - set(dataset.column_names)
     if missing:
         raise ValueError(
-            f"Split {split!r} of {args.dataset_name} has columns {dataset.column_names}; expected a TRL format or "
+            f"Split {split!r} of {name} has columns {dataset.column_names}; expected a TRL format or "
             f"the QA columns {sorted(missing)} (set `--question_column` / `--answer_column`)."
         )
     template = None if args.conversational else args.prompt_template
@@ -176,8 +251,9 @@ def run(method: str, script_args, training_args, model_args):
     }
     retain_split = script_args.retain()
     tokenizer = load_tokenizer(model_args.model_name_or_path)
-    forget = load_split(script_args, script_args.forget_split, tokenizer, training_args.max_length)
-    retain = load_split(script_args, retain_split, tokenizer, training_args.max_length) if retain_split else None
+    max_length = training_args.max_length
+    forget = load_split(script_args, script_args.forget_split, tokenizer, max_length)
+    retain = load_split(script_args, retain_split, tokenizer, max_length, "retain") if retain_split else None
     trainer = trainer_cls(
         model=model_args.model_name_or_path,
         args=training_args,
@@ -187,16 +263,19 @@ def run(method: str, script_args, training_args, model_args):
         quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
     )
-    name = script_args.dataset_name
-    hub = [] if os.path.isdir(name) else [name]
+    rows = trainer.train_dataset
+    sources = [script_args.source("forget")] + ([script_args.source("retain")] if rows.retain is not None else [])
+    hub = list(dict.fromkeys(name for name, _ in sources if not os.path.isdir(name)))
+    qa = not is_text_corpus(*script_args.source("forget"), script_args.forget_split)
     trainer.card_data.update(
-        forget_data=f"{name} ({script_args.forget_split}), {len(trainer.train_dataset.forget)} examples",
-        retain_data=f"{name} ({retain_split}), {len(retain)} examples" if retain is not None else "none",
-        datasets=hub, prompt_format=None if is_text_corpus(script_args) else script_args.prompt_format(),
+        forget_data=describe_split(script_args, script_args.forget_split, "forget", len(rows.forget), max_length),
+        retain_data=(describe_split(script_args, retain_split, "retain", len(rows.retain), max_length)
+                     if rows.retain is not None else "none"),
+        datasets=hub, prompt_format=script_args.prompt_format() if qa else None,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
-    if trainer.is_world_process_zero() and not is_text_corpus(script_args):
+    if trainer.is_world_process_zero() and qa:
         save_prompt_format(training_args.output_dir, script_args.prompt_format())
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=hub[0] if hub else None)
