@@ -189,6 +189,10 @@ class UnlearningEvalCallback(TrainerCallback):
             if harness_limit is not None and (isinstance(harness_limit, bool) or harness_limit <= 0):
                 raise ValueError(f"harness_limit must be > 0 (documents, or a fraction < 1) or None, got {harness_limit}")
             names = _task_list(harness_tasks)
+            own = {"tasks", "include_path", "include_defaults", "limit", "batch_size", "num_fewshot"}
+            if own & (harness_kwargs or {}).keys():
+                raise ValueError("harness_kwargs: pass " + ", ".join(f"{k} as harness_{k}" for k in sorted(
+                    own & harness_kwargs.keys())))  # fmt: skip
             for key, value in (min_harness_metrics or {}).items():
                 if key.partition("/")[0] not in names or not key.partition("/")[2]:
                     raise ValueError(f"min_harness_metrics key {key!r}: use '{{task}}/{{metric}}' with a task of "

@@ -1,0 +1,200 @@
+"""`UnlearningEvalCallback` with lm-eval tasks: the logged numbers are `evaluate_harness`'s on the same model state,
+`harness_limit` documents are scored, the tasks are built once, early stop on a harness accuracy known by hand (the
+constant model of test_harness.py, not moved by training at learning rate 0), train mode, RNG and training untouched.
+"""
+
+import importlib.util
+import random
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import QA, cpu_args, prompt_completion
+from test_harness import COLOURS, DOCS, GROUP_YAML, _write_task, constant_model
+from transformers import TrainerCallback
+
+from trl_unlearn import SimNPOConfig, SimNPOTrainer
+from trl_unlearn.evaluation.callback import UnlearningEvalCallback
+from trl_unlearn.evaluation.harness import evaluate_harness
+from trl_unlearn.tiny import tiny_llama, train_tokenizer
+
+needs_lm_eval = pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="the lm-eval extra")
+RETAIN = QA[8:12]
+
+
+@pytest.fixture(scope="module")
+def tasks_dir(tmp_path_factory):
+    """toy_mc: test_harness's five documents (constant model: acc 3/5); toy_group: toy_a (three) + toy_b (two)."""
+    folder = tmp_path_factory.mktemp("tasks")
+    _write_task(folder, "toy_mc", DOCS)
+    _write_task(folder, "toy_a", DOCS[:3])
+    _write_task(folder, "toy_b", DOCS[3:])
+    (folder / "toy_group.yaml").write_text(GROUP_YAML, encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """Colours one token each (the constant model's logits) and the QA texts the trainer trains on."""
+    texts = [f"Which colour? Answer: {w}" for w in COLOURS] * 50 + [f"Question: {q}\nAnswer: {a}" for q, a in QA]
+    tok = train_tokenizer(texts, vocab_size=400)
+    assert all(len(tok(" " + w, add_special_tokens=False).input_ids) == 1 for w in COLOURS)
+    return tok
+
+
+class ModeSpy(TrainerCallback):
+    """The model's train mode at every step end, after the probe callback (added after it)."""
+
+    def __init__(self):
+        self.modes = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.modes.append(model.training)
+
+
+def trainer_for(model, tok, tmp_path, **kw):
+    return SimNPOTrainer(model=model, args=cpu_args(SimNPOConfig, tmp_path, **kw), forget_dataset=prompt_completion(
+        QA[:8]), retain_dataset=prompt_completion(QA[8:16]), processing_class=tok)  # fmt: skip
+
+
+def harness_logs(trainer, key="probe/harness/toy_mc/acc"):
+    return [h for h in trainer.state.log_history if key in h]
+
+
+def harness(model, tok, tasks_dir, **kw):
+    return evaluate_harness(model, tok, "toy_mc", include_path=tasks_dir, include_defaults=False, **kw)
+
+
+@needs_lm_eval
+def test_logged_values_are_evaluate_harness_on_the_same_model(tok, tasks_dir, tmp_path, monkeypatch):
+    from lm_eval.api.task import ConfigurableTask
+
+    built = []
+    init = ConfigurableTask.__init__
+    monkeypatch.setattr(ConfigurableTask, "__init__", lambda self, *a, **k: built.append(1) or init(self, *a, **k))
+
+    model = tiny_llama(tok, hidden_size=16, num_hidden_layers=1, num_attention_heads=2)
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    start = harness(model, tok, tasks_dir, limit=4)
+    trainer = trainer_for(model, tok, tmp_path, max_steps=3, learning_rate=1e-2)
+    probe = UnlearningEvalCallback(RETAIN, None, eval_steps=2, prompt_format="plain", harness_tasks="toy_mc",
+                                   harness_limit=4, harness_include_path=tasks_dir, harness_include_defaults=False,
+                                   harness_batch_size=3).attach(trainer)  # fmt: skip
+    spy = ModeSpy()
+    trainer.add_callback(spy)
+    built.clear()
+    trainer.train()
+    assert len(built) == 1  # toy_mc built once (at the first probe), reused by the next two
+
+    logs = harness_logs(trainer)
+    assert [h["step"] for h in logs] == [0, 2, 3]
+    keys = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")
+    assert all(h["probe/forget_probability"] > 0 for h in logs)  # the QA probe runs alongside
+    for k in keys:
+        assert logs[0][f"probe/harness/toy_mc/{k}"] == start.metrics[f"toy_mc/{k}"]
+    end = harness(model, tok, tasks_dir, limit=4)  # the final model, scored afresh
+    for k in keys:
+        assert logs[-1][f"probe/harness/toy_mc/{k}"] == end.metrics[f"toy_mc/{k}"]
+    # the per-document log-likelihoods too; training moved them, so the equality means something
+    last = probe.harness_report.per_item["toy_mc"]
+
+    def flat(items):
+        return [x for doc in items["loglikelihoods"] for x in doc]
+
+    assert flat(last) == pytest.approx(flat(end.per_item["toy_mc"]), abs=1e-5)
+    assert flat(last) != pytest.approx(flat(start.per_item["toy_mc"]), abs=1e-3)
+    # harness_limit: the first four of the five documents
+    assert last["doc_id"] == [0, 1, 2, 3]
+    assert probe.harness_report.settings["n_samples"]["toy_mc"] == {"original": 5, "effective": 4}
+    assert [h["step"] for h in probe.history] == [0, 2, 3] and "harness/toy_mc/acc" in probe.history[1]
+    assert trainer.evaluation_summary["probe/harness/toy_mc/acc"] == logs[-1]["probe/harness/toy_mc/acc"]
+    # train mode at every step; parameters trained, exactly as without the callback
+    assert spy.modes == [True] * 3 and model.training
+    moved = [n for n, p in model.named_parameters() if not torch.equal(p, initial[n])]
+    assert moved
+    plain = tiny_llama(tok, hidden_size=16, num_hidden_layers=1, num_attention_heads=2)
+    trainer_for(plain, tok, tmp_path / "plain", max_steps=3, learning_rate=1e-2).train()
+    for (n, p), q in zip(model.named_parameters(), plain.parameters()):
+        assert torch.equal(p, q), n
+
+
+@needs_lm_eval
+@pytest.mark.parametrize(
+    "minimum,relative,stops",
+    [(0.61, False, True), (0.6, False, False), (1.01, True, True), (1.0, True, False)],
+)  # fmt: skip
+def test_early_stop_on_harness_accuracy(minimum, relative, stops, tok, tasks_dir, tmp_path):
+    """The constant model's toy_mc accuracy is 3/5 (test_harness.py), at every probe: learning rate 0."""
+    model = constant_model(tok)
+    trainer = trainer_for(model, tok, tmp_path, max_steps=4, learning_rate=0.0)
+    probe = UnlearningEvalCallback(harness_tasks=["toy_mc"], harness_limit=None, harness_include_path=tasks_dir,
+                                   harness_include_defaults=False, eval_steps=2, eval_on_train_begin=False,
+                                   min_harness_metrics={"toy_mc/acc": minimum}, relative=relative).attach(trainer)
+    trainer.train()
+    accs = [h["harness/toy_mc/acc"] for h in probe.history]
+    assert accs and all(a == pytest.approx(3 / 5) for a in accs)
+    assert probe.baseline == ({"harness/toy_mc/acc": pytest.approx(3 / 5)} if relative else {})
+    assert [h["step"] for h in probe.history] == ([0] if relative else []) + ([2] if stops else [2, 4])
+    if stops:
+        assert trainer.state.global_step == 2 and probe.stopped_at == 2
+        assert harness_logs(trainer)[-1]["probe/early_stop"] == 1.0
+        assert trainer.evaluation_summary["probe/early_stopped_at_step"] == 2
+    else:
+        assert trainer.state.global_step == 4 and probe.stopped_at is None
+        assert not any("probe/early_stop" in h for h in trainer.state.log_history)
+
+
+@needs_lm_eval
+def test_group_logs_its_aggregate_and_probe_restores_mode_and_rng(tok, tasks_dir):
+    model = constant_model(tok)
+    model.train()
+    probe = UnlearningEvalCallback(harness_tasks="toy_group", harness_include_path=tasks_dir,
+                                   harness_include_defaults=False, harness_limit=2)  # fmt: skip
+    rng = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
+    metrics = probe.probe(model, tok)
+    assert model.training
+    assert random.getstate() == rng[0] and np.array_equal(np.random.get_state()[1], rng[1])  # lm-eval seeds them
+    assert torch.equal(torch.get_rng_state(), rng[2])
+    # toy_a's first two documents (acc 1, 0) and toy_b's two (1, 0): 2/4; its tasks are not logged
+    assert set(metrics) == {"harness/toy_group/acc", "harness/toy_group/acc_stderr"}
+    assert metrics["harness/toy_group/acc"] == pytest.approx(2 / 4)
+    assert probe.harness_report.metrics["toy_a/acc"] == pytest.approx(1 / 2)
+
+
+@needs_lm_eval
+def test_bad_arguments(tok, tasks_dir, tmp_path):
+    local = dict(harness_include_path=tasks_dir, harness_include_defaults=False)
+    with pytest.raises(ValueError, match="or harness_tasks"):
+        UnlearningEvalCallback()
+    with pytest.raises(ValueError, match="unknown lm-eval task.*'toy_mcc'.*toy_mc"):
+        UnlearningEvalCallback(harness_tasks="toy_mcc", **local)
+    with pytest.raises(ValueError, match="'other/acc'.*task of harness_tasks"):
+        UnlearningEvalCallback(harness_tasks="toy_mc", min_harness_metrics={"other/acc": 0.5}, **local)
+    with pytest.raises(ValueError, match="'toy_mc'.*task of harness_tasks"):
+        UnlearningEvalCallback(harness_tasks="toy_mc", min_harness_metrics={"toy_mc": 0.5}, **local)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        UnlearningEvalCallback(harness_tasks="toy_mc", min_harness_metrics={"toy_mc/acc": -1}, **local)
+    with pytest.raises(ValueError, match="min_harness_metrics needs harness_tasks"):
+        UnlearningEvalCallback(RETAIN, min_harness_metrics={"toy_mc/acc": 0.5})
+    with pytest.raises(ValueError, match="harness_batch_size"):
+        UnlearningEvalCallback(harness_tasks="toy_mc", harness_batch_size="auto", **local)
+    with pytest.raises(ValueError, match="harness_limit"):
+        UnlearningEvalCallback(harness_tasks="toy_mc", harness_limit=0, **local)
+    with pytest.raises(FileNotFoundError, match="include_path not found"):
+        UnlearningEvalCallback(harness_tasks="toy_mc", harness_include_path=tasks_dir / "no")
+    with pytest.raises(ValueError, match="pass limit as harness_limit"):
+        UnlearningEvalCallback(harness_tasks="toy_mc", harness_kwargs={"limit": 3}, **local)
+    # a metric the task does not report: at the first probe (train begin), before any training step
+    model = constant_model(tok)
+    trainer = trainer_for(model, tok, tmp_path, max_steps=2)
+    UnlearningEvalCallback(harness_tasks="toy_mc", min_harness_metrics={"toy_mc/f1": 0.5}, **local).attach(trainer)
+    with pytest.raises(ValueError, match=r"no value for \['harness/toy_mc/f1'\].*harness/toy_mc/acc"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+def test_missing_lm_eval_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` now raises ImportError
+    with pytest.raises(ImportError, match=r'pip install "trl-unlearn\[lm-eval\]"'):
+        UnlearningEvalCallback(harness_tasks="mmlu")
