@@ -47,10 +47,10 @@ class UnlearnScriptArguments:
     (`<split>.jsonl`, documents under `text_column`), or a Hub dataset id: its configs are the splits
     (`locuslab/TOFU`), or with `dataset_config` a config of raw-text splits (`muse-bench/MUSE-News`, config `raw`;
     `cais/wmdp-corpora`, config `cyber-forget-corpus`). The retain split comes from the same dataset, or from
-    `retain_dataset_name` / `retain_dataset_config` (WMDP: forget `cais/wmdp-corpora`, retain `wikitext`); each
-    dataset's kind is found on its own. Rows already in a TRL format are used as they are; question/answer rows
-    become prompt-completion rows with `prompt_template` (or conversational rows); raw text becomes language-modeling
-    rows: `max_length` windows of the concatenated documents (`text_rows="windows"`, MUSE) or one row per document,
+    `retain_dataset_name` / `retain_dataset_config` (WMDP: retain text from `Salesforce/wikitext`); each dataset's
+    kind is found on its own. Rows already in a TRL format are used as they are; question/answer rows become
+    prompt-completion rows with `prompt_template` (or conversational rows); raw text becomes language-modeling rows:
+    `max_length` windows of the concatenated documents (`text_rows="windows"`, MUSE) or one row per document,
     truncated to `max_length` tokens by the trainer (`"documents"`, the WMDP code).
     """
 
