@@ -140,7 +140,7 @@ def test_hub_corpus_without_the_text_column_names_the_fix(monkeypatch):
     assert load_text_corpus("org/corpus", "train", "cfg", text_column="content") == ["x"]
 
 
-def test_errors_name_the_fix(files, words, tmp_path, capsys):
+def test_errors_name_the_fix(files, words, tmp_path, capsys, caplog):
     base = ["simnpo", "--model_name_or_path", files["model"], "--output_dir", str(tmp_path / "o"), "--max_steps", "1"]
     with pytest.raises(ValueError, match="use 'windows' \\(MUSE\\) or 'documents'"):
         UnlearnScriptArguments(text_rows="packed")
@@ -150,8 +150,10 @@ def test_errors_name_the_fix(files, words, tmp_path, capsys):
     bad = write_jsonl(tmp_path / "bad", "train", ["x y"], key="content")
     assert main(base + ["--dataset_name", bad, "--forget_split", "train", "--retain_split", "none"]) == 2
     assert "expected a JSON object with a 'text' key" in capsys.readouterr().err
-    assert main(base + ["--dataset_name", bad, "--forget_split", "train", "--retain_split", "none",
-                        "--text_column", "content", "--retain_weight", "0"]) == 0
+    with caplog.at_level(logging.WARNING):
+        assert main(base + ["--dataset_name", bad, "--forget_split", "train", "--retain_split", "none",
+                            "--retain_dataset_name", "unused", "--text_column", "content", "--retain_weight", "0"]) == 0
+    assert "`retain_dataset_name` / `retain_dataset_config` are not used" in caplog.text
     # a missing split file names both layouts
     assert main(base + ["--dataset_name", files["forget"], "--forget_split", "train",
                         "--retain_dataset_name", files["forget"], "--retain_split", "test"]) == 2

@@ -250,6 +250,8 @@ def run(method: str, script_args, training_args, model_args):
         **(training_args.model_init_kwargs or {}),
     }
     retain_split = script_args.retain()
+    if retain_split is None and (script_args.retain_dataset_name or script_args.retain_dataset_config):
+        logger.warning("`retain_split` is 'none': `retain_dataset_name` / `retain_dataset_config` are not used.")
     tokenizer = load_tokenizer(model_args.model_name_or_path)
     max_length = training_args.max_length
     forget = load_split(script_args, script_args.forget_split, tokenizer, max_length)
