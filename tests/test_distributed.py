@@ -122,3 +122,30 @@ def test_retain_rows_differ_across_ranks():
     assert forget[0] | forget[1] == set(range(16))
     again = [list(BatchSamplerShard(BatchSampler(sampler, 2, False), 2, rank)) for rank in (0, 1)]
     assert again == shards  # reproducible from the seed
+
+
+def test_command_line_under_zero3(tmp_path):
+    """`accelerate launch ... -m trl_unlearn.cli simnpo` (the documented 7B launch of the training command) trains on
+    2 ZeRO-3 processes and saves once: a model that loads, its card and its prompt format."""
+    from transformers import AutoModelForCausalLM
+
+    from trl_unlearn.data import write_tofu_layout
+
+    model_dir, _ = dt.prepare(str(tmp_path))
+    qa = [{"question": f"Who wrote book {i}?", "answer": f"Author {i} wrote book {i}."} for i in range(12)]
+    data = write_tofu_layout(tmp_path / "tofu", {"forget": qa[:4], "retain": qa[4:]})
+    out = tmp_path / "out"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    cmd = dt.LAUNCH["zero3"] + ["-m", "trl_unlearn.cli", "simnpo", "--model_name_or_path", model_dir,
+                                "--dataset_name", str(data), "--forget_split", "forget", "--retain_split", "retain",
+                                "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "2",
+                                "--learning_rate", "1e-2", "--report_to", "none", "--use_cpu", "true"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert json.load(open(out / "unlearning_prompt.json"))
+    assert "SimNPO" in (out / "README.md").read_text()
+    trained = AutoModelForCausalLM.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    changed = [n for (n, a), (_, b) in zip(trained.state_dict().items(), base.state_dict().items())
+               if not torch.equal(a, b)]
+    assert changed, "the saved model equals the base model"

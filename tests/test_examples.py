@@ -28,6 +28,14 @@ def test_recipes_parse(recipe, monkeypatch):
     """Every recipe is valid for its script's parser: no unknown or mistyped key."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     name = os.path.basename(recipe)
+    if name.startswith("wmdp"):  # training-command recipes (no example script): the CLI's parser
+        from trl_unlearn.cli.train import make_parser, parse
+
+        method = name[len("wmdp_") : -len(".yaml")]
+        args, config, model_args = parse(make_parser(method), method, ["--config", recipe])
+        assert args.retain_dataset_name != args.dataset_name and args.text_rows == "documents"
+        assert config.max_length == 512 and model_args.model_name_or_path == "HuggingFaceH4/zephyr-7b-beta"
+        return
     example = load_example("tofu" if name.startswith("tofu") else "muse")
     if name.startswith("tofu"):
         args, config, model_args = example.parse(["--config", recipe, "--use_cpu", "true", "--bf16", "false"])
