@@ -4,8 +4,10 @@ constant model of test_harness.py, not moved by training at learning rate 0), tr
 """
 
 import importlib.util
+import os
 import random
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -198,3 +200,95 @@ def test_missing_lm_eval_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` now raises ImportError
     with pytest.raises(ImportError, match=r'pip install "trl-unlearn\[lm-eval\]"'):
         UnlearningEvalCallback(harness_tasks="mmlu")
+
+
+# --------------------------------------------------------------------------------------------------- distributed
+# The same file is the worker script: `accelerate launch tests/test_eval_callback_harness.py ...` (DDP on gloo, or
+# DeepSpeed ZeRO-3, on CPU): every rank runs lm-eval on its model; no rank may wait on another.
+RUNS = {
+    "trained": {"learning_rate": 1e-2, "max_steps": 3},  # a random tiny model that training moves
+    "stopped": {"learning_rate": 0.0, "max_steps": 3, "min_harness_metrics": {"toy_mc/acc": 0.61}},  # acc 3/5
+}
+LAUNCH = {
+    "ddp": ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--mixed_precision", "no"],
+    "zero3": ["accelerate", "launch", "--use_deepspeed", "--zero_stage", "3", "--num_processes", "2",
+              "--mixed_precision", "no", "--zero3_init_flag", "true", "--zero3_save_16bit_model", "true"],
+}  # fmt: skip
+
+
+def _worker(folder, tasks_dir):
+    for run in RUNS:
+        _worker_run(os.path.join(folder, run, "model"), tasks_dir, os.path.join(folder, run, "out"), run)
+
+
+def _worker_run(model_dir, tasks_dir, out, run):
+    import json
+
+    from transformers import PreTrainedTokenizerFast
+
+    settings = RUNS[run]
+    tok = PreTrainedTokenizerFast.from_pretrained(model_dir)
+    args = cpu_args(SimNPOConfig, Path(out), output_dir=out, per_device_train_batch_size=2, disable_tqdm=True,
+                    learning_rate=settings["learning_rate"], max_steps=settings["max_steps"])  # fmt: skip
+    trainer = SimNPOTrainer(model=model_dir, args=args, forget_dataset=prompt_completion(QA[:8]),
+                            retain_dataset=prompt_completion(QA[8:16]), processing_class=tok)  # fmt: skip
+    probe = UnlearningEvalCallback(RETAIN, None, eval_steps=1, prompt_format="plain", harness_tasks="toy_mc",
+                                   harness_limit=None, harness_include_path=tasks_dir, harness_include_defaults=False,
+                                   min_harness_metrics=settings.get("min_harness_metrics")).attach(trainer)
+    trainer.train()
+    trainer.save_model(out)
+    rank = trainer.accelerator.process_index
+    if probe.harness_report is not None:
+        probe.harness_report.save(os.path.join(out, f"report_rank{rank}.json"))
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump({"history": probe.history, "stopped_at": probe.stopped_at, "step": trainer.state.global_step,
+                   "world_size": trainer.accelerator.num_processes, "deepspeed": trainer.is_deepspeed_enabled}, f)
+
+
+@needs_lm_eval
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "zero3"])
+def test_distributed_ranks_run_lm_eval_and_agree(mode, tok, tasks_dir, tmp_path):
+    import json
+    import subprocess
+
+    from trl_unlearn.evaluation.harness import HarnessReport
+
+    models = {"trained": tiny_llama(tok, hidden_size=16, num_hidden_layers=1, num_attention_heads=2),
+              "stopped": constant_model(tok)}  # fmt: skip
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    for run, model in models.items():
+        model.save_pretrained(tmp_path / run / "model")
+        tok.save_pretrained(tmp_path / run / "model")
+    proc = subprocess.run(LAUNCH[mode] + [__file__, str(tmp_path), str(tasks_dir)], env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    for run, model in models.items():
+        out = tmp_path / run / "out"
+        ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+        assert ranks[0]["world_size"] == 2 and ranks[0]["deepspeed"] == (mode == "zero3")
+        assert ranks[0] == ranks[1]  # rank 0's numbers, the same stop decision
+        assert not (out / "report_rank1.json").exists()  # lm-eval returns results on local rank 0 only
+        history = ranks[0]["history"]
+        if run == "stopped":  # 3/5 < 0.61 at the first probe after a step: every rank stops there
+            assert ranks[0]["step"] == 1 and ranks[0]["stopped_at"] == 1
+            assert [h["harness/toy_mc/acc"] for h in history] == pytest.approx([3 / 5, 3 / 5])
+            continue
+        assert [h["step"] for h in history] == [0, 1, 2, 3] and ranks[0]["stopped_at"] is None
+        # the last probe is the saved model's evaluate_harness (ZeRO-3: parameters gathered for every forward)
+        from transformers import AutoModelForCausalLM
+
+        saved = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+        fresh = harness(saved, tok, tasks_dir)
+        last = HarnessReport.load(out / "report_rank0.json").per_item["toy_mc"]["loglikelihoods"]
+        assert [x for d in last for x in d] == pytest.approx(
+            [x for d in fresh.per_item["toy_mc"]["loglikelihoods"] for x in d], abs=1e-3)
+        assert history[-1]["harness/toy_mc/acc"] == fresh.metrics["toy_mc/acc"]
+        before = harness(model, tok, tasks_dir).per_item["toy_mc"]["loglikelihoods"]  # training moved them
+        assert [x for d in last for x in d] != pytest.approx([x for d in before for x in d], abs=1e-3)
+
+
+if __name__ == "__main__":  # a worker of test_distributed_ranks_run_lm_eval_and_agree
+    _worker(*sys.argv[1:])

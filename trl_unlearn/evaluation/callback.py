@@ -201,7 +201,7 @@ class UnlearningEvalCallback(TrainerCallback):
                     raise ValueError(f"min_harness_metrics[{key!r}] must be >= 0, got {value}")
             self.harness = _Harness(names, include_path=harness_include_path, include_defaults=harness_include_defaults,
                                     limit=harness_limit, batch_size=harness_batch_size, num_fewshot=harness_num_fewshot,
-                                    **dict(harness_kwargs or {}))  # fmt: skip
+                                    backbone_forward=True, **dict(harness_kwargs or {}))  # fmt: skip
             self.thresholds.update({"harness/" + k: v for k, v in (min_harness_metrics or {}).items()})
         elif min_harness_metrics:
             raise ValueError("min_harness_metrics needs harness_tasks")

@@ -320,10 +320,11 @@ def _include_paths(include_path) -> list[str]:
 
 class _Harness:
     """lm-eval `tasks` made ready once (names checked, task files indexed), run on a model any number of times:
-    `evaluate_harness` runs it once, `UnlearningEvalCallback` at every probe. Arguments as `evaluate_harness`'s."""
+    `evaluate_harness` runs it once, `UnlearningEvalCallback` at every probe. Arguments as `evaluate_harness`'s;
+    `backbone_forward`: log-likelihoods from the backbone and the LM head's weight (`_backbone_lm`)."""
 
     def __init__(self, tasks, *, include_path=None, include_defaults=True, limit=None, batch_size=8, num_fewshot=None,
-                 log_samples=True, hflm_kwargs=None, **simple_evaluate_kwargs):  # fmt: skip
+                 log_samples=True, hflm_kwargs=None, backbone_forward=False, **simple_evaluate_kwargs):  # fmt: skip
         _, _, TaskManager = _import_lm_eval()
         self.names = _task_list(tasks)
         self.paths = _include_paths(include_path)
@@ -334,6 +335,7 @@ class _Harness:
             raise ValueError(f"batch_size must be an int or 'auto', got {batch_size!r}")
         self.limit, self.batch_size, self.num_fewshot, self.log_samples = limit, batch_size, num_fewshot, log_samples
         self.hflm_kwargs = dict(hflm_kwargs or {})
+        self.backbone_forward = backbone_forward
         self.simple_evaluate_kwargs = simple_evaluate_kwargs
         self.task_manager = _reusing(TaskManager)(include_path=self.paths or None, include_defaults=include_defaults)
         all_tasks = self.task_manager.all_tasks
@@ -358,9 +360,10 @@ class _Harness:
 
         rng = random.getstate(), np.random.get_state()
         cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        lm_class = _backbone_lm(HFLM) if self.backbone_forward else HFLM
         with eval_mode(model), torch.random.fork_rng(devices=cuda):
             try:
-                lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size, **self.hflm_kwargs)
+                lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size, **self.hflm_kwargs)
                 results = lm_eval.simple_evaluate(
                     model=lm,
                     tasks=self.names,
@@ -388,6 +391,31 @@ class _Harness:
             "simple_evaluate_kwargs": _jsonable(self.simple_evaluate_kwargs),
         }
         return HarnessReport.from_results(results, settings)
+
+
+def _backbone_lm(HFLM):
+    """An ``HFLM`` whose log-likelihood forwards run the backbone and apply the LM head's weight
+    (`modeling.head_logits`: fp32 logits, with the model's logit scaling and soft-capping; ZeRO-3 partitioned head
+    parameters gathered for it), as training and the QA probes do, instead of calling the model: under DeepSpeed
+    ZeRO-3 (0.19, CPU), lm-eval's ``model(input_ids)`` between training steps left a parameter partitioned in the next
+    step's backward (a size-0 tensor). Generation (``generate_until`` tasks) still calls the model's ``generate``."""
+    import torch
+
+    from .._trl_compat import maybe_gather_lm_head_ctx
+    from ..modeling import causal_lm, head_logits, lm_head
+
+    class BackboneLM(HFLM):
+        def _model_call(self, inps, attn_mask=None, labels=None):
+            if attn_mask is not None or labels is not None:  # encoder-decoder models
+                return super()._model_call(inps, attn_mask, labels)
+            model = causal_lm(self.model)
+            weight, bias, _ = lm_head(model)
+            with torch.no_grad():
+                hidden = model.base_model(input_ids=inps, use_cache=False)[0]
+                with maybe_gather_lm_head_ctx(weight, bias):
+                    return head_logits(model, hidden)
+
+    return BackboneLM
 
 
 def _reusing(TaskManager):
