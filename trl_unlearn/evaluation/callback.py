@@ -127,16 +127,20 @@ class UnlearningEvalCallback(TrainerCallback):
     training was stopped at (None if it was not), `harness_report` the last probe's `HarnessReport` (per-document
     results; on the main process only).
 
-    Each probe wraps the model in a new lm-eval ``HFLM``; the tasks are indexed once (when the callback is built:
-    unknown names fail then) and loaded once (at the first probe), then reused. Every probe restores the model's
-    train / eval mode and the ``random``, numpy and torch RNG states (lm-eval seeds them), and lm-eval gets a copy of
-    the tokenizer (it may add a pad token). lm-eval's own log messages are shown at the first probe only.
+    Each probe wraps the model in a new lm-eval ``HFLM`` whose log-likelihoods come from the backbone and the LM
+    head's weight, as the QA probes' (`harness._backbone_lm`; equal to `evaluate_harness`'s plain forward up to float
+    rounding); the tasks are indexed once (when the callback is built: unknown names fail then) and loaded once (at
+    the first probe), then reused. Every probe restores the model's train / eval mode and the ``random``, numpy and
+    torch RNG states (lm-eval seeds them); lm-eval gets a copy of the tokenizer (it may add a pad token). lm-eval's
+    own log messages are shown at the first probe only. Multiple-choice / log-likelihood tasks are what this is for;
+    generation tasks call ``model.generate`` (not tried under ZeRO-3).
 
     Distributed training: every rank runs the probe on its (unwrapped) model with the same inputs, so all ranks run
     the same forward passes and collectives (ZeRO-3 parameter gathering included), and rank 0's numbers are broadcast
     to the others, so every rank takes the same early-stop decision. lm-eval treats a model object it is given as a
     single process (``HFLM``: rank 0 of 1, no accelerator of its own), so each rank scores every document, in the
-    same batches (hence no ``"auto"`` batch size); lm-eval returns results on local rank 0 only. Logging goes through
+    same batches (hence no ``"auto"`` batch size); lm-eval returns results on local rank 0 only (`harness_report` is
+    None elsewhere). Checked on CPU with 2 processes under DDP and DeepSpeed ZeRO-3. Logging goes through
     `Trainer.log` on every rank as the trainer's own logging does; the reporting integrations write from the main
     process only. FSDP (whose unwrapped model cannot run a forward on its own) is not supported.
     """
