@@ -1,4 +1,4 @@
-"""`UnlearningEvalCallback`: probe forgetting and utility on small QA sets while a trainer runs.
+"""`UnlearningEvalCallback`: probe forgetting and utility on small QA sets (and lm-eval tasks) while a trainer runs.
 
 Every `eval_steps` optimizer steps (and, by default, when training begins and ends) the callback scores a small
 forget probe set and a small retain probe set with one batched `score_answers` call and logs, through the trainer's
@@ -22,8 +22,8 @@ Usage::
     probe.attach(trainer)          # = trainer.add_callback(probe) + keep a reference to the trainer
     trainer.train()
 
-    # MMLU (32 questions of each of its 57 subjects) as a guard: stop when accuracy falls below 90% of its start
-    guard = UnlearningEvalCallback(harness_tasks="mmlu", harness_limit=32, min_harness_metrics={"mmlu/acc": 0.9},
+    # MMLU (8 questions of each of its 57 subjects) as a guard: stop when accuracy falls below 90% of its start
+    guard = UnlearningEvalCallback(harness_tasks="mmlu", harness_limit=8, min_harness_metrics={"mmlu/acc": 0.9},
                                    relative=True, eval_steps=50)
 """
 
@@ -70,6 +70,23 @@ def _headline(report) -> dict[str, float | None]:
         shown |= {name} if own else set(report._leaves(name))
     shown |= {k.partition("/")[0] for k in report.metrics} - members - set(report.tasks)
     return {k: v for k, v in report.metrics.items() if k.partition("/")[0] in shown}
+
+
+def _check_harness_args(names, limit, batch_size, kwargs, minimums) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"harness_batch_size must be an int >= 1, got {batch_size!r}")
+    if limit is not None and (isinstance(limit, bool) or limit <= 0):
+        raise ValueError(f"harness_limit must be > 0 (documents, or a fraction < 1) or None, got {limit}")
+    own = sorted({"tasks", "include_path", "include_defaults", "limit", "batch_size", "num_fewshot"} & kwargs.keys())
+    if own:
+        raise ValueError("harness_kwargs: pass " + ", ".join(f"{k} as harness_{k}" for k in own))
+    for key, value in minimums.items():
+        task, _, metric = key.partition("/")
+        if task not in names or not metric:
+            raise ValueError(f"min_harness_metrics key {key!r}: use '{{task}}/{{metric}}' with a task of harness_tasks "
+                             f"{names} (e.g. '{names[0]}/acc')")  # fmt: skip
+        if value < 0:
+            raise ValueError(f"min_harness_metrics[{key!r}] must be >= 0, got {value}")
 
 
 @contextlib.contextmanager
@@ -139,10 +156,11 @@ class UnlearningEvalCallback(TrainerCallback):
     the same forward passes and collectives (ZeRO-3 parameter gathering included), and rank 0's numbers are broadcast
     to the others, so every rank takes the same early-stop decision. lm-eval treats a model object it is given as a
     single process (``HFLM``: rank 0 of 1, no accelerator of its own), so each rank scores every document, in the
-    same batches (hence no ``"auto"`` batch size); lm-eval returns results on local rank 0 only (`harness_report` is
-    None elsewhere). Checked on CPU with 2 processes under DDP and DeepSpeed ZeRO-3. Logging goes through
-    `Trainer.log` on every rank as the trainer's own logging does; the reporting integrations write from the main
-    process only. FSDP (whose unwrapped model cannot run a forward on its own) is not supported.
+    same batches (hence no ``"auto"`` batch size); lm-eval 0.4.13 returns results on local rank 0 only
+    (`harness_report` is None elsewhere; 0.4.10: on every rank). Checked on CPU with 2 processes under DDP and
+    DeepSpeed ZeRO-3. Logging goes through `Trainer.log` on every rank as the trainer's own logging does; the
+    reporting integrations write from the main process only. FSDP (whose unwrapped model cannot run a forward on its
+    own) is not supported.
     """
 
     def __init__(
@@ -188,21 +206,9 @@ class UnlearningEvalCallback(TrainerCallback):
             self.thresholds["retain_probability"] = min_retain_probability
         self.harness = None
         if harness_tasks is not None:
-            if isinstance(harness_batch_size, bool) or not isinstance(harness_batch_size, int) or harness_batch_size < 1:
-                raise ValueError(f"harness_batch_size must be an int >= 1, got {harness_batch_size!r}")
-            if harness_limit is not None and (isinstance(harness_limit, bool) or harness_limit <= 0):
-                raise ValueError(f"harness_limit must be > 0 (documents, or a fraction < 1) or None, got {harness_limit}")
             names = _task_list(harness_tasks)
-            own = {"tasks", "include_path", "include_defaults", "limit", "batch_size", "num_fewshot"}
-            if own & (harness_kwargs or {}).keys():
-                raise ValueError("harness_kwargs: pass " + ", ".join(f"{k} as harness_{k}" for k in sorted(
-                    own & harness_kwargs.keys())))  # fmt: skip
-            for key, value in (min_harness_metrics or {}).items():
-                if key.partition("/")[0] not in names or not key.partition("/")[2]:
-                    raise ValueError(f"min_harness_metrics key {key!r}: use '{{task}}/{{metric}}' with a task of "
-                                     f"harness_tasks {names} (e.g. '{names[0]}/acc')")  # fmt: skip
-                if value < 0:
-                    raise ValueError(f"min_harness_metrics[{key!r}] must be >= 0, got {value}")
+            _check_harness_args(names, harness_limit, harness_batch_size, harness_kwargs or {},
+                                min_harness_metrics or {})
             self.harness = _Harness(names, include_path=harness_include_path, include_defaults=harness_include_defaults,
                                     limit=harness_limit, batch_size=harness_batch_size, num_fewshot=harness_num_fewshot,
                                     backbone_forward=True, **dict(harness_kwargs or {}))  # fmt: skip
