@@ -323,3 +323,23 @@ def test_cli_knows_rmu(tmp_path):
                                                        "--update_modules", "mlp.down_proj", "--use_cpu", "true"])
     assert isinstance(training, RMUConfig) and training.update_layers == [1, 2, 3]
     assert training.update_modules == ["mlp.down_proj"] and training.retain_weight == 1200.0
+
+
+def test_patched_forward_of_a_deep_copy_runs_the_copys_weights(tokenizer, forget_ds, retain_ds, tmp_path):
+    """After RMU training the model keeps its (transparent) patched forward; a deep copy of it (a relearning attack,
+    an EMA, ...) must run its own weights, for the full forward and for the layer forward."""
+    model = llama4(tokenizer)
+    RMUTrainer(model=model, args=rmu_args(tmp_path, max_steps=1), forget_dataset=forget_ds, retain_dataset=retain_ds,
+               processing_class=tokenizer).train()
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(0.5)
+    ids = tokenizer(["the quick brown fox"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        for m in (model, twin):
+            plain = type(m).forward(m, input_ids=ids).logits  # the class's forward: no patch involved
+            torch.testing.assert_close(m(input_ids=ids).logits, plain)
+            hidden = type(m).forward(m, input_ids=ids, output_hidden_states=True).hidden_states[LAYER + 1]
+            torch.testing.assert_close(m(input_ids=ids, rmu_layer=LAYER), hidden)
+    assert not torch.allclose(model(input_ids=ids).logits, twin(input_ids=ids).logits)

@@ -179,14 +179,17 @@ def add_layer_forward(model) -> None:
     lm = causal_lm(model)
     if getattr(lm.forward, "_rmu_layer", False):
         return
-    inner = lm.forward
     owner, name = decoder_layers(lm)
+    owner_path = next(path for path, module in lm.named_modules() if module is owner)
+    # The closure holds a function and names, never a module: a deep copy of the model (`copy.deepcopy` rebinds the
+    # method to the copy) runs the copy's own weights.
+    inner = lm.forward.__func__  # the class's forward, or `add_unlearning_head`'s patch of it
 
     @functools.wraps(inner)
     def forward(self, *args, rmu_layer=None, rmu_grad_from=0, **kwargs):
         if rmu_layer is None:
-            return inner(*args, **kwargs)
-        return layer_output(self, owner, name, rmu_layer, rmu_grad_from, *args, **kwargs)
+            return inner(self, *args, **kwargs)
+        return layer_output(self, self.get_submodule(owner_path), name, rmu_layer, rmu_grad_from, *args, **kwargs)
 
     forward._rmu_layer = True
     forward._unlearning_head = getattr(inner, "_unlearning_head", False)  # `add_unlearning_head` keeps this patch
