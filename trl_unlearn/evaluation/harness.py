@@ -395,10 +395,10 @@ class _Harness:
 
 def _backbone_lm(HFLM):
     """An ``HFLM`` whose log-likelihood forwards run the backbone and apply the LM head's weight
-    (`modeling.head_logits`: fp32 logits, with the model's logit scaling and soft-capping; ZeRO-3 partitioned head
-    parameters gathered for it), as training and the QA probes do, instead of calling the model: under DeepSpeed
-    ZeRO-3 (0.19, CPU), lm-eval's ``model(input_ids)`` between training steps left a parameter partitioned in the next
-    step's backward (a size-0 tensor). Generation (``generate_until`` tasks) still calls the model's ``generate``."""
+    (`modeling.head_logits`: the model's logit scaling and soft-capping; ZeRO-3 partitioned head parameters gathered
+    for it), as training and the QA probes do, instead of calling the model: under DeepSpeed ZeRO-3 (0.19, CPU),
+    lm-eval's ``model(input_ids)`` between training steps left a parameter partitioned in the next step's backward (a
+    size-0 tensor). Generation (``generate_until`` tasks) still calls the model's ``generate``."""
     import torch
 
     from .._trl_compat import maybe_gather_lm_head_ctx
@@ -412,8 +412,8 @@ def _backbone_lm(HFLM):
             weight, bias, _ = lm_head(model)
             with torch.no_grad():
                 hidden = model.base_model(input_ids=inps, use_cache=False)[0]
-                with maybe_gather_lm_head_ctx(weight, bias):
-                    return head_logits(model, hidden)
+                with maybe_gather_lm_head_ctx(weight, bias):  # logits in the model's dtype, as lm-eval's forward
+                    return head_logits(model, hidden).to(hidden.dtype)
 
     return BackboneLM
 
