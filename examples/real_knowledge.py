@@ -27,6 +27,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -471,7 +472,8 @@ def legend() -> str:
 
 
 def plot(results: dict, path: str, relearn_path: str):
-    """Forget accuracy against retain and utility accuracy over the sweep; relearning curves."""
+    """Forget accuracy against retain, utility and (when measured) multiple-choice utility accuracy over the sweep;
+    relearning curves."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -483,8 +485,12 @@ def plot(results: dict, path: str, relearn_path: str):
     groups = {}
     for r in results["runs"]:
         groups.setdefault((r["method"], r["mode"], r["lr"]), []).append(r["metrics"])
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharex=True)
-    for ax, y in zip(axes, ("retain_acc", "utility_acc")):
+    panels = ["retain_acc", "utility_acc"] + (["mc_acc"] if all("mc_acc" in r["metrics"] for r in results["runs"])
+                                                else [])
+    labels = {"retain_acc": "retain accuracy", "utility_acc": "utility accuracy (greedy)",
+              "mc_acc": "utility MC accuracy (lm-eval)"}
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), sharex=True)
+    for ax, y in zip(axes, panels):
         for (method, mode, lr), ms in groups.items():
             xs, ys = [m["forget_acc"] for m in ms], [m[y] for m in ms]
             sd = (lambda v: np.std(v, ddof=1)) if len(ms) > 1 else (lambda v: 0.0)  # as in the table
@@ -492,9 +498,12 @@ def plot(results: dict, path: str, relearn_path: str):
                         marker="o" if mode == "full" else "s", mfc=colours[method] if mode == "full" else "white",
                         ms=7, capsize=2, linestyle="none")
             ax.annotate(f"{lr:g}", (np.mean(xs), np.mean(ys)), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        ax.plot([1], [1], marker="*", color="black", ms=12, linestyle="none")
+        base = np.mean([b[y] for b in results["base"].values()])
+        ax.plot([1], [base], marker="*", color="black", ms=12, linestyle="none")
+        if y == "mc_acc":
+            ax.axhline(1 / MC_CHOICES, color="gray", linestyle=":", label="chance")
         ax.set_xlabel("forget accuracy (lower is better)")
-        ax.set_ylabel(f"{y.replace('_acc', '')} accuracy (higher is better)")
+        ax.set_ylabel(f"{labels[y]} (higher is better)")
         ax.set_xlim(-0.05, 1.05)
         ax.set_ylim(-0.05, 1.05)
         ax.grid(alpha=0.3)
@@ -503,7 +512,8 @@ def plot(results: dict, path: str, relearn_path: str):
     handles += [plt.Line2D([], [], color="gray", marker="o", linestyle="none", label="full fine-tuning"),
                 plt.Line2D([], [], color="gray", marker="s", mfc="white", linestyle="none", label="LoRA"),
                 plt.Line2D([], [], color="black", marker="*", ms=10, linestyle="none", label="base model")]
-    axes[1].legend(handles=handles, fontsize=8, loc="lower right")
+    handles += [plt.Line2D([], [], color="gray", linestyle=":", label="chance (4 choices)")] if "mc_acc" in panels else []
+    axes[-1].legend(handles=handles, fontsize=8, loc="lower right")
     fig.suptitle("SmolLM2-135M-Instruct: forgetting real facts (mean ± sd over seeds; labels: learning rate)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -606,6 +616,7 @@ def main(argv=None) -> int:
 
     hf_logging.set_verbosity_error()
     datasets.disable_progress_bars()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)  # each LoRA run
     cores = os.cpu_count() or 1
     threads = args.threads or max(1, min(cores, round(cores - os.getloadavg()[0])))
     torch.set_num_threads(threads)
