@@ -147,10 +147,11 @@ class UnlearningEvalCallback(TrainerCallback):
     Each probe wraps the model in a new lm-eval ``HFLM`` whose log-likelihoods come from the backbone and the LM
     head's weight, as the QA probes' (`harness._backbone_lm`; equal to `evaluate_harness`'s plain forward up to float
     rounding); the tasks are indexed once (when the callback is built: unknown names fail then) and loaded once (at
-    the first probe), then reused. Every probe restores the model's train / eval mode and the ``random``, numpy and
-    torch RNG states (lm-eval seeds them); lm-eval gets a copy of the tokenizer (it may add a pad token). lm-eval's
-    own log messages are shown at the first probe only. Multiple-choice / log-likelihood tasks are what this is for;
-    generation tasks call ``model.generate`` (not tried under ZeRO-3).
+    the first probe), then reused; lm-eval's survey of the environment (~1 s of subprocesses) is skipped. Every probe
+    restores the model's train / eval mode and the ``random``, numpy and torch RNG states (lm-eval seeds them);
+    lm-eval gets a copy of the tokenizer (it may add a pad token). lm-eval's own log messages are shown at the first
+    probe only. Multiple-choice / log-likelihood tasks are what this is for; generation tasks call ``model.generate``
+    (not tried under ZeRO-3).
 
     Distributed training: every rank runs the probe on its (unwrapped) model with the same inputs, so all ranks run
     the same forward passes and collectives (ZeRO-3 parameter gathering included), and rank 0's numbers are broadcast
@@ -211,7 +212,7 @@ class UnlearningEvalCallback(TrainerCallback):
                                 min_harness_metrics or {})
             self.harness = _Harness(names, include_path=harness_include_path, include_defaults=harness_include_defaults,
                                     limit=harness_limit, batch_size=harness_batch_size, num_fewshot=harness_num_fewshot,
-                                    backbone_forward=True, **dict(harness_kwargs or {}))  # fmt: skip
+                                    backbone_forward=True, env_info=False, **dict(harness_kwargs or {}))  # fmt: skip
             self.thresholds.update({"harness/" + k: v for k, v in (min_harness_metrics or {}).items()})
         elif min_harness_metrics:
             raise ValueError("min_harness_metrics needs harness_tasks")

@@ -15,10 +15,12 @@ Install the extra: ``pip install "trl-unlearn[lm-eval]"``. See docs/wmdp.md.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
+from unittest import mock
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -321,10 +323,13 @@ def _include_paths(include_path) -> list[str]:
 class _Harness:
     """lm-eval `tasks` made ready once (names checked, task files indexed), run on a model any number of times:
     `evaluate_harness` runs it once, `UnlearningEvalCallback` at every probe. Arguments as `evaluate_harness`'s;
-    `backbone_forward`: log-likelihoods from the backbone and the LM head's weight (`_backbone_lm`)."""
+    `backbone_forward`: log-likelihoods from the backbone and the LM head's weight (`_backbone_lm`); `env_info=False`
+    skips lm-eval's survey of the environment at each run (torch's ``collect_env``: pip, nvidia-smi, ... subprocesses,
+    ~1 s; not part of a `HarnessReport`)."""
 
     def __init__(self, tasks, *, include_path=None, include_defaults=True, limit=None, batch_size=8, num_fewshot=None,
-                 log_samples=True, hflm_kwargs=None, backbone_forward=False, **simple_evaluate_kwargs):  # fmt: skip
+                 log_samples=True, hflm_kwargs=None, backbone_forward=False, env_info=True,
+                 **simple_evaluate_kwargs):  # fmt: skip
         _, _, TaskManager = _import_lm_eval()
         self.names = _task_list(tasks)
         self.paths = _include_paths(include_path)
@@ -336,6 +341,7 @@ class _Harness:
         self.limit, self.batch_size, self.num_fewshot, self.log_samples = limit, batch_size, num_fewshot, log_samples
         self.hflm_kwargs = dict(hflm_kwargs or {})
         self.backbone_forward = backbone_forward
+        self.env_info = env_info
         self.simple_evaluate_kwargs = simple_evaluate_kwargs
         self.task_manager = _reusing(TaskManager)(include_path=self.paths or None, include_defaults=include_defaults)
         all_tasks = self.task_manager.all_tasks
@@ -353,6 +359,7 @@ class _Harness:
     def __call__(self, model, tokenizer, model_name: str | None = None) -> HarnessReport | None:
         """The report of `model` now; None on a process lm-eval does not return results on (``LOCAL_RANK`` > 0)."""
         import lm_eval
+        import lm_eval.evaluator
         import torch
         from lm_eval.models.huggingface import HFLM
 
@@ -361,7 +368,9 @@ class _Harness:
         rng = random.getstate(), np.random.get_state()
         cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
         lm_class = _backbone_lm(HFLM) if self.backbone_forward else HFLM
-        with eval_mode(model), torch.random.fork_rng(devices=cuda):
+        skip_env = not self.env_info and hasattr(lm_eval.evaluator, "add_env_info")
+        no_env = mock.patch.object(lm_eval.evaluator, "add_env_info", lambda results: None) if skip_env else None
+        with eval_mode(model), torch.random.fork_rng(devices=cuda), no_env or contextlib.nullcontext():
             try:
                 lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size, **self.hflm_kwargs)
                 results = lm_eval.simple_evaluate(
