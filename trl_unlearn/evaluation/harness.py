@@ -20,7 +20,6 @@ import json
 import math
 import os
 import random
-from unittest import mock
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -369,7 +368,7 @@ class _Harness:
         cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
         lm_class = _backbone_lm(HFLM) if self.backbone_forward else HFLM
         skip_env = not self.env_info and hasattr(lm_eval.evaluator, "add_env_info")
-        no_env = mock.patch.object(lm_eval.evaluator, "add_env_info", lambda results: None) if skip_env else None
+        no_env = _replaced(lm_eval.evaluator, "add_env_info", lambda results: None) if skip_env else None
         with eval_mode(model), torch.random.fork_rng(devices=cuda), no_env or contextlib.nullcontext():
             try:
                 lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size, **self.hflm_kwargs)
@@ -400,6 +399,17 @@ class _Harness:
             "simple_evaluate_kwargs": _jsonable(self.simple_evaluate_kwargs),
         }
         return HarnessReport.from_results(results, settings)
+
+
+@contextlib.contextmanager
+def _replaced(owner, name: str, value):
+    """`owner.name` is `value` inside the block, then what it was."""
+    saved = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, saved)
 
 
 def _backbone_lm(HFLM):
