@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import QA, cpu_args, prompt_completion
-from test_harness import COLOURS, DOCS, GROUP_YAML, _write_task, constant_model
+from test_harness import COLOURS, constant_model, tasks_dir  # noqa: F401 (tasks_dir: toy_mc, toy_a/b, toy_group)
 from transformers import TrainerCallback
 
 from trl_unlearn import SimNPOConfig, SimNPOTrainer
@@ -23,17 +23,6 @@ from trl_unlearn.tiny import tiny_llama, train_tokenizer
 
 needs_lm_eval = pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="the lm-eval extra")
 RETAIN = QA[8:12]
-
-
-@pytest.fixture(scope="module")
-def tasks_dir(tmp_path_factory):
-    """toy_mc: test_harness's five documents (constant model: acc 3/5); toy_group: toy_a (three) + toy_b (two)."""
-    folder = tmp_path_factory.mktemp("tasks")
-    _write_task(folder, "toy_mc", DOCS)
-    _write_task(folder, "toy_a", DOCS[:3])
-    _write_task(folder, "toy_b", DOCS[3:])
-    (folder / "toy_group.yaml").write_text(GROUP_YAML, encoding="utf-8")
-    return folder
 
 
 @pytest.fixture(scope="module")
