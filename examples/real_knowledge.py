@@ -365,11 +365,7 @@ def unlearn(base, tokenizer, method: str, mode: str, lr: float, seed: int, sets:
                           processing_class=tokenizer, peft_config=peft_config)
     trainer.remove_callback(PrinterCallback)  # no per-step log dicts on stdout; they stay in log_history
     trainer.train()
-    model = trainer.accelerator.unwrap_model(trainer.model).eval()
-    if method == "rmu":  # drop RMUTrainer's forward patch: it calls the patched model even from a deep copy, so
-        lm = model.get_base_model() if mode == "lora" else model  # the relearning attack's copy would not train
-        vars(lm).pop("forward", None)
-    return model, trainer.state.log_history
+    return trainer.accelerator.unwrap_model(trainer.model).eval(), trainer.state.log_history
 
 
 def relearn(model, tokenizer, sets: dict, seed: int, args, step0: dict) -> dict:

@@ -252,8 +252,8 @@ def test_jobs_order_and_rmu_lrs():
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_rmu_model_copies_run_their_own_weights(tiny_gguf, tmp_path, mode):
-    """RMUTrainer patches the model's forward with a closure over the model itself; `unlearn` drops the patch, so a
-    deep copy (the relearning attack's, whose greedy answers go through `forward`) runs the copy's weights."""
+    """A deep copy of an RMU-unlearned model (the relearning attack's, whose greedy answers go through `forward`) runs
+    the copy's weights, not the original's (RMUTrainer's forward patch once held the model it was made for)."""
     import copy
 
     _, model, tokenizer = tiny_gguf
