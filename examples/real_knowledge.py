@@ -31,7 +31,7 @@ import warnings
 from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from smollm2 import CACHE_ENV, DEFAULT_CACHE, INSTALL, ModelPackageMissing, find_gguf  # noqa: E402
+from smollm2 import CACHE_ENV, DEFAULT_CACHE, ModelPackageMissing, find_gguf  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------- facts
 # kind: (question template, answer template, [(subject, entity, *other accepted spellings)]). The entity ends the
@@ -497,7 +497,7 @@ def plot(results: dict, path: str, relearn_path: str):
         base = np.mean([b[y] for b in results["base"].values()])
         ax.plot([1], [base], marker="*", color="black", ms=12, linestyle="none")
         if y == "mc_acc":
-            ax.axhline(1 / MC_CHOICES, color="gray", linestyle=":", label="chance")
+            ax.axhline(1 / MC_CHOICES, color="gray", linestyle=":")
         ax.set_xlabel("forget accuracy (lower is better)")
         ax.set_ylabel(f"{labels[y]} (higher is better)")
         ax.set_xlim(-0.05, 1.05)
@@ -508,7 +508,8 @@ def plot(results: dict, path: str, relearn_path: str):
     handles += [plt.Line2D([], [], color="gray", marker="o", linestyle="none", label="full fine-tuning"),
                 plt.Line2D([], [], color="gray", marker="s", mfc="white", linestyle="none", label="LoRA"),
                 plt.Line2D([], [], color="black", marker="*", ms=10, linestyle="none", label="base model")]
-    handles += [plt.Line2D([], [], color="gray", linestyle=":", label="chance (4 choices)")] if "mc_acc" in panels else []
+    if "mc_acc" in panels:
+        handles.append(plt.Line2D([], [], color="gray", linestyle=":", label=f"chance ({MC_CHOICES} choices)"))
     axes[-1].legend(handles=handles, fontsize=8, loc="lower right")
     fig.suptitle("SmolLM2-135M-Instruct: forgetting real facts (mean ± sd over seeds; labels: learning rate)")
     fig.tight_layout()
