@@ -320,3 +320,20 @@ def test_argument_parsing():
     assert parser.parse_args(head + ["--tasks", "a", "--limit", "10"]).limit == 10
     with pytest.raises(SystemExit):
         parser.parse_args(head + ["--tasks", "a", "--batch_size", "big"])
+
+
+@needs_lm_eval
+def test_runner_built_once_scores_several_models_as_evaluate_harness(tasks_dir, colour_tokenizer):
+    """`HarnessRunner`: tasks made ready once, then each model scored as `evaluate_harness` scores it."""
+    from trl_unlearn.evaluation import HarnessRunner
+
+    runner = HarnessRunner("toy_mc", include_path=tasks_dir, include_defaults=False, env_info=False)
+    constant, other = constant_model(colour_tokenizer), constant_model(colour_tokenizer)
+    with torch.no_grad():  # " red" now has the largest logit: a different model, different answers
+        other.lm_head.weight[colour_tokenizer.convert_tokens_to_ids("Ġred")] *= 5.0
+    first, second = runner(constant, colour_tokenizer), runner(other, colour_tokenizer)
+    assert first.metrics["toy_mc/acc"] == pytest.approx(3 / 5)
+    direct = evaluate_harness(other, colour_tokenizer, "toy_mc", include_path=tasks_dir, include_defaults=False)
+    assert second.per_item["toy_mc"]["acc"] == direct.per_item["toy_mc"]["acc"] != first.per_item["toy_mc"]["acc"]
+    for got, want in zip(second.per_item["toy_mc"]["loglikelihoods"], direct.per_item["toy_mc"]["loglikelihoods"]):
+        assert got == pytest.approx(want, abs=1e-6)

@@ -5,7 +5,7 @@ run the benchmarks and return an `EvalReport` (`report`). See docs/evaluation.md
 """
 
 from .callback import UnlearningEvalCallback
-from .harness import HarnessReport, evaluate_harness
+from .harness import HarnessReport, HarnessRunner, evaluate_harness
 from .muse import evaluate_muse
 from .probes import probe_metrics, qa_pairs
 from .relearn import RelearnCurve, plot_relearn_curves, relearning_attack, select_relearn_indices
@@ -16,6 +16,7 @@ from .tofu import evaluate_tofu, score_tofu_sets, truth_ratios
 __all__ = [
     "EvalReport",
     "HarnessReport",
+    "HarnessRunner",
     "evaluate_harness",
     "RelearnCurve",
     "UnlearningEvalCallback",

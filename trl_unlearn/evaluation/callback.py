@@ -41,7 +41,7 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 from transformers import Trainer, TrainerCallback
 
-from .harness import _Harness, _task_list
+from .harness import HarnessRunner, _task_list
 from .probes import probe_metrics, qa_pairs
 from .scoring import PromptFormat, eval_mode
 
@@ -210,9 +210,11 @@ class UnlearningEvalCallback(TrainerCallback):
             names = _task_list(harness_tasks)
             _check_harness_args(names, harness_limit, harness_batch_size, harness_kwargs or {},
                                 min_harness_metrics or {})
-            self.harness = _Harness(names, include_path=harness_include_path, include_defaults=harness_include_defaults,
-                                    limit=harness_limit, batch_size=harness_batch_size, num_fewshot=harness_num_fewshot,
-                                    backbone_forward=True, env_info=False, **dict(harness_kwargs or {}))  # fmt: skip
+            self.harness = HarnessRunner(
+                names, include_path=harness_include_path, include_defaults=harness_include_defaults,
+                limit=harness_limit, batch_size=harness_batch_size, num_fewshot=harness_num_fewshot,
+                backbone_forward=True, env_info=False, **dict(harness_kwargs or {}),
+            )  # fmt: skip
             self.thresholds.update({"harness/" + k: v for k, v in (min_harness_metrics or {}).items()})
         elif min_harness_metrics:
             raise ValueError("min_harness_metrics needs harness_tasks")

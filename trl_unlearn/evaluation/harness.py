@@ -30,7 +30,7 @@ from .report import AGGREGATES, EvalReport, package_version
 
 # torch, transformers and lm-eval are imported where used: building the command line's parser stays light
 
-__all__ = ["HarnessReport", "evaluate_harness"]
+__all__ = ["HarnessReport", "HarnessRunner", "evaluate_harness"]
 
 BENCHMARK = "lm-eval"
 LM_EVAL_URL = "https://github.com/EleutherAI/lm-evaluation-harness"
@@ -319,12 +319,15 @@ def _include_paths(include_path) -> list[str]:
     return [os.path.abspath(p) for p in paths]
 
 
-class _Harness:
-    """lm-eval `tasks` made ready once (names checked, task files indexed), run on a model any number of times:
-    `evaluate_harness` runs it once, `UnlearningEvalCallback` at every probe. Arguments as `evaluate_harness`'s;
-    `backbone_forward`: log-likelihoods from the backbone and the LM head's weight (`_backbone_lm`); `env_info=False`
-    skips lm-eval's survey of the environment at each run (torch's ``collect_env``: pip, nvidia-smi, ... subprocesses,
-    ~1 s; not part of a `HarnessReport`)."""
+class HarnessRunner:
+    """lm-eval `tasks` made ready once (names checked, task files indexed, task data loaded at the first run), then run
+    on any number of models or checkpoints: ``runner = HarnessRunner(["mmlu"], limit=32); runner(model, tokenizer)``
+    returns a `HarnessReport` each time, as `evaluate_harness` would (which builds one and runs it once;
+    `UnlearningEvalCallback` runs one at every probe). Arguments as `evaluate_harness`'s, plus `backbone_forward`:
+    log-likelihoods from the backbone and the LM head's weight (`_backbone_lm`, needed between ZeRO-3 training steps),
+    and `env_info=False`, which skips lm-eval's survey of the environment at each run (torch's ``collect_env``: pip,
+    nvidia-smi, ... subprocesses, ~1 s; not part of a `HarnessReport`). Calling returns None on a process lm-eval
+    gives no results to (``LOCAL_RANK`` > 0)."""
 
     def __init__(self, tasks, *, include_path=None, include_defaults=True, limit=None, batch_size=8, num_fewshot=None,
                  log_samples=True, hflm_kwargs=None, backbone_forward=False, env_info=True,
@@ -367,9 +370,13 @@ class _Harness:
         rng = random.getstate(), np.random.get_state()
         cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
         lm_class = _backbone_lm(HFLM) if self.backbone_forward else HFLM
-        skip_env = not self.env_info and hasattr(lm_eval.evaluator, "add_env_info")
-        no_env = _replaced(lm_eval.evaluator, "add_env_info", lambda results: None) if skip_env else None
-        with eval_mode(model), torch.random.fork_rng(devices=cuda), no_env or contextlib.nullcontext():
+        quiet = contextlib.ExitStack()
+        if not self.env_info and hasattr(lm_eval.evaluator, "add_env_info"):
+            quiet.enter_context(_replaced(lm_eval.evaluator, "add_env_info", lambda results: None))
+        if hasattr(lm_eval.evaluator, "get_git_commit_hash"):  # `git describe` in the caller's folder: not in the
+            # report, and outside a git checkout it prints "fatal: not a git repository" at every run
+            quiet.enter_context(_replaced(lm_eval.evaluator, "get_git_commit_hash", lambda: None))
+        with eval_mode(model), torch.random.fork_rng(devices=cuda), quiet:
             try:
                 lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size, **self.hflm_kwargs)
                 results = lm_eval.simple_evaluate(
@@ -499,7 +506,7 @@ def evaluate_harness(
     if not from_path and tokenizer is None:
         _import_lm_eval()  # a missing extra is the first thing to report
         raise ValueError("evaluate_harness: pass the tokenizer with an in-memory model")
-    harness = _Harness(tasks, include_path=include_path, include_defaults=include_defaults, limit=limit,
+    harness = HarnessRunner(tasks, include_path=include_path, include_defaults=include_defaults, limit=limit,
                        batch_size=batch_size, num_fewshot=num_fewshot, log_samples=log_samples,
                        hflm_kwargs=hflm_kwargs, **simple_evaluate_kwargs)  # fmt: skip
     if isinstance(tokenizer, (str, os.PathLike)) or (from_path and tokenizer is None):
