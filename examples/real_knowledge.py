@@ -619,6 +619,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(threads)
     os.makedirs(args.output_dir, exist_ok=True)
     figure_dir = args.figure_dir or args.output_dir
+    os.makedirs(figure_dir, exist_ok=True)  # now, not after the study
     t0, c0, load0 = time.time(), time.process_time(), os.getloadavg()
     print(f"torch threads {threads} of {cores} cores; load average {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}",
           flush=True)
