@@ -125,7 +125,7 @@ class UnlearningEvalCallback(TrainerCallback):
         harness_limit: documents per task (lm-eval's ``limit``: an int, or a fraction < 1; None: all). It applies to
             every task of a group: ``"mmlu"`` with 32 scores 57 x 32 questions.
         harness_include_path, harness_include_defaults: folder(s) of local task YAMLs; False indexes only those
-            (skips the ~10 s indexing of lm-eval's built-in tasks).
+            (skips the 6–9 s indexing of lm-eval's built-in tasks).
         harness_num_fewshot, harness_batch_size: as `evaluate_harness`'s `num_fewshot` and `batch_size` (an int:
             ``"auto"`` could pick different sizes on different ranks).
         harness_kwargs: other `evaluate_harness` keyword arguments (``hflm_kwargs``, ``apply_chat_template``,
@@ -228,7 +228,6 @@ class UnlearningEvalCallback(TrainerCallback):
         self.prompt_format = prompt_format
         self.batch_size = batch_size
         self.max_length = max_length
-        self.min_retain_probability = min_retain_probability
         self.relative = relative
         self.prefix = prefix
         self.update_evaluation_summary = update_evaluation_summary
@@ -243,6 +242,11 @@ class UnlearningEvalCallback(TrainerCallback):
     @property
     def baseline_retain_probability(self) -> float | None:
         return self.baseline.get("retain_probability")
+
+    @property
+    def min_retain_probability(self) -> float | None:
+        """The retain-probability threshold, as held in `thresholds` (what the early stop reads)."""
+        return self.thresholds.get("retain_probability")
 
     def attach(self, trainer) -> UnlearningEvalCallback:
         """`trainer.add_callback(self)` and log through `trainer` from now on. Returns self."""
