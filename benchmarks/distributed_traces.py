@@ -55,7 +55,7 @@ def runs_for(mode: str) -> list[dict]:
 
 def prepare(folder: str) -> tuple[str, str]:
     """A tiny saved Llama + tokenizer and a small forget/retain QA set; returns (model_dir, data_file)."""
-    from trl_unlearn.tiny import tiny_llama, train_tokenizer
+    from trl_unlearn.toy.tiny import tiny_llama, train_tokenizer
 
     qa = [(f"Who wrote book {i}?", f"Author {i} wrote book {i} in year {1900 + 3 * i}.") for i in range(40)]
     prompt = "Question: {}\nAnswer:".format

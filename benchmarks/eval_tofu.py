@@ -20,10 +20,10 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from trl_unlearn.data.files import write_tofu_layout
 from trl_unlearn.evaluation import evaluate_tofu  # noqa: E402
-from trl_unlearn.data import write_tofu_layout  # noqa
-from trl_unlearn.synthetic import iter_texts, make_tofu_like  # noqa: E402
-from trl_unlearn.tiny import tiny_llama, train_tokenizer  # noqa: E402
+from trl_unlearn.toy.synthetic import iter_texts, make_tofu_like
+from trl_unlearn.toy.tiny import tiny_llama, train_tokenizer
 
 
 def machine() -> str:

@@ -6,7 +6,7 @@
    and time against naive bf16 at (4, 512, 1024, 128256), and under `torch.compile`.
 2. One SimNPO step in bf16 autocast on CUDA vs the same step in fp32: close losses, finite gradients.
 3. QLoRA on CUDA (4-bit NF4, bf16 compute): the adapters train, the base does not.
-4. The fused sequence loss (`trl_unlearn.fused_loss`) in bf16 on CUDA, trainable and frozen head (this exercises
+4. The fused sequence loss (`trl_unlearn.kernels.sequence_loss`) in bf16 on CUDA, trainable and frozen head (this exercises
    `torch.addmm(..., out_dtype=torch.float32)` for the head gradient): loss, sequence log-probs and gradients against
    fp32 naive full logits; time and peak memory (excluding the gradients every variant returns) against naive bf16
    and the chunked op at (4, 512, 1024, 128256), SimNPO over the 4 sequences.
@@ -20,8 +20,8 @@ import time
 import torch
 
 from trl_unlearn import losses
-from trl_unlearn.fused_loss import fused_linear_sequence_loss, naive_sequence_loss
-from trl_unlearn.ops import chunked_token_logps, naive_token_logps
+from trl_unlearn.kernels.sequence_loss import fused_linear_sequence_loss, naive_sequence_loss
+from trl_unlearn.kernels.token_logps import chunked_token_logps, naive_token_logps
 
 RESULTS = []
 
@@ -177,7 +177,7 @@ def trainer_checks():
     from datasets import Dataset
 
     from trl_unlearn import SimNPOConfig, SimNPOTrainer
-    from trl_unlearn.tiny import tiny_llama, train_tokenizer
+    from trl_unlearn.toy.tiny import tiny_llama, train_tokenizer
 
     qa = [(f"Who wrote book {i}?", f"Author {i} wrote book {i} in {1900 + i}.") for i in range(32)]
     tok = train_tokenizer([f"Question: {q}\nAnswer: {a}" for q, a in qa], 512)

@@ -2,10 +2,10 @@
 
 Every variant computes the same loss from the same inputs: B sequences of T - 1 scored rows each (labels all valid),
 per-sequence summed label log-probs, SimNPO (beta 2.5) averaged over the B sequences.
-  naive  full logits -> fp32 log_softmax -> gather (`trl_unlearn.ops.naive_token_logps`), then the loss
+  naive  full logits -> fp32 log_softmax -> gather (`trl_unlearn.kernels.token_logps.naive_token_logps`), then the loss
   trl    `trl.kernels.ChunkedLogProbFunction`, called as `trl.trainer.utils.add_fused_lm_head` calls it off-Triton
-  ours   `trl_unlearn.ops.chunked_token_logps` (per-token log-probs; the head is recomputed in backward)
-  fused  `trl_unlearn.fused_loss.fused_linear_sequence_loss` (the loss and its gradients in the forward pass)
+  ours   `trl_unlearn.kernels.token_logps.chunked_token_logps` (per-token log-probs; the head is recomputed in backward)
+  fused  `trl_unlearn.kernels.sequence_loss.fused_linear_sequence_loss` (the loss and its gradients in the forward pass)
 
 Each (variant, shape, dtype, device) runs in a fresh subprocess: on CPU the peak is `ru_maxrss` minus the resident set
 after the inputs are allocated; on CUDA it is `max_memory_allocated` minus the allocated memory at that point. Both
@@ -47,8 +47,9 @@ def worker(args):
     from trl.kernels import ChunkedLogProbFunction
 
     from trl_unlearn import losses
-    from trl_unlearn.fused_loss import fused_linear_sequence_loss
-    from trl_unlearn.ops import DEFAULT_CHUNK_SIZE, chunked_token_logps, naive_token_logps
+    from trl_unlearn.kernels.sequence_loss import fused_linear_sequence_loss
+    from trl_unlearn.kernels.tiles import DEFAULT_CHUNK_SIZE
+    from trl_unlearn.kernels.token_logps import chunked_token_logps, naive_token_logps
 
     trl_chunk = getattr(trl.trainer.utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", 32768)
     our_chunk = args.chunk_size or DEFAULT_CHUNK_SIZE

@@ -54,7 +54,7 @@ import sys
 from dataclasses import asdict, dataclass, replace
 
 GiB, MiB = 2**30, 2**20
-TILE_ROWS = 512  # trl_unlearn.ops.DEFAULT_CHUNK_SIZE
+TILE_ROWS = 512  # trl_unlearn.kernels.token_logps.DEFAULT_CHUNK_SIZE
 
 
 @dataclass

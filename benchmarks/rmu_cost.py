@@ -43,7 +43,7 @@ def worker(a):
     from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
 
     from trl_unlearn import RMUConfig, RMUTrainer, SimNPOConfig, SimNPOTrainer
-    from trl_unlearn.tiny import train_tokenizer
+    from trl_unlearn.toy.tiny import train_tokenizer
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)

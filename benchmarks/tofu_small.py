@@ -43,12 +43,13 @@ from trl import SFTConfig, SFTTrainer
 
 import trl_unlearn.evaluation.metrics as M
 from trl_unlearn.cli.train import METHODS
-from trl_unlearn.data import PROMPT_TEMPLATE, load_tofu_split, qa_to_trl
+from trl_unlearn.data.files import load_tofu_split
+from trl_unlearn.data.formats import PROMPT_TEMPLATE, qa_to_trl
 from trl_unlearn.evaluation import EvalReport, evaluate_tofu
 from trl_unlearn.evaluation.relearn import relearning_attack, select_relearn_indices
 from trl_unlearn.evaluation.scoring import score_answers
 from trl_unlearn.evaluation.tofu import load_tofu_eval_sets
-from trl_unlearn.tiny import tiny_llama, train_tokenizer
+from trl_unlearn.toy.tiny import tiny_llama, train_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location("tofu_example", os.path.join(ROOT, "examples", "tofu.py"))

@@ -332,8 +332,8 @@ def run_head(args, variant, meter, forget_rows, retain_rows, output_dir):
     from transformers import Trainer
 
     from trl_unlearn import SimNPOConfig, losses
-    from trl_unlearn.fused_loss import fused_linear_sequence_loss
-    from trl_unlearn.ops import chunked_token_logps
+    from trl_unlearn.kernels.sequence_loss import fused_linear_sequence_loss
+    from trl_unlearn.kernels.token_logps import chunked_token_logps
 
     t0 = time.perf_counter()
     cfg = trainer_args(args, SimNPOConfig, output_dir)

@@ -263,11 +263,11 @@ def write_mc_task(folder: str, facts: list[Fact]) -> str:
 
 
 def mc_accuracy(model, tokenizer, task_dir: str, args) -> float:
-    """lm-eval accuracy of `model` on the local multiple-choice task (`trl_unlearn.evaluation.harness`)."""
+    """lm-eval accuracy of `model` on the local multiple-choice task (`trl_unlearn.evaluation.lm_eval`)."""
     import contextlib
     import io
 
-    from trl_unlearn.evaluation.harness import evaluate_harness
+    from trl_unlearn.evaluation.lm_eval import evaluate_harness
 
     with contextlib.redirect_stderr(io.StringIO()):  # lm-eval's two progress bars per call (they ignore TQDM_DISABLE)
         report = evaluate_harness(model, tokenizer, [MC_TASK], include_path=task_dir, include_defaults=False,
@@ -606,10 +606,9 @@ def main(argv=None) -> int:
 
     import datasets
     import torch
+    from smollm2 import load_gguf_model
     from transformers import set_seed
     from transformers.utils import logging as hf_logging
-
-    from smollm2 import load_gguf_model
 
     hf_logging.set_verbosity_error()
     datasets.disable_progress_bars()

@@ -34,13 +34,14 @@ from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config, 
 
 import trl_unlearn.evaluation.metrics as M
 from trl_unlearn import SimNPOConfig
+from trl_unlearn.cli.train import METHODS, StudyArguments, UnlearnScriptArguments, load_qa_split, method_config
+from trl_unlearn.data.files import write_tofu_layout
+from trl_unlearn.data.formats import qa_to_trl
 from trl_unlearn.evaluation import evaluate_tofu
 from trl_unlearn.evaluation.tofu import load_tofu_eval_sets, score_tofu_sets, truth_ratios
-from trl_unlearn.cli.loading import load_tokenizer
-from trl_unlearn.cli.train import METHODS, StudyArguments, UnlearnScriptArguments, load_qa_split, method_config
-from trl_unlearn.data import qa_to_trl, write_tofu_layout
-from trl_unlearn.synthetic import iter_texts, make_tofu_like
-from trl_unlearn.tiny import tiny_llama, train_tokenizer
+from trl_unlearn.loading import load_tokenizer
+from trl_unlearn.toy.synthetic import iter_texts, make_tofu_like
+from trl_unlearn.toy.tiny import tiny_llama, train_tokenizer
 
 SHOWN = [  # (report metric, table column)
     ("forget_quality", "forget quality ↑"),

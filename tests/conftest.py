@@ -9,7 +9,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
-from trl_unlearn.tiny import tiny_llama, train_tokenizer  # noqa: E402
+from trl_unlearn.toy.tiny import tiny_llama, train_tokenizer
 
 # Tiny models: one thread is faster than two (no thread synchronisation per tiny op), and steadier on a busy machine
 torch.set_num_threads(1)

@@ -14,8 +14,9 @@ from transformers import PreTrainedTokenizerFast
 
 from trl_unlearn.cli import main
 from trl_unlearn.cli.train import UnlearnScriptArguments, load_split
-from trl_unlearn.data import load_text_corpus, tokenize_dataset, write_tofu_layout
-from trl_unlearn.tiny import tiny_llama
+from trl_unlearn.data.files import load_text_corpus, write_tofu_layout
+from trl_unlearn.data.tokenize import tokenize_dataset
+from trl_unlearn.toy.tiny import tiny_llama
 
 WORDS = list("abcdefghij")
 DOCS = ["a b c", "", "d e f g h", "   \n", "i j"]  # 3, 0, 5, 0, 2 words

@@ -112,7 +112,7 @@ def test_retain_rows_differ_across_ranks():
     from accelerate.data_loader import BatchSamplerShard
     from torch.utils.data import BatchSampler
 
-    from trl_unlearn.data import ForgetRetainSampler
+    from trl_unlearn.data.pairing import ForgetRetainSampler
 
     sampler = ForgetRetainSampler(num_forget=16, num_retain=40, seed=3)
     shards = [list(BatchSamplerShard(BatchSampler(sampler, 2, False), 2, rank)) for rank in (0, 1)]
@@ -129,7 +129,7 @@ def test_command_line_under_zero3(tmp_path):
     2 ZeRO-3 processes and saves once: a model that loads, its card and its prompt format."""
     from transformers import AutoModelForCausalLM
 
-    from trl_unlearn.data import write_tofu_layout
+    from trl_unlearn.data.files import write_tofu_layout
 
     model_dir, _ = dt.prepare(str(tmp_path))
     qa = [{"question": f"Who wrote book {i}?", "answer": f"Author {i} wrote book {i}."} for i in range(12)]

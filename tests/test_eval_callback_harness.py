@@ -18,8 +18,8 @@ from transformers import TrainerCallback
 
 from trl_unlearn import SimNPOConfig, SimNPOTrainer
 from trl_unlearn.evaluation.callback import UnlearningEvalCallback
-from trl_unlearn.evaluation.harness import evaluate_harness
-from trl_unlearn.tiny import tiny_llama, train_tokenizer
+from trl_unlearn.evaluation.lm_eval import evaluate_harness
+from trl_unlearn.toy.tiny import tiny_llama, train_tokenizer
 
 needs_lm_eval = pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="the lm-eval extra")
 RETAIN = QA[8:12]
@@ -264,7 +264,7 @@ def test_distributed_ranks_run_lm_eval_and_agree(mode, tok, tasks_dir, tmp_path)
     import json
     import subprocess
 
-    from trl_unlearn.evaluation.harness import HarnessReport
+    from trl_unlearn.evaluation.lm_eval import HarnessReport
 
     models = {"trained": tiny_llama(tok, hidden_size=16, num_hidden_layers=1, num_attention_heads=2),
               "stopped": constant_model(tok)}  # fmt: skip

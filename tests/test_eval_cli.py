@@ -9,9 +9,7 @@ from scipy.stats import ks_2samp
 
 from trl_unlearn.cli import main
 from trl_unlearn.evaluation import EvalReport, score_answers
-from trl_unlearn.tiny import tiny_llama
-
-
+from trl_unlearn.toy.tiny import tiny_llama
 
 # ------------------------------------------------------------------------------------------------- fixtures
 
@@ -119,7 +117,7 @@ def test_eval_tofu_report_recomputes_from_its_own_items(saved, tofu_dir, retain_
     assert EvalReport.load(retain_report).metrics["forget_quality"] is None
 
     # the per-item values belong to the right answers: rescore item 1 of the forget set on its own
-    from trl_unlearn.cli.loading import load_model_and_tokenizer
+    from trl_unlearn.loading import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(saved["model"], device="cpu")
     row = rows["forget10_perturbed"][1]

@@ -4,16 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from trl_unlearn.evaluation.scoring import (
-    PLAIN_TEMPLATE,
-    generate_answers,
-    resolve_prompt_format,
-    score_answers,
-    score_texts,
-)
-from trl_unlearn.tiny import tiny_llama
-
-
+from trl_unlearn.data import PROMPT_TEMPLATE, resolve_prompt_format
+from trl_unlearn.evaluation.scoring import generate_answers, score_answers, score_texts
+from trl_unlearn.toy.tiny import tiny_llama
 
 QUESTIONS = [
     "Who wrote book 3?",
@@ -64,7 +57,7 @@ def test_batched_scoring_equals_one_at_a_time(lm, tokenizer, prompt_format):
 def test_scoring_matches_naive_full_logits_and_counts_eos(lm, tokenizer):
     res = score_answers(lm, tokenizer, QUESTIONS, ANSWERS, prompt_format="plain", batch_size=4, return_token_logps=True)
     for i, (q, a) in enumerate(zip(QUESTIONS, ANSWERS)):
-        prompt = tokenizer(PLAIN_TEMPLATE.format(question=q))["input_ids"]
+        prompt = tokenizer(PROMPT_TEMPLATE.format(question=q))["input_ids"]
         answer = tokenizer(" " + a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         ref, _ = _naive_logps(lm, prompt + answer, len(prompt))
         assert res.num_tokens[i] == len(answer)  # answer tokens plus EOS
@@ -98,7 +91,7 @@ def test_answer_truncated_to_nothing_names_the_item(lm, tokenizer):
             names=["forget.json item 0 (answer)", "forget.json item 1 (paraphrased)"],
         )  # fmt: skip
     # cut inside the answer: still scored, on the tokens that are left
-    prompt_len = len(tokenizer(PLAIN_TEMPLATE.format(question="Who?"))["input_ids"])
+    prompt_len = len(tokenizer(PROMPT_TEMPLATE.format(question="Who?"))["input_ids"])
     res = score_answers(lm, tokenizer, ["Who?"], [ANSWERS[1]], prompt_format="plain", max_length=prompt_len + 3)
     assert res.num_tokens.tolist() == [3]
 
@@ -109,7 +102,7 @@ def test_prompt_formats(tokenizer):
     text = tokenizer.decode(chat.prompt_ids(tokenizer, "Who?"))
     assert text.startswith("<|user|> Who?") and text.rstrip().endswith("<|assistant|>")
     plain = resolve_prompt_format(tokenizer, "plain")
-    assert plain.name == PLAIN_TEMPLATE and plain.answer_prefix == " "
+    assert plain.name == PROMPT_TEMPLATE and plain.answer_prefix == " "
     assert tokenizer.decode(plain.prompt_ids(tokenizer, "Who?")) == "Question: Who?\nAnswer:"
     assert resolve_prompt_format(tokenizer, "Q: {question}\nA: ").answer_prefix == ""
     with pytest.raises(ValueError):
@@ -129,7 +122,7 @@ def test_batched_left_padded_generation_equals_one_at_a_time(lm, tokenizer):
 
 def test_generation_matches_manual_greedy_and_stop_strings(lm, tokenizer):
     q = "Who wrote book 12, the one about the lazy dog and the quick brown fox?"
-    ids = tokenizer(PLAIN_TEMPLATE.format(question=q))["input_ids"]
+    ids = tokenizer(PROMPT_TEMPLATE.format(question=q))["input_ids"]
     seq = list(ids)
     with torch.no_grad():
         for _ in range(6):
@@ -151,10 +144,10 @@ def test_generation_matches_manual_greedy_and_stop_strings(lm, tokenizer):
 def test_tofu_scores_without_generation_are_evaluate_tofus(lm, tokenizer, tmp_path):
     """`score_tofu_sets` (public, used by the example studies) gives the columns `evaluate_tofu` reports, an item's
     answer NLL is `score_answers` on that pair, and `truth_ratios` is the report's truth ratio."""
-    from trl_unlearn.data import write_tofu_layout
+    from trl_unlearn.data.files import write_tofu_layout
     from trl_unlearn.evaluation import evaluate_tofu, score_tofu_sets, truth_ratios
     from trl_unlearn.evaluation.tofu import load_tofu_eval_sets
-    from trl_unlearn.synthetic import make_tofu_like
+    from trl_unlearn.toy.synthetic import make_tofu_like
 
     folder = write_tofu_layout(tmp_path / "tofu", make_tofu_like(num_authors=10, questions_per_author=2, seed=0))
     report = evaluate_tofu(lm, tokenizer, folder, "forget10", prompt_format="plain", max_new_tokens=2)

@@ -130,9 +130,9 @@ def test_tofu_small_grid_sweeps_what_the_paper_searches():
 
 def test_train_cli_with_yaml_config(tmp_path, tokenizer):
     from trl_unlearn.cli import main
-    from trl_unlearn.data import write_tofu_layout
-    from trl_unlearn.synthetic import make_tofu_like
-    from trl_unlearn.tiny import tiny_llama
+    from trl_unlearn.data.files import write_tofu_layout
+    from trl_unlearn.toy.synthetic import make_tofu_like
+    from trl_unlearn.toy.tiny import tiny_llama
 
     data_dir = write_tofu_layout(tmp_path / "tofu", make_tofu_like(num_authors=4, seed=1))
     model = tiny_llama(tokenizer, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
@@ -173,7 +173,7 @@ def test_muse_example_runs_on_a_tiny_corpus(tmp_path, tokenizer):
     (root / "knowmem" / "retain_qa.json").write_text(json.dumps(qa))
     (root / "privleak" / "forget.json").write_text(json.dumps(docs[:3]))
     (root / "privleak" / "holdout.json").write_text(json.dumps(docs[9:]))
-    from trl_unlearn.tiny import tiny_llama
+    from trl_unlearn.toy.tiny import tiny_llama
 
     tiny_llama(tokenizer, hidden_size=32, num_hidden_layers=2, num_attention_heads=2).save_pretrained(tmp_path / "m")
     tokenizer.save_pretrained(tmp_path / "m")
@@ -190,7 +190,7 @@ def test_muse_example_runs_on_a_tiny_corpus(tmp_path, tokenizer):
     results = example.main(*parsed)
     assert set(results) == {"SimNPO", "NPO"}
     assert all(m["privleak"] is not None for m in results.values())
-    from trl_unlearn.data import text_windows
+    from trl_unlearn.data.tokenize import text_windows
 
     windows = text_windows(docs, tokenizer, 16)
     assert all(len(tokenizer(t, add_special_tokens=False)["input_ids"]) <= 16 for t in windows["text"])

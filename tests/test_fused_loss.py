@@ -1,13 +1,13 @@
-"""Tests for trl_unlearn.fused_loss: the sequence-level loss fused with the LM head (gradients in the forward)."""
+"""Tests for trl_unlearn.kernels.sequence_loss: the sequence-level loss fused with the LM head (gradients in the forward)."""
 
 import contextlib
 
 import pytest
 import torch
 
-import trl_unlearn.fused_loss as fl
+import trl_unlearn.kernels.sequence_loss as fl
 from trl_unlearn import losses
-from trl_unlearn.fused_loss import _plan, fused_linear_sequence_loss, naive_sequence_loss
+from trl_unlearn.kernels.sequence_loss import _plan, fused_linear_sequence_loss, naive_sequence_loss
 
 # 7 sequences: empty ones, short ones, and (with chunk_rows=4) a 9-row and a 5-row one longer than the budget
 LENGTHS = [3, 0, 9, 2, 1, 5, 0]
@@ -126,8 +126,8 @@ def test_each_row_projected_once_unless_its_sequence_exceeds_the_budget(monkeypa
     the same tile), longer ones' twice (a log-prob pass, then a gradient pass); no tile exceeds `chunk_rows`;
     backward projects nothing. Without gradients every row is projected once."""
     projected = []
-    project = fl._project
-    monkeypatch.setattr(fl, "_project", lambda h, *a, **k: projected.append(h.shape[0]) or project(h, *a, **k))
+    project = fl.project
+    monkeypatch.setattr(fl, "project", lambda h, *a, **k: projected.append(h.shape[0]) or project(h, *a, **k))
     for frozen in (False, True):
         hidden, weight, b, labels = make_inputs(sum(LENGTHS), 5, 11, frozen=frozen)
         projected.clear()
@@ -218,7 +218,7 @@ def test_bad_inputs_are_named():
 
 
 def test_head_only_read_inside_gather_context(monkeypatch):
-    """Mimic ZeRO-3: the head weight is empty except inside the gather context (`ops._gather_ctx`, TRL's
+    """Mimic ZeRO-3: the head weight is empty except inside the gather context (`tiles.gather_head`, TRL's
     `maybe_gather_lm_head_ctx`). The op gathers it for the forward only (the gradient is computed there) and hands
     the full-shape gradient back through autograd."""
     hidden, weight, _, labels = make_inputs(sum(LENGTHS), 5, 11, bias=False)
@@ -243,7 +243,7 @@ def test_head_only_read_inside_gather_context(monkeypatch):
         finally:
             partitioned.data = torch.empty(0, dtype=torch.float64)
 
-    monkeypatch.setattr(fl, "_gather_ctx", fake_gather)
+    monkeypatch.setattr(fl, "gather_head", fake_gather)
     loss, _ = fused_linear_sequence_loss(hidden, partitioned, labels, LENGTHS, seq_loss, chunk_rows=4)
     assert partitioned.numel() == 0 and len(entered) == 1
     grads = torch.autograd.grad(loss, (hidden, partitioned))

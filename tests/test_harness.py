@@ -20,9 +20,9 @@ import torch
 
 from trl_unlearn.cli import build_parser
 from trl_unlearn.cli import main as cli_main
-from trl_unlearn.evaluation.harness import HarnessReport, evaluate_harness
+from trl_unlearn.evaluation.lm_eval import HarnessReport, evaluate_harness
 from trl_unlearn.evaluation.report import EvalReport
-from trl_unlearn.tiny import tiny_llama, train_tokenizer
+from trl_unlearn.toy.tiny import tiny_llama, train_tokenizer
 
 needs_lm_eval = pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="the lm-eval extra")
 

@@ -23,7 +23,7 @@ from trl_unlearn import (  # noqa: E402
     SimNPOConfig,
     SimNPOTrainer,
 )
-from trl_unlearn.tiny import tiny_llama, train_tokenizer  # noqa: E402
+from trl_unlearn.toy.tiny import tiny_llama, train_tokenizer
 
 TRACES = Path(__file__).parent / "data" / "loss_traces.json"
 KEYS = ("loss", "forget/loss", "retain/loss", "forget/logps_per_token", "forget/control_cosine", "grad_norm")

@@ -14,7 +14,7 @@ import torch
 from tokenizers import processors
 
 from trl_unlearn.evaluation.muse import evaluate_muse, knowmem_prompt
-from trl_unlearn.tiny import tiny_llama
+from trl_unlearn.toy.tiny import tiny_llama
 
 
 @pytest.fixture(params=["no_bos", "bos"])

@@ -1,4 +1,4 @@
-"""Tests for trl_unlearn.ops (the chunked LM-head log-prob op) and trl_unlearn.modeling (its Hugging Face bridge)."""
+"""Tests for trl_unlearn.kernels.token_logps (the chunked LM-head log-prob op) and trl_unlearn.modeling (its Hugging Face bridge)."""
 
 import os
 
@@ -8,9 +8,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
+from trl_unlearn.kernels.token_logps import ChunkedTokenLogps, chunked_token_logps, naive_token_logps
 from trl_unlearn.modeling import forward_logps, head_transform
-from trl_unlearn.ops import ChunkedTokenLogps, chunked_token_logps, naive_token_logps
-from trl_unlearn.tiny import tiny_llama, train_tokenizer
+from trl_unlearn.toy.tiny import tiny_llama, train_tokenizer
 
 TEXTS = [
     "the quick brown fox jumps over the lazy dog",
@@ -116,9 +116,9 @@ def test_bf16_autocast_close_to_fp32():
 
 
 def test_bf16_params_without_autocast(monkeypatch):
-    import trl_unlearn.ops as ops
+    import trl_unlearn.kernels.tiles as tiles
 
-    monkeypatch.setattr(ops, "_ACC_BLOCK_ROWS", 64)  # accumulate grad_weight in several (ragged) blocks
+    monkeypatch.setattr(tiles, "ACC_BLOCK_ROWS", 64)  # accumulate grad_weight in several (ragged) blocks
     hidden, weight, _, labels = make_inputs(40, 32, 200, dtype=torch.bfloat16)
     logp = chunked_token_logps(hidden, weight, labels, chunk_size=16)
     assert logp.dtype == torch.float32
@@ -140,7 +140,7 @@ def test_gradcheck_frozen_head_float64():
 
 
 def test_no_grad_and_frozen_weight(monkeypatch):
-    import trl_unlearn.ops as ops
+    import trl_unlearn.kernels.token_logps as ops
 
     hidden, weight, _, labels = make_inputs(10, 8, 20)
     with torch.no_grad():
@@ -149,8 +149,8 @@ def test_no_grad_and_frozen_weight(monkeypatch):
     torch.testing.assert_close(logp, naive_token_logps(hidden, weight, labels).detach())
 
     calls = []
-    project = ops._project
-    monkeypatch.setattr(ops, "_project", lambda *a, **k: calls.append(1) or project(*a, **k))
+    project = ops.project
+    monkeypatch.setattr(ops, "project", lambda *a, **k: calls.append(1) or project(*a, **k))
     frozen = weight.detach()
     logp = chunked_token_logps(hidden, frozen, labels, chunk_size=4)
     a = torch.randn(10, generator=torch.Generator().manual_seed(1))
@@ -288,7 +288,7 @@ def test_weight_only_read_inside_gather_context(monkeypatch):
     """Mimic ZeRO-3: the head weight is empty except inside `maybe_gather_lm_head_ctx`, in forward and backward."""
     import contextlib
 
-    import trl_unlearn.ops
+    import trl_unlearn.kernels.tiles
 
     hidden, weight, _, labels = make_inputs(9, 8, 20)
     full = weight.detach().clone()
@@ -311,7 +311,7 @@ def test_weight_only_read_inside_gather_context(monkeypatch):
         finally:
             partitioned.data = torch.empty(0)
 
-    monkeypatch.setattr(trl_unlearn.ops, "maybe_gather_lm_head_ctx", fake_gather)
+    monkeypatch.setattr(trl_unlearn.kernels.tiles, "maybe_gather_lm_head_ctx", fake_gather)
     logp = chunked_token_logps(hidden, partitioned, labels, chunk_size=4)
     assert partitioned.numel() == 0 and len(entered) == 1
     gh, gw = torch.autograd.grad(logp.sum(), (hidden, partitioned))

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from trl_unlearn.tiny import CHAT_TEMPLATE, tiny_llama, train_tokenizer
+from trl_unlearn.toy.tiny import CHAT_TEMPLATE, tiny_llama, train_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

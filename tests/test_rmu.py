@@ -11,7 +11,7 @@ from conftest import QA, cpu_args, prompt_completion, qa_prompt
 from datasets import Dataset
 
 from trl_unlearn import RMUConfig, RMUTrainer
-from trl_unlearn.tiny import tiny_llama
+from trl_unlearn.toy.tiny import tiny_llama
 
 LAYER = 2  # steered layer of the 4-layer test model; layer 3 and the LM head must never run
 

@@ -1,11 +1,12 @@
-"""Tests for the synthetic TOFU-shaped QA set (`trl_unlearn.synthetic`). Fast, offline, no real TOFU needed."""
+"""Tests for the synthetic TOFU-shaped QA set (`trl_unlearn.toy.synthetic`). Fast, offline, no real TOFU needed."""
 
 import json
 
 import pytest
 
-from trl_unlearn.data import PROMPT_TEMPLATE, load_tofu_split, qa_to_trl, write_tofu_layout
-from trl_unlearn.synthetic import (
+from trl_unlearn.data.files import load_tofu_split, write_tofu_layout
+from trl_unlearn.data.formats import PROMPT_TEMPLATE, qa_to_trl
+from trl_unlearn.toy.synthetic import (
     FACT_TYPES,
     PERTURBED_KEYS,
     REAL_AUTHORS,

@@ -105,7 +105,7 @@ def test_training_gradients_match_naive_full_logits(method, tied, tokenizer, for
     """The fused training loss (gradients computed in the forward, `fused_loss.py`) gives the full-logits autograd
     gradients for every parameter, trainable head or tied embeddings."""
     import trl_unlearn.modeling
-    from trl_unlearn.tiny import tiny_llama
+    from trl_unlearn.toy.tiny import tiny_llama
 
     calls = []
     fused_op = trl_unlearn.modeling.fused_linear_sequence_loss
@@ -228,7 +228,7 @@ def test_simnpo_never_creates_or_runs_a_reference(model, tokenizer, forget_ds, r
 
 
 def test_gradient_accumulation_2x2_matches_4x1(tokenizer, forget_ds, retain_ds, tmp_path):
-    from trl_unlearn.tiny import tiny_llama
+    from trl_unlearn.toy.tiny import tiny_llama
 
     runs = []
     for bs, ga in [(4, 1), (2, 2)]:
@@ -246,7 +246,7 @@ def test_gradient_accumulation_2x2_matches_4x1(tokenizer, forget_ds, retain_ds, 
 
 
 def test_resume_from_checkpoint_reproduces_loss_trace(tokenizer, forget_ds, retain_ds, tmp_path):
-    from trl_unlearn.tiny import tiny_llama
+    from trl_unlearn.toy.tiny import tiny_llama
 
     def run(out, resume=None, max_steps=5):
         m = tiny_llama(tokenizer, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)

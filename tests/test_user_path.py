@@ -18,9 +18,9 @@ from huggingface_hub import ModelCard
 
 from trl_unlearn import NPOConfig, NPOTrainer, SimNPOConfig, SimNPOTrainer
 from trl_unlearn.cli import main
-from trl_unlearn.data import write_tofu_layout
-from trl_unlearn.synthetic import make_tofu_like
-from trl_unlearn.tiny import tiny_llama
+from trl_unlearn.data.files import write_tofu_layout
+from trl_unlearn.toy.synthetic import make_tofu_like
+from trl_unlearn.toy.tiny import tiny_llama
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "examples", "recipes", "*.yaml")))

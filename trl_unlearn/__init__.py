@@ -8,9 +8,13 @@ import importlib
 __version__ = "0.1.0.dev0"
 
 _EXPORTS = {
-    "config": ["SimNPOConfig", "NPOConfig", "GradAscentConfig", "GradDiffConfig", "UnlearningConfig"],
-    "trainer": ["SimNPOTrainer", "NPOTrainer", "GradAscentTrainer", "GradDiffTrainer", "UnlearningTrainer"],
-    "rmu": ["RMUConfig", "RMUTrainer"],
+    "methods.base_config": ["UnlearningConfig"],
+    "methods.base": ["UnlearningTrainer"],
+    "methods.simnpo": ["SimNPOConfig", "SimNPOTrainer"],
+    "methods.npo": ["NPOConfig", "NPOTrainer"],
+    "methods.grad_ascent": ["GradAscentConfig", "GradAscentTrainer"],
+    "methods.grad_diff": ["GradDiffConfig", "GradDiffTrainer"],
+    "methods.rmu": ["RMUConfig", "RMUTrainer"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)

@@ -17,9 +17,11 @@ from trl.data_utils import _tokenize as tokenize  # noqa: F401  (tokenizer, text
 from trl.data_utils import common_prefix_length, is_conversational, maybe_extract_prompt  # noqa: F401
 from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 from trl.models import prepare_deepspeed  # noqa: F401  an inference engine around a model (ZeRO-3 gathering)
-from trl.trainer.utils import maybe_gather_lm_head_ctx  # noqa: F401  gathers ZeRO-3 partitioned head parameters
-from trl.trainer.utils import pad  # noqa: F401  (tensors, padding_value, padding_side, pad_to_multiple_of)
-from trl.trainer.utils import use_adapter  # noqa: F401  (peft_model, adapter_name) context manager
+from trl.trainer.utils import (
+    maybe_gather_lm_head_ctx,  # noqa: F401  gathers ZeRO-3 partitioned head parameters
+    pad,  # noqa: F401  (tensors, padding_value, padding_side, pad_to_multiple_of)
+    use_adapter,  # noqa: F401  (peft_model, adapter_name) context manager
+)
 
 __all__ = [
     "ChunkedDivergenceFunction", "chunked_kl", "common_prefix_length", "is_conversational", "maybe_extract_prompt", "maybe_gather_lm_head_ctx", "pad", "prepare_deepspeed", "tokenize",

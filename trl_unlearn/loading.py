@@ -1,6 +1,8 @@
 """Loading a causal LM and its tokenizer the package's way (model folders or Hub ids), with a clear error for a
-path that is neither. Nothing heavy is imported until a function runs, so the command line stays light."""
+path that is neither, and the training prompt format recorded beside a model (`unlearning_prompt.json`). Nothing heavy
+is imported until a function runs, so the command line stays light."""
 
+import json
 import os
 import re
 
@@ -45,3 +47,22 @@ def load_model_and_tokenizer(model_path: str, tokenizer_path: str | None = None,
     check_model_path(model_path)
     tokenizer = load_tokenizer(tokenizer_path or model_path)
     return load_model(model_path, dtype, device), tokenizer
+
+
+PROMPT_FILE = "unlearning_prompt.json"
+
+
+def save_prompt_format(output_dir: str, prompt_format: str) -> None:
+    """Record the training prompt format beside the model, for `trl-unlearn eval`'s default."""
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, PROMPT_FILE), "w", encoding="utf-8") as f:
+        json.dump({"prompt_format": prompt_format}, f)
+
+
+def saved_prompt_format(model_dir: str) -> str | None:
+    """The prompt format a model folder was trained with (`save_prompt_format`), or None."""
+    path = os.path.join(model_dir, PROMPT_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f).get("prompt_format")

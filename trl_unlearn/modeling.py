@@ -24,8 +24,9 @@ import torch
 from transformers.utils import ModelOutput
 
 from ._trl_compat import chunked_kl
-from .fused_loss import fused_linear_sequence_loss
-from .ops import DEFAULT_CHUNK_SIZE, chunked_token_logps
+from .kernels.sequence_loss import fused_linear_sequence_loss
+from .kernels.tiles import DEFAULT_CHUNK_SIZE
+from .kernels.token_logps import chunked_token_logps
 
 
 @dataclass

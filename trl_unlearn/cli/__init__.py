@@ -19,7 +19,9 @@ from collections.abc import Sequence
 
 __all__ = ["METHOD_NAMES", "build_parser", "main"]
 
-METHOD_NAMES = ("simnpo", "npo", "gradascent", "graddiff", "rmu")
+from ..methods import REGISTRY
+
+METHOD_NAMES = tuple(REGISTRY)
 
 
 def _register_train(subparsers) -> None:

@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 
-from .loading import load_model_and_tokenizer, saved_prompt_format
+from ..loading import load_model_and_tokenizer, saved_prompt_format
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def _run_eval_muse(args):
 
 
 def _run_eval_lm_eval(args):
-    from ..evaluation.harness import evaluate_harness
+    from ..evaluation.lm_eval import evaluate_harness
 
     report = evaluate_harness(
         args.model, args.tokenizer, args.tasks, include_path=args.include_path,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .loading import load_model_and_tokenizer, saved_prompt_format
+from ..loading import load_model_and_tokenizer, saved_prompt_format
 
 
 def register_relearn(subparsers) -> None:

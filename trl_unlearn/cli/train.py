@@ -16,22 +16,17 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-from ..config import GradAscentConfig, GradDiffConfig, NPOConfig, SimNPOConfig
-from ..data import (PROMPT_TEMPLATE, drop_short_documents, load_text_corpus, load_tofu_split, qa_to_trl,
-                    text_documents, text_windows)
-from ..rmu import RMUConfig, RMUTrainer
-from ..trainer import GradAscentTrainer, GradDiffTrainer, NPOTrainer, SimNPOTrainer
-from .loading import load_tokenizer, save_prompt_format
+from ..data.files import drop_short_documents, load_text_corpus, load_tofu_split
+from ..data.formats import PROMPT_TEMPLATE, qa_to_trl
+from ..data.tokenize import text_documents, text_windows
+from ..loading import load_tokenizer, save_prompt_format
+from ..methods import REGISTRY, get_method
+from ..methods.npo import NPOConfig
+from ..methods.simnpo import SimNPOConfig
 
 logger = logging.getLogger(__name__)
 
-METHODS = {
-    "simnpo": (SimNPOTrainer, SimNPOConfig),
-    "npo": (NPOTrainer, NPOConfig),
-    "gradascent": (GradAscentTrainer, GradAscentConfig),
-    "graddiff": (GradDiffTrainer, GradDiffConfig),
-    "rmu": (RMUTrainer, RMUConfig),
-}
+METHODS = {name: get_method(name) for name in REGISTRY}  # name -> (trainer class, config class)
 TOFU_RETAIN = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
 
 

@@ -41,9 +41,10 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 from transformers import Trainer, TrainerCallback
 
-from .harness import HarnessRunner, _task_list
+from ..data.formats import PromptFormat
+from .lm_eval import HarnessRunner, _task_list
 from .probes import probe_metrics, qa_pairs
-from .scoring import PromptFormat, eval_mode
+from .scoring import eval_mode
 
 __all__ = ["UnlearningEvalCallback"]
 

@@ -9,7 +9,8 @@ import numpy as np
 
 import trl_unlearn.evaluation.metrics as M
 
-from .scoring import PromptFormat, generate_answers, score_answers
+from ..data.formats import PromptFormat
+from .scoring import generate_answers, score_answers
 
 
 def qa_pairs(rows, what: str) -> list[tuple[str, str]]:

@@ -37,10 +37,11 @@ from tqdm.auto import tqdm
 
 import trl_unlearn.evaluation.metrics as M
 
+from ..data.formats import PromptFormat, resolve_prompt_format
+from ..data.tokenize import encode_pairs, pad_batch
 from ..modeling import forward_logps
 from .probes import probe_metrics, qa_pairs
 from .report import EvalReport, json_safe, load_json, package_version, save_json
-from ..data import PromptFormat, encode_pairs, pad_batch, resolve_prompt_format
 from .scoring import _model_device, _pad_id, eval_mode
 
 __all__ = [

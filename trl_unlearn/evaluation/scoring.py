@@ -24,22 +24,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..data import PLAIN_TEMPLATE, PromptFormat, _item_name, encode_pairs, pad_batch, resolve_prompt_format
+from ..data.formats import PromptFormat, resolve_prompt_format
+from ..data.tokenize import encode_pairs, item_name, pad_batch
 from ..modeling import forward_logps, head_logits, scored_hidden
 
-__all__ = [
-    "PLAIN_TEMPLATE",
-    "PromptFormat",
-    "ScoreResult",
-    "resolve_prompt_format",
-    "score_answers",
-    "score_texts",
-    "generate_answers",
-    "encode_pairs",
-    "pad_batch",
-]
-
-
+__all__ = ["ScoreResult", "generate_answers", "score_answers", "score_texts"]
 
 # -------------------------------------------------------------------------------------------------------- scoring
 
@@ -256,10 +245,10 @@ def score_texts(
     sequences = []
     for i, t in enumerate(texts):
         if not isinstance(t, str):
-            raise TypeError(f"{_item_name(names, i)}: text must be a string, got {type(t).__name__}")
+            raise TypeError(f"{item_name(names, i)}: text must be a string, got {type(t).__name__}")
         ids = list(tokenizer(t, add_special_tokens=True)["input_ids"])[:max_length]
         if len(ids) < 2:
-            raise ValueError(f"{_item_name(names, i)}: needs at least 2 tokens to score one, has {len(ids)}")
+            raise ValueError(f"{item_name(names, i)}: needs at least 2 tokens to score one, has {len(ids)}")
         sequences.append(ids)
     return _score_encoded(
         model,

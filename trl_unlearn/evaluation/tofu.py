@@ -28,8 +28,9 @@ import numpy as np
 
 import trl_unlearn.evaluation.metrics as M
 
+from ..data.formats import PromptFormat, resolve_prompt_format
 from .report import AGGREGATES, EvalReport, check_same_settings, package_version
-from .scoring import PromptFormat, generate_answers, resolve_prompt_format, score_answers
+from .scoring import generate_answers, score_answers
 
 __all__ = [
     "TOFU_SETS", "evaluate_tofu", "load_tofu_eval_sets", "score_tofu_sets", "tofu_aggregates", "tofu_files",
@@ -59,7 +60,7 @@ def tofu_files(split: str) -> dict[str, str]:
 def _read_stem(data_dir: str, stem: str) -> tuple[list[dict], str]:
     """Rows of one TOFU file and a name for it in error messages."""
     if os.path.isdir(data_dir):
-        from ..data import load_tofu_split
+        from ..data.files import load_tofu_split
 
         return load_tofu_split(data_dir, stem), os.path.join(data_dir, f"{stem}.json")
     if os.path.exists(data_dir) or data_dir.count("/") != 1:

@@ -7,9 +7,7 @@ time: forward keeps one `[chunk_size, V]` tile alive and saves one float per row
 tile and turns it into the gradient in place. When the head is frozen (LoRA), forward instead saves the `[N, H]`
 gradient of each row's log-prob with respect to its hidden state, and backward is a row scaling.
 
-Layout:
-    _project, _transform, _token_stats, _logits_grad,   the math on one tile (shapes in their docstrings)
-    _to_raw_logits_grad
+Layout (the math on one tile is in `tiles.py`):
     ChunkedTokenLogps, chunked_token_logps              the row-chunking machinery (autograd Function + wrapper)
     naive_token_logps                                   the full-logits reference (tests, benchmark)
 
@@ -22,106 +20,21 @@ Conventions: `hidden` is `[N, H]` (only the positions that are scored), `weight`
 
 import torch
 
-from ._trl_compat import maybe_gather_lm_head_ctx
+from .tiles import (
+    DEFAULT_CHUNK_SIZE,
+    addmm_fp32_,
+    gather_head,
+    logits_grad,
+    project,
+    to_raw_logits_grad,
+    token_stats,
+    transform_logits,
+)
+
 
 # Rows per tile. On the 2-core CPU of benchmarks/README.md (N = 2044, H = 1024, V = 128k, fp32, trained head),
 # 256 / 512 / 1024 / 2048 rows took 24.4 / 23.1 / 22.2 / 22.5 CPU-s: 512 is within 5% of the fastest and keeps the
 # fp32 tile at 256 MiB (1024 rows: 512 MiB). On GPUs a larger tile may pay off: pass `chunk_size`.
-DEFAULT_CHUNK_SIZE = 512
-
-# `torch.addmm(..., out_dtype=torch.float32)` (low-precision inputs, fp32 output) exists on CUDA from torch 2.8.
-_CUDA_MM_OUT_DTYPE = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 8)
-_ACC_BLOCK_ROWS = 8192
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The math, on one tile of n rows
-
-
-def _project(h, w, b, out):
-    """Raw logits `out[n, V] = h[n, H] @ w[V, H].T (+ b[V])`, written into the preallocated `out`."""
-    torch.mm(h, w.t(), out=out)
-    return out if b is None else out.add_(b)
-
-
-def _transform(z, logit_scale, softcap, temperature):
-    """Raw logits -> model logits, in place on fp32 `z[n, V]`. Returns `dz/dy` as a tile when softcapping, else None
-    (then `dz/dy` is the constant `logit_scale / temperature`)."""
-    if softcap is None:
-        if logit_scale != temperature:
-            z.mul_(logit_scale / temperature)
-        return None
-    z.mul_(logit_scale / softcap).tanh_()
-    slope = z.square().neg_().add_(1).mul_(logit_scale / temperature)  # d(softcap * tanh(s*y/softcap) / T)/dy
-    z.mul_(softcap / temperature)
-    return slope
-
-
-def _token_stats(z, labels, with_entropy):
-    """Per-row statistics of fp32 logits `z[n, V]` for `labels[n]`: `(logp[n], logsumexp[n], entropy[n] or None)`.
-
-    Overwrites `z` with the probabilities `softmax(z)`.
-    """
-    zmax = z.amax(dim=-1)
-    target = z.gather(-1, labels[:, None]).squeeze(-1)
-    e = z.sub_(zmax[:, None]).exp_()
-    sum_e = e.sum(dim=-1)
-    p = e.div_(sum_e[:, None])
-    lse = zmax + sum_e.log()
-    entropy = torch.special.entr(p).sum(dim=-1) if with_entropy else None  # -sum p log p, 0 log 0 = 0
-    return target - lse, lse, entropy
-
-
-def _logits_grad(z, labels, lse, grad_logp, grad_entropy=None, entropy=None):
-    """Gradient w.r.t. the fp32 logits `z[n, V]`, computed in place over `z` and returned.
-
-    d logp_i / dz_ij = 1[j = label_i] - p_ij ;  d H_i / dz_ij = -p_ij (log p_ij + H_i).
-    `grad_logp`, `grad_entropy`: `[n]` fp32 upstream gradients (either may be None, not both).
-    """
-    logp = z.sub_(lse[:, None])
-    if grad_entropy is None:
-        grad = logp.exp_().mul_(-grad_logp[:, None])
-    else:
-        p = logp.exp()
-        coef = logp.add_(entropy[:, None]).mul_(-grad_entropy[:, None])
-        if grad_logp is not None:
-            coef.sub_(grad_logp[:, None])
-        grad = coef.mul_(p)
-    if grad_logp is not None:
-        grad.scatter_add_(1, labels[:, None], grad_logp[:, None])
-    return grad
-
-
-def _to_raw_logits_grad(g, slope, logit_scale, temperature):
-    """Chain rule through `_transform`, in place: d/dz `[n, V]` -> d/dy (the raw logits)."""
-    if slope is not None:
-        return g.mul_(slope)
-    return g.mul_(logit_scale / temperature) if logit_scale != temperature else g
-
-
-def _addmm_fp32_(acc, a, b, first):
-    """`acc += a @ b` (`acc = a @ b` if `first`: `acc` may then be uninitialised) with an fp32 (or fp64) accumulator
-    `acc`, whatever the dtype of `a` and `b`."""
-    beta = 0 if first else 1
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b, beta=beta)
-    elif acc.device.type == "cuda" and _CUDA_MM_OUT_DTYPE:
-        torch.addmm(acc, a, b, beta=beta, out_dtype=acc.dtype, out=acc)
-    else:  # no low-precision GEMM with fp32 output here: round the product per row chunk, in blocks of acc's rows
-        for r in range(0, acc.shape[0], _ACC_BLOCK_ROWS):  # (bounds the temporary to [_ACC_BLOCK_ROWS, H])
-            part = a[r : r + _ACC_BLOCK_ROWS] @ b
-            acc[r : r + _ACC_BLOCK_ROWS].copy_(part) if first else acc[r : r + _ACC_BLOCK_ROWS].add_(part)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The chunking machinery
-
-
-def _gather_ctx(weight, bias):
-    """All-gather ZeRO-3 partitioned head parameters for a direct read; a null context otherwise."""
-    return maybe_gather_lm_head_ctx(weight, bias)
-
-
 class ChunkedTokenLogps(torch.autograd.Function):
     """`log_softmax(t(hidden @ weight.T + bias))[i, labels[i]]` (and the entropy) without the `[N, V]` logits.
 
@@ -157,7 +70,7 @@ class ChunkedTokenLogps(torch.autograd.Function):
         lse = torch.empty_like(logp)
         entropy = torch.empty_like(logp) if return_entropy else None
         dlogp_dhidden = hidden.new_empty(hidden.shape, dtype=acc) if ctx.hidden_grad_only else None
-        with _gather_ctx(weight, bias), torch.autocast(device, enabled=False):
+        with gather_head(weight, bias), torch.autocast(device, enabled=False):
             w = weight.to(dtype)
             b = None if bias is None else bias.to(dtype)
             tile = hidden.new_empty((min(n_rows, chunk_size), w.shape[0]), dtype=dtype)
@@ -165,15 +78,15 @@ class ChunkedTokenLogps(torch.autograd.Function):
             for start in range(0, n_rows, chunk_size):
                 rows = slice(start, min(start + chunk_size, n_rows))
                 n = rows.stop - start
-                y = _project(hidden[rows].to(dtype), w, b, out=tile[:n])
+                y = project(hidden[rows].to(dtype), w, b, out=tile[:n])
                 z = tile32[:n].copy_(y) if tile32 is not tile else y
-                slope = _transform(z, logit_scale, softcap, temperature)
-                logp[rows], lse[rows], ent = _token_stats(z, labels[rows], return_entropy)  # z now holds p
+                slope = transform_logits(z, logit_scale, softcap, temperature)
+                logp[rows], lse[rows], ent = token_stats(z, labels[rows], return_entropy)  # z now holds p
                 if return_entropy:
                     entropy[rows] = ent
                 if dlogp_dhidden is not None:  # (onehot - p) @ W, through the logit transform
                     g = z.neg_().scatter_add_(1, labels[rows, None], torch.ones_like(lse[rows, None]))
-                    g = _to_raw_logits_grad(g, slope, logit_scale, temperature)
+                    g = to_raw_logits_grad(g, slope, logit_scale, temperature)
                     g = tile[:n].copy_(g) if tile32 is not tile else g
                     dlogp_dhidden[rows] = g @ w
         if ctx.hidden_grad_only:
@@ -193,7 +106,7 @@ class ChunkedTokenLogps(torch.autograd.Function):
             (dlogp_dhidden,) = ctx.saved_tensors
             return ((grad_logp[:, None] * dlogp_dhidden).to(ctx.hidden_dtype), None, None) + none
         hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
-        with _gather_ctx(weight, bias), torch.autocast(hidden.device.type, enabled=False):
+        with gather_head(weight, bias), torch.autocast(hidden.device.type, enabled=False):
             grads = _recompute_grads(
                 hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, ctx.needs_input_grad[:3],
                 *ctx.config,
@@ -226,10 +139,10 @@ def _recompute_grads(
         rows = slice(start, min(start + chunk_size, n_rows))
         n = rows.stop - start
         h = hidden[rows].to(dtype)
-        y = _project(h, w, b, out=tile[:n])
+        y = project(h, w, b, out=tile[:n])
         z = tile32[:n].copy_(y) if tile32 is not tile else y
-        slope = _transform(z, logit_scale, softcap, temperature)
-        g = _logits_grad(
+        slope = transform_logits(z, logit_scale, softcap, temperature)
+        g = logits_grad(
             z,
             labels[rows],
             lse[rows],
@@ -237,14 +150,14 @@ def _recompute_grads(
             None if grad_entropy is None else grad_entropy[rows],
             None if entropy is None else entropy[rows],
         )
-        g = _to_raw_logits_grad(g, slope, logit_scale, temperature)
+        g = to_raw_logits_grad(g, slope, logit_scale, temperature)
         if grad_bias is not None:
             grad_bias += g.sum(dim=0)
         g = tile[:n].copy_(g) if tile32 is not tile else g  # back to the matmul dtype
         if grad_hidden is not None:
             grad_hidden[rows] = g @ w
         if grad_weight is not None:
-            _addmm_fp32_(grad_weight, g.t(), h, first=start == 0)
+            addmm_fp32_(grad_weight, g.t(), h, first=start == 0)
     return grad_hidden, grad_weight, grad_bias
 
 
@@ -280,7 +193,7 @@ def chunked_token_logps(
     head_grad = weight.requires_grad or (bias is not None and bias.requires_grad)
     hidden_grad_only = torch.is_grad_enabled() and hidden.requires_grad and not head_grad
     # Gather around `apply` too, so autograd records the full weight shape for the gradient it will receive.
-    with _gather_ctx(weight, bias):
+    with gather_head(weight, bias):
         logp, entropy = ChunkedTokenLogps.apply(
             hidden, weight, bias, labels, chunk_size, logit_scale, softcap, temperature, return_entropy,
             hidden_grad_only,

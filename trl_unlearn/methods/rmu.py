@@ -25,10 +25,8 @@ parameters of `update_modules` in `update_layers` train (with PEFT: the adapters
 """
 
 import argparse
-import functools
 import logging
 import os
-import types
 from dataclasses import dataclass, field
 
 import torch
@@ -36,16 +34,16 @@ import torch.nn.functional as F
 from accelerate.utils import is_peft_model
 from transformers.trainer_utils import SchedulerType, get_last_checkpoint
 
-from .config import UnlearningConfig
-from .model_card import CITATIONS, card_from_trainer, write_card
-from .modeling import causal_lm
-from .reference import reference_context
-from .trainer import UnlearningTrainer
+from ..decoder_layers import add_layer_forward, control_vector, decoder_layers, select_parameters
+from ..model_card import CITATIONS, card_from_trainer, write_card
+from ..modeling import causal_lm
+from ..reference import reference_context
+from .base import UnlearningTrainer
+from .base_config import UnlearningConfig
 
 logger = logging.getLogger(__name__)
 
 CONTROL_VECTOR_FILE = "rmu_control_vector.pt"
-
 
 @dataclass
 class RMUConfig(UnlearningConfig):
@@ -124,99 +122,6 @@ class RMUConfig(UnlearningConfig):
             raise ValueError("`update_modules` is empty: name the modules of `update_layers` that train, e.g. "
                              "['mlp'].")
 
-
-# ------------------------------------------------------------------------------------------- forward to a layer --
-def decoder_layers(model) -> tuple[torch.nn.Module, str]:
-    """`(owner, name)` such that `getattr(owner, name)` is the model's `ModuleList` of decoder layers: the first one
-    of `num_hidden_layers` blocks in its backbone (`model.model.layers` for Llama, Mistral, Qwen, Gemma)."""
-    lm = causal_lm(model)
-    count = getattr(lm.config.get_text_config(), "num_hidden_layers", None)
-    backbone = lm.base_model
-    for name, module in backbone.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and count is not None and len(module) == count:
-            owner, _, attr = name.rpartition(".")
-            return backbone.get_submodule(owner), attr
-    raise ValueError(
-        f"{type(lm).__name__} has no accessible decoder layers (no ModuleList of config.num_hidden_layers={count} "
-        "blocks in its backbone), so RMU can't read the activations of a layer. Use a decoder-only transformers model "
-        "(Llama, Mistral, Qwen, Gemma, ...)."
-    )
-
-
-def layer_output(lm, owner, name, layer_id, grad_from=0, input_ids=None, attention_mask=None, **kwargs):
-    """Output `[B, T, H]` of decoder layer `layer_id` of the causal LM `lm`, running only layers `0 .. layer_id` (the
-    layer list of `owner.name` is cut for the call) and no LM head. The graph starts at the input of layer
-    `grad_from` (the first trained layer): no backward runs below it, even when activation checkpointing has made
-    the embeddings' output require grad (transformers does, for reentrant checkpointing)."""
-    layers = getattr(owner, name)
-    captured = []
-
-    def keep(module, args, output):
-        captured.append(output[0] if isinstance(output, tuple) else output)
-
-    def cut(module, args, kw):  # inside the layer's checkpoint, if any: a fresh leaf, recomputed with grad
-        if args:
-            return (args[0].detach().requires_grad_(torch.is_grad_enabled()), *args[1:]), kw
-        return args, {**kw, "hidden_states": kw["hidden_states"].detach().requires_grad_(torch.is_grad_enabled())}
-
-    handles = [layers[layer_id].register_forward_hook(keep),
-               layers[grad_from].register_forward_pre_hook(cut, with_kwargs=True)]
-    setattr(owner, name, layers[: layer_id + 1])
-    try:
-        kwargs = {k: v for k, v in kwargs.items() if v is not None and k not in ("labels", "return_dict")}
-        lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
-    finally:
-        setattr(owner, name, layers)
-        for handle in handles:
-            handle.remove()
-    return captured[0]
-
-
-def add_layer_forward(model) -> None:
-    """Patch `model.forward` (of the causal LM inside a PEFT wrapper) once so that `model(..., rmu_layer=k,
-    rmu_grad_from=j)` returns `layer_output(..., k, j)`; without `rmu_layer` the forward is unchanged. Called through
-    its DDP / DeepSpeed wrapper, whose hooks must run."""
-    lm = causal_lm(model)
-    if getattr(lm.forward, "_rmu_layer", False):
-        return
-    owner, name = decoder_layers(lm)
-    owner_path = next(path for path, module in lm.named_modules() if module is owner)
-    # The closure holds a function and names, never a module: a deep copy of the model (`copy.deepcopy` rebinds the
-    # method to the copy) runs the copy's own weights.
-    inner = lm.forward.__func__  # the class's forward, or `add_unlearning_head`'s patch of it
-
-    @functools.wraps(inner)
-    def forward(self, *args, rmu_layer=None, rmu_grad_from=0, **kwargs):
-        if rmu_layer is None:
-            return inner(self, *args, **kwargs)
-        return layer_output(self, self.get_submodule(owner_path), name, rmu_layer, rmu_grad_from, *args, **kwargs)
-
-    forward._rmu_layer = True
-    forward._unlearning_head = getattr(inner, "_unlearning_head", False)  # `add_unlearning_head` keeps this patch
-    lm.forward = types.MethodType(forward, lm)
-
-
-def control_vector(hidden_size: int, steering_coeff: float, seed: int) -> torch.Tensor:
-    """`c·u` `[H]` fp32: `u` with entries uniform in [0, 1), normalised, from a CPU generator seeded with `seed`."""
-    u = torch.rand(hidden_size, generator=torch.Generator().manual_seed(seed))
-    return steering_coeff * u / u.norm()
-
-
-def select_parameters(model, layers, update_layers, update_modules) -> tuple[list[str], int]:
-    """Freeze every parameter of `model` but the trainable ones inside `update_modules` of `update_layers`; returns
-    (their names, how many trainable tensors were frozen)."""
-    def inside(name):
-        return any(name == m or name.startswith(m + ".") for m in update_modules)
-
-    keep = {id(p) for i in update_layers for n, p in layers[i].named_parameters() if inside(n) and p.requires_grad}
-    names, frozen = [], 0
-    for n, p in model.named_parameters():
-        if id(p) in keep:
-            names.append(n)
-        elif p.requires_grad:
-            p.requires_grad_(False)
-            frozen += 1
-    return names, frozen
 
 
 class RMUTrainer(UnlearningTrainer):

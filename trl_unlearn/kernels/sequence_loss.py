@@ -70,14 +70,14 @@ autograd, so backward reads no parameter.
 
 import torch
 
-from .ops import (
+from .tiles import (
     DEFAULT_CHUNK_SIZE,
-    _addmm_fp32_,
-    _gather_ctx,
-    _project,
-    _to_raw_logits_grad,
-    _token_stats,
-    _transform,
+    addmm_fp32_,
+    gather_head,
+    project,
+    to_raw_logits_grad,
+    token_stats,
+    transform_logits,
 )
 
 DEFAULT_CHUNK_ROWS = DEFAULT_CHUNK_SIZE  # 512 rows: a 256 MiB fp32 tile at V = 128256 (see benchmarks/README.md)
@@ -145,7 +145,7 @@ class FusedLinearSequenceLoss(torch.autograd.Function):
         grad_bias = torch.zeros(bias.shape, device=device, dtype=acc) if need_b else None
         first = True  # grad_weight not written yet
 
-        with _gather_ctx(weight, bias), torch.autocast(device.type, enabled=False):
+        with gather_head(weight, bias), torch.autocast(device.type, enabled=False):
             w = weight.to(dtype)
             b = None if bias is None else bias.to(dtype)
             tile_rows = max((min(r1 - r0, chunk_rows) for r0, r1, *_ in chunks), default=0)
@@ -155,17 +155,17 @@ class FusedLinearSequenceLoss(torch.autograd.Function):
             def tile_forward(r0, r1):
                 """Softmax `[n, V]` (fp32, in the tile), the transform's slope and `logp` `[n]` of rows `r0:r1`."""
                 n = r1 - r0
-                y = _project(hidden[r0:r1].to(dtype), w, b, out=tile[:n])
+                y = project(hidden[r0:r1].to(dtype), w, b, out=tile[:n])
                 z = tile32[:n].copy_(y) if tile32 is not tile else y
-                slope = _transform(z, *transform)
-                logp, _, _ = _token_stats(z, labels[r0:r1], False)  # z now holds softmax(z)
+                slope = transform_logits(z, *transform)
+                logp, _, _ = token_stats(z, labels[r0:r1], False)  # z now holds softmax(z)
                 return z, slope, logp
 
             def tile_backward(r0, r1, p, slope, row_grad):
                 """Gradients of `sum_i row_grad[i] * logp_i` over rows `r0:r1`, from their softmax `p` (overwritten)."""
                 nonlocal first
                 g = p.mul_(-row_grad[:, None]).scatter_add_(1, labels[r0:r1, None], row_grad[:, None])
-                g = _to_raw_logits_grad(g, slope, logit_scale, temperature)
+                g = to_raw_logits_grad(g, slope, logit_scale, temperature)
                 if need_b:
                     grad_bias.add_(g.sum(dim=0))
                 g = tile[: r1 - r0].copy_(g) if tile32 is not tile else g  # back to the GEMM dtype
@@ -174,7 +174,7 @@ class FusedLinearSequenceLoss(torch.autograd.Function):
                 elif need_h:  # autocast: the GEMM in its dtype, the gradient in hidden's
                     grad_hidden[r0:r1] = g @ w
                 if need_w:
-                    _addmm_fp32_(grad_weight, g.t(), hidden[r0:r1].to(dtype), first=first)
+                    addmm_fp32_(grad_weight, g.t(), hidden[r0:r1].to(dtype), first=first)
                     first = False
 
             for r0, r1, s0, s1, long in chunks:
@@ -239,7 +239,7 @@ def fused_linear_sequence_loss(
         raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
     # ZeRO-3: the head's shape is only visible once gathered; gathering around `apply` also makes autograd record the
     # full weight shape for the gradient it will receive.
-    with _gather_ctx(weight, bias):
+    with gather_head(weight, bias):
         n_rows, vocab = hidden.shape[0], weight.shape[0]
         if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
             raise ValueError(f"hidden must be [N, H] and weight [V, H], got {tuple(hidden.shape)} and "

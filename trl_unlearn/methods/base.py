@@ -24,22 +24,16 @@ from datasets import Dataset
 from transformers.trainer_utils import get_last_checkpoint
 from trl import DPOTrainer
 
-from . import losses
-from .callbacks import PreemptionCallback
-from .config import GradAscentConfig, GradDiffConfig, NPOConfig, SimNPOConfig, UnlearningConfig
-from .data import (
-    ForgetRetainCollator,
-    ForgetRetainPairs,
-    ForgetRetainSampler,
-    batch_counts,
-    resolve_datasets,
-    split_eval,
-    tokenize_dataset,
-)
-from .model_card import CITATIONS, card_from_trainer, write_card
-from .loading import check_model_path
-from .modeling import add_unlearning_head
-from .reference import kl_teacher, plan_reference, reference_context, reference_forward, scored_labels
+from .. import losses
+from ..data.formats import resolve_datasets, split_eval
+from ..data.pairing import ForgetRetainCollator, ForgetRetainPairs, ForgetRetainSampler, batch_counts
+from ..data.tokenize import tokenize_dataset
+from ..loading import check_model_path
+from ..model_card import card_from_trainer, write_card
+from ..modeling import add_unlearning_head
+from ..preemption import PreemptionCallback
+from ..reference import kl_teacher, plan_reference, reference_context, reference_forward, scored_labels
+from .base_config import UnlearningConfig
 
 
 class UnlearningTrainer(DPOTrainer):
@@ -270,7 +264,7 @@ class UnlearningTrainer(DPOTrainer):
         ))
         model = self.model
         if self.ref_model is None and self.is_deepspeed_enabled:  # parameters still on CPU / sharded: an engine
-            from ._trl_compat import prepare_deepspeed
+            from .._trl_compat import prepare_deepspeed
 
             if self._precompute_engine is None:
                 self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
@@ -425,66 +419,3 @@ class UnlearningTrainer(DPOTrainer):
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
-
-class SimNPOTrainer(UnlearningTrainer):
-    """SimNPO (Fan et al., 2024): NPO without a reference model, with a length-normalised log-likelihood and a
-    margin. Per forget sample `-(2/β)·logσ(-(β/|y|)·log π(y|x) − γ)`; plus the retain regulariser. Arguments as
-    [`UnlearningTrainer`]; `ref_model` is refused."""
-
-    config_class = SimNPOConfig
-    _tag_names = UnlearningTrainer._tag_names + ["simnpo"]
-    _name = "SimNPO"
-    _paper = {
-        "title": "Simplicity Prevails: Rethinking Negative Preference Optimization for LLM Unlearning",
-        "id": "2410.07163",
-        "citation": CITATIONS["SimNPO"],
-    }
-
-    def forget_loss(self, logps, num_tokens, ref_logps):
-        return losses.simnpo_loss(logps, num_tokens, self.args.beta, self.args.gamma)
-
-    def forget_weight_stat(self, logps, num_tokens, ref_logps):
-        return losses.simnpo_weight(logps, num_tokens, self.args.beta, self.args.gamma)
-
-
-class NPOTrainer(UnlearningTrainer):
-    """NPO (Zhang et al., 2024): per forget sample `-(2/β)·logσ(-β·(log π − log π_ref))`; plus the retain term.
-    Arguments as [`UnlearningTrainer`]; the reference is planned by `reference.plan_reference`."""
-
-    config_class = NPOConfig
-    forget_needs_reference = True
-    _tag_names = UnlearningTrainer._tag_names + ["npo"]
-    _name = "NPO"
-    _paper = {
-        "title": "Negative Preference Optimization: From Catastrophic Collapse to Effective Unlearning",
-        "id": "2404.05868",
-        "citation": CITATIONS["NPO"],
-    }
-
-    def forget_loss(self, logps, num_tokens, ref_logps):
-        return losses.npo_loss(logps, ref_logps, self.args.beta)
-
-    def forget_weight_stat(self, logps, num_tokens, ref_logps):
-        return losses.npo_weight(logps, ref_logps, self.args.beta)
-
-
-class GradAscentTrainer(UnlearningTrainer):
-    """Gradient ascent on the forget set: minimise the token-mean log-likelihood (TOFU's GA baseline)."""
-
-    config_class = GradAscentConfig
-    token_level_forget = True
-    _tag_names = UnlearningTrainer._tag_names + ["gradient-ascent"]
-    _name = "GradAscent"
-    _paper = {"title": "TOFU: A Task of Fictitious Unlearning for LLMs", "id": "2401.06121",
-              "citation": CITATIONS["TOFU"]}
-
-    def forget_loss(self, logps, num_tokens, ref_logps):
-        return losses.ga_loss(logps, num_tokens)
-
-
-class GradDiffTrainer(GradAscentTrainer):
-    """GradDiff: gradient ascent on forget data plus NLL (or KL) on retain data (TOFU's baseline)."""
-
-    config_class = GradDiffConfig
-    _tag_names = UnlearningTrainer._tag_names + ["graddiff"]
-    _name = "GradDiff"
