@@ -117,9 +117,9 @@ def fused_checks():
         params = (hidden,) if frozen else (hidden, weight)
 
         h32, w32 = hidden.detach().float().requires_grad_(), weight.detach().float().requires_grad_(not frozen)
-        ref_loss, ref_seq = naive_sequence_loss(h32, w32, labels, lengths, seq_loss)
+        ref_loss, ref_seq, _ = naive_sequence_loss(h32, w32, labels, lengths, seq_loss)
         ref = torch.autograd.grad(ref_loss, (h32,) if frozen else (h32, w32))
-        loss, seq_logps = fused_linear_sequence_loss(hidden, weight, labels, lengths, seq_loss)
+        loss, seq_logps, _ = fused_linear_sequence_loss(hidden, weight, labels, lengths, seq_loss)
         grads = torch.autograd.grad(loss * 2.0, params)  # an incoming gradient other than 1 is scaled
         lerr = abs(loss.item() - ref_loss.item()) / abs(ref_loss.item())
         serr = ((seq_logps - ref_seq.detach()).abs().max() / ref_seq.detach().abs().max()).item()
@@ -130,7 +130,7 @@ def fused_checks():
 
         grad_bytes = sum(p.numel() * p.element_size() for p in params)
 
-        def measure(fn):
+        def measure(fn, hidden=hidden, weight=weight, params=params, grad_bytes=grad_bytes):
             def step():
                 for p in params:
                     p.grad = None

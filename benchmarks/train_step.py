@@ -363,7 +363,7 @@ def run_head(args, variant, meter, forget_rows, retain_rows, output_dir):
             return torch.where(is_forget, forget, -logps * (cfg.retain_weight / n_retain_tokens))
 
         if variant == "fused_simnpo":
-            loss, _ = fused_linear_sequence_loss(hidden[scored], head.weight, targets[scored], num_tokens, seq_loss,
+            loss, _, _ = fused_linear_sequence_loss(hidden[scored], head.weight, targets[scored], num_tokens, seq_loss,
                                                  head.bias)
         else:
             logp = chunked_token_logps(hidden[scored], head.weight, targets[scored], head.bias)

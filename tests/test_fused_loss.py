@@ -39,11 +39,11 @@ def make_seq_loss(method, lengths, is_forget, ref_logps=None, dtype=torch.float6
             forget = losses.simnpo_loss(logps, num_tokens, beta=2.5, gamma=0.4) * (fw / n_forget)
         elif method == "npo":
             forget = losses.npo_loss(logps, ref_logps, beta=0.6) * (fw / n_forget)
-        else:  # ga, graddiff: token-mean log-likelihood of the forget rows, via the library's shares
-            forget = losses.ga_loss(logps, num_tokens, n_forget_tokens) * (fw / len(logps))
+        else:  # ga, graddiff: token-mean log-likelihood of the forget rows
+            forget = losses.ga_loss(logps) * (fw / n_forget_tokens)
         if method == "ga":
             return torch.where(is_forget, forget, torch.zeros_like(forget))
-        retain = losses.nll_loss(logps, num_tokens, n_retain_tokens) * (rw / len(logps))
+        retain = losses.nll_loss(logps) * (rw / n_retain_tokens)
         return torch.where(is_forget, forget, retain)
 
     return seq_loss
@@ -87,9 +87,9 @@ def test_matches_full_logits(method, frozen, transform, chunk_rows):
     params = (hidden,) if frozen else (hidden, weight, b)
     kw = TRANSFORMS[transform]
 
-    loss, seq_logps = fused_linear_sequence_loss(hidden, weight, labels, LENGTHS, seq_loss, b, chunk_rows=chunk_rows,
+    loss, seq_logps, _ = fused_linear_sequence_loss(hidden, weight, labels, LENGTHS, seq_loss, b, chunk_rows=chunk_rows,
                                                  **kw)
-    ref_loss, ref_seq = naive_sequence_loss(hidden, weight, labels, LENGTHS, seq_loss, b, **kw)
+    ref_loss, ref_seq, _ = naive_sequence_loss(hidden, weight, labels, LENGTHS, seq_loss, b, **kw)
     assert loss.shape == () and seq_logps.shape == (len(LENGTHS),) and not seq_logps.requires_grad
     torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(seq_logps, ref_seq.detach(), rtol=1e-12, atol=1e-12)
@@ -109,9 +109,9 @@ def test_fp32_realistic_shape():
     hidden, weight, b, labels = make_inputs(sum(lengths), 64, 4096, dtype=torch.float32)
     hidden.data.mul_(2.0)  # peaked distributions: log-probs from about -2 to -20 per token
     seq_loss = make_seq_loss("simnpo", lengths, is_forget, dtype=torch.float32)
-    loss, seq_logps = fused_linear_sequence_loss(hidden, weight, labels, lengths, seq_loss, b, chunk_rows=512)
+    loss, seq_logps, _ = fused_linear_sequence_loss(hidden, weight, labels, lengths, seq_loss, b, chunk_rows=512)
     grads = torch.autograd.grad(loss, (hidden, weight, b))
-    ref_loss, ref_seq = naive_sequence_loss(hidden, weight, labels, lengths, seq_loss, b)
+    ref_loss, ref_seq, _ = naive_sequence_loss(hidden, weight, labels, lengths, seq_loss, b)
     ref = torch.autograd.grad(ref_loss, (hidden, weight, b))
     assert seq_logps.dtype == loss.dtype == torch.float32
     assert all(g.dtype == torch.float32 for g in grads)
@@ -132,7 +132,7 @@ def test_each_row_projected_once_unless_its_sequence_exceeds_the_budget(monkeypa
         hidden, weight, b, labels = make_inputs(sum(LENGTHS), 5, 11, frozen=frozen)
         projected.clear()
         seq_loss = make_seq_loss("simnpo", LENGTHS, IS_FORGET)
-        loss, _ = fused_linear_sequence_loss(hidden, weight, labels, LENGTHS, seq_loss, b, chunk_rows=4)
+        loss, _, _ = fused_linear_sequence_loss(hidden, weight, labels, LENGTHS, seq_loss, b, chunk_rows=4)
         assert max(projected) <= 4
         long_rows = 9 + 5
         assert sum(projected) == sum(LENGTHS) + long_rows
@@ -143,14 +143,14 @@ def test_each_row_projected_once_unless_its_sequence_exceeds_the_budget(monkeypa
 
     projected.clear()
     with torch.no_grad():
-        loss, _ = fused_linear_sequence_loss(hidden, weight, labels, LENGTHS, make_seq_loss("ga", LENGTHS, IS_FORGET),
+        loss, _, _ = fused_linear_sequence_loss(hidden, weight, labels, LENGTHS, make_seq_loss("ga", LENGTHS, IS_FORGET),
                                              chunk_rows=4)
     assert sum(projected) == sum(LENGTHS) and not loss.requires_grad
 
 
 def test_frozen_head_keeps_no_head_gradient_buffer():
     hidden, weight, _, labels = make_inputs(sum(LENGTHS), 5, 11, bias=False, frozen=True)
-    loss, _ = fused_linear_sequence_loss(hidden, weight, labels, LENGTHS, make_seq_loss("npo", LENGTHS, IS_FORGET,
+    loss, _, _ = fused_linear_sequence_loss(hidden, weight, labels, LENGTHS, make_seq_loss("npo", LENGTHS, IS_FORGET,
                                                                                           ref_logps_for(LENGTHS)))
     grad_hidden, grad_weight, grad_bias = loss.grad_fn.saved_tensors
     assert grad_hidden.shape == hidden.shape and grad_weight is None and grad_bias is None
@@ -158,7 +158,7 @@ def test_frozen_head_keeps_no_head_gradient_buffer():
 
 def test_retain_graph_and_second_backward():
     hidden, weight, b, labels = make_inputs(sum(LENGTHS), 5, 11)
-    loss, _ = fused_linear_sequence_loss(hidden, weight, labels, LENGTHS, make_seq_loss("ga", LENGTHS, IS_FORGET), b)
+    loss, _, _ = fused_linear_sequence_loss(hidden, weight, labels, LENGTHS, make_seq_loss("ga", LENGTHS, IS_FORGET), b)
     loss.backward(retain_graph=True)
     first = weight.grad.clone()
     (2 * loss).backward()
@@ -170,17 +170,17 @@ def test_bf16_weights_and_autocast():
     is_forget = torch.tensor([True, False, True, False])
     seq_loss = make_seq_loss("simnpo", lengths, is_forget, dtype=torch.float32)
     hidden, weight, b, labels = make_inputs(sum(lengths), 32, 300, dtype=torch.float32)
-    ref_loss, _ = naive_sequence_loss(hidden, weight, labels, lengths, seq_loss, b)
+    ref_loss, _, _ = naive_sequence_loss(hidden, weight, labels, lengths, seq_loss, b)
     ref = torch.autograd.grad(ref_loss, (hidden, weight, b))
 
     # bf16 tensors, no autocast: gradients come back in bf16, accumulated in fp32
     h16, w16, b16 = (x.detach().bfloat16().requires_grad_() for x in (hidden, weight, b))
-    loss, seq_logps = fused_linear_sequence_loss(h16, w16, labels, lengths, seq_loss, b16, chunk_rows=64)
+    loss, seq_logps, _ = fused_linear_sequence_loss(h16, w16, labels, lengths, seq_loss, b16, chunk_rows=64)
     grads = torch.autograd.grad(loss, (h16, w16, b16))
     assert loss.dtype == seq_logps.dtype == torch.float32 and all(g.dtype == torch.bfloat16 for g in grads)
     # fp32 autocast to bf16: the GEMMs in bf16, gradients in fp32
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss_ac, _ = fused_linear_sequence_loss(hidden, weight, labels, lengths, seq_loss, b, chunk_rows=64)
+        loss_ac, _, _ = fused_linear_sequence_loss(hidden, weight, labels, lengths, seq_loss, b, chunk_rows=64)
     grads_ac = torch.autograd.grad(loss_ac, (hidden, weight, b))
     assert all(g.dtype == torch.float32 for g in grads_ac)
     for got, lo in ((grads, loss), (grads_ac, loss_ac)):
@@ -192,7 +192,7 @@ def test_bf16_weights_and_autocast():
 
 def test_no_rows():
     hidden, weight, b, labels = make_inputs(0, 5, 11)
-    loss, seq_logps = fused_linear_sequence_loss(hidden, weight, labels, [0, 0], lambda l: (l - 1.5) ** 2, b)
+    loss, seq_logps, _ = fused_linear_sequence_loss(hidden, weight, labels, [0, 0], lambda l: (l - 1.5) ** 2, b)
     assert loss.item() == 4.5  # two sequences with L_s = 0
     assert (seq_logps == 0).all()
     loss.backward()
@@ -224,7 +224,7 @@ def test_head_only_read_inside_gather_context(monkeypatch):
     hidden, weight, _, labels = make_inputs(sum(LENGTHS), 5, 11, bias=False)
     full = weight.detach().clone().requires_grad_()
     seq_loss = make_seq_loss("graddiff", LENGTHS, IS_FORGET)
-    ref_loss, _ = naive_sequence_loss(hidden, full, labels, LENGTHS, seq_loss)
+    ref_loss, _, _ = naive_sequence_loss(hidden, full, labels, LENGTHS, seq_loss)
     ref = torch.autograd.grad(ref_loss, (hidden, full))
 
     partitioned = torch.nn.Parameter(torch.empty(0, dtype=torch.float64))
@@ -244,9 +244,32 @@ def test_head_only_read_inside_gather_context(monkeypatch):
             partitioned.data = torch.empty(0, dtype=torch.float64)
 
     monkeypatch.setattr(fl, "gather_head", fake_gather)
-    loss, _ = fused_linear_sequence_loss(hidden, partitioned, labels, LENGTHS, seq_loss, chunk_rows=4)
+    loss, _, _ = fused_linear_sequence_loss(hidden, partitioned, labels, LENGTHS, seq_loss, chunk_rows=4)
     assert partitioned.numel() == 0 and len(entered) == 1
     grads = torch.autograd.grad(loss, (hidden, partitioned))
     assert len(entered) == 1  # nothing to gather in backward
     for x, y in zip(grads, ref):
         torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+
+
+def test_weights_apply_outside_the_loss_and_unweighted_losses_come_back():
+    """`seq_weights` scale each sequence's loss and gradient; `seq_losses` are the unweighted losses at the final
+    sums, computed once (no second pass for logging)."""
+    hidden, weight, b, labels = make_inputs(sum(LENGTHS), 6, 11)
+    weights = torch.linspace(0.5, 2.0, len(LENGTHS), dtype=torch.float64)
+
+    def seq_loss(logps):
+        return (logps + 3.0) ** 2
+
+    loss, seq_logps, seq_losses = fused_linear_sequence_loss(hidden, weight, labels, LENGTHS, seq_loss, b,
+                                                             seq_weights=weights, chunk_rows=4)
+    grads = torch.autograd.grad(loss, (hidden, weight, b))
+    ref_loss, ref_seq, ref_losses = naive_sequence_loss(hidden, weight, labels, LENGTHS, seq_loss, b,
+                                                        seq_weights=weights)
+    ref_grads = torch.autograd.grad(ref_loss, (hidden, weight, b))
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(seq_losses, ref_losses.detach())
+    torch.testing.assert_close(seq_losses, (ref_seq.detach() + 3.0) ** 2)
+    torch.testing.assert_close(loss.detach(), (weights * seq_losses).sum())
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)

@@ -25,20 +25,44 @@ def test_npo_hand_values():
     torch.testing.assert_close(got, torch.tensor([-4 * logsig(1.0), -4 * logsig(-2.0)]))
 
 
-def test_ga_and_nll_are_token_means():
+def test_ga_and_nll_are_summed_log_likelihoods_normalised_by_tokens():
     logps, n = torch.tensor([-6.0, -2.0, -4.0]), torch.tensor([3.0, 1.0, 4.0])
-    # token mean log-likelihood: (-6 - 2 - 4) / (3 + 1 + 4) = -1.5
-    assert losses.ga_loss(logps, n).mean().item() == -1.5
-    assert losses.nll_loss(logps, n).mean().item() == 1.5
-    # normalised by a larger count (e.g. the whole accumulated batch): -12 / 24
-    assert losses.ga_loss(logps, n, total_tokens=24.0).mean().item() == -0.5
+    # per sequence: the summed log-likelihood (GA) and its negative (NLL); normalised by tokens, the token mean
+    # (-6 - 2 - 4) / (3 + 1 + 4) = -1.5
+    assert losses.ga_loss(logps).tolist() == [-6.0, -2.0, -4.0]
+    assert losses.nll_loss(logps).tolist() == [6.0, 2.0, 4.0]
+    assert (losses.ga_loss(logps).sum() / n.sum()).item() == -1.5
 
 
-def test_kl_loss_token_mean_over_scored():
+def test_kl_loss_sums_scored_positions():
     token_kl = torch.tensor([[0.2, 0.4, 9.0], [1.0, 0.0, 0.0]])
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
-    # (0.2 + 0.4 + 1.0) / 3 scored positions; the masked 9.0 is ignored
-    torch.testing.assert_close(losses.kl_loss(token_kl, mask).mean(), torch.tensor(1.6 / 3))
+    # per sequence: 0.2 + 0.4 and 1.0; the masked 9.0 is ignored; token mean (0.2 + 0.4 + 1.0) / 3
+    torch.testing.assert_close(losses.kl_loss(token_kl, mask), torch.tensor([0.6, 1.0]))
+    torch.testing.assert_close(losses.kl_loss(token_kl, mask).sum() / mask.sum(), torch.tensor(1.6 / 3))
+
+
+def test_forget_retain_loss_scatters_the_forget_loss_and_retain_nll():
+    logps = torch.tensor([-2.0, -3.0, -5.0, -7.0])
+    is_forget = torch.tensor([True, False, True, False])
+    objective = losses.ForgetRetainLoss(lambda x: 10.0 * x, is_forget)
+    torch.testing.assert_close(objective(logps), torch.tensor([-20.0, 3.0, -50.0, 7.0]))
+    no_retain = losses.ForgetRetainLoss(lambda x: 10.0 * x, is_forget, retain_nll=False)
+    torch.testing.assert_close(no_retain(logps), torch.tensor([-20.0, 0.0, -50.0, 0.0]))
+
+
+def test_loss_stats_pool_ranks_and_skip_what_nobody_counted():
+    """Rank 0: forget loss total 3 over 2 samples, no retain rows; rank 1: total 1 over 2, retain 6 over 3 tokens."""
+    ranks = [
+        losses.LossStats().mean("forget/loss", torch.tensor(3.0), 2).mean("retain/loss", torch.tensor(0.0), 0)
+        .total("num_tokens/retain", torch.tensor(0.0), False),
+        losses.LossStats().mean("forget/loss", torch.tensor(1.0), 2).mean("retain/loss", torch.tensor(6.0), 3)
+        .total("num_tokens/retain", torch.tensor(3.0), True),
+    ]
+    rows = torch.stack([r.flat() for r in ranks])
+    assert ranks[0].reduce(rows) == {"forget/loss": 1.0, "retain/loss": 2.0, "num_tokens/retain": 3.0}
+    alone = ranks[0].reduce(rows[:1])  # rank 0 on its own: nothing counted for retain, so not logged
+    assert alone == {"forget/loss": 1.5}
 
 
 def test_npo_weight_is_exactly_one_at_reference():

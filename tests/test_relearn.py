@@ -11,10 +11,11 @@ from conftest import QA, cpu_args, prompt_completion
 
 from trl_unlearn import GradAscentConfig, GradAscentTrainer
 from trl_unlearn.cli.relearn import run_relearn
+from trl_unlearn.data import resolve_prompt_format
 from trl_unlearn.data.files import write_tofu_layout
 from trl_unlearn.evaluation import evaluate_tofu
-from trl_unlearn.evaluation.relearn import RelearnCurve, plot_relearn_curves, relearning_attack, select_relearn_indices
-from trl_unlearn.data import resolve_prompt_format
+from trl_unlearn.evaluation.relearn import relearning_attack, select_relearn_indices
+from trl_unlearn.evaluation.relearn_curve import RelearnCurve, plot_relearn_curves
 from trl_unlearn.evaluation.scoring import score_answers
 from trl_unlearn.toy.synthetic import make_tofu_like
 from trl_unlearn.toy.tiny import tiny_llama

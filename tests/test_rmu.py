@@ -3,6 +3,7 @@ positions count, what moves (activations, log-probs, parameters) and what must n
 `layer_id`, accumulation, the control vector across a resume, PEFT, errors, model card and CLI."""
 
 import copy
+import functools
 import os
 
 import pytest
@@ -11,6 +12,7 @@ from conftest import QA, cpu_args, prompt_completion, qa_prompt
 from datasets import Dataset
 
 from trl_unlearn import RMUConfig, RMUTrainer
+from trl_unlearn.decoder_layers import layer_output, layers_path
 from trl_unlearn.toy.tiny import tiny_llama
 
 LAYER = 2  # steered layer of the 4-layer test model; layer 3 and the LM head must never run
@@ -341,5 +343,6 @@ def test_patched_forward_of_a_deep_copy_runs_the_copys_weights(tokenizer, forget
             plain = type(m).forward(m, input_ids=ids).logits  # the class's forward: no patch involved
             torch.testing.assert_close(m(input_ids=ids).logits, plain)
             hidden = type(m).forward(m, input_ids=ids, output_hidden_states=True).hidden_states[LAYER + 1]
-            torch.testing.assert_close(m(input_ids=ids, rmu_layer=LAYER), hidden)
+            to_layer = functools.partial(layer_output, layers=layers_path(m), layer_id=LAYER)
+            torch.testing.assert_close(m(input_ids=ids, unlearning_forward=to_layer), hidden)
     assert not torch.allclose(model(input_ids=ids).logits, twin(input_ids=ids).logits)

@@ -5,8 +5,9 @@ Each name below was checked against TRL 1.16.0 (and transformers 5.24). When TRL
 
 Besides these, the trainers override these `DPOTrainer` hooks (checked against 1.16.0): `_prepare_dataset`
 (tokenisation), `_precompute_ref_logps` (reference log-probs), `_set_signature_columns_if_needed`,
-`_get_train_sampler`, `get_batch_samples`, `compute_loss`, `prediction_step`, and read `_tokenizer`, `_metrics`,
-`_precompute_engine`, `_tag_names`, `_name`, `_paper`.
+`_get_train_sampler`, `get_batch_samples`, `compute_loss`, `prediction_step`, and, on themselves, read `_tokenizer`,
+`_metrics`, `_precompute_engine` and set TRL's model-card attributes `_tag_names`, `_name`, `_paper`. The private
+`Trainer` attributes they touch go through the two functions at the end of this file.
 
 Known cost inherited from TRL: when no reference model is kept (SimNPO, GA, GradDiff, NPO with precomputed
 reference log-probs), `DPOTrainer.__init__` hashes the model's weights once (`trl.trainer.utils.hash_module`, the
@@ -24,7 +25,17 @@ from trl.trainer.utils import (
 )
 
 __all__ = [
-    "ChunkedDivergenceFunction", "chunked_kl", "common_prefix_length", "is_conversational", "maybe_extract_prompt", "maybe_gather_lm_head_ctx", "pad", "prepare_deepspeed", "tokenize",
+    "ChunkedDivergenceFunction",
+    "chunked_kl",
+    "common_prefix_length",
+    "is_conversational",
+    "maybe_extract_prompt",
+    "maybe_gather_lm_head_ctx",
+    "pad",
+    "prepare_deepspeed",
+    "prepare_inputs",
+    "set_signature_columns",
+    "tokenize",
     "use_adapter",
 ]
 
@@ -41,3 +52,14 @@ def chunked_kl(student_hidden, student_weight, student_bias, teacher_hidden, tea
         student_transform[0], student_transform[1], teacher_transform[0], teacher_transform[1],
     )
     return kl
+
+
+def set_signature_columns(trainer, columns: list[str]) -> None:
+    """`Trainer._signature_columns`: the dataset columns the trainer keeps (set once)."""
+    if trainer._signature_columns is None:
+        trainer._signature_columns = columns
+
+
+def prepare_inputs(trainer, inputs):
+    """`Trainer._prepare_inputs`: a batch moved to the trainer's device (and its context parallelism)."""
+    return trainer._prepare_inputs(inputs)

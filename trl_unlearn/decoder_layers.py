@@ -2,15 +2,11 @@
 backbone up to one layer (its output, no LM head), freeze all but chosen modules of chosen layers, and the fixed
 random control vector."""
 
-import functools
-import types
-
 import torch
 
 from .modeling import causal_lm
 
 
-#------------------------------------------------------------------------------------- forward to a layer --
 def decoder_layers(model) -> tuple[torch.nn.Module, str]:
     """`(owner, name)` such that `getattr(owner, name)` is the model's `ModuleList` of decoder layers: the first one
     of `num_hidden_layers` blocks in its backbone (`model.model.layers` for Llama, Mistral, Qwen, Gemma)."""
@@ -28,12 +24,25 @@ def decoder_layers(model) -> tuple[torch.nn.Module, str]:
     )
 
 
-def layer_output(lm, owner, name, layer_id, grad_from=0, input_ids=None, attention_mask=None, **kwargs):
-    """Output `[B, T, H]` of decoder layer `layer_id` of the causal LM `lm`, running only layers `0 .. layer_id` (the
-    layer list of `owner.name` is cut for the call) and no LM head. The graph starts at the input of layer
-    `grad_from` (the first trained layer): no backward runs below it, even when activation checkpointing has made
-    the embeddings' output require grad (transformers does, for reentrant checkpointing)."""
-    layers = getattr(owner, name)
+def layers_path(model) -> str:
+    """The dotted path of the decoder-layer list inside the causal LM of `model` (e.g. `model.layers`)."""
+    lm = causal_lm(model)
+    owner, name = decoder_layers(lm)
+    owner_path = next(path for path, module in lm.named_modules() if module is owner)
+    return f"{owner_path}.{name}" if owner_path else name
+
+
+def layer_output(lm, input_ids=None, attention_mask=None, *, layers: str, layer_id: int, grad_from: int = 0,
+                 **kwargs) -> torch.Tensor:
+    """Output `[B, T, H]` of decoder layer `layer_id` of the causal LM `lm` (its layer list at the dotted path
+    `layers`), running only layers `0 .. layer_id` and no LM head: the list is cut to those layers for the call and
+    restored after. The graph starts at the input of layer `grad_from` (the first trained layer): no backward runs
+    below it, even when activation checkpointing has made the embeddings' output require grad (transformers does,
+    for reentrant checkpointing). Pass it as `model(..., unlearning_forward=partial(layer_output, layers=...,
+    layer_id=...))` (`modeling.add_unlearning_forward`)."""
+    owner_path, _, name = layers.rpartition(".")
+    owner = lm.get_submodule(owner_path)
+    full = getattr(owner, name)
     captured = []
 
     def keep(module, args, output):
@@ -44,41 +53,17 @@ def layer_output(lm, owner, name, layer_id, grad_from=0, input_ids=None, attenti
             return (args[0].detach().requires_grad_(torch.is_grad_enabled()), *args[1:]), kw
         return args, {**kw, "hidden_states": kw["hidden_states"].detach().requires_grad_(torch.is_grad_enabled())}
 
-    handles = [layers[layer_id].register_forward_hook(keep),
-               layers[grad_from].register_forward_pre_hook(cut, with_kwargs=True)]
-    setattr(owner, name, layers[: layer_id + 1])
+    handles = [full[layer_id].register_forward_hook(keep),
+               full[grad_from].register_forward_pre_hook(cut, with_kwargs=True)]
+    setattr(owner, name, full[: layer_id + 1])
     try:
         kwargs = {k: v for k, v in kwargs.items() if v is not None and k not in ("labels", "return_dict")}
         lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
     finally:
-        setattr(owner, name, layers)
+        setattr(owner, name, full)
         for handle in handles:
             handle.remove()
     return captured[0]
-
-
-def add_layer_forward(model) -> None:
-    """Patch `model.forward` (of the causal LM inside a PEFT wrapper) once so that `model(..., rmu_layer=k,
-    rmu_grad_from=j)` returns `layer_output(..., k, j)`; without `rmu_layer` the forward is unchanged. Called through
-    its DDP / DeepSpeed wrapper, whose hooks must run."""
-    lm = causal_lm(model)
-    if getattr(lm.forward, "_rmu_layer", False):
-        return
-    owner, name = decoder_layers(lm)
-    owner_path = next(path for path, module in lm.named_modules() if module is owner)
-    # The closure holds a function and names, never a module: a deep copy of the model (`copy.deepcopy` rebinds the
-    # method to the copy) runs the copy's own weights.
-    inner = lm.forward.__func__  # the class's forward, or `add_unlearning_head`'s patch of it
-
-    @functools.wraps(inner)
-    def forward(self, *args, rmu_layer=None, rmu_grad_from=0, **kwargs):
-        if rmu_layer is None:
-            return inner(self, *args, **kwargs)
-        return layer_output(self, self.get_submodule(owner_path), name, rmu_layer, rmu_grad_from, *args, **kwargs)
-
-    forward._rmu_layer = True
-    forward._unlearning_head = getattr(inner, "_unlearning_head", False)  # `add_unlearning_head` keeps this patch
-    lm.forward = types.MethodType(forward, lm)
 
 
 def control_vector(hidden_size: int, steering_coeff: float, seed: int) -> torch.Tensor:

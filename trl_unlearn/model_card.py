@@ -141,30 +141,6 @@ on [TRL](https://github.com/huggingface/trl).
     return ModelCard(text)
 
 
-HYPERPARAMETERS = ("beta", "gamma", "forget_weight", "retain_weight", "retain_loss_type", "learning_rate",
-                   "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
-                   "lr_scheduler_type", "warmup_ratio", "weight_decay", "max_length", "seed")
-
-
-def card_from_trainer(trainer, dataset_name: str | None = None, tags=None) -> UnlearningCard:
-    """The facts of an unlearning trainer's run: its `args`, `card_data` (data descriptions, Hub datasets, eval
-    dataset, prompt format), `reference_plan`, `evaluation_summary`, `_name`, `_paper`, `_tag_names`."""
-    info = trainer.card_data
-    hyper = {k: getattr(trainer.args, k, None) for k in HYPERPARAMETERS + getattr(trainer, "card_hyperparameters", ())}
-    if trainer.token_level_forget:  # GA / GradDiff: no β
-        hyper.pop("beta")
-    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-    return UnlearningCard(
-        method=trainer._name, base_model=getattr(unwrapped.config, "_name_or_path", "") or "unknown",
-        forget_data=info["forget_data"], retain_data=info["retain_data"], reference=trainer.reference_plan.describe(),
-        hyperparameters=hyper, paper=trainer._paper,
-        tags=list(trainer._tag_names) + ([tags] if isinstance(tags, str) else list(tags or [])),
-        datasets=list(info.get("datasets") or ([dataset_name] if dataset_name else [])),
-        evaluation=trainer.evaluation_summary, eval_dataset=info.get("eval_dataset"),
-        prompt_format=info.get("prompt_format"),
-    )
-
-
 def write_card(card: UnlearningCard, output_dir: str) -> str:
     path = os.path.join(output_dir, "README.md")
     render(card).save(path)

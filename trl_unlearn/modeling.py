@@ -5,11 +5,16 @@ Used by training (the policy and reference forwards), evaluation scoring, relear
   their next-token labels `[N]` and the position mask `[B, T-1]`;
 - `head_transform(config)` / `head_logits(model, hidden)`: the model's own logit scaling and soft-capping, and the
   full fp32 logits of a few rows (evaluation statistics over the vocabulary);
-- `forward_logps(model, ...)`: label log-probs `[B, T-1]` from the chunked head (`ops.chunked_token_logps`), and
-  optionally the entropy, the KL to a frozen teacher, and the scored hidden states; or, for training, a sum of
-  per-sequence losses with its gradients from the fused loss (`fused_loss.fused_linear_sequence_loss`);
-- `add_unlearning_head(model)`: patches `model.forward` once so that `model(..., fused_logps=True)` returns
-  `forward_logps(...)`. The trainers call the policy through its (DDP / DeepSpeed) wrapper, whose hooks must run.
+- `forward_logps(model, ...)`: label log-probs `[B, T-1]` from the chunked head (`kernels.token_logps`), and
+  optionally the entropy, the KL to a frozen teacher, and the scored hidden states; or, for training, a weighted sum
+  of per-sequence losses with its gradients from the fused loss (`kernels.sequence_loss`);
+- `add_unlearning_forward(model)`: THE one change to a model's forward, made once per model:
+  `model(..., unlearning_forward=fn, **kw)` returns `fn(causal_lm, **kw)` instead of the class's forward. Every
+  special forward of the package is such an `fn` (`forward_logps` here; `decoder_layers.layer_output` for RMU's
+  activations at a layer). The trainers call the policy through its (DDP / DeepSpeed / FSDP) wrapper, whose hooks
+  must run, so the switch travels as a keyword argument of the ordinary call. Without it the class's forward runs,
+  so `generate` and plain calls are unchanged. `fn` must hold no module (a deep copy of the model, e.g. a
+  relearning attack's, then runs its own weights).
 
 Conventions: labels are unshifted `[B, T]` with -100 at unscored positions; position `t` of a `[B, T-1]` output
 scores `labels[:, t + 1]`. A `peft.PeftModel` is unwrapped (LoRA layers live inside the base model's modules); an
@@ -34,8 +39,9 @@ class UnlearningLMOutput(ModelOutput):
     """`token_logps` `[B, T-1]` fp32 log-prob of each next-token label (0 where unscored); `entropy` `[B, T-1]` when
     asked; `token_kl` `[B, T-1]` KL(teacher ‖ model) at the teacher's positions (0 elsewhere) when a teacher was given;
     `hidden` `[N, H]` the final hidden states at the scored positions, when asked (a reference's, as a KL teacher).
-    With a `sequence_loss`: `loss` (0-dim, with its gradients already computed by the fused op) and `seq_logps` `[B]`
-    the summed label log-prob of each row, instead of `token_logps`."""
+    With a `sequence_loss`: `loss` (0-dim, with its gradients already computed by the fused op), `seq_logps` `[B]`
+    the summed label log-prob of each row and `seq_losses` `[B]` each row's unweighted loss, instead of
+    `token_logps`."""
 
     token_logps: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
@@ -43,6 +49,7 @@ class UnlearningLMOutput(ModelOutput):
     hidden: torch.Tensor | None = None
     loss: torch.Tensor | None = None
     seq_logps: torch.Tensor | None = None
+    seq_losses: torch.Tensor | None = None
 
 
 @dataclass
@@ -115,18 +122,19 @@ def _scatter(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 
 def forward_logps(
     model, input_ids=None, attention_mask=None, labels=None, *, return_entropy=False, kl_teacher=None,
-    return_hidden=False, sequence_loss=None, chunk_size=DEFAULT_CHUNK_SIZE, temperature=1.0, **backbone_kwargs,
+    return_hidden=False, sequence_loss=None, seq_weights=None, chunk_size=DEFAULT_CHUNK_SIZE, temperature=1.0,
+    **backbone_kwargs,
 ) -> UnlearningLMOutput:
     """Label log-probs of a causal LM (see the module docstring) without the `[B, T, V]` logits. With
-    `sequence_loss` (`[B]` summed log-probs -> `[B]` losses, elementwise; see `fused_loss.py`) it returns their sum
-    from the fused loss op instead, for training."""
+    `sequence_loss` (`[B]` summed log-probs -> `[B]` losses, elementwise) and `seq_weights` `[B]` it returns their
+    weighted sum from the fused loss op instead, for training (`kernels/sequence_loss.py`)."""
     hidden, targets, mask = scored_hidden(model, input_ids, attention_mask, labels, **backbone_kwargs)
     weight, bias, (logit_scale, softcap) = lm_head(model)
     out = UnlearningLMOutput(hidden=hidden if return_hidden else None)
     if sequence_loss is not None:
-        out.loss, out.seq_logps = fused_linear_sequence_loss(
-            hidden, weight, targets, mask.sum(-1), sequence_loss, bias, logit_scale=logit_scale, softcap=softcap,
-            temperature=temperature, chunk_rows=chunk_size,
+        out.loss, out.seq_logps, out.seq_losses = fused_linear_sequence_loss(
+            hidden, weight, targets, mask.sum(-1), sequence_loss, bias, seq_weights=seq_weights,
+            logit_scale=logit_scale, softcap=softcap, temperature=temperature, chunk_rows=chunk_size,
         )
     else:
         logps = chunked_token_logps(hidden, weight, targets, bias, chunk_size=chunk_size, logit_scale=logit_scale,
@@ -144,19 +152,18 @@ def forward_logps(
     return out
 
 
-def add_unlearning_head(model) -> None:
-    """Patch `model.forward` (of the causal LM inside a PEFT wrapper) once, as the module docstring describes;
-    without `fused_logps=True` the class's own forward runs, so `generate` is unchanged."""
+def add_unlearning_forward(model) -> None:
+    """Patch `model.forward` (of the causal LM inside a PEFT wrapper) once, as the module docstring describes."""
     model = causal_lm(model)
-    if getattr(model.forward, "_unlearning_head", False):
+    if getattr(model.forward, "_unlearning_forward", False):
         return
     cls = type(model)
 
     @functools.wraps(cls.forward)
-    def forward(self, *args, fused_logps=False, **kwargs):
-        if not fused_logps:
+    def forward(self, *args, unlearning_forward=None, **kwargs):
+        if unlearning_forward is None:
             return cls.forward(self, *args, **kwargs)
-        return forward_logps(self, *args, **kwargs)
+        return unlearning_forward(self, *args, **kwargs)
 
-    forward._unlearning_head = True
+    forward._unlearning_forward = True
     model.forward = types.MethodType(forward, model)

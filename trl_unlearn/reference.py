@@ -19,7 +19,7 @@ import torch
 from accelerate.utils import is_peft_model
 
 from ._trl_compat import use_adapter
-from .modeling import KLTeacher, lm_head
+from .modeling import KLTeacher, forward_logps, lm_head
 
 PLANS = ("none", "explicit", "adapters_off", "precomputed", "frozen_copy")
 
@@ -115,7 +115,7 @@ def scored_labels(batch, rows=None) -> torch.Tensor:
 def reference_forward(model, batch, labels, return_hidden=False):
     """The (patched) reference `model`'s forward on a collated batch: an `UnlearningLMOutput`."""
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
-                 fused_logps=True, return_hidden=return_hidden)
+                 unlearning_forward=forward_logps, return_hidden=return_hidden)
 
 
 def kl_teacher(reference, ref_unwrapped, batch, rows) -> KLTeacher:

@@ -9,7 +9,7 @@ from ..loading import load_model_and_tokenizer, saved_prompt_format
 
 
 def register_relearn(subparsers) -> None:
-    """`trl-unlearn relearn`: a `COMMAND_GROUPS` entry for `trl_unlearn.cli`."""
+    """Add `trl-unlearn relearn` to the subcommands of `trl_unlearn.cli`."""
     p = subparsers.add_parser("relearn", help="relearning attack: fine-tune on a few forget rows, track forget metrics")
     _add_relearn_args(p)
     p.set_defaults(func=run_relearn)
@@ -46,7 +46,8 @@ def _add_relearn_args(p: argparse.ArgumentParser) -> None:
 
 def run_relearn(args) -> int:
     """Run the attack from parsed `relearn` arguments: load the model, attack, save the curve, print its table."""
-    from ..evaluation.relearn import plot_relearn_curves, relearning_attack
+    from ..evaluation.relearn import relearning_attack
+    from ..evaluation.relearn_curve import plot_relearn_curves
 
     model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, args.dtype, args.device)
     common = dict(

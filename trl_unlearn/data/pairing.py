@@ -4,6 +4,7 @@ longest row, never to `max_length`); `batch_counts` counts what a batch scores."
 
 import logging
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -15,8 +16,18 @@ from .._trl_compat import pad
 logger = logging.getLogger(__name__)
 
 
+class StepCounts(NamedTuple):
+    """What an optimizer step (or one evaluation batch) scores, summed over micro-batches and ranks: 0-dim tensors."""
+
+    forget_samples: torch.Tensor
+    forget_tokens: torch.Tensor
+    retain_samples: torch.Tensor
+    retain_tokens: torch.Tensor
+
+
 def batch_counts(batch) -> torch.Tensor:
-    """`[forget samples, forget tokens, retain samples, retain tokens]` of one collated batch."""
+    """`[4]`: the `StepCounts` fields (forget samples, forget tokens, retain samples, retain tokens) of one collated
+    batch, as one tensor to sum over micro-batches and reduce over ranks."""
     scored = batch["completion_mask"][:, 1:].sum(-1).float()
     f = batch["forget_mask"]
     return torch.stack([f.sum().float(), scored[f].sum(), (~f).sum().float(), scored[~f].sum()])

@@ -8,7 +8,8 @@ from .callback import UnlearningEvalCallback
 from .lm_eval import HarnessReport, HarnessRunner, evaluate_harness
 from .muse import evaluate_muse
 from .probes import probe_metrics, qa_pairs
-from .relearn import RelearnCurve, plot_relearn_curves, relearning_attack, select_relearn_indices
+from .relearn import RelearnConfig, relearning_attack, select_relearn_indices
+from .relearn_curve import RelearnCurve, plot_relearn_curves
 from .report import EvalReport
 from .scoring import ScoreResult, generate_answers, score_answers, score_texts
 from .tofu import evaluate_tofu, score_tofu_sets, truth_ratios
@@ -18,6 +19,7 @@ __all__ = [
     "HarnessReport",
     "HarnessRunner",
     "evaluate_harness",
+    "RelearnConfig",
     "RelearnCurve",
     "UnlearningEvalCallback",
     "plot_relearn_curves",

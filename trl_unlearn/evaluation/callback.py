@@ -42,7 +42,7 @@ from accelerate.utils import extract_model_from_parallel
 from transformers import Trainer, TrainerCallback
 
 from ..data.formats import PromptFormat
-from .lm_eval import HarnessRunner, _task_list
+from .lm_eval import HarnessRunner, task_list
 from .probes import probe_metrics, qa_pairs
 from .scoring import eval_mode
 
@@ -68,7 +68,7 @@ def _headline(report) -> dict[str, float | None]:
     shown = set()
     for name in report.tasks:
         own = [k for k in report.metrics if k.partition("/")[0] == name]
-        shown |= {name} if own else set(report._leaves(name))
+        shown |= {name} if own else set(report.leaves(name))
     shown |= {k.partition("/")[0] for k in report.metrics} - members - set(report.tasks)
     return {k: v for k, v in report.metrics.items() if k.partition("/")[0] in shown}
 
@@ -208,7 +208,7 @@ class UnlearningEvalCallback(TrainerCallback):
             self.thresholds["retain_probability"] = min_retain_probability
         self.harness = None
         if harness_tasks is not None:
-            names = _task_list(harness_tasks)
+            names = task_list(harness_tasks)
             _check_harness_args(names, harness_limit, harness_batch_size, harness_kwargs or {},
                                 min_harness_metrics or {})
             self.harness = HarnessRunner(

@@ -144,16 +144,16 @@ class HarnessReport(EvalReport):
     def _children(self, name: str) -> list[str]:
         return list(self.settings.get("group_subtasks", {}).get(name) or [])
 
-    def _leaves(self, name: str) -> list[str]:
+    def leaves(self, name: str) -> list[str]:
         kids = self._children(name)
-        return [leaf for k in kids for leaf in self._leaves(k)] if kids else [name]
+        return [leaf for k in kids for leaf in self.leaves(k)] if kids else [name]
 
     def _num_docs(self, name: str) -> int | None:
-        counts = [self.settings.get("n_samples", {}).get(t, {}).get("effective") for t in self._leaves(name)]
+        counts = [self.settings.get("n_samples", {}).get(t, {}).get("effective") for t in self.leaves(name)]
         return None if None in counts else sum(counts)
 
     def _num_fewshot(self, name: str) -> int | None:
-        shots = {self.settings.get("n_shot", {}).get(t) for t in self._leaves(name)}
+        shots = {self.settings.get("n_shot", {}).get(t) for t in self.leaves(name)}
         return shots.pop() if len(shots) == 1 else None
 
     def recompute(self) -> dict[str, float | None]:
@@ -230,7 +230,7 @@ class HarnessReport(EvalReport):
         for name in self.tasks if tasks is None else tasks:
             if f"{name}/acc" not in self.metrics and f"{name}/acc_norm" not in self.metrics:
                 raise ValueError(f"no accuracy for {name!r} in this report (tasks: {sorted(self._reported())})")
-            leaves = [self.settings.get("configs", {}).get(t, {}) for t in self._leaves(name)]
+            leaves = [self.settings.get("configs", {}).get(t, {}) for t in self.leaves(name)]
             hub = [c.get("metadata") or {} for c in leaves]  # a local copy of a Hub dataset may name it there
             paths = {m.get("hub_dataset") or c.get("dataset_path") for c, m in zip(leaves, hub)}
             path = paths.pop() if len(paths) == 1 else None
@@ -300,7 +300,7 @@ def _per_item(samples: Sequence[Mapping[str, Any]], output_type: str | None) -> 
 # ------------------------------------------------------------------------------------------------- running
 
 
-def _task_list(tasks: str | Sequence[str]) -> list[str]:
+def task_list(tasks: str | Sequence[str]) -> list[str]:
     names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks)]
     names = [t for t in names if t]
     if not names:
@@ -333,7 +333,7 @@ class HarnessRunner:
                  log_samples=True, hflm_kwargs=None, backbone_forward=False, env_info=True,
                  **simple_evaluate_kwargs):  # fmt: skip
         _, _, TaskManager = _import_lm_eval()
-        self.names = _task_list(tasks)
+        self.names = task_list(tasks)
         self.paths = _include_paths(include_path)
         reserved = {"model", "tasks", "task_manager", "limit", "batch_size", "num_fewshot", "log_samples"}
         if reserved & simple_evaluate_kwargs.keys():

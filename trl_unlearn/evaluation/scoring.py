@@ -51,7 +51,7 @@ class ScoreResult:
     token_sigma: list[np.ndarray] | None = None
 
 
-def _pad_id(tokenizer) -> int:
+def pad_id(tokenizer) -> int:
     if tokenizer.pad_token_id is not None:
         return tokenizer.pad_token_id
     if tokenizer.eos_token_id is not None:
@@ -88,7 +88,7 @@ def eval_mode(model):
         model.train(was_training)
 
 
-def _model_device(model) -> torch.device:
+def model_device(model) -> torch.device:
     try:
         return model.device
     except AttributeError:
@@ -145,8 +145,8 @@ def _score_encoded(
     tok_lp: list = [None] * n
     tok_mu: list = [None] * n
     tok_sg: list = [None] * n
-    pad = _pad_id(tokenizer)
-    device = _model_device(model)
+    pad = pad_id(tokenizer)
+    device = model_device(model)
     batches = _batches([len(s) for s in sequences], batch_size, group_by_length)
     with eval_mode(model), _progress(len(batches), desc, progress) as bar:
         for idx in batches:
@@ -306,8 +306,8 @@ def generate_answers(
         if not ids:
             raise ValueError(f"item {i}: the prompt has no tokens")
         prompts.append(ids)
-    pad = _pad_id(tokenizer)
-    device = _model_device(model)
+    pad = pad_id(tokenizer)
+    device = model_device(model)
     outputs: list[str | None] = [None] * len(prompts)
     batches = _batches([len(p) for p in prompts], batch_size, group_by_length)
     gen_kwargs = dict(

@@ -6,12 +6,13 @@ known before the forward). So every scored row `i` has the upstream gradient `g_
 its sequence have been projected. `FusedLinearSequenceLoss` projects whole sequences at a time, computes their
 log-probs, losses and `g_s`, and turns the same `[n, V]` tile into the gradients for the hidden states and the head:
 three `[N, H] x [H, V]` GEMMs, as the naive full-logits path runs, with no `[N, V]` tensor and no recomputation in
-backward (`ops.ChunkedTokenLogps` needs four with a trainable head). Backward scales the saved gradients by the
+backward (`token_logps.ChunkedTokenLogps` needs four with a trainable head). Backward scales the saved gradients by the
 incoming scalar.
 
 API:
-    fused_linear_sequence_loss(hidden, weight, labels, seq_lengths, seq_loss, bias=None, *, logit_scale=1.0,
-                               softcap=None, temperature=1.0, chunk_rows=512) -> (loss, seq_logps)
+    fused_linear_sequence_loss(hidden, weight, labels, seq_lengths, seq_loss, bias=None, *, seq_weights=None,
+                               logit_scale=1.0, softcap=None, temperature=1.0, chunk_rows=512)
+        -> (loss, seq_logps, seq_losses)
 
     hidden       `[N, H]` final hidden states of the scored rows only, packed sequence after sequence (any float
                  dtype; under autocast the GEMMs run in the autocast dtype).
@@ -20,36 +21,24 @@ API:
     seq_lengths  `[S]` ints (list or 1-D tensor, read on the host: one device sync): rows of each sequence, in
                  order, summing to `N`; 0 is allowed (that sequence's `L_s` is 0).
     seq_loss     `seq_loss(logps) -> losses`: `logps` `[S]` fp32 (fp64 for fp64 inputs), `losses` `[S]`, where
-                 `losses[s]` depends on `logps[s]` only (elementwise in `logps`; any constants may be captured). The
-                 op calls it once per chunk on the full `[S]` vector, entries of sequences not yet complete holding
-                 partial sums, and keeps the value and gradient of the chunk's own entries only. Fold every weight
-                 and normalisation into it: the op differentiates nothing else, and tensors it captures get no
-                 gradient.
-    logit_scale, softcap, temperature: the logits are `z = t(hidden @ weight.T + bias)` as in `ops.py`:
+                 `losses[s]` depends on `logps[s]` only (elementwise in `logps`; any constants may be captured, e.g.
+                 `losses.ForgetRetainLoss`). The op calls it once per chunk on the full `[S]` vector, entries of
+                 sequences not yet complete holding partial sums, and keeps the value and gradient of the chunk's own
+                 entries only. The op differentiates nothing else: tensors it captures get no gradient.
+    seq_weights  optional `[S]` constant weights: `loss = sum_s seq_weights[s] * losses[s]` (normalisations, loss
+                 weights, the number of ranks); default 1.
+    logit_scale, softcap, temperature: the logits are `z = t(hidden @ weight.T + bias)` as in `tiles.py`:
                  `softcap * tanh(logit_scale * y / softcap) / temperature`, or `logit_scale * y / temperature`.
     chunk_rows   row budget of one `[chunk_rows, V]` tile.
-    Returns `loss` (0-dim, `sum_s losses[s]`, fp32; differentiable w.r.t. hidden, weight, bias) and `seq_logps`
-    (`[S]` fp32, the `L_s`, detached, for logging).
+    Returns `loss` (0-dim, fp32; differentiable w.r.t. hidden, weight, bias), `seq_logps` (`[S]` fp32, the `L_s`) and
+    `seq_losses` (`[S]`, the unweighted `losses[s]` at the final `L_s`), both detached, for logging: the loss of each
+    sequence is computed once.
 
-Building `seq_loss` for the trainers' loss (module docstring of `trainer.py`: each term normalised by step-wide
-counts `n_forget`, `n_forget_tokens`, `n_retain_tokens`, known before the forward), with `is_forget` `[S]` bool,
-`num_tokens` `[S]` (scored rows per sequence, clamped to >= 1 so that no branch of `torch.where` divides by zero)
-and `ref_logps` `[S]` (NPO; any value on retain rows):
+Backward reads the incoming gradient on the host (one sync on GPUs) when a saved buffer is already in its input's
+dtype: if it is 1 the buffer is returned as it is (autograd takes it without a copy), else a scaled copy is made;
+buffers in another dtype (fp32 accumulators of a bf16 head) are scaled while being cast.
 
-    def seq_loss(logps):
-        forget = losses.simnpo_loss(logps, num_tokens, beta, gamma) * (forget_weight / n_forget)   # SimNPO
-        # forget = losses.npo_loss(logps, ref_logps, beta) * (forget_weight / n_forget)            # NPO
-        # forget = logps * (forget_weight / n_forget_tokens)                                       # GA (token-mean)
-        retain = -logps * (retain_weight / n_retain_tokens)                                        # retain NLL
-        return torch.where(is_forget, forget, retain)
-
-(`losses.ga_loss(logps, num_tokens, n_forget_tokens) / S` and `losses.nll_loss(...) / S` give the same GA and NLL
-shares, `losses` being `trl_unlearn.losses`.) Multiply constant factors (e.g. the number of ranks) into `seq_loss`
-rather than into `loss`. Backward reads the incoming gradient on the host (one sync on GPUs) when a saved buffer is
-already in its input's dtype: if it is 1 the buffer is returned as it is (autograd takes it without a copy), else a
-scaled copy is made; buffers in another dtype (fp32 accumulators of a bf16 head) are scaled while being cast.
-
-Chunking, and why it is exact. `loss = sum_s l_s(L_s)`, so `d loss / d theta = sum_i g_{s(i)} d logp_i / d theta`,
+Chunking, and why it is exact. `loss = sum_s w_s l_s(L_s)`, so `d loss / d theta = sum_i g_{s(i)} d logp_i / d theta`,
 with `theta` = hidden, weight or bias and `d logp_i / d z_i = onehot(label_i) - softmax(z_i)`. Each term needs row
 `i`'s logits and `g_{s(i)}` only, and the terms may be summed in any order: any partition of the rows into tiles
 gives the gradient of the full-logits computation, provided `g_{s(i)}` is final when row `i`'s tile is
@@ -102,31 +91,35 @@ def _plan(lengths, budget):
     return chunks
 
 
-def _chunk_losses(seq_loss, seq_logps, s0, s1, with_grad):
-    """`sum(seq_loss(seq_logps)[s0:s1])` (0-dim, `seq_logps`' dtype) and, if `with_grad`, its gradient `[S]` w.r.t.
-    `seq_logps` (only entries `s0:s1` are meaningful); None otherwise."""
+def _chunk_losses(seq_loss, seq_weights, seq_logps, s0, s1, with_grad):
+    """`(value, losses, grad)` of the chunk's sequences `s0:s1`: `value = sum(w * seq_loss(seq_logps))[s0:s1]` (0-dim,
+    `seq_logps`' dtype), `losses` their unweighted losses `[s1 - s0]`, and, if `with_grad`, the gradient of `value`
+    `[S]` w.r.t. `seq_logps` (only entries `s0:s1` are meaningful); None otherwise."""
     with torch.enable_grad():
         x = seq_logps.detach().clone().requires_grad_(with_grad)
         out = seq_loss(x)
         if not isinstance(out, torch.Tensor) or out.shape != x.shape:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ValueError(f"seq_loss must return a tensor of shape {tuple(x.shape)} (one loss per sequence), "
-                             f"got {got}.")
-        part = out[s0:s1].sum().to(x.dtype)
+            raise ValueError(
+                f"seq_loss must return a tensor of shape {tuple(x.shape)} (one loss per sequence), got {got}."
+            )
+        weighted = out if seq_weights is None else out * seq_weights
+        part = weighted[s0:s1].sum().to(x.dtype)
         grad = None
         if with_grad:
             grad = torch.autograd.grad(part, x)[0] if part.requires_grad else torch.zeros_like(x)
-    return part.detach(), grad
+    return part.detach(), out[s0:s1].detach(), grad
 
 
 class FusedLinearSequenceLoss(torch.autograd.Function):
-    """`apply(hidden, weight, bias, labels, lengths (tuple of ints), seq_loss, chunk_rows, logit_scale, softcap,
-    temperature, needs_grad (3 bools: hidden, weight, bias))` -> `(loss, seq_logps)`; see the module docstring."""
+    """`apply(hidden, weight, bias, labels, lengths (tuple of ints), seq_loss, seq_weights, chunk_rows, logit_scale,
+    softcap, temperature, needs_grad (3 bools: hidden, weight, bias))` -> `(loss, seq_logps, seq_losses)`; see the
+    module docstring."""
 
     @staticmethod
     def forward(
-        ctx, hidden, weight, bias, labels, lengths, seq_loss, chunk_rows, logit_scale, softcap, temperature,
-        needs_grad,
+        ctx, hidden, weight, bias, labels, lengths, seq_loss, seq_weights, chunk_rows, logit_scale, softcap,
+        temperature, needs_grad,
     ):
         ctx.set_materialize_grads(False)
         need_h, need_w, need_b = needs_grad
@@ -137,6 +130,7 @@ class FusedLinearSequenceLoss(torch.autograd.Function):
         n_rows, n_seqs = hidden.shape[0], len(lengths)
         chunks = _plan(lengths, chunk_rows)
         seq_logps = torch.zeros(n_seqs, device=device, dtype=acc)
+        seq_losses = torch.zeros(n_seqs, device=device, dtype=acc)
         seq_of_row = torch.repeat_interleave(torch.arange(n_seqs), torch.tensor(lengths, dtype=torch.long)).to(device)
         total = torch.zeros((), device=device, dtype=acc)
         grad_hidden = torch.empty_like(hidden) if need_h else None
@@ -182,14 +176,18 @@ class FusedLinearSequenceLoss(torch.autograd.Function):
                     p, slope, logp = tile_forward(r0, r1) if r1 > r0 else (None, None, None)
                     if logp is not None:
                         seq_logps.index_add_(0, seq_of_row[r0:r1], logp)
-                    value, grad = _chunk_losses(seq_loss, seq_logps, s0, s1, any(needs_grad))
+                    value, seq_losses[s0:s1], grad = _chunk_losses(
+                        seq_loss, seq_weights, seq_logps, s0, s1, any(needs_grad)
+                    )
                     if grad is not None and r1 > r0:
                         tile_backward(r0, r1, p, slope, grad[seq_of_row[r0:r1]])
                 else:  # one sequence over several tiles: sum its log-probs first, then differentiate each tile
                     tiles = [(a, min(a + chunk_rows, r1)) for a in range(r0, r1, chunk_rows)]
                     for a, c in tiles:
                         seq_logps[s0] += tile_forward(a, c)[2].sum()
-                    value, grad = _chunk_losses(seq_loss, seq_logps, s0, s1, any(needs_grad))
+                    value, seq_losses[s0:s1], grad = _chunk_losses(
+                        seq_loss, seq_weights, seq_logps, s0, s1, any(needs_grad)
+                    )
                     if grad is not None:
                         for a, c in tiles:
                             p, slope, _ = tile_forward(a, c)
@@ -198,12 +196,12 @@ class FusedLinearSequenceLoss(torch.autograd.Function):
 
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.dtypes = hidden.dtype, weight.dtype, None if bias is None else bias.dtype
-        ctx.mark_non_differentiable(seq_logps)
-        return total, seq_logps
+        ctx.mark_non_differentiable(seq_logps, seq_losses)
+        return total, seq_logps, seq_losses
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_seq_logps):
-        none = (None,) * 8  # labels, lengths, seq_loss and the non-tensor arguments
+    def backward(ctx, grad_loss, _grad_seq_logps, _grad_seq_losses):
+        none = (None,) * 9  # labels, lengths, seq_loss, seq_weights and the non-tensor arguments
         if grad_loss is None:
             return (None, None, None) + none
         scale = [None]
@@ -228,13 +226,15 @@ def fused_linear_sequence_loss(
     seq_loss,
     bias=None,
     *,
+    seq_weights=None,
     logit_scale=1.0,
     softcap=None,
     temperature=1.0,
     chunk_rows=DEFAULT_CHUNK_ROWS,
 ):
-    """`(loss, seq_logps)`: the sum of `seq_loss`'s per-sequence losses of the summed label log-probs, and those sums
-    `[S]` (detached). Shapes and conventions: module docstring."""
+    """`(loss, seq_logps, seq_losses)`: the weighted sum of `seq_loss`'s per-sequence losses of the summed label
+    log-probs, those sums `[S]` and the unweighted losses `[S]` (both detached). Shapes and conventions: module
+    docstring."""
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
     # ZeRO-3: the head's shape is only visible once gathered; gathering around `apply` also makes autograd record the
@@ -260,19 +260,21 @@ def fused_linear_sequence_loss(
         grad_on = torch.is_grad_enabled()
         needs_grad = tuple(grad_on and x is not None and x.requires_grad for x in (hidden, weight, bias))
         return FusedLinearSequenceLoss.apply(
-            hidden, weight, bias, labels.long(), tuple(lengths), seq_loss, chunk_rows, logit_scale, softcap,
-            temperature, needs_grad,
+            hidden, weight, bias, labels.long(), tuple(lengths), seq_loss, seq_weights, chunk_rows, logit_scale,
+            softcap, temperature, needs_grad,
         )
 
 
-def naive_sequence_loss(hidden, weight, labels, seq_lengths, seq_loss, bias=None, *, logit_scale=1.0, softcap=None,
-                        temperature=1.0):
+def naive_sequence_loss(hidden, weight, labels, seq_lengths, seq_loss, bias=None, *, seq_weights=None,
+                        logit_scale=1.0, softcap=None, temperature=1.0):
     """Reference (tests, benchmarks): full fp32 `[N, V]` logits -> log_softmax -> gather -> per-sequence sums ->
-    `seq_loss` -> sum. Same arguments and outputs as `fused_linear_sequence_loss`, but `seq_logps` is attached."""
+    `seq_loss` -> weighted sum. Same arguments and outputs as `fused_linear_sequence_loss`, but attached."""
     y = torch.nn.functional.linear(hidden, weight, bias).to(torch.promote_types(hidden.dtype, torch.float32))
     z = softcap * torch.tanh(logit_scale * y / softcap) if softcap is not None else logit_scale * y
     logp = (z / temperature).log_softmax(-1).gather(-1, labels[:, None]).squeeze(-1)
     lengths = torch.as_tensor(seq_lengths, device=hidden.device)
     seq = torch.repeat_interleave(torch.arange(len(lengths), device=hidden.device), lengths)
     seq_logps = logp.new_zeros(len(lengths)).index_add(0, seq, logp)
-    return seq_loss(seq_logps).sum(), seq_logps
+    seq_losses = seq_loss(seq_logps)
+    weighted = seq_losses if seq_weights is None else seq_losses * seq_weights
+    return weighted.sum(), seq_logps, seq_losses

@@ -1,18 +1,16 @@
-"""Unlearning trainers: SimNPO, NPO, gradient ascent and GradDiff, as subclasses of TRL's `DPOTrainer`.
+"""`UnlearningTrainer`: the machinery every unlearning method shares, on TRL's `DPOTrainer`.
 
-TRL's machinery is reused as is: model loading, PEFT / QLoRA wrapping, DeepSpeed/FSDP preparation, logging
-(`_metrics`), `push_to_hub`. What changes: the data (forget rows paired with retain rows, `data.py`), the reference
-(`reference.py`), the model card (`model_card.py`) and the loss: one forward over forget and retain rows together,
-label log-probs from a chunked LM head (no `(B, T, V)` logits, `modeling.py`) and the losses of `losses.py`.
-
-A forget row's path: `data.resolve_datasets` -> `data.tokenize_dataset` (in `_prepare_dataset`) -> (NPO)
-`_precompute_ref_logps` -> `ForgetRetainSampler` / `ForgetRetainCollator` -> `compute_loss` -> the patched model
-forward (`modeling.forward_logps`) -> `forget_loss` (`losses.py`).
+TRL's machinery is reused as is: model loading, PEFT / QLoRA wrapping, DeepSpeed / FSDP preparation, the optimizer
+loop, logging (`_metrics`), `push_to_hub`. What this class adds: the data (forget rows paired with retain rows,
+`data/`), the reference (`reference.py`), the model card (`model_card.py`), step-wide normalisation and the logging of
+a method's `LossStats`. A method (`methods/<name>.py`) adds its config, its class attributes and its loss:
+`unlearning_loss(model, inputs, counts, scale) -> (loss, LossStats)`; the likelihood methods get theirs from
+`LikelihoodUnlearningTrainer` (`likelihood.py`) and define only their forget loss.
 
 Normalisation: every term is normalised by counts over the whole optimizer step (all gradient-accumulation
-micro-batches on all ranks): forget losses by the number of forget samples (token-level ones by forget tokens), the
-retain term by retain tokens. So 2 micro-batches of 2 give the same update as 1 of 4, and 2 ranks the same as 1.
-Logged terms are per-micro-batch means, averaged over ranks.
+micro-batches on all ranks, `StepCounts`): forget losses by the number of forget samples (token-level ones by forget
+tokens), the retain term by retain tokens. So 2 micro-batches of 2 give the same update as 1 of 4, and 2 ranks the
+same as 1. Logged values are pooled over the ranks of each micro-batch (`LossStats`).
 """
 
 import copy
@@ -24,20 +22,27 @@ from datasets import Dataset
 from transformers.trainer_utils import get_last_checkpoint
 from trl import DPOTrainer
 
-from .. import losses
+from .._trl_compat import prepare_inputs, set_signature_columns
 from ..data.formats import resolve_datasets, split_eval
-from ..data.pairing import ForgetRetainCollator, ForgetRetainPairs, ForgetRetainSampler, batch_counts
+from ..data.pairing import ForgetRetainCollator, ForgetRetainPairs, ForgetRetainSampler, StepCounts, batch_counts
 from ..data.tokenize import tokenize_dataset
 from ..loading import check_model_path
-from ..model_card import card_from_trainer, write_card
-from ..modeling import add_unlearning_head
+from ..losses import LossStats
+from ..model_card import UnlearningCard, write_card
+from ..modeling import add_unlearning_forward
 from ..preemption import PreemptionCallback
 from ..reference import kl_teacher, plan_reference, reference_context, reference_forward, scored_labels
 from .base_config import UnlearningConfig
 
+# Config fields every card lists, after the method's own `card_hyperparameters`
+SHARED_CARD_FIELDS = ("forget_weight", "retain_weight", "learning_rate", "num_train_epochs", "max_steps",
+                      "per_device_train_batch_size", "gradient_accumulation_steps", "lr_scheduler_type", "warmup_ratio",
+                      "weight_decay", "max_length", "seed")
+
 
 class UnlearningTrainer(DPOTrainer):
-    """Base class of the unlearning trainers; subclasses set `forget_loss` and the class attributes below.
+    """Base class of the unlearning trainers; a method subclasses it (or `LikelihoodUnlearningTrainer`), sets the
+    class attributes below and defines `unlearning_loss`.
 
     Args:
         model (`str`, `PreTrainedModel` or `PeftModel`): the model to unlearn from, as `DPOTrainer` takes it.
@@ -69,7 +74,8 @@ class UnlearningTrainer(DPOTrainer):
     config_class = UnlearningConfig
     forget_needs_reference = False  # does the forget term compare against π_ref?
     retain_needs_reference = False  # does the retain term always compare against π_ref (RMU), whatever its type?
-    token_level_forget = False  # forget term normalised by tokens (GA) rather than by samples
+    ref_model_refusal: str | None = None  # why this method takes no `ref_model` (None: the reference plan decides)
+    card_hyperparameters: tuple = ()  # the method's own config fields for its model card
     _tag_names = ["trl", "trl-unlearn", "unlearning"]
     _name = "Unlearning"
     _paper = {}
@@ -92,6 +98,8 @@ class UnlearningTrainer(DPOTrainer):
         quantization_config=None,
         peft_config=None,
     ):
+        if ref_model is not None and self.ref_model_refusal:
+            raise ValueError(self.ref_model_refusal)
         if isinstance(model, str):
             check_model_path(model)
         if args is None:
@@ -118,7 +126,7 @@ class UnlearningTrainer(DPOTrainer):
         # `_precompute_ref_logps` below, and runs only for NPO's forget term.
         args.precompute_ref_log_probs = not self.reference_plan.live
         if isinstance(ref_model, torch.nn.Module):
-            add_unlearning_head(ref_model)
+            add_unlearning_forward(ref_model)
 
         if data_collator is None:
             data_collator = ForgetRetainCollator(
@@ -146,9 +154,9 @@ class UnlearningTrainer(DPOTrainer):
             self.data_collator.pad_token_id = self._tokenizer.pad_token_id
         if not any(p.requires_grad for p in self.model.parameters()):
             raise ValueError("The model has no trainable parameter: unfreeze some parameters or pass a `peft_config`.")
-        add_unlearning_head(self.model)
+        add_unlearning_forward(self.model)
         if self.ref_model is not None:
-            add_unlearning_head(self.accelerator.unwrap_model(self.ref_model))
+            add_unlearning_forward(self.accelerator.unwrap_model(self.ref_model))
 
         retain = self._tokenize(retain_dataset, "retain") if retain_dataset is not None else None
         self.train_dataset = ForgetRetainPairs(self.train_dataset, retain)
@@ -198,7 +206,24 @@ class UnlearningTrainer(DPOTrainer):
         """Write the model card (README.md in `output_dir`): base model, data, method, settings, reference,
         evaluation (`evaluation_summary`), with the Hub metadata. `dataset_name` names the data (Hub id)."""
         if self.is_world_process_zero():
-            write_card(card_from_trainer(self, dataset_name, tags), self.args.output_dir)
+            write_card(self.model_card_facts(dataset_name, tags), self.args.output_dir)
+
+    def model_card_facts(self, dataset_name=None, tags=None) -> UnlearningCard:
+        """The facts of this run for its card: the method, the base model, `card_data` (data descriptions, Hub
+        datasets, eval dataset, prompt format), the reference plan, `evaluation_summary`, and the config fields in
+        `card_hyperparameters` (the method's) and `SHARED_CARD_FIELDS`."""
+        info = self.card_data
+        names = tuple(self.card_hyperparameters) + SHARED_CARD_FIELDS
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        return UnlearningCard(
+            method=self._name, base_model=getattr(unwrapped.config, "_name_or_path", "") or "unknown",
+            forget_data=info["forget_data"], retain_data=info["retain_data"], reference=self.reference_plan.describe(),
+            hyperparameters={k: getattr(self.args, k, None) for k in names}, paper=self._paper,
+            tags=list(self._tag_names) + ([tags] if isinstance(tags, str) else list(tags or [])),
+            datasets=list(info.get("datasets") or ([dataset_name] if dataset_name else [])),
+            evaluation=self.evaluation_summary, eval_dataset=info.get("eval_dataset"),
+            prompt_format=info.get("prompt_format"),
+        )
 
     def save_model(self, output_dir=None, _internal_call=False):
         super().save_model(output_dir, _internal_call)
@@ -233,8 +258,7 @@ class UnlearningTrainer(DPOTrainer):
         return ForgetRetainPairs(forget, split.get("retain"))
 
     def _set_signature_columns_if_needed(self):
-        if self._signature_columns is None:
-            self._signature_columns = ["forget", "retain"]
+        set_signature_columns(self, ["forget", "retain"])
 
     def _get_train_sampler(self, train_dataset=None):
         """Seeded forget/retain pairing; `train_sampling_strategy="group_by_length"` groups rows of similar length
@@ -269,7 +293,7 @@ class UnlearningTrainer(DPOTrainer):
             if self._precompute_engine is None:
                 self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
             model = self._precompute_engine
-        add_unlearning_head(self.accelerator.unwrap_model(self.ref_model if self.ref_model is not None else model))
+        add_unlearning_forward(self.accelerator.unwrap_model(self.ref_model if self.ref_model is not None else model))
         values = []
         for batch in loader:
             logps = self._reference_token_logps(model, batch).sum(-1)
@@ -292,14 +316,6 @@ class UnlearningTrainer(DPOTrainer):
 
 
     # ----------------------------------------------------------------------------------------------------- loss --
-    def forget_loss(self, logps, num_tokens, ref_logps):
-        """Per-sample forget losses `[B_f]` (see `losses.py`); subclasses implement it."""
-        raise NotImplementedError
-
-    def forget_weight_stat(self, logps, num_tokens, ref_logps):
-        """Per-sample gradient weight on `log π` `[B_f]`, logged as `forget/grad_weight`."""
-        return torch.ones_like(logps) / num_tokens
-
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """Collect the step's micro-batches and count samples/tokens over all of them and all ranks; the counts
         travel to `compute_loss` as `num_items_in_batch`."""
@@ -313,80 +329,23 @@ class UnlearningTrainer(DPOTrainer):
     loss_is_scaled_for_ga = True
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """`unlearning_loss` with the step's counts (this batch's in evaluation), logged through `LossStats`."""
         if num_items_in_batch is None:  # evaluation: normalise over this batch only
             counts, scale = batch_counts(inputs).to(inputs["input_ids"].device), 1.0
         else:  # DDP / DeepSpeed average gradients over ranks: undo it, the counts already span all ranks
             counts, scale = num_items_in_batch, float(self.accelerator.num_processes)
-        loss, stats = self._unlearning_loss(model, inputs, counts, scale)
+        loss, stats = self.unlearning_loss(model, inputs, StepCounts(*counts.unbind()), scale)
         self._log_step(stats, loss)
         return (loss, None) if return_outputs else loss
 
-    def _unlearning_loss(self, model, inputs, counts, scale=1.0):
-        """The micro-batch's loss (its share of the step's, times `scale`) and its statistics for logging.
-
-        Training runs the fused loss (`fused_loss.py`): the forget term and the retain NLL are per-sequence losses
-        whose gradients the patched forward computes with the LM head, in one pass; the retain KL keeps its chunked
-        kernel. Without gradients (evaluation) the forward returns label log-probs and the same terms are summed."""
-        args = self.args
-        fmask = inputs["forget_mask"]
-        ref_logps = None
-        if self.forget_needs_reference:  # before the policy forward, whose activations would otherwise be held
-            if "ref_logps" in inputs:
-                ref_logps = inputs["ref_logps"].float()
-            else:
-                forget_batch = {k: inputs[k][fmask] for k in ("input_ids", "attention_mask", "completion_mask")}
-                ref_logps = self._reference_token_logps(model, forget_batch).sum(-1)
-        kl_teacher = self._retain_kl_teacher(model, inputs) if self.retain_kl and not fmask.all() else None
-        mask = inputs["completion_mask"][:, 1:]
-        num_tokens = mask.sum(-1).float()
-        # Each term is its mean over this micro-batch (what gets logged) times this micro-batch's share of the step
-        share = batch_counts(inputs).to(counts) / counts.clamp(min=1)
-        r = ~fmask
-        forget_coef = args.forget_weight * share[1 if self.token_level_forget else 0] * scale / fmask.sum()
-        retain_coef = args.retain_weight * share[3] * scale / r.sum().clamp(min=1)
-
-        def sequence_losses(logps):  # [B] -> [B]: each sequence's weighted share of the loss, elementwise in logps
-            forget = self.forget_loss(logps[fmask], num_tokens[fmask], ref_logps) * forget_coef
-            if self.retain_kl:
-                retain = torch.zeros_like(logps)
-            else:
-                retain = losses.nll_loss(logps, num_tokens, num_tokens[r].sum().clamp(min=1)) * (r.sum() / len(r))
-                retain = retain * retain_coef
-            return torch.where(fmask, logps.new_zeros(logps.shape).masked_scatter(fmask, forget), retain)
-
-        kw = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=scored_labels(inputs),
-                  fused_logps=True, kl_teacher=kl_teacher)
-        if torch.is_grad_enabled():
-            out = model(**kw, sequence_loss=sequence_losses)
-            logps, loss = out.seq_logps, out.loss
-        else:
-            out = model(**kw)
-            logps = out.token_logps.sum(-1)
-            loss = sequence_losses(logps).sum()
-        retain_term = torch.zeros((), device=logps.device)
-        if r.any() and self.retain_kl:
-            retain_term = losses.kl_loss(out.token_kl[r], mask[r]).mean()
-            loss = loss + retain_term * retain_coef * r.sum()
-        with torch.no_grad():
-            logps = logps.detach()
-            f_logps, f_tokens = logps[fmask], num_tokens[fmask]
-            forget_term = self.forget_loss(f_logps, f_tokens, ref_logps).mean()
-            if r.any() and not self.retain_kl:
-                retain_term = losses.nll_loss(logps[r], num_tokens[r]).mean()
-            weight = self.forget_weight_stat(f_logps, f_tokens, ref_logps)
-            stats = torch.stack([
-                forget_term, retain_term.detach(), r.any().float(), f_logps.sum(), f_tokens.sum(), logps[r].sum(),
-                num_tokens[r].sum(), weight.sum(), fmask.sum().float(),
-            ]).float()
-        return loss, stats
-
-    def _log_step(self, stats, loss):
-        """Log the micro-batch's statistics, gathered over ranks in ONE collective (one host sync per micro-batch),
+    def _log_step(self, stats: LossStats, loss):
+        """Log the micro-batch's `LossStats`, gathered over ranks in ONE collective (one host sync per micro-batch),
         and stop on a non-finite loss before it is applied."""
         mode = "train" if self.model.training else "eval"
-        stats = torch.cat([stats, torch.isfinite(loss.detach()).float().reshape(1)])
-        rows = self.accelerator.gather(stats[None]).cpu()
-        self._log_metrics(self._metrics[mode], rows[:, :-1])
+        values = torch.cat([stats.flat().to(loss.device), torch.isfinite(loss.detach()).float().reshape(1)])
+        rows = self.accelerator.gather(values[None]).cpu()
+        for name, value in stats.reduce(rows[:, :-1]).items():
+            self._metrics[mode][name].append(value)
         if mode == "train" and not rows[:, -1].all():
             last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
             raise FloatingPointError(
@@ -395,26 +354,13 @@ class UnlearningTrainer(DPOTrainer):
                 "the data; resume with `trainer.train(resume_from_checkpoint=...)`."
             )
 
-    def _log_metrics(self, metrics, rows):
-        """Append one micro-batch's metrics from `rows` `[world_size, S]`: the `_unlearning_loss` statistics of
-        every rank."""
-        f_term, r_term, has_retain, f_sum, f_tok, r_sum, r_tok, w_sum, n_forget = rows.unbind(-1)
-        metrics["forget/loss"].append(f_term.mean().item())
-        metrics["forget/logps_per_token"].append((f_sum.sum() / f_tok.sum().clamp(min=1)).item())
-        metrics["num_tokens/forget"].append(f_tok.sum().item())
-        metrics["forget/grad_weight"].append((w_sum.sum() / n_forget.sum().clamp(min=1)).item())
-        if has_retain.all():
-            metrics["retain/loss"].append(r_term.mean().item())
-            metrics["retain/logps_per_token"].append((r_sum.sum() / r_tok.sum().clamp(min=1)).item())
-            metrics["num_tokens/retain"].append(r_tok.sum().item())
-
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         if eval_dataset is not None and not isinstance(eval_dataset, str):
             eval_dataset = self._build_eval_pairs(eval_dataset)
         return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
+        inputs = prepare_inputs(self, inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None

@@ -5,8 +5,8 @@ from dataclasses import dataclass, field
 
 from .. import losses
 from ..model_card import CITATIONS
-from .base import UnlearningTrainer
 from .base_config import UnlearningConfig
+from .likelihood import LikelihoodUnlearningTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -24,17 +24,16 @@ class GradAscentConfig(UnlearningConfig):
     retain_weight: float = field(default=0.0, metadata={"help": "Weight of the retain regulariser (GA: 0)."})
 
 
-
-class GradAscentTrainer(UnlearningTrainer):
+class GradAscentTrainer(LikelihoodUnlearningTrainer):
     """Gradient ascent on the forget set: minimise the token-mean log-likelihood (TOFU's GA baseline)."""
 
     config_class = GradAscentConfig
-    token_level_forget = True
-    _tag_names = UnlearningTrainer._tag_names + ["gradient-ascent"]
+    forget_normaliser = "tokens"
+    _tag_names = LikelihoodUnlearningTrainer._tag_names + ["gradient-ascent"]
     _name = "GradAscent"
     _paper = {"title": "TOFU: A Task of Fictitious Unlearning for LLMs", "id": "2401.06121",
               "citation": CITATIONS["TOFU"]}
 
-    def forget_loss(self, logps, num_tokens, ref_logps):
-        return losses.ga_loss(logps, num_tokens)
+    def forget_loss(self, num_tokens, ref_logps):
+        return losses.ga_loss
 

@@ -3,9 +3,9 @@
 import logging
 from dataclasses import dataclass
 
-from .base import UnlearningTrainer
 from .base_config import UnlearningConfig
 from .grad_ascent import GradAscentTrainer
+from .likelihood import LikelihoodUnlearningTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +22,6 @@ class GradDiffTrainer(GradAscentTrainer):
     """GradDiff: gradient ascent on forget data plus NLL (or KL) on retain data (TOFU's baseline)."""
 
     config_class = GradDiffConfig
-    _tag_names = UnlearningTrainer._tag_names + ["graddiff"]
+    _tag_names = LikelihoodUnlearningTrainer._tag_names + ["graddiff"]
     _name = "GradDiff"
 

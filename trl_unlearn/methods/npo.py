@@ -1,12 +1,13 @@
 """NPO (Zhang et al., 2024, arXiv 2404.05868): negative preference optimisation against a reference model."""
 
+import functools
 import logging
 from dataclasses import dataclass, field
 
 from .. import losses
 from ..model_card import CITATIONS
-from .base import UnlearningTrainer
 from .base_config import UnlearningConfig
+from .likelihood import LikelihoodUnlearningTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -32,14 +33,14 @@ class NPOConfig(UnlearningConfig):
     )
 
 
-
-class NPOTrainer(UnlearningTrainer):
+class NPOTrainer(LikelihoodUnlearningTrainer):
     """NPO (Zhang et al., 2024): per forget sample `-(2/β)·logσ(-β·(log π − log π_ref))`; plus the retain term.
     Arguments as [`UnlearningTrainer`]; the reference is planned by `reference.plan_reference`."""
 
     config_class = NPOConfig
     forget_needs_reference = True
-    _tag_names = UnlearningTrainer._tag_names + ["npo"]
+    _tag_names = LikelihoodUnlearningTrainer._tag_names + ["npo"]
+    card_hyperparameters = ("beta",) + LikelihoodUnlearningTrainer.card_hyperparameters
     _name = "NPO"
     _paper = {
         "title": "Negative Preference Optimization: From Catastrophic Collapse to Effective Unlearning",
@@ -47,9 +48,9 @@ class NPOTrainer(UnlearningTrainer):
         "citation": CITATIONS["NPO"],
     }
 
-    def forget_loss(self, logps, num_tokens, ref_logps):
-        return losses.npo_loss(logps, ref_logps, self.args.beta)
+    def forget_loss(self, num_tokens, ref_logps):
+        return functools.partial(losses.npo_loss, ref_logps=ref_logps, beta=self.args.beta)
 
-    def forget_weight_stat(self, logps, num_tokens, ref_logps):
+    def forget_grad_weight(self, logps, num_tokens, ref_logps):
         return losses.npo_weight(logps, ref_logps, self.args.beta)
 

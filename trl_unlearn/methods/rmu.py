@@ -25,6 +25,7 @@ parameters of `update_modules` in `update_layers` train (with PEFT: the adapters
 """
 
 import argparse
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -34,8 +35,9 @@ import torch.nn.functional as F
 from accelerate.utils import is_peft_model
 from transformers.trainer_utils import SchedulerType, get_last_checkpoint
 
-from ..decoder_layers import add_layer_forward, control_vector, decoder_layers, select_parameters
-from ..model_card import CITATIONS, card_from_trainer, write_card
+from ..decoder_layers import control_vector, decoder_layers, layer_output, layers_path, select_parameters
+from ..losses import LossStats
+from ..model_card import CITATIONS
 from ..modeling import causal_lm
 from ..reference import reference_context
 from .base import UnlearningTrainer
@@ -132,7 +134,10 @@ class RMUTrainer(UnlearningTrainer):
 
     config_class = RMUConfig
     retain_needs_reference = True
-    token_level_forget = True
+    ref_model_refusal = (
+        "RMUTrainer's retain term compares with the initial model, which it keeps itself (a frozen copy, or the PEFT "
+        "base with the adapters disabled): remove `ref_model`."
+    )
     _tag_names = UnlearningTrainer._tag_names + ["rmu"]
     _name = "RMU"
     _paper = {
@@ -142,33 +147,8 @@ class RMUTrainer(UnlearningTrainer):
     }
     card_hyperparameters = ("layer_id", "steering_coeff", "update_layers", "update_modules", "max_grad_norm")
 
-    def __init__(
-        self,
-        model,
-        ref_model=None,
-        args: RMUConfig | None = None,
-        forget_dataset=None,
-        retain_dataset=None,
-        train_dataset=None,
-        eval_dataset=None,
-        processing_class=None,
-        data_collator=None,
-        callbacks=None,
-        optimizers=(None, None),
-        quantization_config=None,
-        peft_config=None,
-    ):
-        if ref_model is not None:
-            raise ValueError(
-                "RMUTrainer's retain term compares with the initial model, which it keeps itself (a frozen copy, or "
-                "the PEFT base with the adapters disabled): remove `ref_model`."
-            )
-        super().__init__(
-            model, None, args, forget_dataset=forget_dataset, retain_dataset=retain_dataset,
-            train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
-            data_collator=data_collator, callbacks=callbacks, optimizers=optimizers,
-            quantization_config=quantization_config, peft_config=peft_config,
-        )
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         args = self.args
         unwrapped = self.accelerator.unwrap_model(self.model)
         owner, name = decoder_layers(unwrapped)
@@ -194,12 +174,15 @@ class RMUTrainer(UnlearningTrainer):
                 f"`update_layers` {args.update_layers} (only those train). Restrict the adapters with "
                 "`LoraConfig(target_modules=..., layers_to_transform=...)` to avoid creating them."
             )
-        add_layer_forward(unwrapped)
+        # The forward to `layer_id` (`decoder_layers.layer_output`), for the policy and the reference
+        self.layer_forward = functools.partial(layer_output, layers=layers_path(unwrapped), layer_id=args.layer_id,
+                                               grad_from=min(args.update_layers))
+        self.ref_layer_forward = self.layer_forward
         if self.ref_model is not None:
             ref = self.accelerator.unwrap_model(self.ref_model)
-            add_layer_forward(ref)
+            self.ref_layer_forward = functools.partial(layer_output, layers=layers_path(ref), layer_id=args.layer_id)
             if self.reference_plan.kind == "frozen_copy" and not self.is_deepspeed_enabled:
-                ref_owner, ref_name = decoder_layers(ref)  # our own copy: drop the layers it never runs
+                ref_owner, ref_name = decoder_layers(ref)  # our own copy: drop the layers it never runs, for good
                 setattr(ref_owner, ref_name, getattr(ref_owner, ref_name)[: args.layer_id + 1])
         hidden_size = causal_lm(unwrapped).config.get_text_config().hidden_size
         self.control_vector = control_vector(hidden_size, args.steering_coeff, args.seed)
@@ -222,24 +205,18 @@ class RMUTrainer(UnlearningTrainer):
             os.makedirs(folder, exist_ok=True)
             torch.save(self.control_vector, os.path.join(folder, CONTROL_VECTOR_FILE))
 
-    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
-        if self.is_world_process_zero():
-            card = card_from_trainer(self, dataset_name, tags)
-            card.hyperparameters.pop("retain_loss_type", None)  # the retain term is an activation distance
-            write_card(card, self.args.output_dir)
-
     # ----------------------------------------------------------------------------------------------------- loss --
     def _reference_hidden(self, model, batch) -> torch.Tensor:
         """The frozen initial model's layer-`layer_id` output `[B, T, H]` on `batch`."""
         ref = self.ref_model if self.ref_model is not None else model
         unwrapped = self.accelerator.unwrap_model(model)
         with reference_context(self.model, unwrapped, self.ref_model, self.args.gradient_checkpointing_kwargs):
+            forward = self.ref_layer_forward if self.ref_model is not None else self.layer_forward
             return ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       rmu_layer=self.args.layer_id)
+                       unlearning_forward=functools.partial(forward, grad_from=0))
 
-    def _unlearning_loss(self, model, inputs, counts, scale=1.0):
-        """The micro-batch's share of the step's RMU loss (module docstring), times `scale`, and its statistics for
-        logging."""
+    def unlearning_loss(self, model, inputs, counts, scale=1.0):
+        """The micro-batch's share of the step's RMU loss (module docstring), times `scale`, and its `LossStats`."""
         args = self.args
         fmask = inputs["forget_mask"]
         rows = ~fmask
@@ -249,32 +226,22 @@ class RMUTrainer(UnlearningTrainer):
             batch = {k: inputs[k][rows] for k in ("input_ids", "attention_mask")}
             ref = self._reference_hidden(model, batch)[:, :-1][positions[rows]].float()  # [N_r, H]
         hidden = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                       rmu_layer=args.layer_id, rmu_grad_from=min(args.update_layers))[:, :-1]
+                       unlearning_forward=self.layer_forward)[:, :-1]
         forget = hidden[positions & fmask[:, None]].float()  # [N_f, H]
         control = self.control_vector.to(forget.device)
         forget_dist = (forget - control).pow(2).mean(-1)  # [N_f]
-        loss = args.forget_weight * forget_dist.sum() / counts[1].clamp(min=1)
-        retain_term = torch.zeros_like(loss)
-        num_retain = torch.zeros_like(loss)
+        loss = args.forget_weight * forget_dist.sum() / counts.forget_tokens.clamp(min=1)
+        retain_dist = forget_dist.new_zeros(0)
         if ref is not None:
             retain_dist = (hidden[positions & rows[:, None]].float() - ref).pow(2).mean(-1)  # [N_r]
-            loss = loss + args.retain_weight * retain_dist.sum() / counts[3].clamp(min=1)
-            retain_term, num_retain = retain_dist.detach().mean(), loss.new_tensor(len(retain_dist))
-        with torch.no_grad():
-            forget = forget.detach()
-            stats = torch.stack([
-                forget_dist.detach().mean(), retain_term, rows.any().float(), forget.new_tensor(len(forget_dist)),
-                num_retain, F.cosine_similarity(forget, control[None], dim=-1).sum(), forget.norm(dim=-1).sum(),
-            ]).float()
+            loss = loss + args.retain_weight * retain_dist.sum() / counts.retain_tokens.clamp(min=1)
+        forget = forget.detach()
+        n_forget = len(forget_dist)
+        stats = LossStats()
+        stats.mean("forget/loss", forget_dist.detach().sum(), n_forget)
+        stats.mean("forget/control_cosine", F.cosine_similarity(forget, control[None], dim=-1).sum(), n_forget)
+        stats.mean("forget/activation_norm", forget.norm(dim=-1).sum(), n_forget)
+        stats.total("num_tokens/forget", forget.new_tensor(n_forget))
+        stats.mean("retain/loss", retain_dist.detach().sum(), len(retain_dist))
+        stats.total("num_tokens/retain", forget.new_tensor(len(retain_dist)), rows.any())
         return loss * scale, stats
-
-    def _log_metrics(self, metrics, rows):
-        f_term, r_term, has_retain, f_tok, r_tok, cos_sum, norm_sum = rows.unbind(-1)
-        tokens = f_tok.sum().clamp(min=1)
-        metrics["forget/loss"].append(f_term.mean().item())
-        metrics["forget/control_cosine"].append((cos_sum.sum() / tokens).item())
-        metrics["forget/activation_norm"].append((norm_sum.sum() / tokens).item())
-        metrics["num_tokens/forget"].append(f_tok.sum().item())
-        if has_retain.all():
-            metrics["retain/loss"].append(r_term.mean().item())
-            metrics["num_tokens/retain"].append(r_tok.sum().item())

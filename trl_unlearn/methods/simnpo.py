@@ -1,13 +1,14 @@
 """SimNPO (Fan et al., 2024, arXiv 2410.07163): NPO without a reference model, with a length-normalised
 log-likelihood and a margin."""
 
+import functools
 import logging
 from dataclasses import dataclass, field
 
 from .. import losses
 from ..model_card import CITATIONS
-from .base import UnlearningTrainer
 from .base_config import UnlearningConfig
+from .likelihood import LikelihoodUnlearningTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -38,14 +39,14 @@ class SimNPOConfig(UnlearningConfig):
             )
 
 
-
-class SimNPOTrainer(UnlearningTrainer):
+class SimNPOTrainer(LikelihoodUnlearningTrainer):
     """SimNPO (Fan et al., 2024): NPO without a reference model, with a length-normalised log-likelihood and a
     margin. Per forget sample `-(2/β)·logσ(-(β/|y|)·log π(y|x) − γ)`; plus the retain regulariser. Arguments as
     [`UnlearningTrainer`]; `ref_model` is refused."""
 
     config_class = SimNPOConfig
-    _tag_names = UnlearningTrainer._tag_names + ["simnpo"]
+    _tag_names = LikelihoodUnlearningTrainer._tag_names + ["simnpo"]
+    card_hyperparameters = ("beta", "gamma") + LikelihoodUnlearningTrainer.card_hyperparameters
     _name = "SimNPO"
     _paper = {
         "title": "Simplicity Prevails: Rethinking Negative Preference Optimization for LLM Unlearning",
@@ -53,9 +54,9 @@ class SimNPOTrainer(UnlearningTrainer):
         "citation": CITATIONS["SimNPO"],
     }
 
-    def forget_loss(self, logps, num_tokens, ref_logps):
-        return losses.simnpo_loss(logps, num_tokens, self.args.beta, self.args.gamma)
+    def forget_loss(self, num_tokens, ref_logps):
+        return functools.partial(losses.simnpo_loss, num_tokens=num_tokens, beta=self.args.beta, gamma=self.args.gamma)
 
-    def forget_weight_stat(self, logps, num_tokens, ref_logps):
+    def forget_grad_weight(self, logps, num_tokens, ref_logps):
         return losses.simnpo_weight(logps, num_tokens, self.args.beta, self.args.gamma)
 
