@@ -157,7 +157,8 @@ def score(model, tokenizer, facts, args, generate=True, probe=True) -> list[dict
     score of the answer sentence (`probe`). One batched call each."""
     import numpy as np
 
-    from trl_unlearn.evaluation import generate_answers, score_answers
+    from trl_unlearn.evaluation import score_answers
+    from trl_unlearn.evaluation.scoring import generate_answers
     from trl_unlearn.evaluation.metrics import min_k_plus_plus
 
     out = [{} for _ in facts]
@@ -374,7 +375,7 @@ def relearn(model, tokenizer, sets: dict, seed: int, args, step0: dict) -> dict:
     model's records of the forget facts (step 0 is that model: not scored twice)."""
     import numpy as np
 
-    from trl_unlearn.evaluation import relearning_attack, select_relearn_indices
+    from trl_unlearn.evaluation.relearn import relearning_attack, select_relearn_indices
 
     forget = sets["forget"]
     idx = select_relearn_indices(len(forget), args.relearn_fraction, seed)

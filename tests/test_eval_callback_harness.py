@@ -18,6 +18,7 @@ from transformers import TrainerCallback
 
 from trl_unlearn import SimNPOConfig, SimNPOTrainer
 from trl_unlearn.evaluation.callback import UnlearningEvalCallback
+from trl_unlearn.evaluation.lm_eval_callback import LMEvalGuardCallback
 from trl_unlearn.evaluation.lm_eval import evaluate_harness
 from trl_unlearn.toy.tiny import tiny_llama, train_tokenizer
 
@@ -69,9 +70,9 @@ def test_logged_values_are_evaluate_harness_on_the_same_model(tok, tasks_dir, tm
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
     start = harness(model, tok, tasks_dir, limit=4)
     trainer = trainer_for(model, tok, tmp_path, max_steps=3, learning_rate=1e-2)
-    probe = UnlearningEvalCallback(RETAIN, None, eval_steps=2, prompt_format="plain", harness_tasks="toy_mc",
-                                   harness_limit=4, harness_include_path=tasks_dir, harness_include_defaults=False,
-                                   harness_batch_size=3).attach(trainer)  # fmt: skip
+    qa = UnlearningEvalCallback(RETAIN, None, eval_steps=2, prompt_format="plain").attach(trainer)
+    probe = LMEvalGuardCallback("toy_mc", limit=4, include_path=tasks_dir, include_defaults=False, batch_size=3,
+                                eval_steps=2).attach(trainer)
     spy = ModeSpy()
     trainer.add_callback(spy)
     built.clear()
@@ -81,14 +82,15 @@ def test_logged_values_are_evaluate_harness_on_the_same_model(tok, tasks_dir, tm
     logs = harness_logs(trainer)
     assert [h["step"] for h in logs] == [0, 2, 3]
     keys = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")
-    assert all(h["probe/forget_probability"] > 0 for h in logs)  # the QA probe runs alongside
+    assert [h["step"] for h in qa.history] == [0, 2, 3]  # the QA probe runs alongside
+    assert all(h["forget_probability"] > 0 for h in qa.history)
     for k in keys:
         assert logs[0][f"probe/harness/toy_mc/{k}"] == start.metrics[f"toy_mc/{k}"]
     end = harness(model, tok, tasks_dir, limit=4)  # the final model, scored afresh
     for k in keys:
         assert logs[-1][f"probe/harness/toy_mc/{k}"] == end.metrics[f"toy_mc/{k}"]
     # the per-document log-likelihoods too; training moved them, so the equality means something
-    last = probe.harness_report.per_item["toy_mc"]
+    last = probe.report.per_item["toy_mc"]
 
     def flat(items):
         return [x for doc in items["loglikelihoods"] for x in doc]
@@ -97,7 +99,7 @@ def test_logged_values_are_evaluate_harness_on_the_same_model(tok, tasks_dir, tm
     assert flat(last) != pytest.approx(flat(start.per_item["toy_mc"]), abs=1e-3)
     # harness_limit: the first four of the five documents
     assert last["doc_id"] == [0, 1, 2, 3]
-    assert probe.harness_report.settings["n_samples"]["toy_mc"] == {"original": 5, "effective": 4}
+    assert probe.report.settings["n_samples"]["toy_mc"] == {"original": 5, "effective": 4}
     assert [h["step"] for h in probe.history] == [0, 2, 3] and "harness/toy_mc/acc" in probe.history[1]
     assert trainer.evaluation_summary["probe/harness/toy_mc/acc"] == logs[-1]["probe/harness/toy_mc/acc"]
     # train mode at every step; parameters trained, exactly as without the callback
@@ -119,9 +121,9 @@ def test_early_stop_on_harness_accuracy(minimum, relative, stops, tok, tasks_dir
     """The constant model's toy_mc accuracy is 3/5 (test_harness.py), at every probe: learning rate 0."""
     model = constant_model(tok)
     trainer = trainer_for(model, tok, tmp_path, max_steps=4, learning_rate=0.0)
-    probe = UnlearningEvalCallback(harness_tasks=["toy_mc"], harness_limit=None, harness_include_path=tasks_dir,
-                                   harness_include_defaults=False, eval_steps=2, eval_on_train_begin=False,
-                                   min_harness_metrics={"toy_mc/acc": minimum}, relative=relative).attach(trainer)
+    probe = LMEvalGuardCallback(tasks=["toy_mc"], limit=None, include_path=tasks_dir,
+                                   include_defaults=False, eval_steps=2, eval_on_train_begin=False,
+                                   min_metrics={"toy_mc/acc": minimum}, relative=relative).attach(trainer)
     trainer.train()
     accs = [h["harness/toy_mc/acc"] for h in probe.history]
     assert accs and all(a == pytest.approx(3 / 5) for a in accs)
@@ -140,8 +142,8 @@ def test_early_stop_on_harness_accuracy(minimum, relative, stops, tok, tasks_dir
 def test_group_logs_its_aggregate_and_probe_restores_mode_and_rng(tok, tasks_dir):
     model = constant_model(tok)
     model.train()
-    probe = UnlearningEvalCallback(harness_tasks="toy_group", harness_include_path=tasks_dir,
-                                   harness_include_defaults=False, harness_limit=2)  # fmt: skip
+    probe = LMEvalGuardCallback(tasks="toy_group", include_path=tasks_dir,
+                                   include_defaults=False, limit=2)  # fmt: skip
     rng = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
     metrics = probe.probe(model, tok)
     assert model.training
@@ -150,7 +152,7 @@ def test_group_logs_its_aggregate_and_probe_restores_mode_and_rng(tok, tasks_dir
     # toy_a's first two documents (acc 1, 0) and toy_b's two (1, 0): 2/4; its tasks are not logged
     assert set(metrics) == {"harness/toy_group/acc", "harness/toy_group/acc_stderr"}
     assert metrics["harness/toy_group/acc"] == pytest.approx(2 / 4)
-    assert probe.harness_report.metrics["toy_a/acc"] == pytest.approx(1 / 2)
+    assert probe.report.metrics["toy_a/acc"] == pytest.approx(1 / 2)
 
 
 @needs_lm_eval
@@ -162,8 +164,8 @@ def test_peft_model_is_scored_with_its_adapters(tok, tasks_dir, tmp_path):
                             forget_dataset=prompt_completion(QA[:8]), retain_dataset=prompt_completion(QA[8:16]),
                             processing_class=tok, peft_config=LoraConfig(r=4, lora_alpha=8,
                                                                          target_modules=["q_proj", "v_proj"]))
-    probe = UnlearningEvalCallback(harness_tasks="toy_mc", harness_include_path=tasks_dir,
-                                   harness_include_defaults=False, eval_steps=1).attach(trainer)  # fmt: skip
+    probe = LMEvalGuardCallback(tasks="toy_mc", include_path=tasks_dir,
+                                   include_defaults=False, eval_steps=1).attach(trainer)  # fmt: skip
     trainer.train()
 
     def flat(report):
@@ -171,38 +173,38 @@ def test_peft_model_is_scored_with_its_adapters(tok, tasks_dir, tmp_path):
 
     peft_model = trainer.model
     assert peft_model.training
-    assert flat(probe.harness_report) == pytest.approx(flat(harness(peft_model, tok, tasks_dir)), abs=1e-5)
+    assert flat(probe.report) == pytest.approx(flat(harness(peft_model, tok, tasks_dir)), abs=1e-5)
     with peft_model.disable_adapter():  # the adapters moved it: the probe scored the adapted model
-        assert flat(probe.harness_report) != pytest.approx(flat(harness(peft_model, tok, tasks_dir)), abs=1e-4)
+        assert flat(probe.report) != pytest.approx(flat(harness(peft_model, tok, tasks_dir)), abs=1e-4)
 
 
 @needs_lm_eval
 def test_bad_arguments(tok, tasks_dir, tmp_path):
-    local = dict(harness_include_path=tasks_dir, harness_include_defaults=False)
-    with pytest.raises(ValueError, match="or harness_tasks"):
+    local = dict(include_path=tasks_dir, include_defaults=False)
+    with pytest.raises(ValueError, match="forget_rows and/or retain_rows.*LMEvalGuardCallback"):
         UnlearningEvalCallback()
     with pytest.raises(ValueError, match="unknown lm-eval task.*'toy_mcc'.*toy_mc"):
-        UnlearningEvalCallback(harness_tasks="toy_mcc", **local)
-    with pytest.raises(ValueError, match="'other/acc'.*task of harness_tasks"):
-        UnlearningEvalCallback(harness_tasks="toy_mc", min_harness_metrics={"other/acc": 0.5}, **local)
-    with pytest.raises(ValueError, match="'toy_mc'.*task of harness_tasks"):
-        UnlearningEvalCallback(harness_tasks="toy_mc", min_harness_metrics={"toy_mc": 0.5}, **local)
+        LMEvalGuardCallback(tasks="toy_mcc", **local)
+    with pytest.raises(ValueError, match="'other/acc'.*task of `tasks`"):
+        LMEvalGuardCallback(tasks="toy_mc", min_metrics={"other/acc": 0.5}, **local)
+    with pytest.raises(ValueError, match="'toy_mc'.*task of `tasks`"):
+        LMEvalGuardCallback(tasks="toy_mc", min_metrics={"toy_mc": 0.5}, **local)
     with pytest.raises(ValueError, match="must be >= 0"):
-        UnlearningEvalCallback(harness_tasks="toy_mc", min_harness_metrics={"toy_mc/acc": -1}, **local)
-    with pytest.raises(ValueError, match="min_harness_metrics needs harness_tasks"):
+        LMEvalGuardCallback(tasks="toy_mc", min_metrics={"toy_mc/acc": -1}, **local)
+    with pytest.raises(TypeError, match="min_harness_metrics"):  # the QA probe has no lm-eval thresholds
         UnlearningEvalCallback(RETAIN, min_harness_metrics={"toy_mc/acc": 0.5})
-    with pytest.raises(ValueError, match="harness_batch_size"):
-        UnlearningEvalCallback(harness_tasks="toy_mc", harness_batch_size="auto", **local)
-    with pytest.raises(ValueError, match="harness_limit"):
-        UnlearningEvalCallback(harness_tasks="toy_mc", harness_limit=0, **local)
+    with pytest.raises(ValueError, match="batch_size must be an int"):
+        LMEvalGuardCallback(tasks="toy_mc", batch_size="auto", **local)
+    with pytest.raises(ValueError, match="limit must be > 0"):
+        LMEvalGuardCallback(tasks="toy_mc", limit=0, **local)
     with pytest.raises(FileNotFoundError, match="include_path not found"):
-        UnlearningEvalCallback(harness_tasks="toy_mc", harness_include_path=tasks_dir / "no")
-    with pytest.raises(ValueError, match="pass limit as harness_limit"):
-        UnlearningEvalCallback(harness_tasks="toy_mc", harness_kwargs={"limit": 3}, **local)
+        LMEvalGuardCallback(tasks="toy_mc", include_path=tasks_dir / "no")
+    with pytest.raises(ValueError, match="pass limit as LMEvalGuardCallback's limit"):
+        LMEvalGuardCallback(tasks="toy_mc", harness_kwargs={"limit": 3}, **local)
     # a metric the task does not report: at the first probe (train begin), before any training step
     model = constant_model(tok)
     trainer = trainer_for(model, tok, tmp_path, max_steps=2)
-    UnlearningEvalCallback(harness_tasks="toy_mc", min_harness_metrics={"toy_mc/f1": 0.5}, **local).attach(trainer)
+    LMEvalGuardCallback(tasks="toy_mc", min_metrics={"toy_mc/f1": 0.5}, **local).attach(trainer)
     with pytest.raises(ValueError, match=r"no value for \['harness/toy_mc/f1'\].*harness/toy_mc/acc"):
         trainer.train()
     assert trainer.state.global_step == 0
@@ -211,7 +213,7 @@ def test_bad_arguments(tok, tasks_dir, tmp_path):
 def test_missing_lm_eval_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` now raises ImportError
     with pytest.raises(ImportError, match=r'pip install "trl-unlearn\[lm-eval\]"'):
-        UnlearningEvalCallback(harness_tasks="mmlu")
+        LMEvalGuardCallback(tasks="mmlu")
 
 
 # --------------------------------------------------------------------------------------------------- distributed
@@ -244,14 +246,14 @@ def _worker_run(model_dir, tasks_dir, out, run):
                     learning_rate=settings["learning_rate"], max_steps=settings["max_steps"])  # fmt: skip
     trainer = SimNPOTrainer(model=model_dir, args=args, forget_dataset=prompt_completion(QA[:8]),
                             retain_dataset=prompt_completion(QA[8:16]), processing_class=tok)  # fmt: skip
-    probe = UnlearningEvalCallback(RETAIN, None, eval_steps=1, prompt_format="plain", harness_tasks="toy_mc",
-                                   harness_limit=None, harness_include_path=tasks_dir, harness_include_defaults=False,
-                                   min_harness_metrics=settings.get("min_harness_metrics")).attach(trainer)
+    UnlearningEvalCallback(RETAIN, None, eval_steps=1, prompt_format="plain").attach(trainer)  # alongside
+    probe = LMEvalGuardCallback("toy_mc", eval_steps=1, limit=None, include_path=tasks_dir, include_defaults=False,
+                                min_metrics=settings.get("min_harness_metrics")).attach(trainer)
     trainer.train()
     trainer.save_model(out)
     rank = trainer.accelerator.process_index
-    if probe.harness_report is not None:
-        probe.harness_report.save(os.path.join(out, f"report_rank{rank}.json"))
+    if probe.report is not None:
+        probe.report.save(os.path.join(out, f"report_rank{rank}.json"))
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump({"history": probe.history, "stopped_at": probe.stopped_at, "step": trainer.state.global_step,
                    "world_size": trainer.accelerator.num_processes, "deepspeed": trainer.is_deepspeed_enabled}, f)

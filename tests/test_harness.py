@@ -325,7 +325,7 @@ def test_argument_parsing():
 @needs_lm_eval
 def test_runner_built_once_scores_several_models_as_evaluate_harness(tasks_dir, colour_tokenizer):
     """`HarnessRunner`: tasks made ready once, then each model scored as `evaluate_harness` scores it."""
-    from trl_unlearn.evaluation import HarnessRunner
+    from trl_unlearn.evaluation.lm_eval import HarnessRunner
 
     runner = HarnessRunner("toy_mc", include_path=tasks_dir, include_defaults=False, env_info=False)
     constant, other = constant_model(colour_tokenizer), constant_model(colour_tokenizer)

@@ -24,7 +24,15 @@ from trl.trainer.utils import (
     use_adapter,  # noqa: F401  (peft_model, adapter_name) context manager
 )
 
+# Private attributes of TRL's / transformers' trainer that the trainers read, set or override (hooks), on themselves.
+# `tests/test_architecture.py` fails on any other private upstream name used outside this file.
+TRL_ATTRIBUTES = (
+    "_metrics", "_tokenizer", "_precompute_engine", "_tag_names", "_name", "_paper",  # read / set
+    "_prepare_dataset", "_precompute_ref_logps", "_set_signature_columns_if_needed", "_get_train_sampler",  # hooks
+)
+
 __all__ = [
+    "TRL_ATTRIBUTES",
     "ChunkedDivergenceFunction",
     "chunked_kl",
     "common_prefix_length",

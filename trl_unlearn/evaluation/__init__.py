@@ -1,38 +1,31 @@
-"""Unlearning evaluation: TOFU and MUSE metrics, batched scoring and generation, JSON reports.
+"""Unlearning evaluation: TOFU, MUSE and lm-eval benchmarks, relearning attacks, probes during training, JSON reports.
 
-`metrics` holds the pure metric functions; `scoring` runs the model (batched, length-grouped); `tofu` and `muse`
-run the benchmarks and return an `EvalReport` (`report`). See docs/evaluation.md.
+The names users call are exported here; the rest is importable from its module: `metrics` (the pure metric
+functions), `scoring` (batched scoring and generation: `score_texts`, `generate_answers`), `report`, `tofu`
+(`score_tofu_sets`, `truth_ratios`), `muse`, `lm_eval` (`HarnessRunner`, `HarnessReport`), `probes`, `relearn`
+(`select_relearn_indices`, `relearn_loop`), `relearn_curve` (`plot_relearn_curves`), `callback`
+(`PeriodicEvalCallback`), `lm_eval_callback`. See docs/evaluation.md.
 """
 
 from .callback import UnlearningEvalCallback
-from .lm_eval import HarnessReport, HarnessRunner, evaluate_harness
+from .lm_eval import evaluate_harness
+from .lm_eval_callback import LMEvalGuardCallback
 from .muse import evaluate_muse
-from .probes import probe_metrics, qa_pairs
-from .relearn import RelearnConfig, relearning_attack, select_relearn_indices
-from .relearn_curve import RelearnCurve, plot_relearn_curves
+from .relearn import RelearnConfig, relearning_attack
+from .relearn_curve import RelearnCurve
 from .report import EvalReport
-from .scoring import ScoreResult, generate_answers, score_answers, score_texts
-from .tofu import evaluate_tofu, score_tofu_sets, truth_ratios
+from .scoring import score_answers
+from .tofu import evaluate_tofu
 
 __all__ = [
     "EvalReport",
-    "HarnessReport",
-    "HarnessRunner",
-    "evaluate_harness",
+    "LMEvalGuardCallback",
     "RelearnConfig",
     "RelearnCurve",
     "UnlearningEvalCallback",
-    "plot_relearn_curves",
-    "probe_metrics",
-    "relearning_attack",
-    "select_relearn_indices",
-    "qa_pairs",
-    "ScoreResult",
+    "evaluate_harness",
     "evaluate_muse",
     "evaluate_tofu",
-    "score_tofu_sets",
-    "truth_ratios",
-    "generate_answers",
+    "relearning_attack",
     "score_answers",
-    "score_texts",
 ]

@@ -15,7 +15,6 @@ Install the extra: ``pip install "trl-unlearn[lm-eval]"``. See docs/wmdp.md.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..loading import load_model, load_tokenizer
+from ._lm_eval_compat import backbone_lm_class, quiet_run, reusing_task_manager
 from .report import AGGREGATES, EvalReport, package_version
 
 # torch, transformers and lm-eval are imported where used: building the command line's parser stays light
@@ -324,7 +324,8 @@ class HarnessRunner:
     on any number of models or checkpoints: ``runner = HarnessRunner(["mmlu"], limit=32); runner(model, tokenizer)``
     returns a `HarnessReport` each time, as `evaluate_harness` would (which builds one and runs it once;
     `UnlearningEvalCallback` runs one at every probe). Arguments as `evaluate_harness`'s, plus `backbone_forward`:
-    log-likelihoods from the backbone and the LM head's weight (`_backbone_lm`, needed between ZeRO-3 training steps),
+    log-likelihoods from the backbone and the LM head's weight (`_lm_eval_compat.backbone_lm_class`, needed
+    between ZeRO-3 training steps),
     and `env_info=False`, which skips lm-eval's survey of the environment at each run (torch's ``collect_env``: pip,
     nvidia-smi, ... subprocesses, ~1 s; not part of a `HarnessReport`). Calling returns None on a process lm-eval
     gives no results to (``LOCAL_RANK`` > 0)."""
@@ -332,7 +333,7 @@ class HarnessRunner:
     def __init__(self, tasks, *, include_path=None, include_defaults=True, limit=None, batch_size=8, num_fewshot=None,
                  log_samples=True, hflm_kwargs=None, backbone_forward=False, env_info=True,
                  **simple_evaluate_kwargs):  # fmt: skip
-        _, _, TaskManager = _import_lm_eval()
+        _import_lm_eval()
         self.names = task_list(tasks)
         self.paths = _include_paths(include_path)
         reserved = {"model", "tasks", "task_manager", "limit", "batch_size", "num_fewshot", "log_samples"}
@@ -345,7 +346,7 @@ class HarnessRunner:
         self.backbone_forward = backbone_forward
         self.env_info = env_info
         self.simple_evaluate_kwargs = simple_evaluate_kwargs
-        self.task_manager = _reusing(TaskManager)(include_path=self.paths or None, include_defaults=include_defaults)
+        self.task_manager = reusing_task_manager()(include_path=self.paths or None, include_defaults=include_defaults)
         all_tasks = self.task_manager.all_tasks
         unknown = [t for t in self.names if t not in all_tasks]
         if unknown:  # before loading a model
@@ -369,14 +370,8 @@ class HarnessRunner:
 
         rng = random.getstate(), np.random.get_state()
         cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-        lm_class = _backbone_lm(HFLM) if self.backbone_forward else HFLM
-        quiet = contextlib.ExitStack()
-        if not self.env_info and hasattr(lm_eval.evaluator, "add_env_info"):
-            quiet.enter_context(_replaced(lm_eval.evaluator, "add_env_info", lambda results: None))
-        if hasattr(lm_eval.evaluator, "get_git_commit_hash"):  # `git describe` in the caller's folder: not in the
-            # report, and outside a git checkout it prints "fatal: not a git repository" at every run
-            quiet.enter_context(_replaced(lm_eval.evaluator, "get_git_commit_hash", lambda: None))
-        with eval_mode(model), torch.random.fork_rng(devices=cuda), quiet:
+        lm_class = backbone_lm_class() if self.backbone_forward else HFLM
+        with eval_mode(model), torch.random.fork_rng(devices=cuda), quiet_run(env_info=self.env_info):
             try:
                 lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size, **self.hflm_kwargs)
                 results = lm_eval.simple_evaluate(
@@ -406,68 +401,6 @@ class HarnessRunner:
             "simple_evaluate_kwargs": _jsonable(self.simple_evaluate_kwargs),
         }
         return HarnessReport.from_results(results, settings)
-
-
-@contextlib.contextmanager
-def _replaced(owner, name: str, value):
-    """`owner.name` is `value` inside the block, then what it was."""
-    saved = getattr(owner, name)
-    setattr(owner, name, value)
-    try:
-        yield
-    finally:
-        setattr(owner, name, saved)
-
-
-def _backbone_lm(HFLM):
-    """An ``HFLM`` whose log-likelihood forwards run the backbone and apply the LM head's weight
-    (`modeling.head_logits`: the model's logit scaling and soft-capping; ZeRO-3 partitioned head parameters gathered
-    for it), as training and the QA probes do, instead of calling the model: under DeepSpeed ZeRO-3 (0.19, CPU),
-    lm-eval's ``model(input_ids)`` between training steps left a parameter partitioned in the next step's backward (a
-    size-0 tensor). Generation (``generate_until`` tasks) still calls the model's ``generate``."""
-    import torch
-
-    from .._trl_compat import maybe_gather_lm_head_ctx
-    from ..modeling import causal_lm, head_logits, lm_head
-
-    class BackboneLM(HFLM):
-        def _model_call(self, inps, attn_mask=None, labels=None):
-            if attn_mask is not None or labels is not None:  # encoder-decoder models
-                return super()._model_call(inps, attn_mask, labels)
-            model = causal_lm(self.model)
-            weight, bias, _ = lm_head(model)
-            with torch.no_grad():
-                hidden = model.base_model(input_ids=inps, use_cache=False)[0]
-                with maybe_gather_lm_head_ctx(weight, bias):  # logits in the model's dtype, as lm-eval's forward
-                    return head_logits(model, hidden).to(hidden.dtype)
-
-    return BackboneLM
-
-
-def _reusing(TaskManager):
-    """A `TaskManager` subclass that builds the task objects of a task list once and hands out the same ones again,
-    so repeated runs do not read the tasks' datasets again. A reused task scores as a new one: lm-eval builds its
-    requests again at every ``evaluate``, and ``simple_evaluate`` sets its few-shot count and re-seeds its few-shot
-    sampler every time. ``load`` is what ``simple_evaluate`` calls (lm-eval 0.4.11+), ``load_task_or_group`` what
-    0.4.10's ``get_task_dict`` calls."""
-
-    class ReusingTaskManager(TaskManager):
-        def _reuse(self, build, task_list):
-            key = tuple(task_list) if isinstance(task_list, list) else task_list
-            if not all(isinstance(k, str) for k in (key if isinstance(key, tuple) else (key,))):
-                return build(task_list)  # configs or task objects: not cached
-            cache = self.__dict__.setdefault("_built", {})
-            if (build.__name__, key) not in cache:
-                cache[build.__name__, key] = build(task_list)
-            return cache[build.__name__, key]
-
-        def load(self, task_list):
-            return self._reuse(super().load, task_list)
-
-        def load_task_or_group(self, task_list=None):
-            return self._reuse(super().load_task_or_group, task_list)
-
-    return ReusingTaskManager
 
 
 def evaluate_harness(
