@@ -15,6 +15,8 @@ _EXPORTS = {
     "methods.grad_ascent": ["GradAscentConfig", "GradAscentTrainer"],
     "methods.grad_diff": ["GradDiffConfig", "GradDiffTrainer"],
     "methods.rmu": ["RMUConfig", "RMUTrainer"],
+    "methods.wga": ["WGAConfig", "WGATrainer"],
+    "methods.satimp": ["SatImpConfig", "SatImpTrainer"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)
