@@ -17,6 +17,8 @@ _EXPORTS = {
     "methods.rmu": ["RMUConfig", "RMUTrainer"],
     "methods.wga": ["WGAConfig", "WGATrainer"],
     "methods.satimp": ["SatImpConfig", "SatImpTrainer"],
+    "methods.idk_nll": ["IdkNLLConfig", "IdkNLLTrainer"],
+    "methods.idk_dpo": ["IdkDPOConfig", "IdkDPOTrainer"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)

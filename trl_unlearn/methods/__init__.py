@@ -10,6 +10,8 @@ machinery every method shares (`UnlearningTrainer`), `base_config` the shared fi
 | `rmu` | RMU: steer a layer's activations on forget text |
 | `wga` | WGA: token-level GA weighted by the detached `p_t^β` |
 | `satimp` | SatImp: token-level GA weighted by the detached `p_t^β1 (1 − p_t)^β2` |
+| `idk_nll` | IdkNLL: NLL on "I don't know" answers to the forget prompts |
+| `idk_dpo` | IdkDPO: DPO with the IdK answer chosen and the forget answer rejected |
 """
 
 import importlib
@@ -24,6 +26,8 @@ REGISTRY = {
     "rmu": ("rmu", "RMUTrainer"),
     "wga": ("wga", "WGATrainer"),
     "satimp": ("satimp", "SatImpTrainer"),
+    "idknll": ("idk_nll", "IdkNLLTrainer"),
+    "idkdpo": ("idk_dpo", "IdkDPOTrainer"),
 }
 
 
