@@ -244,3 +244,29 @@ def test_idk_dpo_accumulation_2x2_matches_4x1(tokenizer, tmp_path):
     assert loss_a == pytest.approx(loss_b, rel=1e-4)
     for n in p_a:
         torch.testing.assert_close(p_a[n], p_b[n], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["idknll", "idkdpo"])
+def test_eval_sets_get_idk_answers(method, tokenizer, forget_ds, retain_ds, tmp_path):
+    """A `{"forget", "retain"}` eval set given at creation and a preference one given to `evaluate`: the forget rows
+    get IdK answers as in training (the eval loss at step 0 is the training loss of the same rows)."""
+    cls, cfg = (IdkNLLTrainer, IdkNLLConfig) if method == "idknll" else (IdkDPOTrainer, IdkDPOConfig)
+    args = cpu_args(cfg, tmp_path, per_device_eval_batch_size=4, idk_answers=["I don't know."])
+    trainer = cls(
+        model=llama(tokenizer),
+        args=args,
+        forget_dataset=forget_ds,
+        retain_dataset=retain_ds,
+        processing_class=tokenizer,
+        eval_dataset={"forget": forget_ds.select(range(4)), "retain": retain_ds.select(range(4))},
+    )
+    at_creation = trainer.evaluate()["eval_loss"]
+    batch = trainer.data_collator([trainer.train_dataset[(i, i)] for i in range(4)])
+    with torch.no_grad():
+        assert at_creation == pytest.approx(trainer.compute_loss(trainer.model, batch).item(), rel=1e-5)
+    pref = Dataset.from_dict(
+        {"prompt": forget_ds["prompt"][:4], "chosen": [" I don't know."] * 4, "rejected": forget_ds["completion"][:4]}
+    )
+    assert math.isfinite(trainer.evaluate(eval_dataset=pref)["eval_loss"])
+    with pytest.raises(ValueError, match="eval set is a dict"):
+        trainer.evaluate(eval_dataset=forget_ds)

@@ -8,6 +8,7 @@ loss per sequence) does not apply: the label log-probs come from the chunked hea
 `(B, T, V)` logits) and autograd. The reference log-probs of both answers are precomputed once (default, without
 PEFT or a KL retain term) or come from a live reference (`reference.plan_reference`)."""
 
+import functools
 import logging
 from dataclasses import dataclass, field
 
@@ -19,7 +20,7 @@ from ..modeling import forward_logps
 from ..reference import scored_labels
 from .base import UnlearningTrainer
 from .base_config import UnlearningConfig
-from .idk_nll import IdkConfigFields, idk_datasets
+from .idk_nll import IdkConfigFields, idk_datasets, idk_eval_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -83,9 +84,11 @@ class IdkDPOTrainer(UnlearningTrainer):
         **kwargs,
     ):
         args, forget_dataset, train_dataset = idk_datasets(type(self), model, args, forget_dataset, train_dataset)
+        answers = load_idk_answers(args.idk_answers, args.idk_answers_file)
+        self.to_forget_rows = functools.partial(idk_forget_rows, answers=answers, seed=args.seed)
         if forget_dataset is not None:
-            answers = load_idk_answers(args.idk_answers, args.idk_answers_file)
-            forget_dataset = idk_forget_rows(forget_dataset, answers, args.seed)
+            forget_dataset = self.to_forget_rows(forget_dataset)
+        kwargs["eval_dataset"] = idk_eval_dataset(kwargs.get("eval_dataset"), self.to_forget_rows)
         if data_collator is None:
             data_collator = IdkPairCollator(
                 pad_token_id=0,
@@ -98,6 +101,9 @@ class IdkDPOTrainer(UnlearningTrainer):
         )
 
     # ----------------------------------------------------------------------------------------------------- data --
+    def _build_eval_pairs(self, eval_dataset):
+        return super()._build_eval_pairs(idk_eval_dataset(eval_dataset, self.to_forget_rows))
+
     def _tokenize(self, dataset, name, args=None, tokenizer=None):
         if "idk_completion" in dataset.column_names:  # forget rows: both answers, tokenized together
             tokenizer = tokenizer or self.processing_class

@@ -2,9 +2,12 @@
 arXiv 2401.06121), plus the retain term. The forget rows' answers are replaced by IdK answers (`data/idk.py`); the
 forget term is their token-mean NLL."""
 
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
+
+from datasets import Dataset
 
 from .. import losses
 from ..data.idk import load_idk_answers, with_idk_completions
@@ -62,6 +65,22 @@ def idk_datasets(trainer_cls, model, args, forget_dataset, train_dataset):
     return args, forget_dataset, train_dataset
 
 
+def idk_eval_dataset(eval_dataset, to_forget_rows):
+    """The eval set with IdK answers on its forget rows (`to_forget_rows`, as for training): a `{"forget": ...,
+    "retain": ...}` dict's forget rows, or a preference dataset's (`chosen` taken as the IdK answer; no retain rows
+    then). Other values (None, a name, prepared pairs) pass unchanged."""
+    if isinstance(eval_dataset, dict) and "forget" in eval_dataset:
+        return {**eval_dataset, "forget": to_forget_rows(eval_dataset["forget"])}
+    if isinstance(eval_dataset, Dataset):
+        if not {"chosen", "rejected"} <= set(eval_dataset.column_names):
+            raise ValueError(
+                "An IdK trainer's eval set is a dict `{'forget': ..., 'retain': ...}` (forget rows get IdK answers) "
+                f"or preference rows (`chosen` = the IdK answer); got columns {sorted(eval_dataset.column_names)}."
+            )
+        return {"forget": to_forget_rows(eval_dataset)}
+    return eval_dataset
+
+
 class IdkNLLTrainer(LikelihoodUnlearningTrainer):
     """IdkNLL: each forget row's answer is replaced by an "I don't know" answer (seeded, `data/idk.py`), whose
     token-mean NLL is the forget term; plus the retain regulariser. `forget/logps_per_token` logs the IdK answers'
@@ -83,10 +102,15 @@ class IdkNLLTrainer(LikelihoodUnlearningTrainer):
         self, model, ref_model=None, args=None, forget_dataset=None, retain_dataset=None, train_dataset=None, **kwargs
     ):
         args, forget_dataset, train_dataset = idk_datasets(type(self), model, args, forget_dataset, train_dataset)
+        answers = load_idk_answers(args.idk_answers, args.idk_answers_file)
+        self.to_forget_rows = functools.partial(with_idk_completions, answers=answers, seed=args.seed)
         if forget_dataset is not None:
-            answers = load_idk_answers(args.idk_answers, args.idk_answers_file)
-            forget_dataset = with_idk_completions(forget_dataset, answers, args.seed)
+            forget_dataset = self.to_forget_rows(forget_dataset)
+        kwargs["eval_dataset"] = idk_eval_dataset(kwargs.get("eval_dataset"), self.to_forget_rows)
         super().__init__(model, ref_model, args, forget_dataset, retain_dataset, train_dataset, **kwargs)
+
+    def _build_eval_pairs(self, eval_dataset):
+        return super()._build_eval_pairs(idk_eval_dataset(eval_dataset, self.to_forget_rows))
 
     def forget_loss(self, num_tokens, ref_logps):
         return losses.nll_loss
