@@ -270,3 +270,33 @@ def test_eval_sets_get_idk_answers(method, tokenizer, forget_ds, retain_ds, tmp_
     assert math.isfinite(trainer.evaluate(eval_dataset=pref)["eval_loss"])
     with pytest.raises(ValueError, match="eval set is a dict"):
         trainer.evaluate(eval_dataset=forget_ds)
+
+
+def test_idk_dpo_with_lora_and_with_a_kl_retain_term(tokenizer, forget_ds, retain_ds, tmp_path):
+    """LoRA: the reference is the adapter-disabled base, equal to the policy at the start (B = 0), so the DPO term is
+    exactly log 2 per row. KL retain term: a frozen copy is kept, and at the start the KL is 0."""
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    args = cpu_args(IdkDPOConfig, tmp_path / "lora", retain_weight=0.0, max_steps=1)
+    trainer = IdkDPOTrainer(
+        model=llama(tokenizer), args=args, forget_dataset=forget_ds, processing_class=tokenizer, peft_config=lora
+    )
+    assert trainer.reference_plan.kind == "adapters_off"
+    batch = trainer.data_collator([{"forget": trainer.train_dataset.forget[i], "retain": None} for i in range(4)])
+    with torch.no_grad():
+        assert trainer.compute_loss(trainer.model, batch).item() == pytest.approx(math.log(2), rel=1e-6)
+    trainer.train()
+    args = cpu_args(IdkDPOConfig, tmp_path / "kl", retain_loss_type="kl", max_steps=1)
+    trainer = IdkDPOTrainer(
+        model=llama(tokenizer),
+        args=args,
+        forget_dataset=forget_ds,
+        retain_dataset=retain_ds,
+        processing_class=tokenizer,
+    )
+    assert trainer.reference_plan.kind == "frozen_copy"
+    trainer.train()
+    first = trainer.state.log_history[0]
+    assert first["retain/loss"] == pytest.approx(0.0, abs=1e-6)
+    assert first["forget/loss"] == pytest.approx(math.log(2), rel=1e-5)

@@ -1,4 +1,5 @@
-"""trl-unlearn: LLM unlearning (SimNPO, NPO, GA, GradDiff, RMU) as drop-in Hugging Face TRL trainers.
+"""trl-unlearn: LLM unlearning (SimNPO, NPO, GA, GradDiff, RMU, WGA, SatImp, IdkNLL, IdkDPO) as drop-in Hugging Face
+TRL trainers.
 
 The public names below load on first use (as in transformers and TRL), so `trl-unlearn --help` starts at once.
 """
