@@ -78,8 +78,9 @@ class RMUConfig(UnlearningConfig):
         steering_coeff (`float` or `"auto"`, *optional*, defaults to `"auto"`):
             Norm `c` of the control vector `c·u`. `"auto"`: `c = steering_scale × ‖h‖`, with `‖h‖` the mean norm of
             the initial model's forget activations at `layer_id`, measured on the first micro-batch the trainer
-            scores (training's, or an evaluation's before it), before any update, over all ranks; the value is logged (`forget/steering_coeff`) and recorded in the model card.
-            A number fixes `c` (WMDP: 6.5 for Zephyr-7B's layer 7).
+            scores (training's, or an evaluation's before it), before any update, over all ranks; the value is
+            logged (`forget/steering_coeff`) and recorded in the model card. A number fixes `c` (WMDP: 6.5 for
+            Zephyr-7B's layer 7).
         steering_scale (`float`, *optional*, defaults to `3.0`):
             With `steering_coeff="auto"`: `c` in units of the forget activations' mean norm (this package's
             real-knowledge pilot used c ≈ 2.9 × the norm; docs/rmu.md).
