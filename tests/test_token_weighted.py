@@ -168,3 +168,16 @@ def test_wga_accumulation_2x2_matches_4x1(tokenizer, forget_ds, retain_ds, tmp_p
     assert loss_a == pytest.approx(loss_b, rel=1e-4)
     for n in p_a:
         torch.testing.assert_close(p_a[n], p_b[n], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "config_cls,kw,match",
+    [
+        (SatImpConfig, dict(beta1=-1.0), "`beta1` and `beta2` must be >= 0"),
+        (SatImpConfig, dict(beta2=-0.5), "`beta1` and `beta2` must be >= 0"),
+        (WGAConfig, dict(beta=0.0), "`beta` must be > 0"),
+    ],
+)
+def test_config_errors(config_cls, kw, match, tmp_path):
+    with pytest.raises(ValueError, match=match):
+        cpu_args(config_cls, tmp_path, **kw)
