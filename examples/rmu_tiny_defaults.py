@@ -61,11 +61,30 @@ def run(tokenizer, state, steering, alpha):
     model.load_state_dict(state)
     kw = {} if alpha is None else {"retain_weight": alpha}
     with tempfile.TemporaryDirectory() as out:
-        args = RMUConfig(output_dir=out, layer_id=2, learning_rate=5e-3, max_steps=40, per_device_train_batch_size=4,
-                         logging_steps=40, use_cpu=True, bf16=False, report_to=[], save_strategy="no",
-                         gradient_checkpointing=False, seed=0, disable_tqdm=True, **steering, **kw)
-        trainer = RMUTrainer(model=model, args=args, forget_dataset=rows(QA[:8]), retain_dataset=rows(QA[8:32]),
-                             processing_class=tokenizer)
+        args = RMUConfig(
+            output_dir=out,
+            layer_id=2,
+            learning_rate=5e-3,
+            max_steps=40,
+            per_device_train_batch_size=4,
+            logging_steps=40,
+            use_cpu=True,
+            bf16=False,
+            report_to=[],
+            save_strategy="no",
+            gradient_checkpointing=False,
+            seed=0,
+            disable_tqdm=True,
+            **steering,
+            **kw,
+        )
+        trainer = RMUTrainer(
+            model=model,
+            args=args,
+            forget_dataset=rows(QA[:8]),
+            retain_dataset=rows(QA[8:32]),
+            processing_class=tokenizer,
+        )
         forget, retain = trainer.train_dataset.forget, trainer.train_dataset.retain
         before = answer_logp(trainer, forget), answer_logp(trainer, retain)
         trainer.train()
@@ -91,8 +110,11 @@ def main():
     for steering, name in settings:
         for alpha in args.alphas.split(","):
             c, a, before, after, cosine = run(tokenizer, state, steering, float(alpha))
-            print(f"| {name} = {c:.1f} | {a:g} | {before[0]:.3f} → {after[0]:.3f} | {before[1]:.3f} → {after[1]:.3f} "
-                  f"| {cosine:.2f} |", flush=True)
+            print(
+                f"| {name} = {c:.1f} | {a:g} | {before[0]:.3f} → {after[0]:.3f} | {before[1]:.3f} → {after[1]:.3f} "
+                f"| {cosine:.2f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":
