@@ -65,13 +65,18 @@ def open_unlearning_loss(model, batch, forget_fn, gamma, alpha):
     return gamma * forget + alpha * r_loss[r_valid].mean()
 
 
-def loss_and_grad_norm(model, compute):
+def loss_and_grads(model, compute):
+    """`(loss, gradient norm, {name: gradient})` of `compute()`."""
     model.zero_grad()
     loss = compute()
     loss.backward()
-    norm = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in model.parameters() if p.grad is not None))
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    return loss.item(), norm.item()
+    return loss.item(), torch.sqrt(sum((g.float() ** 2).sum() for g in grads.values())).item(), grads
+
+
+def loss_and_grad_norm(model, compute):
+    return loss_and_grads(model, compute)[:2]
 
 
 CASES = {
@@ -92,9 +97,12 @@ def test_first_step_matches_open_unlearning(name, tokenizer, forget_ds, retain_d
         processing_class=tokenizer,
     )
     batch = first_batch(trainer)
-    ours = loss_and_grad_norm(model, lambda: trainer.compute_loss(model, batch))
-    theirs = loss_and_grad_norm(model, lambda: open_unlearning_loss(model, batch, weight_fn, gamma, alpha))
+    *ours, our_grads = loss_and_grads(model, lambda: trainer.compute_loss(model, batch))
+    *theirs, their_grads = loss_and_grads(model, lambda: open_unlearning_loss(model, batch, weight_fn, gamma, alpha))
     assert ours == pytest.approx(theirs, rel=1e-5)
+    assert our_grads.keys() == their_grads.keys()
+    for name in our_grads:  # the whole gradient, not only its norm
+        torch.testing.assert_close(our_grads[name], their_grads[name], rtol=1e-4, atol=1e-7)
     if name == "satimp":  # open-unlearning's SatImp.yaml swaps the weights (gamma 0.1, alpha 1.0): a different loss
         yaml = loss_and_grad_norm(model, lambda: open_unlearning_loss(model, batch, weight_fn, 0.1, 1.0))
         assert abs(yaml[0] - ours[0]) > 0.1 * abs(ours[0])
