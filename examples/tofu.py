@@ -15,7 +15,10 @@ full TOFU metrics; it prints a table with a legend, and saves results.json, swee
 
 With `--model_name_or_path` / `--dataset_name` it runs each method once, at the given settings, on a real model and
 real TOFU files (a local folder of TOFU's JSON-lines files, or `locuslab/TOFU` from the Hub). Method hyperparameters
-are `SimNPOConfig` fields (`--beta`, `--gamma`, `--forget_weight`, ...); NPO's β is `--npo_beta`.
+are `SimNPOConfig` fields (`--beta`, `--gamma`, `--forget_weight`, ...); NPO's β is `--npo_beta`. `--methods` takes
+any of `trl-unlearn`'s method names (`trl_unlearn.methods.REGISTRY`: also gradascent, graddiff, rmu, wga, satimp,
+idknll, idkdpo); their own hyperparameters (WGA's and IdkDPO's β, SatImp's β1 / β2, the IdK answers) keep their config
+defaults here, and the shared ones (`--forget_weight`, `--retain_weight`, ...) come from the command line or recipe.
 """
 
 import copy

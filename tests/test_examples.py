@@ -42,7 +42,8 @@ def test_recipes_parse(recipe, monkeypatch):
         assert args.forget_split in name and args.methods in name
         assert config.learning_rate in (1e-5, 1e-4) and config.num_train_epochs == 10
         retain = method_config(args.methods, config, "out", args.npo_beta)
-        assert retain.retain_weight == 1.0 and (args.methods != "simnpo" or retain.beta in (2.5, 4.5))
+        assert retain.retain_weight == (0.1 if args.methods == "satimp" else 1.0)  # SatImp's published α
+        assert args.methods != "simnpo" or retain.beta in (2.5, 4.5)
     else:
         from trl import ModelConfig, TrlParser
 

@@ -324,7 +324,11 @@ def test_cli_knows_rmu(tmp_path):
     _, training, _ = parse(make_parser("rmu"), "rmu", ["--output_dir", str(tmp_path), "--layer_id", "3",
                                                        "--update_modules", "mlp.down_proj", "--use_cpu", "true"])
     assert isinstance(training, RMUConfig) and training.update_layers == [1, 2, 3]
-    assert training.update_modules == ["mlp.down_proj"] and training.retain_weight == 1200.0
+    assert training.update_modules == ["mlp.down_proj"] and training.retain_weight == 10.0
+    assert training.steering_coeff == "auto"
+    _, training, _ = parse(make_parser("rmu"), "rmu", ["--output_dir", str(tmp_path), "--steering_coeff", "6.5",
+                                                       "--use_cpu", "true"])
+    assert training.steering_coeff == 6.5
 
 
 def test_patched_forward_of_a_deep_copy_runs_the_copys_weights(tokenizer, forget_ds, retain_ds, tmp_path):

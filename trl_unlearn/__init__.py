@@ -1,4 +1,5 @@
-"""trl-unlearn: LLM unlearning (SimNPO, NPO, GA, GradDiff, RMU) as drop-in Hugging Face TRL trainers.
+"""trl-unlearn: LLM unlearning (SimNPO, NPO, GA, GradDiff, RMU, WGA, SatImp, IdkNLL, IdkDPO) as drop-in Hugging Face
+TRL trainers.
 
 The public names below load on first use (as in transformers and TRL), so `trl-unlearn --help` starts at once.
 """
@@ -15,6 +16,10 @@ _EXPORTS = {
     "methods.grad_ascent": ["GradAscentConfig", "GradAscentTrainer"],
     "methods.grad_diff": ["GradDiffConfig", "GradDiffTrainer"],
     "methods.rmu": ["RMUConfig", "RMUTrainer"],
+    "methods.wga": ["WGAConfig", "WGATrainer"],
+    "methods.satimp": ["SatImpConfig", "SatImpTrainer"],
+    "methods.idk_nll": ["IdkNLLConfig", "IdkNLLTrainer"],
+    "methods.idk_dpo": ["IdkDPOConfig", "IdkDPOTrainer"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)

@@ -114,3 +114,38 @@ class LossStats:
             if count > 0:
                 out[name] = value / count if self.entries[name][0] == "mean" else value
         return out
+
+
+def wga_loss(token_logps: torch.Tensor, beta: float) -> torch.Tensor:
+    """WGA (weighted gradient ascent; Wang et al., 2025, arXiv 2502.19301): `sg(p_t)^β · log p_t` per scored token
+    `[N]`, with `p_t = exp(log p_t)` and `sg` the stop-gradient; normalised by tokens (a token mean, minimised). Its
+    gradient on `log p_t` is `p_t^β` (see `wga_weight`): gradient ascent that fades on tokens already unlikely.
+    `token_logps` `[N]`: each scored token's label log-prob (not a sequence sum)."""
+    return wga_weight(token_logps, beta) * token_logps
+
+
+def wga_weight(token_logps: torch.Tensor, beta: float) -> torch.Tensor:
+    """WGA's detached per-token weight `p_t^β = exp(β · log p_t)` `[N]`."""
+    return torch.exp(beta * token_logps.detach())
+
+
+def satimp_loss(token_logps: torch.Tensor, beta1: float, beta2: float) -> torch.Tensor:
+    """SatImp (Yang et al., 2025, arXiv 2505.11953): `sg(p_t^β1 · (1 − p_t)^β2) · log p_t` per scored token `[N]`;
+    normalised by tokens (minimised). `p^β1` (saturation) fades tokens already forgotten, `(1 − p)^β2` (importance)
+    those the model is sure of. `token_logps` `[N]`: each scored token's label log-prob."""
+    return satimp_weight(token_logps, beta1, beta2) * token_logps
+
+
+def satimp_weight(token_logps: torch.Tensor, beta1: float, beta2: float) -> torch.Tensor:
+    """SatImp's detached per-token weight `p_t^β1 · (1 − p_t)^β2` `[N]`."""
+    x = token_logps.detach()
+    return torch.exp(beta1 * x) * (-torch.expm1(x)).pow(beta2)
+
+
+def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
+             ref_rejected_logps: torch.Tensor, beta: float) -> torch.Tensor:
+    """DPO (Rafailov et al., 2023, arXiv 2305.18290): `-logσ(β·((log π_w − log π_ref,w) − (log π_l − log π_ref,l)))`
+    per pair `[B]`, with summed log-probs; normalised by pairs. IdkDPO: `w` the IdK answer, `l` the answer to forget.
+    (open-unlearning multiplies it by 2/β; docs/method.md.)"""
+    margin = (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)
+    return -F.logsigmoid(beta * margin)

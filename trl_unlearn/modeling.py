@@ -122,18 +122,22 @@ def _scatter(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 
 def forward_logps(
     model, input_ids=None, attention_mask=None, labels=None, *, return_entropy=False, kl_teacher=None,
-    return_hidden=False, sequence_loss=None, seq_weights=None, chunk_size=DEFAULT_CHUNK_SIZE, temperature=1.0,
-    **backbone_kwargs,
+    return_hidden=False, sequence_loss=None, seq_weights=None, per_token=False, chunk_size=DEFAULT_CHUNK_SIZE,
+    temperature=1.0, **backbone_kwargs,
 ) -> UnlearningLMOutput:
     """Label log-probs of a causal LM (see the module docstring) without the `[B, T, V]` logits. With
     `sequence_loss` (`[B]` summed log-probs -> `[B]` losses, elementwise) and `seq_weights` `[B]` it returns their
-    weighted sum from the fused loss op instead, for training (`kernels/sequence_loss.py`)."""
+    weighted sum from the fused loss op instead, for training (`kernels/sequence_loss.py`). With `per_token=True`
+    every scored token is its own "sequence" (`seq_lengths` of ones): `sequence_loss` and `seq_weights` then run
+    over the `N` scored tokens in row-major order (`mask.nonzero()`), and `seq_logps` / `seq_losses` are `[N]`
+    (token-level losses: WGA, SatImp)."""
     hidden, targets, mask = scored_hidden(model, input_ids, attention_mask, labels, **backbone_kwargs)
     weight, bias, (logit_scale, softcap) = lm_head(model)
     out = UnlearningLMOutput(hidden=hidden if return_hidden else None)
     if sequence_loss is not None:
+        seq_lengths = torch.ones_like(targets) if per_token else mask.sum(-1)
         out.loss, out.seq_logps, out.seq_losses = fused_linear_sequence_loss(
-            hidden, weight, targets, mask.sum(-1), sequence_loss, bias, seq_weights=seq_weights,
+            hidden, weight, targets, seq_lengths, sequence_loss, bias, seq_weights=seq_weights,
             logit_scale=logit_scale, softcap=softcap, temperature=temperature, chunk_rows=chunk_size,
         )
     else:

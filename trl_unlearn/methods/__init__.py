@@ -8,6 +8,10 @@ machinery every method shares (`UnlearningTrainer`), `base_config` the shared fi
 | `grad_ascent` | gradient ascent (TOFU's GA) |
 | `grad_diff` | GradDiff: GA on forget, NLL / KL on retain |
 | `rmu` | RMU: steer a layer's activations on forget text |
+| `wga` | WGA: token-level GA weighted by the detached `p_t^β` |
+| `satimp` | SatImp: token-level GA weighted by the detached `p_t^β1 (1 − p_t)^β2` |
+| `idk_nll` | IdkNLL: NLL on "I don't know" answers to the forget prompts |
+| `idk_dpo` | IdkDPO: DPO with the IdK answer chosen and the forget answer rejected |
 """
 
 import importlib
@@ -20,6 +24,10 @@ REGISTRY = {
     "gradascent": ("grad_ascent", "GradAscentTrainer"),
     "graddiff": ("grad_diff", "GradDiffTrainer"),
     "rmu": ("rmu", "RMUTrainer"),
+    "wga": ("wga", "WGATrainer"),
+    "satimp": ("satimp", "SatImpTrainer"),
+    "idknll": ("idk_nll", "IdkNLLTrainer"),
+    "idkdpo": ("idk_dpo", "IdkDPOTrainer"),
 }
 
 

@@ -46,29 +46,57 @@ from .base_config import UnlearningConfig
 logger = logging.getLogger(__name__)
 
 CONTROL_VECTOR_FILE = "rmu_control_vector.pt"
+RMU_RETAIN_WEIGHT = 10.0  # α default: see RMUConfig and docs/rmu.md
+COSINE_RISE = 0.05  # the least rise of the control cosine, over `control_cosine_check_steps`, that counts as moving
+
+
+def parse_steering_coeff(value) -> float | str:
+    """`"auto"`, or the steering coefficient as a positive float (a command line gives it as a string)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        coeff = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"`steering_coeff` must be 'auto' or a number > 0, got {value!r}.") from None
+    if not coeff > 0:
+        raise ValueError(f"`steering_coeff` must be > 0 (or 'auto'), got {value}.")
+    return coeff
+
 
 @dataclass
 class RMUConfig(UnlearningConfig):
     r"""
     Configuration for [`RMUTrainer`] (RMU, arXiv 2403.03218). Defaults: the WMDP code's Zephyr-7B run
-    (`rmu/unlearn.py` of github.com/centerforaisafety/wmdp, run with `--steering_coeffs 6.5 --alpha 1200`).
+    (`rmu/unlearn.py` of github.com/centerforaisafety/wmdp, `--lr 5e-5`, no scheduler, no clipping, 512 tokens),
+    except the steering coefficient, measured on the model (Adaptive RMU, Dang et al., 2025, arXiv 2408.06223), and
+    α (`retain_weight`), set so that the retain term does not swamp the forget term on small models (docs/rmu.md).
 
     Parameters:
         layer_id (`int`, *optional*, defaults to `7`):
             Decoder layer (0-based) whose output is steered; the forward stops there. WMDP: 7 for Zephyr-7B (32
             layers).
-        steering_coeff (`float`, *optional*, defaults to `6.5`):
-            Norm `c` of the control vector `c·u`. Tune it per model and layer: it has to be large against the norm of
-            the activations at `layer_id` (logged as `forget/activation_norm`); the WMDP authors use 6.5 for Zephyr-7B
-            and larger values for other models and deeper layers.
+        steering_coeff (`float` or `"auto"`, *optional*, defaults to `"auto"`):
+            Norm `c` of the control vector `c·u`. `"auto"`: `c = steering_scale × ‖h‖`, with `‖h‖` the mean norm of
+            the initial model's forget activations at `layer_id`, measured on the first micro-batch the trainer
+            scores (training's, or an evaluation's before it), before any update, over all ranks; the value is
+            logged (`forget/steering_coeff`) and recorded in the model card. A number fixes `c` (WMDP: 6.5 for
+            Zephyr-7B's layer 7).
+        steering_scale (`float`, *optional*, defaults to `3.0`):
+            With `steering_coeff="auto"`: `c` in units of the forget activations' mean norm (this package's
+            real-knowledge pilot used c ≈ 2.9 × the norm; docs/rmu.md).
+        control_cosine_check_steps (`int`, *optional*, defaults to `20`):
+            After this many optimizer steps, warn if the mean cosine between the forget activations and `u` has risen
+            by less than 0.05 since the first step (RMU is not forgetting: `c` or the learning rate too small, or
+            `retain_weight` too large); 0 disables the check.
         update_layers (`list[int]`, *optional*):
             Layers whose parameters train, each at most `layer_id`. Defaults to `layer_id-2 .. layer_id` (clipped at
             0), as in the paper.
         update_modules (`list[str]`, *optional*, defaults to `["mlp"]`):
             Modules of those layers that train, as names inside a layer (`"mlp"`, `"mlp.down_proj"`, ...). The WMDP code
             trains `mlp.down_proj` only (its `--param_ids 6`): pass `["mlp.down_proj"]` to reproduce it.
-        retain_weight (`float`, *optional*, defaults to `1200.0`):
-            α, the weight of the retain term (WMDP: 1200 for Zephyr-7B).
+        retain_weight (`float`, *optional*, defaults to `10.0`):
+            α, the weight of the retain term. WMDP uses 1200 with `c = 6.5` on Zephyr-7B; on a tiny model that α
+            holds the forget activations in place, 10 forgets selectively (measured in docs/rmu.md).
         learning_rate (`float`, *optional*, defaults to `5e-5`):
             WMDP: 5e-5, AdamW with a constant rate, no weight decay and no gradient clipping (hence
             `lr_scheduler_type="constant"` and `max_grad_norm=0`).
@@ -77,8 +105,16 @@ class RMUConfig(UnlearningConfig):
     """
 
     layer_id: int = field(default=7, metadata={"help": "Decoder layer whose output RMU steers (WMDP, Zephyr-7B: 7)."})
-    steering_coeff: float = field(
-        default=6.5, metadata={"help": "Norm of the control vector; tune per model (WMDP, Zephyr-7B: 6.5)."}
+    # `str`: HfArgumentParser takes one type per field; numbers are parsed in __post_init__
+    steering_coeff: str = field(
+        default="auto",
+        metadata={"help": "Norm of the control vector, or 'auto': steering_scale x the forget activations' norm."},
+    )
+    steering_scale: float = field(
+        default=3.0, metadata={"help": "With steering_coeff='auto': c in units of the forget activations' norm."}
+    )
+    control_cosine_check_steps: int = field(
+        default=20, metadata={"help": "Warn if the control cosine has not risen after this many steps (0: off)."}
     )
     update_layers: list[int] | None = field(
         default=None, metadata={"help": "Layers that train, each <= layer_id (default: layer_id-2 .. layer_id)."}
@@ -86,7 +122,9 @@ class RMUConfig(UnlearningConfig):
     update_modules: list[str] = field(
         default_factory=lambda: ["mlp"], metadata={"help": "Modules of update_layers that train (default: mlp)."}
     )
-    retain_weight: float = field(default=1200.0, metadata={"help": "RMU's alpha (WMDP, Zephyr-7B: 1200)."})
+    retain_weight: float = field(
+        default=RMU_RETAIN_WEIGHT, metadata={"help": "RMU's alpha (WMDP's Zephyr run: 1200; see docs/rmu.md)."}
+    )
     learning_rate: float = field(default=5e-5, metadata={"help": "Initial AdamW learning rate (WMDP: 5e-5)."})
     lr_scheduler_type: SchedulerType | str = field(
         default="constant", metadata={"help": "Learning-rate schedule (WMDP: constant)."}
@@ -106,8 +144,11 @@ class RMUConfig(UnlearningConfig):
         super().__post_init__()
         if self.layer_id < 0:
             raise ValueError(f"`layer_id` must be >= 0 (a 0-based decoder layer), got {self.layer_id}.")
-        if not self.steering_coeff > 0:
-            raise ValueError(f"`steering_coeff` must be > 0, got {self.steering_coeff}.")
+        self.steering_coeff = parse_steering_coeff(self.steering_coeff)
+        if self.steering_coeff == "auto" and not self.steering_scale > 0:
+            raise ValueError(f"`steering_scale` must be > 0, got {self.steering_scale}.")
+        if self.control_cosine_check_steps < 0:
+            raise ValueError(f"`control_cosine_check_steps` must be >= 0, got {self.control_cosine_check_steps}.")
         if self.update_layers is None:
             self.update_layers = list(range(max(0, self.layer_id - 2), self.layer_id + 1))
         self.update_layers = [int(i) for i in self.update_layers]
@@ -185,7 +226,14 @@ class RMUTrainer(UnlearningTrainer):
                 ref_owner, ref_name = decoder_layers(ref)  # our own copy: drop the layers it never runs, for good
                 setattr(ref_owner, ref_name, getattr(ref_owner, ref_name)[: args.layer_id + 1])
         hidden_size = causal_lm(unwrapped).config.get_text_config().hidden_size
-        self.control_vector = control_vector(hidden_size, args.steering_coeff, args.seed)
+        # `c·u` [H]; with steering_coeff="auto" set at the first loss, from the initial forget activations
+        self.control_vector = None
+        self.unit_control = control_vector(hidden_size, 1.0, args.seed)
+        if args.steering_coeff != "auto":
+            self.control_vector = args.steering_coeff * self.unit_control
+        self.steering_coeff = None if self.control_vector is None else float(args.steering_coeff)
+        self._cosine_start = None  # the first training step's mean control cosine (this rank's), for the check
+        self._cosine_checked = False
 
     # ------------------------------------------------------------------------------------- checkpoints and card --
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
@@ -195,17 +243,70 @@ class RMUTrainer(UnlearningTrainer):
             checkpoint = get_last_checkpoint(self.args.output_dir)
         if isinstance(checkpoint, str) and os.path.isfile(os.path.join(checkpoint, CONTROL_VECTOR_FILE)):
             self.control_vector = torch.load(os.path.join(checkpoint, CONTROL_VECTOR_FILE), weights_only=True)
+            self.steering_coeff = float(self.control_vector.norm())
+        elif isinstance(checkpoint, str) and self.control_vector is None:
+            raise ValueError(
+                f"The checkpoint {checkpoint} has no {CONTROL_VECTOR_FILE}, and `steering_coeff='auto'` can't be "
+                "measured again on a trained model. Pass the coefficient the run used (its model card or the "
+                "logged `forget/steering_coeff`) as `steering_coeff`."
+            )
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def save_model(self, output_dir=None, _internal_call=False):
         """Save the model (and, outside checkpoints, its card) and the control vector beside it."""
         super().save_model(output_dir, _internal_call)
-        if self.is_world_process_zero():
+        if self.is_world_process_zero() and self.control_vector is not None:
             folder = output_dir or self.args.output_dir
             os.makedirs(folder, exist_ok=True)
             torch.save(self.control_vector, os.path.join(folder, CONTROL_VECTOR_FILE))
 
+    def model_card_facts(self, dataset_name=None, tags=None):
+        """`UnlearningTrainer.model_card_facts`, with the steering coefficient the run used (measured, for "auto")."""
+        facts = super().model_card_facts(dataset_name, tags)
+        if self.args.steering_coeff == "auto":
+            used = "not measured (no step ran)" if self.steering_coeff is None else f"{self.steering_coeff:.6g}"
+            scale = self.args.steering_scale
+            facts.hyperparameters["steering_coeff"] = f"auto ({scale} × forget activation norm): {used}"
+        return facts
+
     # ----------------------------------------------------------------------------------------------------- loss --
+    def _measure_control_vector(self, forget: torch.Tensor) -> None:
+        """Adaptive RMU: `c = steering_scale × mean ‖h‖` over the forget activations `[N_f, H]` of this first
+        micro-batch, pooled over ranks (every rank calls this at its first loss, before any update)."""
+        if self.state.global_step > 0:
+            raise ValueError(
+                "RMU's `steering_coeff='auto'` is measured on the initial model, but training has already taken "
+                f"{self.state.global_step} steps. Pass the coefficient as a number."
+            )
+        local = torch.stack([forget.norm(dim=-1).sum(), forget.new_tensor(len(forget))]).detach().float()
+        total, count = self.accelerator.reduce(local, reduction="sum").tolist()
+        if count == 0:
+            raise ValueError("RMU's `steering_coeff='auto'`: the first batch has no forget positions to measure. "
+                             "Check the forget data, or pass `steering_coeff` as a number.")
+        self.steering_coeff = self.args.steering_scale * total / count
+        self.control_vector = self.steering_coeff * self.unit_control
+        logger.info(f"RMU steering_coeff='auto': c = {self.args.steering_scale} × {total / count:.4g} (the initial "
+                    f"forget activations' mean norm at layer {self.args.layer_id}) = {self.steering_coeff:.4g}.")
+
+    def _check_control_cosine(self, cosine: torch.Tensor) -> None:
+        """Remember the first training step's mean control cosine; `control_cosine_check_steps` steps later, warn
+        (once) if it has risen by less than `COSINE_RISE` (one host sync each time)."""
+        steps = self.args.control_cosine_check_steps
+        if not steps or not self.model.training or self._cosine_checked:
+            return
+        if self._cosine_start is None:
+            self._cosine_start = float(cosine)
+        elif self.state.global_step >= steps:
+            now, start = float(cosine), self._cosine_start
+            self._cosine_checked = True
+            if now - start < COSINE_RISE:
+                logger.warning(
+                    f"RMU: after {self.state.global_step} steps the forget activations' mean cosine with the control "
+                    f"vector moved from {start:.3f} to {now:.3f} (less than {COSINE_RISE}): the forget term is not "
+                    f"steering them. Raise the learning rate or `steering_coeff` (now {self.steering_coeff:.4g}), or "
+                    f"lower `retain_weight` ({self.args.retain_weight})."
+                )
+
     def _reference_hidden(self, model, batch) -> torch.Tensor:
         """The frozen initial model's layer-`layer_id` output `[B, T, H]` on `batch`."""
         ref = self.ref_model if self.ref_model is not None else model
@@ -228,6 +329,8 @@ class RMUTrainer(UnlearningTrainer):
         hidden = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                        unlearning_forward=self.layer_forward)[:, :-1]
         forget = hidden[positions & fmask[:, None]].float()  # [N_f, H]
+        if self.control_vector is None:
+            self._measure_control_vector(forget)
         control = self.control_vector.to(forget.device)
         forget_dist = (forget - control).pow(2).mean(-1)  # [N_f]
         loss = args.forget_weight * forget_dist.sum() / counts.forget_tokens.clamp(min=1)
@@ -239,9 +342,12 @@ class RMUTrainer(UnlearningTrainer):
         n_forget = len(forget_dist)
         stats = LossStats()
         stats.mean("forget/loss", forget_dist.detach().sum(), n_forget)
-        stats.mean("forget/control_cosine", F.cosine_similarity(forget, control[None], dim=-1).sum(), n_forget)
+        cosine = F.cosine_similarity(forget, control[None], dim=-1).sum()
+        stats.mean("forget/control_cosine", cosine, n_forget)
+        stats.mean("forget/steering_coeff", forget.new_tensor(self.steering_coeff), 1)  # the same on every rank
         stats.mean("forget/activation_norm", forget.norm(dim=-1).sum(), n_forget)
         stats.total("num_tokens/forget", forget.new_tensor(n_forget))
         stats.mean("retain/loss", retain_dist.detach().sum(), len(retain_dist))
         stats.total("num_tokens/retain", forget.new_tensor(len(retain_dist)), rows.any())
+        self._check_control_cosine(cosine / max(n_forget, 1))
         return loss * scale, stats
