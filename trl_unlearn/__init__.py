@@ -15,6 +15,9 @@ _EXPORTS = {
     "methods.grad_ascent": ["GradAscentConfig", "GradAscentTrainer"],
     "methods.grad_diff": ["GradDiffConfig", "GradDiffTrainer"],
     "methods.rmu": ["RMUConfig", "RMUTrainer"],
+    "methods.undial": ["UNDIALConfig", "UNDIALTrainer"],
+    "methods.ceu": ["CEUConfig", "CEUTrainer"],
+    "methods.pdu": ["PDUConfig", "PDUTrainer"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)

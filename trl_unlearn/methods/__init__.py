@@ -8,6 +8,9 @@ machinery every method shares (`UnlearningTrainer`), `base_config` the shared fi
 | `grad_ascent` | gradient ascent (TOFU's GA) |
 | `grad_diff` | GradDiff: GA on forget, NLL / KL on retain |
 | `rmu` | RMU: steer a layer's activations on forget text |
+| `undial` | UNDIAL: distil the frozen model with the target's logit lowered (full vocabulary) |
+| `ceu` | CE-U: cross-entropy to the model's distribution without the target (full vocabulary) |
+| `pdu` | PDU: logit-margin flattening under a retain-loss constraint, primal-dual |
 """
 
 import importlib
@@ -20,6 +23,9 @@ REGISTRY = {
     "gradascent": ("grad_ascent", "GradAscentTrainer"),
     "graddiff": ("grad_diff", "GradDiffTrainer"),
     "rmu": ("rmu", "RMUTrainer"),
+    "undial": ("undial", "UNDIALTrainer"),
+    "ceu": ("ceu", "CEUTrainer"),
+    "pdu": ("pdu", "PDUTrainer"),
 }
 
 
