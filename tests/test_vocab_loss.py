@@ -21,8 +21,9 @@ def identity_head_loss(z, labels, num_forget, kind, weights=None, **kw):
 
 def test_hand_computed_losses_and_logit_gradients():
     # UNDIAL: teacher logits [0, ln 4, 0], label 1 lowered by beta = ln 2 -> target [1/4, 1/2, 1/4]; student uniform
-    teacher = VocabTeacher(hidden=torch.tensor([[0.0, math.log(4), 0.0]], dtype=torch.float64),
-                           weight=torch.eye(3, dtype=torch.float64))
+    teacher = VocabTeacher(
+        hidden=torch.tensor([[0.0, math.log(4), 0.0]], dtype=torch.float64), weight=torch.eye(3, dtype=torch.float64)
+    )
     loss, rows, grad = identity_head_loss([[0.0, 0.0, 0.0]], [1], 1, "undial", beta=math.log(2), teacher=teacher)
     assert loss == pytest.approx(math.log(3))  # CE(q, uniform) = log V
     torch.testing.assert_close(grad, torch.tensor([[1 / 12, -1 / 6, 1 / 12]], dtype=torch.float64))
@@ -49,8 +50,12 @@ def case(dtype=torch.float64, seed=0, n=9, h=6, v=13, num_forget=5, bias=True):
     b = torch.randn(v, generator=g, dtype=dtype).requires_grad_() if bias else None
     labels = torch.randint(0, v, (n,), generator=g)
     weights = torch.rand(n, generator=g, dtype=dtype)
-    teacher = VocabTeacher(torch.randn(num_forget, h, generator=g, dtype=dtype), torch.randn(v, h, generator=g,
-                           dtype=dtype), torch.randn(v, generator=g, dtype=dtype), (0.8, 2.5))
+    teacher = VocabTeacher(
+        torch.randn(num_forget, h, generator=g, dtype=dtype),
+        torch.randn(v, h, generator=g, dtype=dtype),
+        torch.randn(v, generator=g, dtype=dtype),
+        (0.8, 2.5),
+    )
     return hidden, weight, b, labels, weights, teacher
 
 
@@ -59,8 +64,9 @@ def case(dtype=torch.float64, seed=0, n=9, h=6, v=13, num_forget=5, bias=True):
 def test_gradcheck_float64(kind, softcap):
     hidden, weight, bias, labels, weights, teacher = case()
     kw = dict(kind=kind, num_forget=5, beta=1.5, teacher=teacher, logit_scale=0.7, softcap=softcap, chunk_rows=2)
-    assert torch.autograd.gradcheck(lambda h, w, b: fused_vocab_loss(h, w, labels, weights, b, **kw)[0],
-                                    (hidden, weight, bias))
+    assert torch.autograd.gradcheck(
+        lambda h, w, b: fused_vocab_loss(h, w, labels, weights, b, **kw)[0], (hidden, weight, bias)
+    )
 
 
 @pytest.mark.parametrize("kind", ["undial", "ceu", "pdu"])
@@ -75,7 +81,9 @@ def test_matches_full_logits_autograd_in_any_tiling(kind, softcap, chunk_rows):
     torch.testing.assert_close(loss, ref)
     torch.testing.assert_close(rows, ref_rows)
     torch.testing.assert_close(logps, ref_logps)
-    for a, b in zip(torch.autograd.grad(loss, (hidden, weight, bias)), torch.autograd.grad(ref, (hidden, weight, bias))):
+    for a, b in zip(
+        torch.autograd.grad(loss, (hidden, weight, bias)), torch.autograd.grad(ref, (hidden, weight, bias))
+    ):
         torch.testing.assert_close(a, b)
 
 
@@ -89,8 +97,9 @@ def test_float32_frozen_head_and_all_retain_or_all_forget():
         loss, _, _ = fused_vocab_loss(hidden, weight, labels, weights, chunk_rows=3, **kw)
         ref, _, _ = naive_vocab_loss(hidden, weight, labels, weights, **kw)
         torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(torch.autograd.grad(loss, hidden)[0], torch.autograd.grad(ref, hidden)[0],
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            torch.autograd.grad(loss, hidden)[0], torch.autograd.grad(ref, hidden)[0], rtol=1e-5, atol=1e-6
+        )
 
 
 def test_bad_input_is_a_clear_error():

@@ -3,12 +3,12 @@
 Each loss is a function of one scored row's whole next-token logits `z_i` `[V]` (the model's logits, after its
 transform; `tiles.py`), with `p_i = softmax(z_i)` and `y_i` the row's label:
 
-| kind     | loss `l_i`                                                        | `d l_i / d z_i`                       |
-|----------|-------------------------------------------------------------------|---------------------------------------|
-| `undial` | `CE(q_i, p_i) = lse(z_i) − q_i·z_i`, `q_i = softmax(t_i − β·e_y)`  | `p_i − q_i`                           |
-| `ceu`    | `CE(q_i, p_i)`, `q_i = softmax(sg(z_i) with z_iy = −inf)`          | `p_i − q_i` (`q_i` detached)          |
-| `pdu`    | `(max_v z_iv − mean_v z_iv)²`                                     | `2 d_i (e_argmax − 1/V)`, `d_i` the gap |
-| `nll`    | `lse(z_i) − z_iy` (the retain rows)                               | `p_i − e_y`                           |
+| kind     | loss `l_i`                                                     | `d l_i / d z_i`                    |
+|----------|----------------------------------------------------------------|------------------------------------|
+| `undial` | `CE(q_i, p_i) = lse(z_i) − q_i·z_i`, `q_i = softmax(t_i − β e_y)` | `p_i − q_i`                       |
+| `ceu`    | `CE(q_i, p_i)`, `q_i = softmax(sg(z_i) with z_iy = −inf)`        | `p_i − q_i` (`q_i` detached)       |
+| `pdu`    | `d_i² = (max_v z_iv − mean_v z_iv)²`                           | `2 d_i (e_argmax − 1/V)`           |
+| `nll`    | `lse(z_i) − z_iy` (the retain rows)                            | `p_i − e_y`                        |
 
 UNDIAL (Dong et al., arXiv 2402.10052): `t_i` are the frozen teacher's logits at the same position, from its own
 hidden states and head (`VocabTeacher`). CE-U (Yang et al., arXiv 2503.01224): the student's own distribution with the
@@ -99,8 +99,22 @@ class FusedVocabLoss(torch.autograd.Function):
     softcap, needs_grad)` -> `(loss, row_losses, row_logps)`; see the module docstring."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, row_weights, kind, num_forget, beta, teacher, chunk_rows,
-                logit_scale, softcap, needs_grad):
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        bias,
+        labels,
+        row_weights,
+        kind,
+        num_forget,
+        beta,
+        teacher,
+        chunk_rows,
+        logit_scale,
+        softcap,
+        needs_grad,
+    ):
         ctx.set_materialize_grads(False)
         need_h, need_w, need_b = needs_grad
         device = hidden.device
@@ -175,13 +189,28 @@ class FusedVocabLoss(torch.autograd.Function):
         none = (None,) * 10  # labels, row_weights and the non-tensor arguments
         if grad_loss is None:
             return (None, None, None) + none
-        grads = tuple(None if buf is None else (buf * grad_loss.to(buf.dtype)).to(dt)
-                      for buf, dt in zip(ctx.saved_tensors, ctx.dtypes))
+        grads = tuple(
+            None if buf is None else (buf * grad_loss.to(buf.dtype)).to(dt)
+            for buf, dt in zip(ctx.saved_tensors, ctx.dtypes)
+        )
         return grads + none
 
 
-def fused_vocab_loss(hidden, weight, labels, row_weights, bias=None, *, kind, num_forget, beta=0.0, teacher=None,
-                     logit_scale=1.0, softcap=None, chunk_rows=DEFAULT_CHUNK_SIZE):
+def fused_vocab_loss(
+    hidden,
+    weight,
+    labels,
+    row_weights,
+    bias=None,
+    *,
+    kind,
+    num_forget,
+    beta=0.0,
+    teacher=None,
+    logit_scale=1.0,
+    softcap=None,
+    chunk_rows=DEFAULT_CHUNK_SIZE,
+):
     """`(loss, row_losses, row_logps)`: the weighted sum of the rows' losses; shapes and conventions: module
     docstring."""
     if kind not in KINDS:
@@ -194,19 +223,47 @@ def fused_vocab_loss(hidden, weight, labels, row_weights, bias=None, *, kind, nu
         got = "none" if teacher is None else f"{teacher.hidden.shape[0]} rows"
         raise ValueError(f"UNDIAL needs the teacher's hidden states at the {num_forget} forget rows, got {got}")
     if labels.shape != (hidden.shape[0],) or row_weights.shape != (hidden.shape[0],):
-        raise ValueError(f"labels and row_weights must be [N] = [{hidden.shape[0]}], got {tuple(labels.shape)} and "
-                         f"{tuple(row_weights.shape)}")
+        raise ValueError(
+            f"labels and row_weights must be [N] = [{hidden.shape[0]}], got {tuple(labels.shape)} and "
+            f"{tuple(row_weights.shape)}"
+        )
     with gather_head(weight, bias):  # autograd records the full head shape for the gradient it will receive
         grad_on = torch.is_grad_enabled()
         needs_grad = tuple(grad_on and x is not None and x.requires_grad for x in (hidden, weight, bias))
-        return FusedVocabLoss.apply(hidden, weight, bias, labels.long(), row_weights.detach(), kind, num_forget,
-                                    float(beta), teacher, chunk_rows, logit_scale, softcap, needs_grad)
+        return FusedVocabLoss.apply(
+            hidden,
+            weight,
+            bias,
+            labels.long(),
+            row_weights.detach(),
+            kind,
+            num_forget,
+            float(beta),
+            teacher,
+            chunk_rows,
+            logit_scale,
+            softcap,
+            needs_grad,
+        )
 
 
-def naive_vocab_loss(hidden, weight, labels, row_weights, bias=None, *, kind, num_forget, beta=0.0, teacher=None,
-                     logit_scale=1.0, softcap=None):
+def naive_vocab_loss(
+    hidden,
+    weight,
+    labels,
+    row_weights,
+    bias=None,
+    *,
+    kind,
+    num_forget,
+    beta=0.0,
+    teacher=None,
+    logit_scale=1.0,
+    softcap=None,
+):
     """Reference (tests, benchmarks): the same losses from the full `[N, V]` logits with autograd. Same arguments
     and outputs as `fused_vocab_loss`, the loss attached."""
+
     def logits(h, w, b, scale, cap):
         y = torch.nn.functional.linear(h, w, b).to(torch.promote_types(h.dtype, torch.float32))
         return cap * torch.tanh(scale * y / cap) if cap is not None else scale * y

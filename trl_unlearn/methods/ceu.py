@@ -50,9 +50,7 @@ class CEUConfig(UnlearningConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.ignore_first_n_answer_tokens < 0:
-            raise ValueError(
-                f"`ignore_first_n_answer_tokens` must be >= 0, got {self.ignore_first_n_answer_tokens}."
-            )
+            raise ValueError(f"`ignore_first_n_answer_tokens` must be >= 0, got {self.ignore_first_n_answer_tokens}.")
 
 
 class CEUTrainer(FullVocabUnlearningTrainer):

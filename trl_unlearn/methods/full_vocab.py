@@ -39,9 +39,22 @@ class VocabLossOutput(ModelOutput):
     retain_kl: torch.Tensor | None = None
 
 
-def vocab_loss_forward(model, input_ids=None, attention_mask=None, labels=None, *, forget_rows, kind,
-                       forget_row_weight, retain_row_weight=None, beta=0.0, teacher=None, kl_teacher=None,
-                       chunk_size=DEFAULT_CHUNK_SIZE, **backbone_kwargs) -> VocabLossOutput:
+def vocab_loss_forward(
+    model,
+    input_ids=None,
+    attention_mask=None,
+    labels=None,
+    *,
+    forget_rows,
+    kind,
+    forget_row_weight,
+    retain_row_weight=None,
+    beta=0.0,
+    teacher=None,
+    kl_teacher=None,
+    chunk_size=DEFAULT_CHUNK_SIZE,
+    **backbone_kwargs,
+) -> VocabLossOutput:
     """One forward of the causal LM `model` on a forget+retain batch (`forget_rows` `[B]` bool; `labels` `[B, T]`
     with -100 at unscored positions): `kind`'s loss on the forget rows' scored positions, weighted by
     `forget_row_weight`, plus the NLL of the retain rows' weighted by `retain_row_weight` (None: no retain NLL rows).
@@ -54,18 +67,36 @@ def vocab_loss_forward(model, input_ids=None, attention_mask=None, labels=None, 
     if retain_row_weight is not None:
         order = torch.cat([forget_idx, (~is_forget).nonzero().view(-1)])
     num_forget = len(forget_idx)
-    row_weights = torch.where(is_forget[order], forget_row_weight,
-                              retain_row_weight if retain_row_weight is not None else 0.0).float()
+    row_weights = torch.where(
+        is_forget[order], forget_row_weight, retain_row_weight if retain_row_weight is not None else 0.0
+    ).float()
     loss, row_losses, row_logps = fused_vocab_loss(
-        hidden[order], weight, targets[order], row_weights, bias, kind=kind, num_forget=num_forget, beta=beta,
-        teacher=teacher, logit_scale=logit_scale, softcap=softcap, chunk_rows=chunk_size,
+        hidden[order],
+        weight,
+        targets[order],
+        row_weights,
+        bias,
+        kind=kind,
+        num_forget=num_forget,
+        beta=beta,
+        teacher=teacher,
+        logit_scale=logit_scale,
+        softcap=softcap,
+        chunk_rows=chunk_size,
     )
     out = VocabLossOutput(loss=loss, row_losses=row_losses, row_logps=row_logps, num_forget=num_forget)
     if kl_teacher is not None:
         rows = kl_teacher.mask[mask]
-        out.retain_kl = chunked_kl(hidden[rows], weight, bias, kl_teacher.hidden, kl_teacher.weight, kl_teacher.bias,
-                                   student_transform=(logit_scale, softcap),
-                                   teacher_transform=kl_teacher.transform).float()
+        out.retain_kl = chunked_kl(
+            hidden[rows],
+            weight,
+            bias,
+            kl_teacher.hidden,
+            kl_teacher.weight,
+            kl_teacher.bias,
+            student_transform=(logit_scale, softcap),
+            teacher_transform=kl_teacher.transform,
+        ).float()
     return out
 
 
@@ -121,10 +152,19 @@ class FullVocabUnlearningTrainer(UnlearningTrainer):
         kl = self._retain_kl_teacher(model, inputs) if self.retain_kl and rmask.any() else None
         forget_w = args.forget_weight * scale / self.forget_token_count(counts).clamp(min=1)
         retain_w = self.retain_coefficient() * scale / counts.retain_tokens.clamp(min=1)
-        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=labels,
-                    unlearning_forward=vocab_loss_forward, forget_rows=fmask, kind=self.vocab_loss_kind,
-                    beta=getattr(args, "beta", 0.0), teacher=teacher, kl_teacher=kl, forget_row_weight=forget_w,
-                    retain_row_weight=None if self.retain_kl else retain_w)
+        out = model(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            labels=labels,
+            unlearning_forward=vocab_loss_forward,
+            forget_rows=fmask,
+            kind=self.vocab_loss_kind,
+            beta=getattr(args, "beta", 0.0),
+            teacher=teacher,
+            kl_teacher=kl,
+            forget_row_weight=forget_w,
+            retain_row_weight=None if self.retain_kl else retain_w,
+        )
         loss, nf = out.loss, out.num_forget
         if kl is not None:
             retain_losses = out.retain_kl

@@ -108,14 +108,14 @@ class DualAscentCallback(TrainerCallback):
         retain_loss = trainer.pop_step_retain_loss()
         self.epoch_losses.append(retain_loss)
         if args.dual_update_upon == "step" and self.epoch_at_step_start >= args.dual_warmup_epochs:
-            trainer.dual_lambda = dual_step(trainer.dual_lambda, retain_loss, args.retain_loss_eps,
-                                            args.dual_step_size)
+            trainer.dual_lambda = dual_step(trainer.dual_lambda, retain_loss, args.retain_loss_eps, args.dual_step_size)
 
     def on_epoch_end(self, args, state, control, **kwargs):
         if args.dual_update_upon == "epoch" and state.epoch >= args.dual_warmup_epochs and self.epoch_losses:
             mean = sum(self.epoch_losses) / len(self.epoch_losses)
-            self.trainer.dual_lambda = dual_step(self.trainer.dual_lambda, mean, args.retain_loss_eps,
-                                                 args.dual_step_size)
+            self.trainer.dual_lambda = dual_step(
+                self.trainer.dual_lambda, mean, args.retain_loss_eps, args.dual_step_size
+            )
         self.epoch_losses = []
 
 
@@ -126,8 +126,12 @@ class PDUTrainer(FullVocabUnlearningTrainer):
     config_class = PDUConfig
     vocab_loss_kind = "pdu"
     _tag_names = FullVocabUnlearningTrainer._tag_names + ["pdu"]
-    card_hyperparameters = ("retain_loss_eps", "dual_step_size", "dual_warmup_epochs", "dual_update_upon",
-                            ) + FullVocabUnlearningTrainer.card_hyperparameters
+    card_hyperparameters = (
+        "retain_loss_eps",
+        "dual_step_size",
+        "dual_warmup_epochs",
+        "dual_update_upon",
+    ) + FullVocabUnlearningTrainer.card_hyperparameters
     _name = "PDU"
     _paper = {
         "title": "Constrained Entropic Unlearning: A Primal-Dual Framework for Large Language Models",
