@@ -360,3 +360,87 @@ def test_undial_teacher_is_an_explicit_ref_model(tokenizer, forget_ds, tmp_path)
     target = (z - 2.0 * F.one_hot(y, z.shape[-1])).softmax(-1)
     expected = -(target * z.log_softmax(-1)).sum(-1).mean()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_undial_with_a_kl_retain_term_and_another_teacher(tokenizer, forget_ds, retain_ds, tmp_path):
+    """Forget rows distil from the `ref_model`, retain rows pay KL(ref ‖ model): both against full logits."""
+    model, ref = tiny(tokenizer), tiny(tokenizer, seed=7)
+    args = cpu_args(UNDIALConfig, tmp_path, beta=2.0, retain_weight=0.5, retain_loss_type="kl", forget_weight=0.7)
+    trainer = UNDIALTrainer(
+        model, ref_model=ref, args=args, forget_dataset=forget_ds, retain_dataset=retain_ds, processing_class=tokenizer
+    )
+    batch = first_batch(trainer)
+    f = batch["forget_mask"]
+    scored = batch["completion_mask"][:, 1:].bool()
+    loss, norm = ours(trainer, model.eval(), batch)
+
+    def naive():
+        kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        logp = model(**kw).logits[:, :-1].float().log_softmax(-1)
+        with torch.no_grad():
+            ref_logits = ref(**kw).logits[:, :-1].float()
+        y = batch["input_ids"][:, 1:]
+        fpos, rpos = scored & f[:, None], scored & ~f[:, None]
+        target = (ref_logits[fpos] - 2.0 * F.one_hot(y[fpos], ref_logits.shape[-1])).softmax(-1)
+        forget = -(target * logp[fpos]).sum(-1).mean()
+        ref_logp = ref_logits[rpos].log_softmax(-1)
+        retain = (ref_logp.exp() * (ref_logp - logp[rpos])).sum(-1).mean()
+        return 0.7 * forget + 0.5 * retain
+
+    expected = theirs(model, naive)
+    assert loss == pytest.approx(expected[0], rel=1e-5) and norm == pytest.approx(expected[1], rel=1e-4)
+
+
+def test_undial_with_lora_uses_the_base_as_teacher(tokenizer, forget_ds, tmp_path):
+    from peft import LoraConfig
+
+    model = tiny(tokenizer)
+    reference = UNDIALTrainer(
+        copy.deepcopy(model),
+        args=cpu_args(UNDIALConfig, tmp_path / "a"),
+        forget_dataset=forget_ds,
+        processing_class=tokenizer,
+    )
+    lora = UNDIALTrainer(
+        model,
+        args=cpu_args(UNDIALConfig, tmp_path / "b", max_steps=2),
+        forget_dataset=forget_ds,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+    )
+    assert lora.reference_plan.kind == "adapters_off" and lora.ref_model is None
+    batch = first_batch(lora)
+    with torch.no_grad():  # LoRA starts as the identity: the same loss as a full fine-tune's first step
+        torch.testing.assert_close(
+            lora.compute_loss(lora.model.eval(), batch), reference.compute_loss(reference.model.eval(), batch)
+        )
+    lora.train()
+    assert all(h["forget/loss"] > 0 for h in lora.state.log_history if "forget/loss" in h)
+
+
+def test_pdu_resume_reads_lambda_back(tokenizer, forget_ds, retain_ds, tmp_path):
+    def run(out, max_steps, resume=None):
+        args = cpu_args(
+            PDUConfig,
+            tmp_path,
+            output_dir=str(out),
+            retain_loss_eps=5.0,
+            dual_warmup_epochs=0,
+            dual_step_size=3.0,
+            retain_weight=0.5,
+            max_steps=max_steps,
+            save_strategy="steps",
+            save_steps=1,
+        )
+        t = PDUTrainer(
+            tiny(tokenizer), args=args, forget_dataset=forget_ds, retain_dataset=retain_ds, processing_class=tokenizer
+        )
+        t.train(resume_from_checkpoint=resume)
+        return t
+
+    full = run(tmp_path / "a", 3)
+    lam_step3 = [h["dual/lambda"] for h in full.state.log_history if "dual/lambda" in h][2]
+    saved = json.load(open(tmp_path / "a" / "checkpoint-2" / "pdu_dual.json"))["lambda"]
+    assert saved == pytest.approx(lam_step3) and saved != 0.5  # λ after two updates, the one step 3 uses
+    resumed = run(tmp_path / "a", 3, resume=str(tmp_path / "a" / "checkpoint-2"))
+    assert resumed.dual_lambda == pytest.approx(full.dual_lambda, rel=1e-5)
