@@ -323,7 +323,10 @@ def test_bad_settings_are_clear_errors(tokenizer, forget_ds, retain_ds, tmp_path
     with pytest.raises(ValueError, match="`ignore_first_n_answer_tokens` must be >= 0"):
         cpu_args(CEUConfig, tmp_path, ignore_first_n_answer_tokens=-1)
     # every answer token ignored: nothing to learn from
-    with pytest.raises(ValueError, match=r"8 of 8 forget examples have at most `ignore_first_n_answer_tokens=50`"):
+    with pytest.raises(
+        ValueError,
+        match=r"8 of 8 forget examples have at most `ignore_first_n_answer_tokens=50` scored tokens \(shortest: ",
+    ):
         CEUTrainer(
             tiny(tokenizer),
             args=cpu_args(CEUConfig, tmp_path, ignore_first_n_answer_tokens=50),

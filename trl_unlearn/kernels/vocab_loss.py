@@ -34,10 +34,13 @@ API:
     Returns `loss` (0-dim fp32, differentiable w.r.t. hidden, weight, bias), `row_losses` `[N]` (unweighted `l_i`)
     and `row_logps` `[N]` (the label log-probs, for logging), both detached.
 
+ZeRO-3: the student's head and the teacher's are gathered for the op (a teacher sharing the student's head once).
+
 Memory: one `[chunk_rows, V]` tile in the GEMM dtype, its fp32 copy (the same buffer in fp32), one more fp32 tile for
 the UNDIAL / CE-U target, the `[N, H]` hidden gradient and, with a trainable head, the fp32 `[V, H]` head gradient.
 """
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -227,7 +230,11 @@ def fused_vocab_loss(
             f"labels and row_weights must be [N] = [{hidden.shape[0]}], got {tuple(labels.shape)} and "
             f"{tuple(row_weights.shape)}"
         )
-    with gather_head(weight, bias):  # autograd records the full head shape for the gradient it will receive
+    # ZeRO-3: the heads are gathered for the op; autograd then records the full head shape for its gradient. A teacher
+    # sharing the student's head (PEFT with the adapters off) is gathered once.
+    own_teacher_head = teacher is not None and teacher.weight is not weight
+    teacher_ctx = gather_head(teacher.weight, teacher.bias) if own_teacher_head else contextlib.nullcontext()
+    with gather_head(weight, bias), teacher_ctx:
         grad_on = torch.is_grad_enabled()
         needs_grad = tuple(grad_on and x is not None and x.requires_grad for x in (hidden, weight, bias))
         return FusedVocabLoss.apply(

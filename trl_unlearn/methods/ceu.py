@@ -66,14 +66,20 @@ class CEUTrainer(FullVocabUnlearningTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self._check_lengths(self.train_dataset.forget, "forget")
+        if self.eval_dataset is not None:
+            self._check_lengths(self.eval_dataset.forget, "eval forget")
+
+    def _check_lengths(self, dataset, name):
+        """Every row must keep a scored token after the ignored ones: the step's token count relies on it."""
         n = self.args.ignore_first_n_answer_tokens
-        scored = np.asarray(self.train_dataset.forget["num_scored"])
+        scored = np.asarray(dataset["num_scored"])
         short = int((scored <= n).sum())
         if short:
             raise ValueError(
-                f"{short} of {len(scored)} forget examples have at most `ignore_first_n_answer_tokens={n}` scored "
-                f"tokens, so CE-U would learn nothing from them: lower `ignore_first_n_answer_tokens` or drop those "
-                "examples (shortest: {} tokens).".format(int(scored.min()))
+                f"{short} of {len(scored)} {name} examples have at most `ignore_first_n_answer_tokens={n}` scored "
+                f"tokens (shortest: {int(scored.min())}), so CE-U would learn nothing from them: lower "
+                "`ignore_first_n_answer_tokens` or drop those examples."
             )
 
     def forget_labels(self, labels, forget_rows):
@@ -86,5 +92,6 @@ class CEUTrainer(FullVocabUnlearningTrainer):
         return torch.cat([labels[:, :1], labels[:, 1:].masked_fill(drop, -100)], dim=1)
 
     def forget_token_count(self, counts):
-        # every forget row has more than n scored tokens (checked above), so exactly n per row are left out
+        # every forget row has more than n scored tokens (checked at construction), so exactly n per row are left out;
+        # an eval set passed later to `evaluate()` is not checked: a row there with fewer tokens makes this count low
         return counts.forget_tokens - self.args.ignore_first_n_answer_tokens * counts.forget_samples
