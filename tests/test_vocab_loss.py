@@ -110,3 +110,21 @@ def test_bad_input_is_a_clear_error():
         fused_vocab_loss(hidden, weight, labels, weights, kind="undial", num_forget=5)
     with pytest.raises(ValueError, match="num_forget must lie in"):
         fused_vocab_loss(hidden, weight, labels, weights, kind="pdu", num_forget=10)
+
+
+@pytest.mark.parametrize("kind", ["undial", "ceu", "pdu"])
+def test_bf16_inputs_close_to_fp32(kind):
+    """bf16 hidden and head (the GEMMs in bf16, the tile math in fp32): values and gradients near the fp32 result."""
+    hidden, weight, bias, labels, weights, teacher = case(dtype=torch.float32, n=24, h=16, v=50)
+    kw = dict(kind=kind, num_forget=5, beta=1.5, teacher=teacher, softcap=3.0)
+    ref, _, _ = naive_vocab_loss(hidden, weight, labels, weights, bias, **kw)
+    ref_grads = torch.autograd.grad(ref, (hidden, weight))
+    h16, w16, b16 = (x.detach().bfloat16().requires_grad_() for x in (hidden, weight, bias))
+    t16 = VocabTeacher(teacher.hidden.bfloat16(), teacher.weight.bfloat16(), teacher.bias.bfloat16(), teacher.transform)
+    kw["teacher"] = t16
+    loss, _, _ = fused_vocab_loss(h16, w16, labels, weights.float(), b16, chunk_rows=7, **kw)
+    grads = torch.autograd.grad(loss, (h16, w16))
+    assert loss.dtype == torch.float32 and grads[0].dtype == torch.bfloat16
+    torch.testing.assert_close(loss, ref, rtol=2e-2, atol=2e-2)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.float(), r, rtol=5e-2, atol=2e-2)
