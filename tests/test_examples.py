@@ -36,6 +36,15 @@ def test_recipes_parse(recipe, monkeypatch):
         assert args.retain_dataset_name != args.dataset_name and args.text_rows == "documents"
         assert config.max_length == 512 and model_args.model_name_or_path == "HuggingFaceH4/zephyr-7b-beta"
         return
+    method = next((m for m in ("undial", "ceu", "pdu") if name.endswith(f"_{m}.yaml")), None)
+    if method:  # training-command recipes of methods whose own settings the example studies don't carry
+        from trl_unlearn.cli.train import make_parser, parse
+
+        args, config, model_args = parse(make_parser(method), method, ["--config", recipe])
+        assert args.forget_split in name and config.num_train_epochs == 10 and type(config).__name__.lower().startswith(
+            method
+        )
+        return
     example = load_example("tofu" if name.startswith("tofu") else "muse")
     if name.startswith("tofu"):
         args, config, model_args = example.parse(["--config", recipe, "--use_cpu", "true", "--bf16", "false"])

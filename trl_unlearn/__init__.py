@@ -20,6 +20,9 @@ _EXPORTS = {
     "methods.satimp": ["SatImpConfig", "SatImpTrainer"],
     "methods.idk_nll": ["IdkNLLConfig", "IdkNLLTrainer"],
     "methods.idk_dpo": ["IdkDPOConfig", "IdkDPOTrainer"],
+    "methods.undial": ["UNDIALConfig", "UNDIALTrainer"],
+    "methods.ceu": ["CEUConfig", "CEUTrainer"],
+    "methods.pdu": ["PDUConfig", "PDUTrainer"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)

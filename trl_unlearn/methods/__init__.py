@@ -12,6 +12,9 @@ machinery every method shares (`UnlearningTrainer`), `base_config` the shared fi
 | `satimp` | SatImp: token-level GA weighted by the detached `p_t^β1 (1 − p_t)^β2` |
 | `idk_nll` | IdkNLL: NLL on "I don't know" answers to the forget prompts |
 | `idk_dpo` | IdkDPO: DPO with the IdK answer chosen and the forget answer rejected |
+| `undial` | UNDIAL: distil the frozen model with the target's logit lowered (full vocabulary) |
+| `ceu` | CE-U: cross-entropy to the model's distribution without the target (full vocabulary) |
+| `pdu` | PDU: logit-margin flattening under a retain-loss constraint, primal-dual |
 """
 
 import importlib
@@ -28,6 +31,9 @@ REGISTRY = {
     "satimp": ("satimp", "SatImpTrainer"),
     "idknll": ("idk_nll", "IdkNLLTrainer"),
     "idkdpo": ("idk_dpo", "IdkDPOTrainer"),
+    "undial": ("undial", "UNDIALTrainer"),
+    "ceu": ("ceu", "CEUTrainer"),
+    "pdu": ("pdu", "PDUTrainer"),
 }
 
 
