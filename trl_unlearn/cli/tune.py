@@ -5,6 +5,8 @@
 
 `--config`: a training recipe (keys of `trl-unlearn METHOD`) every trial starts from, with an optional
 `search_space:` mapping that overrides the default space. Writes `O/tuning.json`, `O/pareto.png`, `O/best.yaml`.
+The data are read as `trl-unlearn METHOD` reads them (the recipe's `prompt_template`, `conversational`, QA
+columns); scoring uses the TOFU evaluation sets of `--data_dir`. The search itself: `trl_unlearn.tuning`.
 """
 
 from __future__ import annotations
@@ -91,16 +93,67 @@ def _read_yaml(path: str, what: str) -> dict:
     return data
 
 
+def _recipe_parts(method: str, recipe: dict, data_dir: str, forget_split: str, retain_split: str | None):
+    """Split a recipe into (data keys, config keys, model keys) with the training command's parser; unknown keys
+    are an error. The data keys get `--data_dir` / `--forget_split` / `--retain_split`."""
+    import dataclasses
+
+    from trl import ModelConfig
+
+    from .train import METHODS, StudyArguments, UnlearnScriptArguments, make_parser
+
+    recipe = {k: v for k, v in recipe.items() if k != "search_space"}
+    data = {**recipe, "dataset_name": data_dir, "forget_split": forget_split}
+    if retain_split is not None:
+        data["retain_split"] = retain_split
+    try:
+        parsed = make_parser(method).parse_dict({**data, "output_dir": "unused"})
+    except ValueError as e:
+        raise ValueError(f"recipe: {str(e).splitlines()[0]} (see `trl-unlearn {method} --help`).") from None
+    names = [{f.name for f in dataclasses.fields(c)} for c in (UnlearnScriptArguments, StudyArguments)]
+    config_fields = {f.name for f in dataclasses.fields(METHODS[method][1])}
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    data_keys = {k: v for k, v in data.items() if k in names[0]}
+    config_keys = {k: v for k, v in recipe.items() if k in config_fields and k not in data_keys}
+    model_keys = {k: v for k, v in recipe.items() if k in model_fields and k not in config_fields}
+    return parsed, data_keys, config_keys, model_keys
+
+
 def _run_tune(args) -> int:
     from ..methods import REGISTRY
 
     if args.method not in REGISTRY:
         raise ValueError(f"Unknown method {args.method!r}: choose one of {', '.join(REGISTRY)}.")
+    from trl import get_peft_config, get_quantization_config
+
+    from ..loading import check_model_path, load_tokenizer
     from ..tuning.selection import SelectionRule
     from ..tuning.study import tune
+    from .train import load_split
 
     recipe = _read_yaml(args.config, "recipe") if args.config else {}
     space = _read_yaml(args.search_space, "search space") if args.search_space else None
+    if "search_space" in recipe:
+        if space is not None:
+            raise ValueError("search space given twice (recipe `search_space:` and --search_space): keep one.")
+        space = recipe["search_space"]
+    (script, _, config, model_args), data_keys, config_keys, model_keys = _recipe_parts(
+        args.method, recipe, args.data_dir, args.forget_split, args.retain_split
+    )
+    if not os.path.isdir(args.data_dir):
+        raise FileNotFoundError(f"--data_dir {args.data_dir!r} is not a folder: give a TOFU-layout folder.")
+    check_model_path(args.model_name_or_path)
+    tokenizer = load_tokenizer(args.model_name_or_path)
+    retain_split = script.retain()
+    forget = load_split(script, args.forget_split, tokenizer, config.max_length)
+    retain = load_split(script, retain_split, tokenizer, config.max_length, "retain") if retain_split else None
+    if model_keys:
+        config_keys["model_init_kwargs"] = {
+            "revision": model_args.model_revision,
+            "dtype": model_args.dtype,
+            "attn_implementation": model_args.attn_implementation,
+            **(config_keys.get("model_init_kwargs") or {}),
+        }
     tune(
         args.method,
         args.model_name_or_path,
@@ -109,8 +162,14 @@ def _run_tune(args) -> int:
         forget_split=args.forget_split,
         retain_split=args.retain_split,
         retain_report=args.retain_report,
-        recipe=recipe,
+        recipe=config_keys,
         search_space=space,
+        forget_dataset=forget,
+        retain_dataset=retain,
+        prompt_format=script.prompt_format(),
+        peft_config=get_peft_config(model_args),
+        quantization_config=get_quantization_config(model_args),
+        recipe_data={**data_keys, **model_keys},
         n_trials=args.n_trials,
         timeout=args.timeout,
         storage=args.storage,

@@ -23,6 +23,7 @@ Outputs in `output_dir`: `tuning.json` (every trial, the rule, the selected tria
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -182,47 +183,63 @@ class TofuScorer:
 # -------------------------------------------------------------------------------------------------- training --
 
 
+TOFU_RETAIN = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
+
+
+def tofu_datasets(data_dir: str, forget_split: str, retain_split: str | None = None, prompt_template=None):
+    """Forget and retain QA splits of a TOFU-layout folder as prompt-completion datasets (`qa_to_trl`, default
+    template `PROMPT_TEMPLATE`); the retain split defaults to the forget split's complement."""
+    from datasets import Dataset
+
+    from trl_unlearn.data.files import load_tofu_split
+    from trl_unlearn.data.formats import PROMPT_TEMPLATE, qa_to_trl
+
+    if retain_split is None:
+        if forget_split not in TOFU_RETAIN:
+            raise ValueError(f"give the retain split: {forget_split!r} is not a TOFU forget split (e.g. forget10).")
+        retain_split = TOFU_RETAIN[forget_split]
+    template = prompt_template or PROMPT_TEMPLATE
+    return tuple(
+        qa_to_trl(Dataset.from_list(load_tofu_split(data_dir, s)), template) for s in (forget_split, retain_split)
+    )
+
+
 class Runner:
-    """Trains `method` from the model at `model_path` on the forget / retain data of a recipe."""
+    """Trains `method` from the model at `model_path` on fixed forget / retain datasets, from `config_values`
+    (fields of the method's config) plus a trial's values and seed."""
 
-    def __init__(self, method, model_path, recipe: Mapping, data_dir, forget_split, retain_split, output_dir):
+    def __init__(
+        self,
+        method,
+        model_path,
+        forget,
+        retain,
+        tokenizer,
+        config_values: Mapping,
+        output_dir,
+        peft_config=None,
+        quantization_config=None,
+    ):
         import torch
-        from trl import get_peft_config, get_quantization_config
 
-        from trl_unlearn.cli.train import load_split, make_parser
-        from trl_unlearn.loading import load_tokenizer
         from trl_unlearn.methods import get_method
 
-        self.method, self.model_path, self.output_dir = method, model_path, output_dir
+        self.method, self.model_path, self.tokenizer = method, model_path, tokenizer
+        self.forget, self.retain, self.peft, self.quantization = forget, retain, peft_config, quantization_config
         self.trainer_cls, self.config_cls = get_method(method)
-        recipe = dict(recipe)
-        recipe.update(dataset_name=data_dir, forget_split=forget_split, model_name_or_path=model_path)
-        if retain_split is not None:
-            recipe["retain_split"] = retain_split
-        recipe.setdefault("output_dir", os.path.join(output_dir, "runs"))
-        try:
-            script, _, config, model_args = make_parser(method).parse_dict(recipe)
-        except ValueError as e:
-            raise ValueError(f"recipe: {str(e).splitlines()[0]} (keys of `trl-unlearn {method} --help`).") from None
-        self.script, self.model_args = script, model_args
-        fields = {f for f in type(config).__dataclass_fields__}
-        self.base_values = {k: v for k, v in recipe.items() if k in fields}
-        self.base_values.update(RUN_OVERRIDES, output_dir=os.path.join(output_dir, "runs"))
+        fields = {f.name for f in dataclasses.fields(self.config_cls) if f.init}
+        unknown = sorted(set(config_values) - fields)
+        if unknown:
+            raise ValueError(
+                f"recipe keys {unknown} are not fields of {self.config_cls.__name__}: remove them "
+                f"(the fields are listed by `trl-unlearn {method} --help`)."
+            )
+        self.base_values = {**config_values, **RUN_OVERRIDES, "output_dir": os.path.join(output_dir, "runs")}
         if not torch.cuda.is_available():
             self.base_values.update(use_cpu=True, bf16=False)
-        self.base_values["model_init_kwargs"] = {
-            "revision": model_args.model_revision,
-            "dtype": model_args.dtype,
-            "attn_implementation": model_args.attn_implementation,
-            **(config.model_init_kwargs or {}),
-        }
-        self.peft, self.quantization = get_peft_config(model_args), get_quantization_config(model_args)
-        self.default_lr = config.learning_rate
-        self.tokenizer = load_tokenizer(model_path)
-        retain = script.retain()
-        self.forget = load_split(script, forget_split, self.tokenizer, config.max_length)
-        self.retain = load_split(script, retain, self.tokenizer, config.max_length, "retain") if retain else None
-        self.recipe = {k: v for k, v in recipe.items() if k not in ("output_dir", "model_name_or_path")}
+        self.default_lr = config_values.get("learning_rate", self.config_cls.learning_rate)
+        self.dtype = (config_values.get("model_init_kwargs") or {}).get("dtype") or "auto"
+        self.config({}, 0)  # a bad recipe value fails here, before any training
 
     def config(self, values: Mapping, seed: int):
         return self.config_cls(**{**self.base_values, **values, "seed": seed})
@@ -244,11 +261,10 @@ class Runner:
         trainer.train()
         return trainer.accelerator.unwrap_model(trainer.model)
 
+    def original(self):
+        from trl_unlearn.loading import load_model
 
-def _original_model(path, model_args):
-    from trl_unlearn.loading import load_model
-
-    return load_model(path, dtype=model_args.dtype or "auto")
+        return load_model(self.model_path, dtype=self.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------- output --
@@ -376,7 +392,7 @@ def _check_seeds(tuning_seeds, report_seeds):
 def tune(
     method: str,
     model_name_or_path: str,
-    data_dir: str,
+    data_dir: str | None = None,
     *,
     output_dir: str,
     forget_split: str = "forget10",
@@ -384,6 +400,12 @@ def tune(
     retain_report=None,
     recipe: Mapping | None = None,
     search_space: Mapping | None = None,
+    forget_dataset=None,
+    retain_dataset=None,
+    prompt_format: str | None = None,
+    peft_config=None,
+    quantization_config=None,
+    recipe_data: Mapping | None = None,
     n_trials: int = 20,
     timeout: float | None = None,
     storage: str | None = None,
@@ -399,10 +421,16 @@ def tune(
     progress: bool = True,
 ) -> dict:
     """Tune `method` on the model at `model_name_or_path` (see the module docstring); returns what `tuning.json`
-    holds. `recipe`: training settings every trial starts from (keys of `trl-unlearn METHOD`); `search_space`:
-    overrides of the default space (`spaces`); `retain_report`: an `EvalReport` or its path (the retain model on
-    the same split), needed for forget quality unless `score_fn(model, tokenizer) -> dict` scores instead (it must
-    return `rule.score` and `rule.utility`; `forget_nll` too when SimNPO's default β range is used)."""
+    holds.
+
+    Data: `forget_dataset` / `retain_dataset` (any TRL format the trainers take), by default the QA splits of the
+    TOFU-layout folder `data_dir` (`forget_split`, `retain_split`: its complement) with `prompt_format` (default
+    `PROMPT_TEMPLATE`; "chat" for conversational rows). `recipe`: fields of the method's config every trial starts
+    from (a `search_space:` key in it overrides the default space, as `search_space` does); `recipe_data`: data
+    keys written into `best.yaml` beside them (default: `dataset_name`, `forget_split`, `retain_split`).
+    Scoring: the TOFU evaluation sets of `data_dir` against `retain_report` (an `EvalReport` or its path: the
+    retain model on the same split), or `score_fn(model, tokenizer) -> dict`, which must return `rule.score` and
+    `rule.utility` (and `forget_nll` when SimNPO's default β range is used)."""
     import optuna
 
     from trl_unlearn.evaluation.report import EvalReport, save_json
@@ -431,18 +459,39 @@ def tune(
     if isinstance(retain_report, (str, os.PathLike)):
         retain_report = EvalReport.load(retain_report)
 
-    runner = Runner(method, model_name_or_path, recipe, data_dir, forget_split, retain_split, output_dir)
+    from trl_unlearn.data.formats import PROMPT_TEMPLATE
+    from trl_unlearn.loading import load_tokenizer
+
+    prompt_format = prompt_format or PROMPT_TEMPLATE
+    if forget_dataset is None:
+        if data_dir is None:
+            raise ValueError("no data: give data_dir (a TOFU-layout folder) or forget_dataset / retain_dataset.")
+        forget_dataset, retain_dataset = tofu_datasets(
+            data_dir, forget_split, retain_split, None if prompt_format == "chat" else prompt_format
+        )
+    tokenizer = load_tokenizer(model_name_or_path)
+    runner = Runner(
+        method,
+        model_name_or_path,
+        forget_dataset,
+        retain_dataset,
+        tokenizer,
+        recipe,
+        output_dir,
+        peft_config,
+        quantization_config,
+    )
     scorer = None
     if score_fn is None:
-        scorer = TofuScorer(
-            data_dir, forget_split, runner.tokenizer, runner.script.prompt_format(), retain_report, eval_batch_size
-        )
+        if data_dir is None:
+            raise ValueError("TOFU scoring needs data_dir (its evaluation sets); or pass score_fn.")
+        scorer = TofuScorer(data_dir, forget_split, tokenizer, prompt_format, retain_report, eval_batch_size)
         score_fn = scorer
     base_lr = base_learning_rate if base_learning_rate is not None else runner.default_lr
 
     say = (lambda msg: print(msg, flush=True)) if progress else (lambda msg: None)
     say(f"Scoring the original model {model_name_or_path} (no generation) ...")
-    original = score_fn(_original_model(model_name_or_path, runner.model_args), runner.tokenizer)
+    original = score_fn(runner.original(), tokenizer)
     for key in (rule.score, rule.utility):
         if key not in original:
             raise ValueError(f"the scores have no {key!r} (got {sorted(original)}): return it from score_fn.")
@@ -508,7 +557,7 @@ def tune(
         values = spaces.to_config_values(params, base_lr)
         per_seed = []
         for seed in tuning_seeds:
-            per_seed.append({"seed": seed, **_plain_dict(score_fn(runner.train(values, seed), runner.tokenizer))})
+            per_seed.append({"seed": seed, **_plain_dict(score_fn(runner.train(values, seed), tokenizer))})
         scores = {k: v["mean"] for k, v in mean_sd(per_seed).items() if k != "seed"}
         trial.set_user_attr("scores", scores)
         trial.set_user_attr("per_seed", per_seed)
@@ -548,7 +597,7 @@ def tune(
     for seed in report_seeds:
         say(f"Report seed {seed}: training the selected setting ...")
         model = runner.train(best_values, seed)
-        report_rows.append({"seed": seed, **_plain_dict(score_fn(model, runner.tokenizer))})
+        report_rows.append({"seed": seed, **_plain_dict(score_fn(model, tokenizer))})
         if report_generation and scorer is not None:
             full_rows.append({"seed": seed, **_plain_dict(scorer.full(model, data_dir, forget_split))})
     report = {}
@@ -584,7 +633,15 @@ def tune(
                 )
             )
 
-    best_recipe = {**{k: _plain(v) for k, v in runner.recipe.items()}, **{k: _plain(v) for k, v in best_values.items()}}
+    if recipe_data is None:
+        recipe_data = {"dataset_name": data_dir, "forget_split": forget_split}
+        if retain_split is not None:
+            recipe_data["retain_split"] = retain_split
+        if prompt_format == "chat":
+            recipe_data["conversational"] = True
+        elif prompt_format != PROMPT_TEMPLATE:
+            recipe_data["prompt_template"] = prompt_format
+    best_recipe = {k: _plain(v) for k, v in {**recipe_data, **recipe, **best_values}.items() if v is not None}
     best_recipe["seed"] = tuning_seeds[0]
     result = {
         "method": method,
