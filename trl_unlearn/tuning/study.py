@@ -24,6 +24,7 @@ Outputs in `output_dir`: `tuning.json` (every trial, the rule, the selected tria
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -389,7 +390,7 @@ def _check_seeds(tuning_seeds, report_seeds):
         )
 
 
-def tune(
+def _tune(
     method: str,
     model_name_or_path: str,
     data_dir: str | None = None,
@@ -697,6 +698,15 @@ def tune(
     return result
 
 
+@functools.wraps(_tune)
+def tune(*args, **kwargs):
+    quiet = _QuietLibraries()  # the per-trial load / tokenize bars of datasets and transformers would bury the lines
+    try:
+        return _tune(*args, **kwargs)
+    finally:
+        quiet.restore()
+
+
 def _json_eq(v):
     import json
 
@@ -721,6 +731,28 @@ def _describe(p: spaces.Param) -> str:
 
 def _params_text(params: Mapping) -> str:
     return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in params.items())
+
+
+class _QuietLibraries:
+    """Hides the progress bars of `datasets` and `transformers` until `restore()`."""
+
+    def __init__(self):
+        import datasets
+        from transformers.utils import logging as hf_logging
+
+        self.datasets_on = datasets.is_progress_bar_enabled()
+        self.hf_on = hf_logging.is_progress_bar_enabled()
+        datasets.disable_progress_bars()
+        hf_logging.disable_progress_bar()
+
+    def restore(self):
+        import datasets
+        from transformers.utils import logging as hf_logging
+
+        if self.datasets_on:
+            datasets.enable_progress_bars()
+        if self.hf_on:
+            hf_logging.enable_progress_bar()
 
 
 class _Progress:
