@@ -42,7 +42,14 @@ __all__ = ["make_storage", "tune"]
 logger = logging.getLogger(__name__)
 
 RUN_OVERRIDES = {"save_strategy": "no", "report_to": [], "disable_tqdm": True, "push_to_hub": False}
-SHOWN = ("forget_quality", "ks_d", "model_utility", "forget_probability", "forget_truth_ratio")
+SHOWN = (
+    "forget_quality",
+    "ks_d",
+    "model_utility",
+    "forget_rougeL_recall",
+    "retain_rougeL_recall",
+    "forget_probability",
+)
 
 
 # --------------------------------------------------------------------------------------------------- storage --
@@ -50,9 +57,12 @@ SHOWN = ("forget_quality", "ks_d", "model_utility", "forget_probability", "forge
 
 def make_storage(url: str):
     """An Optuna storage from `url`: an RDB URL (with a heartbeat, so stale trials of a killed run are failed on
-    resume) or `journal:PATH`. An unreachable storage is a one-line error naming the fix."""
+    resume), `journal:PATH`, or `memory` (none: the study ends with the process). An unreachable storage is a
+    one-line error naming the fix."""
     import optuna
 
+    if url == "memory":
+        return None  # in memory: the study ends with the process
     try:
         if url.startswith("journal:"):
             from optuna.storages.journal import JournalFileBackend
@@ -205,6 +215,10 @@ def tofu_datasets(data_dir: str, forget_split: str, retain_split: str | None = N
     )
 
 
+def unwrapped(trainer):
+    return trainer.accelerator.unwrap_model(trainer.model)
+
+
 class Runner:
     """Trains `method` from the model at `model_path` on fixed forget / retain datasets, from `config_values`
     (fields of the method's config) plus a trial's values and seed."""
@@ -246,7 +260,7 @@ class Runner:
         return self.config_cls(**{**self.base_values, **values, "seed": seed})
 
     def train(self, values: Mapping, seed: int):
-        """The unlearned model (in memory) for config `values` and `seed`."""
+        """The trainer, trained in memory, for config `values` and `seed` (`unwrapped(trainer)`: its model)."""
         from transformers import PrinterCallback
 
         trainer = self.trainer_cls(
@@ -260,7 +274,7 @@ class Runner:
         )
         trainer.remove_callback(PrinterCallback)  # no raw log dicts between the progress lines
         trainer.train()
-        return trainer.accelerator.unwrap_model(trainer.model)
+        return trainer
 
     def original(self):
         from trl_unlearn.loading import load_model
@@ -419,6 +433,7 @@ def _tune(
     score_fn: Callable | None = None,
     report_generation: bool = True,
     eval_batch_size: int = 32,
+    save_model_dir: str | None = None,
     progress: bool = True,
 ) -> dict:
     """Tune `method` on the model at `model_name_or_path` (see the module docstring); returns what `tuning.json`
@@ -431,7 +446,8 @@ def _tune(
     keys written into `best.yaml` beside them (default: `dataset_name`, `forget_split`, `retain_split`).
     Scoring: the TOFU evaluation sets of `data_dir` against `retain_report` (an `EvalReport` or its path: the
     retain model on the same split), or `score_fn(model, tokenizer) -> dict`, which must return `rule.score` and
-    `rule.utility` (and `forget_nll` when SimNPO's default β range is used)."""
+    `rule.utility` (and `forget_nll` when SimNPO's default β range is used). `save_model_dir`: where the model of
+    the first report seed is saved, with its scores in the model card (default: no model is saved)."""
     import optuna
 
     from trl_unlearn.evaluation.report import EvalReport, save_json
@@ -558,7 +574,7 @@ def _tune(
         values = spaces.to_config_values(params, base_lr)
         per_seed = []
         for seed in tuning_seeds:
-            per_seed.append({"seed": seed, **_plain_dict(score_fn(runner.train(values, seed), tokenizer))})
+            per_seed.append({"seed": seed, **_plain_dict(score_fn(unwrapped(runner.train(values, seed)), tokenizer))})
         scores = {k: v["mean"] for k, v in mean_sd(per_seed).items() if k != "seed"}
         trial.set_user_attr("scores", scores)
         trial.set_user_attr("per_seed", per_seed)
@@ -597,10 +613,16 @@ def _tune(
     report_rows, full_rows = [], []
     for seed in report_seeds:
         say(f"Report seed {seed}: training the selected setting ...")
-        model = runner.train(best_values, seed)
+        trainer = runner.train(best_values, seed)
+        model = unwrapped(trainer)
         report_rows.append({"seed": seed, **_plain_dict(score_fn(model, tokenizer))})
         if report_generation and scorer is not None:
             full_rows.append({"seed": seed, **_plain_dict(scorer.full(model, data_dir, forget_split))})
+        if save_model_dir and seed == report_seeds[0]:
+            summary = full_rows[-1] if full_rows else report_rows[-1]
+            trainer.evaluation_summary = {k: summary[k] for k in SHOWN + ("model_utility_no_rouge",) if k in summary}
+            _save_with_card(trainer, save_model_dir, data_dir, forget_split, retain_split, prompt_format)
+            say(f"Saved the report-seed-{seed} model to {save_model_dir} (its model card holds the scores above)")
     report = {}
     if report_rows:
         ms = mean_sd(report_rows)
@@ -698,6 +720,23 @@ def _tune(
     return result
 
 
+def _save_with_card(trainer, folder, data_dir, forget_split, retain_split, prompt_format):
+    """Save a reported model with its model card (the trainer writes cards only into its own `output_dir`)."""
+    from trl_unlearn.model_card import card_from_trainer, write_card
+
+    trainer.save_model(folder)
+    rows = trainer.train_dataset
+    where = f"{data_dir} " if data_dir else ""
+    retain_name = retain_split or TOFU_RETAIN.get(forget_split, "retain")
+    trainer.card_data.update(
+        forget_data=f"{where}({forget_split}), {len(rows.forget)} examples",
+        retain_data=f"{where}({retain_name}), {len(rows.retain)} examples" if rows.retain is not None else "none",
+        prompt_format=prompt_format,
+    )
+    if trainer.is_world_process_zero():
+        write_card(card_from_trainer(trainer), folder)
+
+
 @functools.wraps(_tune)
 def tune(*args, **kwargs):
     quiet = _QuietLibraries()  # the per-trial load / tokenize bars of datasets and transformers would bury the lines
@@ -762,7 +801,7 @@ class _Progress:
     def __init__(self, total, done, rule, threshold, enabled=True):
         self.rule, self.threshold, self.enabled = rule, threshold, enabled
         self.bar = None
-        if enabled:
+        if enabled and sys.stderr.isatty():  # a bar redrawn in a log file is noise: lines only there
             try:
                 from tqdm.auto import tqdm
 
