@@ -27,6 +27,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
+import datasets
 import numpy as np
 import torch
 from accelerate import PartialState
@@ -454,6 +455,7 @@ def main(args: TofuArguments, training_args: SimNPOConfig, model_args: ModelConf
     results = {}
     if embedded:
         torch.set_num_threads(1)  # tiny models: one thread is faster than two, and steadier on a busy machine
+        datasets.disable_progress_bars()  # a dozen tokenising bars per trained model would bury the progress lines
         trials, floor, timing = embedded_study(args, training_args, out, results)
     else:
         data_dir = args.dataset_name

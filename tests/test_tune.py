@@ -24,6 +24,16 @@ def test_simnpo_beta_range_keeps_the_weight_at_the_measured_nll():
     assert spaces.check_simnpo_weight(space, 2.0) == pytest.approx(0.1)
 
 
+def test_simnpo_beta_low_end_keeps_the_weight_at_the_retain_models_nll():
+    # original 0.5 nats/token, the retain model (target) 2.0: beta from (ln 19 - 1) / 2.0 to (ln 19 - 1) / 0.5
+    space = spaces.resolve_space("simnpo", forget_nll=0.5, target_nll=2.0)
+    room = math.log(19) - 1
+    assert (space["beta"].low, space["beta"].high) == pytest.approx((room / 2.0, room / 0.5))
+    assert spaces.simnpo_weight(space["beta"].low, 2.0, 1.0) == pytest.approx(0.1)
+    fixed = spaces.resolve_space("simnpo", {"beta": 1.0}, forget_nll=0.5, target_nll=2.0)
+    assert fixed["beta"] == spaces.Param("categorical", choices=(1.0,))
+
+
 def test_simnpo_range_that_switches_itself_off_is_refused():
     # β 2.5 at Retrain's 7.2 nats/token: 2σ(-18) = 3.0e-8
     assert spaces.simnpo_weight(2.5, 7.2) == pytest.approx(2 / (1 + math.exp(18)))

@@ -8,8 +8,9 @@ as well as weaken it (higher lr, more epochs, larger forget weight; SimNPO: smal
 
 SimNPO's per-sequence weight is `2σ(−β·NLL̄ − γ)` (NLL̄: the per-token NLL of a forget answer). Its β range is
 tied to the NLL̄ measured on the forget set before tuning (`simnpo_beta_high`), so that the weight at the range's
-strongest-damping corner (largest β and γ) stays at `MIN_SIMNPO_WEIGHT`; a range that drives it below
-`SIMNPO_WEIGHT_FLOOR` is refused (`check_simnpo_weight`), since SimNPO then stops unlearning by construction.
+strongest-damping corner (largest β and γ) stays at `MIN_SIMNPO_WEIGHT`; with the retain model's forget NLL̄ (the
+target) known, the range's low end keeps that weight at the target. A range that drives the weight below
+`SIMNPO_WEIGHT_FLOOR` at the start is refused (`check_simnpo_weight`): SimNPO then stops unlearning by construction.
 
 YAML form (`search_space:` of a tune recipe, or a file of its own), per name: `{low, high}` (+ `log: true`,
 `type: int`), a list of choices, or a single value (fixed). `null` removes a name from the default space.
@@ -83,19 +84,24 @@ def simnpo_beta_high(forget_nll: float, gamma_high: float = 0.0, min_weight: flo
     return room / forget_nll
 
 
-def default_space(method: str, forget_nll: float | None = None, num_layers: int | None = None) -> dict[str, Param]:
+def default_space(
+    method: str, forget_nll: float | None = None, num_layers: int | None = None, target_nll: float | None = None
+) -> dict[str, Param]:
     """The default space of `method`. SimNPO needs `forget_nll` (the original model's mean per-token NLL on the
-    forget answers); RMU needs `num_layers` (decoder layers of the model)."""
+    forget answers); with `target_nll` (the retain model's, the level unlearning aims at) above it, β's low end is
+    the β whose weight is still `MIN_SIMNPO_WEIGHT` there, so the gentlest β keeps pushing up to the target
+    (else: β_high / 30). RMU needs `num_layers` (decoder layers of the model)."""
     lr = {"lr_mult": Param(low=0.1, high=3.0, log=True), "num_train_epochs": Param("int", 2, 10)}
     if method == "simnpo":
         if forget_nll is None:
             raise ValueError("SimNPO's default β range needs the forget NLL̄ measured on the model.")
         gamma = Param(low=0.0, high=1.0)
         high = simnpo_beta_high(forget_nll, gamma.high)
+        low = simnpo_beta_high(target_nll, gamma.high) if target_nll and target_nll > forget_nll else high / 30
         return {
             **lr,
             "forget_weight": Param(low=0.05, high=2.0, log=True),
-            "beta": Param(low=high / 30, high=high, log=True),
+            "beta": Param(low=low, high=high, log=True),
             "gamma": gamma,
         }
     if method == "npo":
@@ -166,13 +172,18 @@ def check_simnpo_weight(space: Mapping[str, Param], forget_nll: float) -> float:
 
 
 def resolve_space(
-    method: str, overrides: Mapping | None = None, forget_nll: float | None = None, num_layers: int | None = None
+    method: str,
+    overrides: Mapping | None = None,
+    forget_nll: float | None = None,
+    num_layers: int | None = None,
+    target_nll: float | None = None,
 ) -> dict[str, Param]:
     """The default space of `method` with `overrides` (a YAML mapping) applied; checked (not empty; SimNPO's
     weight not ~0 over the range)."""
     overrides = space_from_dict(overrides or {})
     fixed_beta = overrides.get("beta") is not None
-    space = default_space(method, forget_nll if method != "simnpo" or not fixed_beta else 1.0, num_layers)
+    nll = forget_nll if method != "simnpo" or not fixed_beta else 1.0
+    space = default_space(method, nll, num_layers, target_nll if not fixed_beta else None)
     for name, p in overrides.items():
         if p is None:
             space.pop(name, None)

@@ -133,6 +133,7 @@ class TofuScorer:
         self.tokenizer, self.batch_size = tokenizer, batch_size
         self.format = resolve_prompt_format(tokenizer, prompt_format)
         self.retain_report, self.retain_ratios, self.max_length = retain_report, None, 512
+        self.retain_forget_nll = None
         if retain_report is not None:
             s = retain_report.settings
             n = len(self.sets["forget"][0])
@@ -142,6 +143,7 @@ class TofuScorer:
                 if s.get(k) != v
             ]
             self.retain_ratios = truth_ratios(retain_report.per_item["forget"], "forget").tolist()
+            self.retain_forget_nll = float(np.mean(retain_report.per_item["forget"]["avg_nll_answer"]))
             if len(self.retain_ratios) != n:
                 problems.append(f"{len(self.retain_ratios)} forget items there vs {n} here")
             if problems:
@@ -446,7 +448,8 @@ def _tune(
     keys written into `best.yaml` beside them (default: `dataset_name`, `forget_split`, `retain_split`).
     Scoring: the TOFU evaluation sets of `data_dir` against `retain_report` (an `EvalReport` or its path: the
     retain model on the same split), or `score_fn(model, tokenizer) -> dict`, which must return `rule.score` and
-    `rule.utility` (and `forget_nll` when SimNPO's default β range is used). `save_model_dir`: where the model of
+    `rule.utility` (and `forget_nll` when SimNPO's default β range is used; `target_forget_nll`, the retain model's,
+    optionally). `save_model_dir`: where the model of
     the first report seed is saved, with its scores in the model card (default: no model is saved)."""
     import optuna
 
@@ -518,7 +521,8 @@ def _tune(
         from transformers import AutoConfig
 
         num_layers = AutoConfig.from_pretrained(model_name_or_path).num_hidden_layers
-    space = spaces.resolve_space(method, search_space, forget_nll, num_layers)
+    target_nll = scorer.retain_forget_nll if scorer is not None else original.get("target_forget_nll")
+    space = spaces.resolve_space(method, search_space, forget_nll, num_layers, target_nll)
     space_json = spaces.space_to_dict(space)
 
     name = study_name or f"{method}-{forget_split}"
@@ -554,9 +558,10 @@ def _tune(
     threshold = rule.utility_floor * reference_utility
     if method == "simnpo" and forget_nll is not None:
         w = spaces.check_simnpo_weight(space, forget_nll)
+        target = f", of the retain model (the target): {target_nll:.3f}" if target_nll else ""
         say(
-            f"forget NLL̄ of the original model: {forget_nll:.3f} nats/token; SimNPO weight 2σ(−β·NLL̄−γ) at the "
-            f"largest β, γ of the space: {w:.3f}"
+            f"forget NLL̄ of the original model: {forget_nll:.3f} nats/token{target}; SimNPO weight 2σ(−β·NLL̄−γ) at "
+            f"the largest β, γ of the space and the original NLL̄: {w:.3f}"
         )
     say(
         f"Search space of {method}: "
