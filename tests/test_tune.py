@@ -54,6 +54,7 @@ def test_space_overrides_from_yaml():
     assert space["num_train_epochs"] == spaces.Param("categorical", choices=(1, 3))
     assert "forget_weight" not in space and space["lr_mult"].log
     assert spaces.to_config_values({"lr_mult": 0.5, "beta": 1.0}, 1e-3) == {"beta": 1.0, "learning_rate": 5e-4}
+    assert spaces.space_from_dict(spaces.space_to_dict(space)) == space  # what the study stores reads back
 
 
 @pytest.mark.parametrize(

@@ -151,11 +151,13 @@ def space_from_dict(d: Mapping) -> dict[str, Param]:
 
 
 def space_to_dict(space: Mapping[str, Param]) -> dict:
-    """JSON form (kept in the study's storage and in tuning.json)."""
-    return {
-        n: {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(p).items() if v is not None}
-        for n, p in space.items()
-    }
+    """JSON / YAML form (kept in the study's storage and in tuning.json; `space_from_dict` reads it back)."""
+    out = {}
+    for n, p in space.items():
+        d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(p).items() if v is not None}
+        d["type"] = d.pop("kind")
+        out[n] = {"choices": d["choices"]} if p.kind == "categorical" else d
+    return out
 
 
 def check_simnpo_weight(space: Mapping[str, Param], forget_nll: float) -> float:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import math
 import os
@@ -449,8 +450,8 @@ def _tune(
     Scoring: the TOFU evaluation sets of `data_dir` against `retain_report` (an `EvalReport` or its path: the
     retain model on the same split), or `score_fn(model, tokenizer) -> dict`, which must return `rule.score` and
     `rule.utility` (and `forget_nll` when SimNPO's default β range is used; `target_forget_nll`, the retain model's,
-    optionally). `save_model_dir`: where the model of
-    the first report seed is saved, with its scores in the model card (default: no model is saved)."""
+    optionally). `save_model_dir`: where the model of the first report seed is saved, with its scores in the model
+    card (default: no model is saved)."""
     import optuna
 
     from trl_unlearn.evaluation.report import EvalReport, save_json
@@ -544,13 +545,14 @@ def _tune(
         "base_learning_rate": base_lr,
     }
     if "space" in attrs:
-        changed = [k for k, v in mine.items() if _json_eq(attrs.get(k)) != _json_eq(v)]
+        changed = [k for k, v in mine.items() if not _same(attrs.get(k), v)]
         if changed:
             raise ValueError(
                 f"study {name!r} in {storage_url} was made with other {', '.join(changed)}: resume with "
                 "the same settings, or start another study (--study_name NAME)."
             )
         reference_utility = attrs["reference_utility"]
+        space = spaces.space_from_dict(attrs["space"])  # draw exactly the stored ranges
     else:
         reference_utility = original[rule.utility]
         for k, v in {**mine, "reference_utility": reference_utility, "original": _plain_dict(original)}.items():
@@ -751,10 +753,17 @@ def tune(*args, **kwargs):
         quiet.restore()
 
 
-def _json_eq(v):
-    import json
-
-    return json.dumps(v, sort_keys=True, default=str)
+def _same(a, b) -> bool:
+    """Equal as JSON values, floats to a relative 1e-3 (a β range computed from an NLL measured on another machine
+    differs in the last digits)."""
+    a, b = json.loads(json.dumps(a, default=str)), json.loads(json.dumps(b, default=str))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-3)
+    return a == b
 
 
 def _plain_dict(d: Mapping) -> dict:
