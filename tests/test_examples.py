@@ -93,7 +93,8 @@ def test_ks_test_and_utility_without_rouge_on_hand_computed_cases():
     assert d == 1.0 and p == pytest.approx(2 / 70)
     assert example.ks_test([1, 2, 3, 4], [3, 4, 5, 6])[0] == 0.5  # ECDF gap 2/4 at x = 2 (and at x = 4)
     assert example.ks_test([1, 2, 3], [1, 2, 3]) == (0.0, 1.0)
-    metrics = {f"{s}_{m}": 0.5 for s in ("retain", "real_authors", "world_facts") for m in ("probability", "truth_ratio")}
+    sets, measures = ("retain", "real_authors", "world_facts"), ("probability", "truth_ratio")
+    metrics = {f"{s}_{m}": 0.5 for s in sets for m in measures}
     metrics["retain_probability"] = 1.0
     metrics["retain_rougeL_recall"] = 0.0  # ROUGE is not part of it
     assert example.utility_without_rouge(metrics) == pytest.approx(6 / (5 * 2 + 1))
