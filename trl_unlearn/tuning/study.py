@@ -723,6 +723,9 @@ def _tune(
         )
     except ImportError:
         logger.warning("matplotlib is not installed: no pareto.png (pip install 'trl-unlearn[plot]').")
+    runs = os.path.join(output_dir, "runs")  # the trainers' output_dir; they save nothing there
+    if os.path.isdir(runs) and not os.listdir(runs):
+        os.rmdir(runs)
     say(f"Wrote {os.path.join(output_dir, 'tuning.json')}, pareto.png and best.yaml")
     return result
 
