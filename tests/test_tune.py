@@ -265,6 +265,8 @@ def test_interrupted_study_resumes_to_the_requested_total(material, tmp_path):
     result = tune("simnpo", material["model"], material["data"], n_trials=6, score_fn=scorer, **kw)
     assert result["study"]["finished_trials"] == 6 and len(result["trials"]) == 6
     assert [t["number"] for t in result["trials"]] == [0, 1, 2, 3, 5, 6]  # trial 4 failed when interrupted
+    drawn = [t["params"] for t in result["trials"]]
+    assert all(drawn[i] not in drawn[:4] for i in (4, 5))  # the resumed sampler does not repeat the first points
     again = tune("simnpo", material["model"], material["data"], n_trials=6, score_fn=scorer, **kw)
     assert len(again["trials"]) == 6  # nothing more to run
 

@@ -536,6 +536,8 @@ def _tune(
         sampler=sampler,
         load_if_exists=True,
     )
+    if study.trials:  # resuming: a sampler restarted with the same seed would draw the first points again
+        study.sampler = optuna.samplers.TPESampler(seed=sampler_seed + len(study.trials))
     attrs = study.user_attrs
     mine = {
         "method": method,
@@ -684,7 +686,7 @@ def _tune(
             "n_trials": n_trials,
             "finished_trials": len(rows),
             "seconds_this_run": study_seconds,
-            "sampler": f"TPESampler(seed={sampler_seed})",
+            "sampler": f"TPESampler(seed={sampler_seed} + trials already in the study at each start)",
             "pruner": None,
         },
         "search_space": space_json,
