@@ -48,15 +48,37 @@ from trl_unlearn.data.formats import PROMPT_TEMPLATE, qa_to_trl
 from trl_unlearn.evaluation import EvalReport, evaluate_tofu
 from trl_unlearn.evaluation.relearn import relearning_attack, select_relearn_indices
 from trl_unlearn.evaluation.scoring import score_answers
-from trl_unlearn.evaluation.tofu import load_tofu_eval_sets
+from trl_unlearn.evaluation.tofu import load_tofu_eval_sets, score_tofu_sets, truth_ratios
 from trl_unlearn.toy.tiny import tiny_llama, train_tokenizer
+from trl_unlearn.tuning.selection import SelectionRule, rank
+from trl_unlearn.tuning.study import tofu_scores
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location("tofu_example", os.path.join(ROOT, "examples", "tofu.py"))
 EX = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(EX)  # the example's helpers: one definition of the scoring and selection rule
-ks_test, rank_under_floor, score_without_generation, mean_sd = (
-    EX.ks_test, EX.rank_under_floor, EX.score_without_generation, EX.mean_sd)
+_spec.loader.exec_module(EX)  # the example's helpers
+ks_test, mean_sd = EX.ks_test, EX.mean_sd
+
+
+def rank_under_floor(points, floor, utility="model_utility_no_rouge", score="forget_quality"):
+    """`tune`'s selection rule (`trl_unlearn.tuning.selection.rank`) with an absolute utility floor: the points with
+    `utility >= floor`, best first (highest `score`, then higher utility, then the earlier point)."""
+    rows = [{**p, "number": i} for i, p in enumerate(points)]
+    rule = SelectionRule(utility_floor=1.0, score=score, utility=utility)
+    return [points[r["number"]] for r in rank(rows, rule, floor)]
+
+
+def score_without_generation(model, tokenizer, sets, retain_ratios=None, prompt_format="plain", batch_size=32,
+                             max_length=256):
+    """`tune`'s scores without generation (`trl_unlearn.tuning.study.tofu_scores`) plus the per-item forget truth
+    ratios and probabilities (lists: `forget_truth_ratios`, `forget_probabilities`)."""
+    cols = score_tofu_sets(model, tokenizer, sets, prompt_format=prompt_format, batch_size=batch_size,
+                           max_length=max_length, progress=False)
+    out = tofu_scores(cols, retain_ratios)
+    out["forget_truth_ratios"] = truth_ratios(cols["forget"], "forget").tolist()
+    out["forget_probabilities"] = M.probability(cols["forget"]["avg_nll_answer"]).tolist()
+    return out
+
 
 RETAIN_OF = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
 NAMES = {m: cls._name for m, (cls, _) in METHODS.items()}

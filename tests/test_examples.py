@@ -65,50 +65,36 @@ def test_recipes_parse(recipe, monkeypatch):
     assert model_args.model_name_or_path
 
 
-def test_tofu_example_embedded_study_runs(tmp_path):
-    """The default study at toy size: two trained models, a sweep per method, the chosen settings re-run with two
-    seeds, a results table, the sweep and a plot."""
+def test_tofu_example_embedded_study_runs(tmp_path, capsys):
+    """The default study at toy size: three trained models (the ceiling's second Retrain), a tune per method with
+    the same budget, the selected settings reported on two fresh seeds, a results table, the trials and a plot."""
     example = load_example("tofu")
     argv = ["--output_dir", str(tmp_path), "--num_authors", "4", "--finetune_epochs", "1", "--max_steps", "1",
-            "--max_new_tokens", "8", "--sweep_lr_mults", "1", "--sweep_forget_weights", "0.125,1", "--seeds", "2"]
+            "--max_new_tokens", "8", "--n_trials", "2", "--report_seeds", "1,2"]
     results = example.main(*example.parse(argv))
-    assert list(results) == ["Retrain", "Original", "NPO", "SimNPO"]
+    assert list(results) == ["Retrain", "Retrain, seed 1", "Original", "NPO", "SimNPO"]
     for metrics in results.values():
         assert 0.0 <= metrics["model_utility"] <= 1.0 and metrics["forget_quality"] is not None
         assert 0.0 <= metrics["ks_d"] <= 1.0
     assert results["Retrain"]["forget_quality"] == pytest.approx(1.0)  # identical truth ratios: KS p-value 1
-    for name in ("NPO", "SimNPO"):
-        assert [s["seed"] for s in results[name]["per_seed"]] == [0, 1]
-        assert results[name]["setting"]["forget_weight"] in (0.125, 1.0)
-    sweep = json.load(open(tmp_path / "sweep.json"))
-    assert [(p["method"], p["forget_weight"]) for p in sweep["points"]] == [
-        ("NPO", 0.125), ("NPO", 1.0), ("SimNPO", 0.125), ("SimNPO", 1.0)]
-    assert [p["learning_rate"] for p in sweep["points"]] == pytest.approx([5e-3] * 4)  # 1 x --finetune_lr
-    assert [p["beta"] for p in sweep["points"]] == [0.1, 0.1, 4.5, 4.5]
+    for name, method in (("NPO", "npo"), ("SimNPO", "simnpo")):
+        assert [s["seed"] for s in results[name]["per_seed"]] == [1, 2]  # report seeds, not the tuning seed 0
+        tuning = json.load(open(tmp_path / f"tune_{method}" / "tuning.json"))
+        assert len(tuning["trials"]) == 2 and tuning["tuning_seeds"] == [0]
+        assert results[name]["setting"] == tuning["selected"]["config"]
+        assert (tmp_path / f"tune_{method}" / "best.yaml").is_file()
+    trials = json.load(open(tmp_path / "trials.json"))
+    assert [t["method"] for t in trials["trials"]] == ["NPO", "NPO", "SimNPO", "SimNPO"]
     saved = json.load(open(tmp_path / "results.json"))
     assert saved.keys() == results.keys()
     assert (tmp_path / "results.png").stat().st_size > 1000
+    for folder in ("original", "retrain", "npo", "simnpo"):  # what the closing line says is there
+        assert (tmp_path / folder / "config.json").is_file(), folder
     card = (tmp_path / "simnpo" / "README.md").read_text()
     assert "forget_quality" in card and "SimNPO" in card
-
-
-def test_best_under_floor_picks_the_best_forget_quality_above_the_utility_floor():
-    best_under_floor = load_example("tofu").best_under_floor
-    table = [
-        {"name": "a", "forget_quality": 0.9, "model_utility": 0.50},  # the best forget quality, but below any floor
-        {"name": "b", "forget_quality": 0.3, "model_utility": 0.80},
-        {"name": "c", "forget_quality": 0.6, "model_utility": 0.70},
-        {"name": "d", "forget_quality": 0.6, "model_utility": 0.75},  # ties with c: higher utility wins
-    ]
-    assert best_under_floor(table, 0.7)["name"] == "d"
-    assert best_under_floor(table, 0.75)["name"] == "d"  # utility equal to the floor is kept
-    assert best_under_floor(table, 0.76)["name"] == "b"
-    assert best_under_floor(table, 0.0)["name"] == "a"
-    assert best_under_floor(table, 0.81) is None
-    ranked = load_example("tofu").rank_under_floor(table, 0.7)
-    assert [p["name"] for p in ranked] == ["d", "c", "b"]
-    renamed = [{"fq": p["forget_quality"], "mu": p["model_utility"], "name": p["name"]} for p in table]
-    assert best_under_floor(renamed, 0.7, utility="mu", score="fq")["name"] == "d"
+    assert str(tmp_path / "original") in card and "unknown" not in card  # the real base model
+    printed = capsys.readouterr().out
+    assert "{'" not in printed  # no raw log dicts
 
 
 def test_ks_test_and_utility_without_rouge_on_hand_computed_cases():
@@ -117,7 +103,8 @@ def test_ks_test_and_utility_without_rouge_on_hand_computed_cases():
     assert d == 1.0 and p == pytest.approx(2 / 70)
     assert example.ks_test([1, 2, 3, 4], [3, 4, 5, 6])[0] == 0.5  # ECDF gap 2/4 at x = 2 (and at x = 4)
     assert example.ks_test([1, 2, 3], [1, 2, 3]) == (0.0, 1.0)
-    metrics = {f"{s}_{m}": 0.5 for s in ("retain", "real_authors", "world_facts") for m in ("probability", "truth_ratio")}
+    sets, measures = ("retain", "real_authors", "world_facts"), ("probability", "truth_ratio")
+    metrics = {f"{s}_{m}": 0.5 for s in sets for m in measures}
     metrics["retain_probability"] = 1.0
     metrics["retain_rougeL_recall"] = 0.0  # ROUGE is not part of it
     assert example.utility_without_rouge(metrics) == pytest.approx(6 / (5 * 2 + 1))

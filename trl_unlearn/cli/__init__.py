@@ -4,6 +4,7 @@
     trl-unlearn eval tofu --model PATH --data_dir DIR --split forget10 --output report.json [--retain_report R]
     trl-unlearn eval muse --model PATH --data_dir DIR --output report.json [--auc_retrain X | --retrain_report R]
     trl-unlearn relearn --model PATH --data_dir DIR --split forget10 --output curve.json
+    trl-unlearn tune simnpo --model_name_or_path M --data_dir DIR --retain_report R.json --output_dir O
 
 Modules: `train` (training subcommands, TRL script style), `eval`, `relearn`, `loading` (model / tokenizer loading
 for scripts). Nothing heavy is imported until a command runs, so `--help` and argument errors come back at once.
@@ -42,6 +43,7 @@ def _run_train(method: str, argv: list[str]) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .eval import register_eval
     from .relearn import register_relearn
+    from .tune import register_tune
 
     parser = argparse.ArgumentParser(
         prog="trl-unlearn", description="LLM unlearning with TRL: train and evaluate.",
@@ -52,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     _register_train(sub)
     register_eval(sub)
     register_relearn(sub)
+    register_tune(sub)
     return parser
 
 
