@@ -15,10 +15,11 @@ import os
 from dataclasses import dataclass, field
 
 from accelerate import PartialState
+from study import method_config
 from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 from trl_unlearn import SimNPOConfig
-from trl_unlearn.cli.train import METHODS, StudyArguments, UnlearnScriptArguments, load_split, method_config
+from trl_unlearn.cli.train import METHODS, StudyArguments, UnlearnScriptArguments, load_split
 from trl_unlearn.evaluation import evaluate_muse
 from trl_unlearn.loading import load_tokenizer
 

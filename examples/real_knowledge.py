@@ -158,8 +158,8 @@ def score(model, tokenizer, facts, args, generate=True, probe=True) -> list[dict
     import numpy as np
 
     from trl_unlearn.evaluation import score_answers
-    from trl_unlearn.evaluation.scoring import generate_answers
     from trl_unlearn.evaluation.metrics import min_k_plus_plus
+    from trl_unlearn.evaluation.scoring import generate_answers
 
     out = [{} for _ in facts]
     if generate and facts:

@@ -35,12 +35,13 @@ import numpy as np
 import torch
 from accelerate import PartialState
 from scipy.stats import ks_2samp
+from study import method_config
 from transformers import PrinterCallback, TrainerCallback, set_seed
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser, get_peft_config, get_quantization_config
 
 import trl_unlearn.evaluation.metrics as M
 from trl_unlearn import SimNPOConfig
-from trl_unlearn.cli.train import METHODS, StudyArguments, UnlearnScriptArguments, load_qa_split, method_config
+from trl_unlearn.cli.train import METHODS, StudyArguments, UnlearnScriptArguments, load_qa_split
 from trl_unlearn.data.files import write_tofu_layout
 from trl_unlearn.data.formats import qa_to_trl
 from trl_unlearn.evaluation import evaluate_tofu

@@ -4,6 +4,7 @@ import glob
 import importlib.util
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ from transformers import AutoModelForCausalLM
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-from trl_unlearn.cli.train import method_config  # noqa: E402
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+from study import method_config  # noqa: E402
 
 
 def load_example(name):

@@ -22,7 +22,6 @@ from ..data.tokenize import text_documents, text_windows
 from ..loading import load_tokenizer, save_prompt_format
 from ..methods import REGISTRY, get_method
 from ..methods.npo import NPOConfig
-from ..methods.simnpo import SimNPOConfig
 
 logger = logging.getLogger(__name__)
 
@@ -277,25 +276,3 @@ def run(method: str, script_args, training_args, model_args):
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=hub[0] if hub else None)
     return trainer
-
-
-def method_config(method: str, base, output_dir: str, npo_beta: float | None = None):
-    """The config of `method`, every shared field copied from `base` (a parsed config of another method, e.g. the
-    `SimNPOConfig` an example script parses). `beta` is SimNPO's: NPO takes `npo_beta`, and GA / GradDiff, whose
-    losses have no β, keep their default. Gradient ascent gets `retain_weight=0`; RMU keeps its own weights and lr."""
-    _, config_cls = METHODS[method]
-    shared = {f.name for f in dataclasses.fields(config_cls) if f.init} & {
-        f.name for f in dataclasses.fields(base) if f.init
-    }
-    values = {n: getattr(base, n) for n in shared}
-    values["output_dir"] = output_dir
-    if config_cls is NPOConfig:
-        values.update(beta=npo_beta if npo_beta is not None else NPOConfig.beta, precompute_ref_log_probs=None)
-    elif config_cls is not SimNPOConfig:
-        values.pop("beta", None)
-    if method == "gradascent":
-        values["retain_weight"] = 0.0
-    if method == "rmu":  # RMU's own scales (α = retain_weight, its lr) are not the likelihood losses'
-        for name in ("retain_weight", "forget_weight", "learning_rate", "retain_loss_type", "precompute_ref_log_probs"):
-            values.pop(name, None)
-    return config_cls(**values)
