@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["EvalReport", "REPORT_FORMAT_VERSION", "check_same_settings", "package_version"]
+__all__ = ["EvalReport", "REPORT_FORMAT_VERSION", "check_same_settings", "direction", "package_version"]
 
 REPORT_FORMAT_VERSION = 1
 
@@ -35,7 +35,8 @@ DIRECTIONS = {
 }
 
 
-def _direction(name: str) -> str:
+def direction(name: str) -> str:
+    """What "better" means for the metric `name` (`DIRECTIONS`, or by its prefix); "" when unknown."""
     if name in DIRECTIONS:
         return DIRECTIONS[name]
     if name.startswith(("retain_", "real_authors_", "world_facts_")):
@@ -121,7 +122,7 @@ class EvalReport:
         rows = [("metric", "value", "better")]
         for name, value in self.metrics.items():
             shown = "n/a" if value is None else f"{value:.4g}" if abs(value) < 1e-3 and value != 0 else f"{value:.4f}"
-            rows.append((name, shown, _direction(name)))
+            rows.append((name, shown, direction(name)))
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
         lines = [f"{self.benchmark.upper()} evaluation"]
         for j, r in enumerate(rows):
