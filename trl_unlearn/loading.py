@@ -51,12 +51,19 @@ def check_weights(folder: str, what: str = "model", hint: str | None = None) -> 
                                  f"{hint or 'restore or re-download the file'}.")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model",
+                   "vocab.txt")
+
+
 def load_tokenizer(path: str):
     """The model's tokenizer; a local `tokenizer.json` loads as `PreTrainedTokenizerFast` (AutoTokenizer can pick
     a wrong class for tokenizers saved without a class name)."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     check_model_path(path, "tokenizer / model")
+    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        raise ValueError(f"{path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}): give the tokenizer's folder "
+                         "or Hub id, e.g. the base model's (`--tokenizer` on the command line).")
     if os.path.isfile(os.path.join(path, "tokenizer.json")):
         return PreTrainedTokenizerFast.from_pretrained(path)
     return AutoTokenizer.from_pretrained(path)

@@ -128,6 +128,14 @@ def replace_files(staging: str, output_dir: str) -> list[str]:
     return names
 
 
+def resume_flag(value):
+    """`resume_from_checkpoint` as `Trainer.train` takes it: the strings "true" / "false" / "none" (a command line or
+    YAML gives them) become True / None; anything else is kept."""
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "none", ""):
+        return value.strip().lower() == "true" or None
+    return value
+
+
 def write_text_atomic(path: str, text: str) -> None:
     """Write `text` to `path` through a temporary file in the same folder and `os.replace`."""
     tmp = f"{path}.tmp-{os.getpid()}"

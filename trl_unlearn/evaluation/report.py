@@ -183,16 +183,26 @@ def json_safe(obj):
     return obj
 
 
+EVAL_OPTIONS = ("prompt_format", "max_length", "max_new_tokens", "split", "min_k", "knowmem_shots",
+                "verbmem_max_new_tokens", "knowmem_max_new_tokens")
+"""Settings that are options of the evaluation (`trl-unlearn eval --<name>`); the others describe the data."""
+
+
 def check_same_settings(
     reference: EvalReport, settings: Mapping[str, Any], keys: Iterable[str], what: str = "reference report"
 ) -> None:
     """Raise `ValueError` listing every key of `keys` whose value differs between `reference.settings` and
-    `settings` (a value missing on either side counts as different)."""
-    diffs = []
+    `settings` (a value missing on either side counts as different), and the options that would match it."""
+    diffs, fixes = [], []
     for k in keys:
         a = reference.settings.get(k, "<missing>")
         b = settings.get(k, "<missing>")
         if a != b:
             diffs.append(f"{k}: {a!r} there vs {b!r} here")
+            if k in EVAL_OPTIONS and a != "<missing>":
+                fixes.append(f"--{k} {a!r}")
     if diffs:
-        raise ValueError(f"the {what} was made with different settings; refusing to compare: " + "; ".join(diffs))
+        fix = (f"pass {' '.join(fixes)} (the same keyword arguments in Python) or " if fixes else "") + (
+            f"make the {what} again with this run's settings and data")
+        raise ValueError(f"the {what} was made with different settings; refusing to compare: {'; '.join(diffs)}. "
+                         f"To compare, {fix}.")

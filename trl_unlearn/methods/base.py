@@ -64,14 +64,6 @@ def _plain_prompt_format(dataset) -> str | None:
     return None
 
 
-def _resume_flag(value):
-    """`resume_from_checkpoint` as `Trainer.train` takes it: the strings "true" / "false" (a command line or YAML
-    gives them) become booleans; anything else is kept."""
-    if isinstance(value, str) and value.strip().lower() in ("true", "false", "none", ""):
-        return value.strip().lower() == "true" or None
-    return value
-
-
 class UnlearningTrainer(DPOTrainer):
     """Base class of the unlearning trainers; subclasses set `forget_loss` and the class attributes below.
 
@@ -258,7 +250,7 @@ class UnlearningTrainer(DPOTrainer):
         checkpoint at the end of the step and returns (`self.preempted_at` holds the step), so
         `train(resume_from_checkpoint=True)` continues exactly. `self.stop_reason` says why a run ended before its
         last step (None when it did not). A run that took no optimizer step is an error."""
-        resume = _resume_flag(resume_from_checkpoint)
+        resume = outputs.resume_flag(resume_from_checkpoint)
         self._check_resume(resume)
         again = os.path.realpath(self.args.output_dir) in self._saved_dirs  # this trainer's own earlier run
         outputs.check_previous_run(self.args.output_dir, self.args.overwrite_output_dir, bool(resume) or again)

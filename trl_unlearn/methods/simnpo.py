@@ -36,9 +36,9 @@ class SimNPOConfig(UnlearningConfig):
         if self.gamma > GAMMA_SATURATED:
             logger.warning(
                 f"SimNPO `gamma={self.gamma}` > {GAMMA_SATURATED}: the sigmoid saturates "
-                f"(σ(−{GAMMA_SATURATED}) ≈ 2e-9), every forget sample gets the same gradient weight and SimNPO becomes length-normalised gradient "
-                "ascent (the collapse the method avoids); published values are 0 to 3. Unlearn-Simple's `gamma` is "
-                "ours divided by β."
+                f"(σ(−{GAMMA_SATURATED}) ≈ 2e-9), every forget sample gets the same gradient weight and SimNPO "
+                "becomes length-normalised gradient ascent (the collapse the method avoids); published values are 0 "
+                "to 3. Unlearn-Simple's `gamma` is ours divided by β."
             )
         if self.gamma < 0:
             logger.warning(
