@@ -73,7 +73,7 @@ def one_line_error(capsys) -> str:
     ("retain_weight", True, "`retain_weight` must be a number, got True"),
     ("learning_rate", float("inf"), "`learning_rate` is inf"),
     ("max_grad_norm", float("nan"), "`max_grad_norm` is nan"),
-    ("learning_rate", 0.0, "`learning_rate` must be > 0, got 0.0"),
+    ("learning_rate", -1e-5, "`learning_rate` must be >= 0, got -1e-05"),
     ("num_train_epochs", 0, "no optimizer step would be taken"),
 ])  # fmt: skip
 def test_config_refuses_meaningless_numbers_naming_the_field(field, value, match, tmp_path):

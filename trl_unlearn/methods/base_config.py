@@ -145,9 +145,12 @@ class UnlearningConfig(DPOConfig):
             raise ValueError("`forget_weight` and `retain_weight` are both 0: the loss would be identically zero.")
         if self.beta <= 0:
             raise ValueError(f"`beta` must be > 0, got {self.beta}.")
-        if self.learning_rate <= 0:
-            raise ValueError(f"`learning_rate` must be > 0, got {self.learning_rate}: with it no weight would change "
-                             "and the saved model would be the base model.")
+        if self.learning_rate < 0:
+            raise ValueError(f"`learning_rate` must be >= 0, got {self.learning_rate}: a negative rate reverses every "
+                             "term of the loss. Give a positive rate.")
+        if self.learning_rate == 0:
+            logger.warning("`learning_rate=0`: no weight will change, and the saved model will be the base model "
+                           "(its card records the rate).")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ValueError(f"`num_train_epochs={self.num_train_epochs}` and `max_steps={self.max_steps}`: no "
                              "optimizer step would be taken. Set `num_train_epochs` > 0 or `max_steps` > 0.")
