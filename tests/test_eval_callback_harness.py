@@ -276,6 +276,7 @@ def test_distributed_ranks_run_lm_eval_and_agree(mode, tok, tasks_dir, tmp_path)
         tok.save_pretrained(tmp_path / run / "model")
     proc = subprocess.run(LAUNCH[mode] + [__file__, str(tmp_path), str(tasks_dir)], env=env, capture_output=True,
                           text=True, timeout=600)  # fmt: skip
+    (tmp_path / "launch.log").write_text(proc.stdout + proc.stderr)  # the whole of both ranks' output
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     for run, model in models.items():
         out = tmp_path / run / "out"

@@ -324,3 +324,23 @@ def test_help_lists_config_first_then_common_flags_then_all(capsys):
     order = [text.index(s) for s in ("--config RECIPE.yaml  YAML", "--model_name_or_path", "--output_dir",
                                      "--overwrite_output_dir", "--beta", "--adam_beta1")]  # fmt: skip
     assert order == sorted(order)  # --config, then common flags, then the rest (every flag is still listed)
+
+
+def test_eval_card_names_the_data_directions_and_reference(files, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli(files, out) == 0
+    common = ["--data_dir", files["tofu"], "--split", "forget10", "--batch_size", "8", "--max_new_tokens", "4",
+              "--no_progress"]  # fmt: skip
+    reference = tmp_path / "retain.json"
+    assert main(["eval", "tofu", "--model", files["base"], "--output", str(reference), *common]) == 0
+    assert main(["eval", "tofu", "--model", str(out), "--output", str(tmp_path / "r.json"), "--retain_report",
+                 str(reference), *common]) == 2  # fmt: skip
+    assert "pass --prompt_format 'chat'" in one_line_error(capsys)  # the trained model records the plain format
+    assert main(["eval", "tofu", "--model", files["base"], "--output", str(reference), "--prompt_format", "plain",
+                 *common]) == 0  # fmt: skip
+    assert main(["eval", "tofu", "--model", str(out), "--output", str(tmp_path / "r.json"), "--retain_report",
+                 str(reference), "--update_model_card", *common]) == 0  # fmt: skip
+    card = (out / "README.md").read_text()
+    assert f"On {files['tofu']} (forget10), TOFU evaluation:" in card  # the folder evaluated, not "TOFU forget10"
+    assert "- model_utility: " in card and "(better: higher)" in card
+    assert f"Reference (retain / retrained model) behind forget quality / PrivLeak: {reference}" in card

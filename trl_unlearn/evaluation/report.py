@@ -188,6 +188,15 @@ EVAL_OPTIONS = ("prompt_format", "max_length", "max_new_tokens", "split", "min_k
 """Settings that are options of the evaluation (`trl-unlearn eval --<name>`); the others describe the data."""
 
 
+def _flag_value(key: str, value):
+    """A recorded setting as its command-line option takes it (the recorded prompt formats by their names)."""
+    if key == "prompt_format":
+        from ..data.formats import PROMPT_TEMPLATE
+
+        return {"chat_template": "chat", PROMPT_TEMPLATE: "plain"}.get(value, value)
+    return value
+
+
 def check_same_settings(
     reference: EvalReport, settings: Mapping[str, Any], keys: Iterable[str], what: str = "reference report"
 ) -> None:
@@ -200,7 +209,7 @@ def check_same_settings(
         if a != b:
             diffs.append(f"{k}: {a!r} there vs {b!r} here")
             if k in EVAL_OPTIONS and a != "<missing>":
-                fixes.append(f"--{k} {a!r}")
+                fixes.append(f"--{k} {_flag_value(k, a)!r}")
     if diffs:
         fix = (f"pass {' '.join(fixes)} (the same keyword arguments in Python) or " if fixes else "") + (
             f"make the {what} again with this run's settings and data")
