@@ -62,8 +62,8 @@ def load_tokenizer(path: str):
 
     check_model_path(path, "tokenizer / model")
     if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
-        raise ValueError(f"{path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}): give the tokenizer's folder "
-                         "or Hub id, e.g. the base model's (`--tokenizer` on the command line).")
+        raise ValueError(f"{path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}): give the tokenizer's "
+                         "folder or Hub id, e.g. the base model's (`--tokenizer` on the command line).")
     if os.path.isfile(os.path.join(path, "tokenizer.json")):
         return PreTrainedTokenizerFast.from_pretrained(path)
     return AutoTokenizer.from_pretrained(path)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 
 from ..loading import load_model_and_tokenizer, saved_prompt_format
 

@@ -103,8 +103,8 @@ class UnlearnScriptArguments:
             return None if self.retain_split.lower() in ("", "none") else self.retain_split
         if self.forget_split not in TOFU_RETAIN:
             raise ValueError(f"No retain split for `--forget_split {self.forget_split}`: the retain split is inferred "
-                             f"only for TOFU's forget splits ({', '.join(TOFU_RETAIN)}). Check the forget split's name, "
-                             "or pass `--retain_split` ('none' for no retain data).")
+                             f"only for TOFU's forget splits ({', '.join(TOFU_RETAIN)}). Check the forget split's "
+                             "name, or pass `--retain_split` ('none' for no retain data).")
         return TOFU_RETAIN[self.forget_split]
 
     def source(self, role: str = "forget") -> tuple[str, str | None]:
@@ -247,7 +247,8 @@ def parse(parser, method: str, argv):
         mark = getattr(e, "problem_mark", None)
         where = f"{_config_path(argv)}:{mark.line + 1}:{mark.column + 1}" if mark else _config_path(argv)
         problem = getattr(e, "problem", None) or type(e).__name__
-        raise ValueError(f"{where}: malformed YAML ({problem}): fix the recipe there (`key: value`, one a line).") from e
+        raise ValueError(f"{where}: malformed YAML ({problem}): fix the recipe there (`key: value`, one a "
+                         "line).") from e
     unknown = unknown_config + unknown_args
     if unknown:
         raise ValueError(f"Unknown arguments for `trl-unlearn {method}`: {unknown} (see `trl-unlearn {method} --help`).")
