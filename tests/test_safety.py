@@ -344,3 +344,27 @@ def test_eval_card_names_the_data_directions_and_reference(files, tmp_path, caps
     assert f"On {files['tofu']} (forget10), TOFU evaluation:" in card  # the folder evaluated, not "TOFU forget10"
     assert "- model_utility: " in card and "(better: higher)" in card
     assert f"Reference (retain / retrained model) behind forget quality / PrivLeak: {reference}" in card
+
+
+def test_output_dir_holding_a_checkpoint_being_read_is_refused(tmp_path):
+    from trl_unlearn.outputs import check_output_dir
+
+    (tmp_path / "run" / "checkpoint-500").mkdir(parents=True)
+    with pytest.raises(ValueError, match="as a checkpoint, which checkpoint rotation or `overwrite_output_dir` would"):
+        check_output_dir(str(tmp_path / "run"), {"model": str(tmp_path / "run" / "checkpoint-500")})
+    check_output_dir(str(tmp_path / "elsewhere"), {"model": str(tmp_path / "run" / "checkpoint-500")})  # allowed
+
+
+def test_replace_files_removes_the_previous_models_extra_shards(tmp_path):
+    from trl_unlearn.outputs import replace_files, staging_dir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json",
+                 "report.json"):  # fmt: skip
+        (out / name).write_text("old")
+    staging = staging_dir(str(out))
+    for name in ("model.safetensors", "config.json"):
+        (tmp_path / "out" / ".trl-unlearn-saving" / name).write_text("new")
+    assert replace_files(staging, str(out)) == ["config.json", "model.safetensors"]  # weights moved last
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "report.json"]  # the user's file stays
