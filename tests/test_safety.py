@@ -134,6 +134,8 @@ def test_output_dir_that_is_a_file_or_unwritable(files, tmp_path, capsys):
     (tmp_path / "f").write_text("x")
     assert cli(files, tmp_path / "f") == 2
     assert "is a file, not a folder: give a folder path" in one_line_error(capsys)
+    assert cli(files, tmp_path / "f" / "out") == 2
+    assert f"is inside a file ({tmp_path / 'f'}), not a folder" in one_line_error(capsys)
     if os.geteuid() == 0:
         pytest.skip("root writes anywhere: the permission check cannot be exercised")
     (tmp_path / "ro").mkdir(mode=0o500)

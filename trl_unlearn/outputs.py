@@ -54,6 +54,10 @@ def check_output_dir(output_dir: str, reading: dict[str, str | None]) -> None:
     existing = os.path.abspath(output_dir)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(
+            f"`output_dir` {output_dir!r} is inside a file ({existing}), not a folder: give a folder path."
+        )
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(
             f"`output_dir` {output_dir!r} cannot be written ({existing} is not writable): choose a "
