@@ -247,6 +247,7 @@ def test_python_save_records_prompt_format_base_model_and_readable_settings(file
                    "- Prompt format: `'Question: {question}\\nAnswer:'`"]:  # fmt: skip
         assert needle in card, needle
     assert "SchedulerType" not in card and "unknown" not in card
+    assert "`num_train_epochs`" not in card  # `max_steps=1` overrides it
 
 
 def test_in_memory_model_card_says_so(model, tokenizer, tmp_path):

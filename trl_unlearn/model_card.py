@@ -161,7 +161,7 @@ on [TRL](https://github.com/huggingface/trl).
 
 HYPERPARAMETERS = ("beta", "gamma", "forget_weight", "retain_weight", "retain_loss_type", "learning_rate",
                    "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
-                   "lr_scheduler_type", "warmup_ratio", "weight_decay", "max_length", "seed")
+                   "lr_scheduler_type", "warmup_ratio", "warmup_steps", "weight_decay", "max_length", "seed")
 
 
 def card_from_trainer(trainer, dataset_name: str | None = None, tags=None) -> UnlearningCard:
@@ -174,6 +174,8 @@ def card_from_trainer(trainer, dataset_name: str | None = None, tags=None) -> Un
              for k in HYPERPARAMETERS + getattr(trainer, "card_hyperparameters", ())}
     if trainer.token_level_forget:  # GA / GradDiff: no β
         hyper.pop("beta")
+    if (hyper.get("max_steps") or 0) > 0:  # `max_steps` overrides the epochs: showing both would mislead
+        hyper.pop("num_train_epochs", None)
     evaluation = trainer.evaluation_summary or {}
     directions = {k: direction(k.split("/")[-1]) for k in evaluation}
     return UnlearningCard(
