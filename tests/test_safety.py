@@ -371,3 +371,20 @@ def test_replace_files_removes_the_previous_models_extra_shards(tmp_path):
         (tmp_path / "out" / ".trl-unlearn-saving" / name).write_text("new")
     assert replace_files(staging, str(out)) == ["config.json", "model.safetensors"]  # weights moved last
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "report.json"]  # the user's file stays
+
+
+def test_exit_codes_of_stopped_runs(capsys):
+    from types import SimpleNamespace
+
+    from trl_unlearn.cli.train import exit_code
+
+    def run(preempted_at, stop_reason):
+        return SimpleNamespace(preempted_at=preempted_at, stop_reason=stop_reason, args=SimpleNamespace(output_dir="o"),
+                               state=SimpleNamespace(max_steps=9), is_world_process_zero=lambda: True,
+                               card_data={"training": f"stopped at optimizer step 4 of 9: {stop_reason}"})  # fmt: skip
+
+    assert exit_code(run(None, None)) == 0
+    assert exit_code(run(None, "stopped early by UnlearningEvalCallback")) == 3
+    assert "stopped at optimizer step 4 of 9: stopped early by UnlearningEvalCallback" in capsys.readouterr().err
+    assert exit_code(run(4, "SIGTERM (preempted or cancelled)")) == 143
+    assert "checkpoint o/checkpoint-4 saved, no final model" in capsys.readouterr().err
