@@ -272,13 +272,15 @@ def test_distributed_ranks_run_lm_eval_and_agree(mode, tok, tasks_dir, tmp_path)
               "stopped": constant_model(tok)}  # fmt: skip
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
+               PYTHONFAULTHANDLER="1",  # a rank killed by a signal (SIGABRT) prints every thread's Python stack
                PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     for run, model in models.items():
         model.save_pretrained(tmp_path / run / "model")
         tok.save_pretrained(tmp_path / run / "model")
     proc = subprocess.run(LAUNCH[mode] + [__file__, str(tmp_path), str(tasks_dir)], env=env, capture_output=True,
                           text=True, timeout=600)  # fmt: skip
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    (tmp_path / "launch.log").write_text(proc.stdout + proc.stderr)  # the whole of both ranks' output
+    assert proc.returncode == 0, f"{tmp_path / 'launch.log'}:\n" + (proc.stdout + proc.stderr)[-4000:]
     for run, model in models.items():
         out = tmp_path / run / "out"
         ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]

@@ -132,9 +132,10 @@ def test_retain_report_with_other_settings_is_refused(saved, tofu_dir, retain_re
     # generated with --max_new_tokens 6, asked with 7
     ref = ["--retain_report", str(retain_report)]
     assert _eval_tofu(saved["model"], tofu_dir, out, *ref, "--max_new_tokens", "7") == 2
-    assert "max_new_tokens" in capsys.readouterr().err
+    assert "To compare, pass --max_new_tokens 6" in capsys.readouterr().err  # the flag that matches it
     assert _eval_tofu(saved["model"], tofu_dir, out, *ref, "--prompt_format", "plain") == 2
-    assert "prompt_format" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "prompt_format" in err and "pass --prompt_format" in err
     # a report made on another forget split
     other = json.loads(retain_report.read_text())
     other["settings"]["split"] = "forget05"

@@ -364,7 +364,8 @@ def test_model_card(model, tokenizer, forget_ds, retain_ds, tmp_path):
 
 def test_group_by_length_cuts_padding_and_keeps_every_row(model, tokenizer, tmp_path):
     rows = [(f"Q{i}?", "word " * (1 + (i * 7) % 23)) for i in range(32)]
-    forget, retain = prompt_completion(rows), prompt_completion(rows[::-1])
+    forget = prompt_completion(rows)
+    retain = prompt_completion([(f"R{i}?", a) for i, (_, a) in enumerate(rows[::-1])])  # disjoint from forget
 
     def padding(strategy):
         args = cpu_args(SimNPOConfig, tmp_path, per_device_train_batch_size=4, train_sampling_strategy=strategy)

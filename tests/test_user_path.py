@@ -195,7 +195,7 @@ def test_conversational_data_needs_a_chat_template(model, tokenizer, tmp_path):
 def test_missing_model_path_is_one_clean_line(files, capsys):
     assert main(["simnpo", "--model_name_or_path", "/no/such/model", "--dataset_name", files["tofu"]]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[0].startswith("trl-unlearn: error: The tokenizer / model '/no/such/model' is not an existing folder")
+    assert err[0].startswith("trl-unlearn: error: The model '/no/such/model' is not an existing folder")
     assert len(err) == 1 and "Traceback" not in err[0]
 
 

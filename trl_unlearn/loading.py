@@ -20,12 +20,50 @@ def check_model_path(name: str, what: str = "model") -> None:
         )
 
 
+def safetensors_problem(path: str) -> str | None:
+    """What is wrong with the safetensors file `path` (truncated, or a header that does not parse), or None. Reads
+    the header only: the file must be 8 + header + data bytes long, the data ending where the last tensor does."""
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 + n:
+                return f"truncated: {size} bytes, shorter than its {n}-byte header"
+            header = json.loads(f.read(n))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        return f"unreadable header ({type(e).__name__})"
+    if size < 8 + n + end:
+        return f"truncated: {size} bytes of the {8 + n + end} its header describes"
+    return None
+
+
+def check_weights(folder: str, what: str = "model", hint: str | None = None) -> None:
+    """A one-line error naming the file when a `*.safetensors` file in the local `folder` is truncated or corrupt
+    (an interrupted download or save); `hint` says what to do instead (default: restore or re-download it)."""
+    if not os.path.isdir(folder):
+        return
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            problem = safetensors_problem(os.path.join(folder, name))
+            if problem:
+                raise ValueError(f"The {what} weights {os.path.join(folder, name)} are corrupt ({problem}): "
+                                 f"{hint or 'restore or re-download the file'}.")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model",
+                   "vocab.txt")
+
+
 def load_tokenizer(path: str):
     """The model's tokenizer; a local `tokenizer.json` loads as `PreTrainedTokenizerFast` (AutoTokenizer can pick
     a wrong class for tokenizers saved without a class name)."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     check_model_path(path, "tokenizer / model")
+    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        raise ValueError(f"{path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}): give the tokenizer's "
+                         "folder or Hub id, e.g. the base model's (`--tokenizer` on the command line).")
     if os.path.isfile(os.path.join(path, "tokenizer.json")):
         return PreTrainedTokenizerFast.from_pretrained(path)
     return AutoTokenizer.from_pretrained(path)
@@ -38,6 +76,7 @@ def load_model(path: str, dtype: str = "auto", device=None):
     from transformers import AutoModelForCausalLM
 
     check_model_path(path)
+    check_weights(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
     return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
 
@@ -53,10 +92,13 @@ PROMPT_FILE = "unlearning_prompt.json"
 
 
 def save_prompt_format(output_dir: str, prompt_format: str) -> None:
-    """Record the training prompt format beside the model, for `trl-unlearn eval`'s default."""
+    """Record the training prompt format beside the model, for `trl-unlearn eval`'s default (written to a temporary
+    file, then renamed: never half-written)."""
     os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, PROMPT_FILE), "w", encoding="utf-8") as f:
+    path = os.path.join(output_dir, PROMPT_FILE)
+    with open(f"{path}.tmp", "w", encoding="utf-8") as f:
         json.dump({"prompt_format": prompt_format}, f)
+    os.replace(f"{path}.tmp", path)
 
 
 def saved_prompt_format(model_dir: str) -> str | None:

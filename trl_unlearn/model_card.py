@@ -8,10 +8,12 @@ records evaluation results in an existing card (`trl-unlearn eval ... --update_m
 import os
 import textwrap
 from dataclasses import dataclass, field
+from enum import Enum
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .loading import is_hub_id
+from .outputs import write_text_atomic
 
 CITATIONS = {
     "SimNPO": textwrap.dedent("""\
@@ -55,9 +57,11 @@ _EVAL_START, _EVAL_END = "<!-- trl-unlearn evaluation -->", "<!-- /trl-unlearn e
 
 @dataclass
 class UnlearningCard:
-    """Facts for the card. `forget_data` / `retain_data`: descriptions such as `"locuslab/TOFU (forget10), 400
-    examples"`; `datasets`: Hub dataset ids for the metadata; `evaluation`: `{metric: value}`; `eval_dataset`: what
-    the evaluation ran on (for `model-index`)."""
+    """Facts for the card. `base_model`: the path or Hub id the model was loaded from; `forget_data` /
+    `retain_data`: descriptions such as `"locuslab/TOFU (forget10), 400 examples"`; `datasets`: Hub dataset ids for
+    the metadata; `evaluation`: `{metric: value}`; `eval_dataset`: what the evaluation ran on (for `model-index`);
+    `directions`: `{metric: what "better" means}`; `eval_reference`: the reference (retain / retrained model) report
+    behind forget quality or PrivLeak; `training`: how training ended (steps done of planned, why it stopped)."""
 
     method: str
     base_model: str
@@ -71,6 +75,9 @@ class UnlearningCard:
     evaluation: dict | None = None
     eval_dataset: str | None = None
     prompt_format: str | None = None
+    directions: dict = field(default_factory=dict)
+    eval_reference: str | None = None
+    training: str | None = None
 
 
 def _eval_results(evaluation: dict | None, dataset: str | None) -> list | None:
@@ -82,32 +89,43 @@ def _eval_results(evaluation: dict | None, dataset: str | None) -> list | None:
                        metric_type=k, metric_name=k, metric_value=float(v)) for k, v in numeric.items()]
 
 
-def _evaluation_text(evaluation: dict | None, dataset: str | None) -> str:
+def _metric_line(name: str, value, directions: dict) -> str:
+    shown = f"{value:.4g}" if isinstance(value, float) else f"{value}"
+    better = directions.get(name)
+    return f"- {name}: {shown}" + (f" (better: {better})" if better else "")
+
+
+def _evaluation_text(evaluation: dict | None, dataset: str | None, directions: dict | None = None,
+                     reference: str | None = None) -> str:
     if not evaluation:
         body = ("No evaluation was recorded with this checkpoint. Measure it and record it here, e.g. `trl-unlearn "
                 "eval tofu --model <this folder> --data_dir <TOFU folder> --split forget10 --output report.json "
                 "--update_model_card`.")
     else:
         where = f"On {dataset}:\n\n" if dataset else ""
-        body = where + "\n".join(f"- {k}: {v:.4g}" if isinstance(v, float) else f"- {k}: {v}"
-                                 for k, v in evaluation.items())
+        body = where + "\n".join(_metric_line(k, v, directions or {}) for k, v in evaluation.items())
+        if reference:
+            body += f"\n\nReference (retain / retrained model) behind forget quality / PrivLeak: {reference}"
     return f"{_EVAL_START}\n{body}\n{_EVAL_END}"
 
 
 def render(card: UnlearningCard) -> ModelCard:
     """The model card (YAML metadata + text) of an unlearned model."""
     hub_base = card.base_model if is_hub_id(card.base_model) else None
+    named = hub_base or os.path.exists(card.base_model)
     data = ModelCardData(
         base_model=hub_base, datasets=card.datasets or None, library_name="transformers",
         tags=sorted(set(card.tags) | {"trl", "trl-unlearn", "unlearning"}), pipeline_tag="text-generation",
-        model_name=f"{card.method} unlearned {os.path.basename(card.base_model.rstrip('/')) or 'model'}",
+        model_name=f"{card.method} unlearned {named and os.path.basename(card.base_model.rstrip('/')) or 'model'}",
         eval_results=_eval_results(card.evaluation, card.eval_dataset),
     )
     base = f"[{card.base_model}](https://huggingface.co/{card.base_model})" if hub_base else f"`{card.base_model}`"
     paper = card.paper
     method = f"**{card.method}**" + (f" ([{paper['title']}](https://huggingface.co/papers/{paper['id']}))" if paper else "")
     rows = "\n".join(f"| `{k}` | {v} |" for k, v in card.hyperparameters.items() if v is not None)
-    prompt = f"- Prompt format: `{card.prompt_format!r}`\n" if card.prompt_format else ""
+    prompt = (f"- Prompt format: `{card.prompt_format!r}`\n" if card.prompt_format
+              else "- Prompt format: not recorded (pass `--prompt_format` to `trl-unlearn eval`)\n")
+    training = f"- Training: {card.training}\n" if card.training else ""
     citation = f"\n## Citation\n\n```bibtex\n{paper['citation']}\n```\n" if paper.get("citation") else ""
     text = f"""---
 {data.to_yaml()}
@@ -125,14 +143,14 @@ on [TRL](https://github.com/huggingface/trl).
 - Forget data: {card.forget_data}
 - Retain data: {card.retain_data}
 - Reference model: {card.reference}
-{prompt}
+{prompt}{training}
 | hyperparameter | value |
 |---|---|
 {rows}
 
 ### Evaluation
 
-{_evaluation_text(card.evaluation, card.eval_dataset)}
+{_evaluation_text(card.evaluation, card.eval_dataset, card.directions, card.eval_reference)}
 
 ### Limitations
 
@@ -141,16 +159,23 @@ on [TRL](https://github.com/huggingface/trl).
     return ModelCard(text)
 
 
+def readable(value):
+    """A hyperparameter as the card shows it: an enum by its value (`linear`, not `SchedulerType.LINEAR`)."""
+    return value.value if isinstance(value, Enum) else value
+
+
 def write_card(card: UnlearningCard, output_dir: str) -> str:
     path = os.path.join(output_dir, "README.md")
-    render(card).save(path)
+    write_text_atomic(path, str(render(card)))
     return path
 
 
-def add_evaluation(output_dir: str, evaluation: dict, dataset: str, eval_results: list | None = None) -> str:
+def add_evaluation(output_dir: str, evaluation: dict, dataset: str, eval_results: list | None = None,
+                   directions: dict | None = None, reference: str | None = None) -> str:
     """Record `evaluation` (`{metric: value}`) measured on `dataset` in the card of `output_dir`: the `model-index`
     metadata (`eval_results`, `huggingface_hub.EvalResult`s, when given; else one per number) and the Evaluation
-    section. Returns the card's path."""
+    section, with each metric's direction (`directions`) and the `reference` report behind forget quality / PrivLeak.
+    Returns the card's path."""
     path = os.path.join(output_dir, "README.md")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No model card at {path}: --update_model_card needs a folder saved by trl-unlearn.")
@@ -160,11 +185,11 @@ def add_evaluation(output_dir: str, evaluation: dict, dataset: str, eval_results
     card.data.eval_results = [r for r in (card.data.eval_results or []) if r.dataset_name not in replaced] + new
     if not card.data.model_name:
         card.data.model_name = os.path.basename(os.path.abspath(output_dir))
-    section = _evaluation_text(evaluation, dataset)
+    section = _evaluation_text(evaluation, dataset, directions, reference)
     if _EVAL_START in card.text:
         start, end = card.text.index(_EVAL_START), card.text.index(_EVAL_END) + len(_EVAL_END)
         card.text = card.text[:start] + section + card.text[end:]
     else:
         card.text = card.text.rstrip() + "\n\n### Evaluation\n\n" + section + "\n"
-    card.save(path)
+    write_text_atomic(path, str(card))
     return path

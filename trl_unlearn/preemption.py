@@ -1,4 +1,14 @@
-"""Training callbacks of the trainers themselves (the evaluation probes live in `evaluation/callback.py`)."""
+"""Training callbacks of the trainers themselves (the evaluation probes live in `evaluation/callback.py`).
+
+Transformers' built-in `TrainingArguments(enable_jit_checkpoint=True)` (`JITCheckpointCallback`) also saves a
+checkpoint on SIGTERM; `PreemptionCallback` is kept for what that one lacks (transformers 5.x):
+- every rank stops at the same step (one tiny all-reduce per step): the built-in flag is per process, so ranks
+  signalled at different moments would enter the checkpoint's collectives (ZeRO-3, FSDP) at different steps and hang;
+- the step it stopped at is recorded (`stopped_at`): the trainer's card and the CLI's exit code (143) report it;
+- the handler is installed for `train` only, in the main thread only, and restored even when training raises (the
+  built-in one is installed at trainer creation and restored at `on_train_end` only).
+The unlearning configs turn `enable_jit_checkpoint` off with a warning, so only one handler owns SIGTERM.
+"""
 
 import signal
 import threading

@@ -8,7 +8,10 @@
 
 Modules: `train` (training subcommands, TRL script style), `eval`, `relearn`, `loading` (model / tokenizer loading
 for scripts). Nothing heavy is imported until a command runs, so `--help` and argument errors come back at once.
-Errors in the data or settings print one line (exit 2); `--debug` or `TRL_UNLEARN_DEBUG=1` shows the traceback.
+Exit codes: 0 done; 2 an error in the data or settings (one line); 1 any other error (one line naming its type);
+3 training stopped early by a callback (model and card saved, the card says where and why); 130 interrupted (Ctrl-C);
+143 stopped by SIGTERM (preempted or cancelled: a checkpoint is saved, whose card says where, and no final model;
+resume with `--resume_from_checkpoint true`). `--debug` or `TRL_UNLEARN_DEBUG=1` shows the traceback of an error.
 """
 
 from __future__ import annotations
@@ -34,10 +37,13 @@ def _register_train(subparsers) -> None:
 
 
 def _run_train(method: str, argv: list[str]) -> int:
-    from .train import make_parser, parse, run
+    from .train import exit_code, make_parser, parse, run
 
-    run(method, *parse(make_parser(method), method, argv))
-    return 0
+    return exit_code(run(method, *parse(make_parser(method), method, argv)))
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,11 +75,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_train(argv[0], argv[1:])
         args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("trl-unlearn: interrupted", file=sys.stderr)
+        return 130
     except (ValueError, TypeError, FileNotFoundError, OSError, ImportError) as e:
         if debug:
             raise
-        print(f"trl-unlearn: error: {e}", file=sys.stderr)  # one line; --debug shows the traceback
+        print(f"trl-unlearn: error: {_one_line(e)}", file=sys.stderr)  # one line; --debug shows the traceback
         return 2
+    except Exception as e:  # not foreseen: still one line, with its type; --debug shows where it came from
+        if debug:
+            raise
+        print(f"trl-unlearn: error: {type(e).__name__}: {_one_line(e)} (`trl-unlearn --debug ...` shows the "
+              "traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

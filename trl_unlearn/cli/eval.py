@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 
 from ..loading import load_model_and_tokenizer, saved_prompt_format
 
@@ -44,6 +43,12 @@ def _tofu_prompt_format(args) -> str:
     return args.prompt_format
 
 
+def _data_label(benchmark: str, data_dir: str, split: str | None = None) -> str:
+    """What the evaluation ran on, for the model card: the data folder as given (a TOFU- or MUSE-layout folder may
+    hold other data than the benchmark's), its split, and the benchmark's protocol."""
+    return f"{data_dir}{f' ({split})' if split else ''}, {benchmark} evaluation"
+
+
 def _run_eval_tofu(args):
     from ..evaluation import evaluate_tofu
 
@@ -56,7 +61,7 @@ def _run_eval_tofu(args):
         retain_model=retain_model, prompt_format=_tofu_prompt_format(args), batch_size=args.batch_size,
         generation_batch_size=args.generation_batch_size, max_length=args.max_length,
         max_new_tokens=args.max_new_tokens, progress=False if args.no_progress else None, model_path=args.model,
-    ), f"TOFU {args.split}", {"forget_quality": "--retain_report or --retain_model"}
+    ), _data_label("TOFU", args.data_dir, args.split), {"forget_quality": "--retain_report or --retain_model"}
 
 
 def _run_eval_muse(args):
@@ -71,7 +76,7 @@ def _run_eval_muse(args):
         knowmem_shots=args.knowmem_shots, min_k=args.min_k, min_k_plus_plus=not args.no_min_k_plus_plus,
         rouge_use_stemmer=args.rouge_use_stemmer, progress=False if args.no_progress else None,
         model_path=args.model,
-    ), f"MUSE {os.path.basename(os.path.normpath(args.data_dir))}", {"privleak": "--auc_retrain or --retrain_report"}
+    ), _data_label("MUSE", args.data_dir), {"privleak": "--auc_retrain or --retrain_report"}
 
 
 def _run_eval_lm_eval(args):
@@ -116,12 +121,18 @@ def _run(evaluate):
         if args.update_model_card:
             from ..model_card import add_evaluation
 
+            directions, reference = {}, None
             if hasattr(report, "eval_results"):  # lm-eval: the requested tasks' accuracies, not every subtask
                 results = report.eval_results()
                 numbers = {f"{r.dataset_name} {r.metric_type}": r.metric_value for r in results}
             else:
+                from ..evaluation.report import direction
+
                 results, numbers = None, {k: v for k, v in report.metrics.items() if v is not None}
-            print(f"model card updated: {add_evaluation(args.model, numbers, dataset, results)}")
+                directions = {k: direction(k) for k in numbers if direction(k)}
+                reference = report.reference.get("source")
+            path = add_evaluation(args.model, numbers, dataset, results, directions=directions, reference=reference)
+            print(f"model card updated: {path}")
         return 0
 
     return run

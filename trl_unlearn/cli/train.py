@@ -11,16 +11,20 @@ this command and the example scripts (`examples/tofu.py`), which also read the s
 so `trl-unlearn eval` scores with the same one.
 """
 
+import argparse
 import dataclasses
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 
+from .. import outputs
 from ..data.files import drop_short_documents, load_text_corpus, load_tofu_split
 from ..data.formats import PROMPT_TEMPLATE, qa_to_trl
 from ..data.tokenize import text_documents, text_windows
-from ..loading import load_tokenizer, save_prompt_format
+from ..loading import check_model_path, check_weights, load_tokenizer
 from ..methods import REGISTRY, get_method
+from ..methods.base import EARLY_STOP_EXIT_CODE, PREEMPTED_EXIT_CODE
 from ..methods.npo import NPOConfig
 
 logger = logging.getLogger(__name__)
@@ -97,8 +101,9 @@ class UnlearnScriptArguments:
         if self.retain_split is not None:
             return None if self.retain_split.lower() in ("", "none") else self.retain_split
         if self.forget_split not in TOFU_RETAIN:
-            raise ValueError(f"`--retain_split` is needed ('none' for no retain data): {self.forget_split!r} is not "
-                             "a TOFU forget split.")
+            raise ValueError(f"No retain split for `--forget_split {self.forget_split}`: the retain split is inferred "
+                             f"only for TOFU's forget splits ({', '.join(TOFU_RETAIN)}). Check the forget split's "
+                             "name, or pass `--retain_split` ('none' for no retain data).")
         return TOFU_RETAIN[self.forget_split]
 
     def source(self, role: str = "forget") -> tuple[str, str | None]:
@@ -194,19 +199,55 @@ def load_qa_split(args: UnlearnScriptArguments, split: str, dataset_name: str | 
     return qa_to_trl(dataset, template, args.question_column, args.answer_column)
 
 
+COMMON_FLAGS = (
+    "model_name_or_path", "dataset_name", "forget_split", "retain_split", "output_dir", "overwrite_output_dir",
+    "resume_from_checkpoint", "beta", "gamma", "forget_weight", "retain_weight", "retain_loss_type", "learning_rate",
+    "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length",
+    "save_steps", "seed", "use_peft", "push_to_hub",
+)  # `--help` lists these first, in this order, after `--config`
+
+
 def make_parser(method: str):
+    """The method's `TrlParser`; its `--help` shows `--config` first, then `COMMON_FLAGS`, then every other flag."""
     from trl import ModelConfig, TrlParser
 
     _, config_cls = METHODS[method]
-    return TrlParser((UnlearnScriptArguments, StudyArguments, config_cls, ModelConfig), prog=f"trl-unlearn {method}")
+    parser = TrlParser((UnlearnScriptArguments, StudyArguments, config_cls, ModelConfig), prog=f"trl-unlearn {method}",
+                       usage=f"trl-unlearn {method} [--config RECIPE.yaml] [--FLAG VALUE ...]")
+    recipe = parser.add_argument_group("recipe")
+    # TrlParser reads `--config` itself, before argparse: this entry is for `--help` (SUPPRESS: never a value)
+    recipe.add_argument("--config", metavar="RECIPE.yaml", default=argparse.SUPPRESS,
+                        help="YAML file whose keys are any of the flags below; flags on the command line win")
+    common = parser.add_argument_group("common flags (every flag is listed after them)")
+    for group in parser._action_groups:
+        for action in [a for a in group._group_actions if a.dest in COMMON_FLAGS]:
+            group._group_actions.remove(action)
+            common._group_actions.append(action)
+    common._group_actions.sort(key=lambda a: COMMON_FLAGS.index(a.dest))
+    parser._action_groups = [recipe, common] + [g for g in parser._action_groups if g not in (recipe, common)]
+    return parser
+
+
+def _config_path(argv) -> str | None:
+    return argv[argv.index("--config") + 1] if "--config" in argv[:-1] else None
 
 
 def parse(parser, method: str, argv):
     """`(script_args, training_args, model_args)` from the command line and `--config`; study keys of a recipe are
     accepted (a warning names the evaluation keys left unused), any other unknown key is an error."""
-    script, study, training, model, unknown_config, unknown_args = parser.parse_args_and_config(
-        argv, return_remaining_strings=True, separate_remaining_strings=True
-    )
+    import yaml
+
+    argv = [part for a in argv for part in (a.split("=", 1) if a.startswith("--config=") else [a])]
+    try:
+        script, study, training, model, unknown_config, unknown_args = parser.parse_args_and_config(
+            argv, return_remaining_strings=True, separate_remaining_strings=True
+        )
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{_config_path(argv)}:{mark.line + 1}:{mark.column + 1}" if mark else _config_path(argv)
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise ValueError(f"{where}: malformed YAML ({problem}): fix the recipe there (`key: value`, one a "
+                         "line).") from e
     unknown = unknown_config + unknown_args
     if unknown:
         raise ValueError(f"Unknown arguments for `trl-unlearn {method}`: {unknown} (see `trl-unlearn {method} --help`).")
@@ -236,6 +277,13 @@ def run(method: str, script_args, training_args, model_args):
 
     if model_args.model_name_or_path is None:
         raise ValueError("`--model_name_or_path` is required: a local model folder or a Hub model id.")
+    check_model_path(model_args.model_name_or_path)
+    check_weights(model_args.model_name_or_path)
+    reading = {"--model_name_or_path": model_args.model_name_or_path, "--dataset_name": script_args.dataset_name,
+               "--retain_dataset_name": script_args.retain_dataset_name}
+    outputs.check_output_dir(training_args.output_dir, reading)
+    resume = outputs.resume_flag(training_args.resume_from_checkpoint)
+    outputs.check_previous_run(training_args.output_dir, training_args.overwrite_output_dir, bool(resume))
     trainer_cls, _ = METHODS[method]
     training_args.model_init_kwargs = {
         "revision": model_args.model_revision,
@@ -243,12 +291,12 @@ def run(method: str, script_args, training_args, model_args):
         "dtype": model_args.dtype,
         **(training_args.model_init_kwargs or {}),
     }
+    tokenizer = load_tokenizer(model_args.model_name_or_path)
+    max_length = training_args.max_length
+    forget = load_split(script_args, script_args.forget_split, tokenizer, max_length)  # a wrong name fails here
     retain_split = script_args.retain()
     if retain_split is None and (script_args.retain_dataset_name or script_args.retain_dataset_config):
         logger.warning("`retain_split` is 'none': `retain_dataset_name` / `retain_dataset_config` are not used.")
-    tokenizer = load_tokenizer(model_args.model_name_or_path)
-    max_length = training_args.max_length
-    forget = load_split(script_args, script_args.forget_split, tokenizer, max_length)
     retain = load_split(script_args, retain_split, tokenizer, max_length, "retain") if retain_split else None
     trainer = trainer_cls(
         model=model_args.model_name_or_path,
@@ -269,10 +317,27 @@ def run(method: str, script_args, training_args, model_args):
                      if rows.retain is not None else "none"),
         datasets=hub, prompt_format=script_args.prompt_format() if qa else None,
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
-    if trainer.is_world_process_zero() and qa:
-        save_prompt_format(training_args.output_dir, script_args.prompt_format())
+    trainer.train(resume_from_checkpoint=resume)
+    if trainer.preempted_at is not None:  # the checkpoint is the run's state; a final model would claim too much
+        return trainer
+    trainer.save_model(training_args.output_dir)  # with the card and the prompt format (`card_data`)
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=hub[0] if hub else None)
     return trainer
+
+
+def exit_code(trainer) -> int:
+    """0 for a run that took all its steps; `PREEMPTED_EXIT_CODE` (143) after a SIGTERM, `EARLY_STOP_EXIT_CODE` (3)
+    after a callback stopped training, each with one line on stderr saying where it stopped and what is saved."""
+    out = trainer.args.output_dir
+    if trainer.preempted_at is not None:
+        if trainer.is_world_process_zero():
+            print(f"trl-unlearn: stopped by SIGTERM at step {trainer.preempted_at} of {trainer.state.max_steps}: "
+                  f"checkpoint {os.path.join(out, f'checkpoint-{trainer.preempted_at}')} saved, no final model. "
+                  "Resume with `--resume_from_checkpoint true`.", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
+    if trainer.stop_reason is not None:
+        if trainer.is_world_process_zero():
+            print(f"trl-unlearn: {trainer.card_data['training']}. Model and card saved in {out}.", file=sys.stderr)
+        return EARLY_STOP_EXIT_CODE
+    return 0

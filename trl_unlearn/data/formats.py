@@ -8,6 +8,7 @@ Accepted formats (TRL's, standard or conversational):
   for the drop-in `train_dataset=` form: `rejected` / `label=False` is forgotten, `chosen` / `label=True` retained.
 """
 
+import json
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -188,10 +189,72 @@ def check_dataset(dataset, name: str, tokenizer=None) -> tuple[str, bool]:
     return fmt, conversational
 
 
+def _is_blank(value) -> bool:
+    """An empty or whitespace-only string, or messages whose contents all are."""
+    if isinstance(value, str):
+        return not value.strip()
+    return all(not str(m.get("content") or "").strip() for m in value)
+
+
+def _scored_column(dataset: Dataset) -> str:
+    """The column whose text is scored: `completion`, else `text` or `messages` (language modeling)."""
+    return next(c for c in ("completion", "text", "messages") if c in dataset.column_names)
+
+
+def blank_rows(dataset: Dataset) -> list[int]:
+    """Indices of the rows whose scored part (completion, text or messages) is empty or whitespace-only."""
+    return [i for i, v in enumerate(dataset[_scored_column(dataset)]) if _is_blank(v)]
+
+
+def _first(indices, n: int = 5) -> str:
+    return ", ".join(map(str, indices[:n])) + (", ..." if len(indices) > n else "")
+
+
+def drop_blank_rows(dataset: Dataset, name: str) -> Dataset:
+    """`dataset` without its blank rows (`blank_rows`), with a warning naming them; an error if every row is
+    blank. A blank completion would score the EOS token alone."""
+    blank = blank_rows(dataset)
+    if not blank:
+        return dataset
+    column = _scored_column(dataset)
+    if len(blank) == len(dataset):
+        raise ValueError(f"Every {name} row has an empty or whitespace-only `{column}`: there is nothing to "
+                         f"{'forget' if name == 'forget' else 'retain'}. Check the {name} data's `{column}` column.")
+    logger.warning(f"Dropped {len(blank)} of {len(dataset)} {name} rows with an empty or whitespace-only `{column}` "
+                   f"(rows {_first(blank)}): only the EOS token would be scored. Fix those rows to keep them.")
+    keep = sorted(set(range(len(dataset))) - set(blank))
+    return dataset.select(keep)
+
+
+def _row_keys(dataset: Dataset) -> list[str]:
+    columns = [c for c in ("prompt", "completion", "text", "messages") if c in dataset.column_names]
+    return [json.dumps(values, sort_keys=True) for values in zip(*(dataset[c] for c in columns))]
+
+
+def shared_rows(forget: Dataset, retain: Dataset) -> list[int]:
+    """Indices of the forget rows that are also retain rows (the same prompt and completion, or text)."""
+    retained = set(_row_keys(retain))
+    return [i for i, key in enumerate(_row_keys(forget)) if key in retained]
+
+
+def check_overlap(forget: Dataset, retain: Dataset) -> None:
+    """An error when every forget row is also a retain row (the two terms pull each row both ways: the run would
+    measure nothing), a warning naming them when some are."""
+    shared = shared_rows(forget, retain)
+    if not shared:
+        return
+    if len(shared) == len(forget):
+        raise ValueError(f"Every forget row is also a retain row ({len(forget)} of {len(forget)}): the forget and "
+                         "retain terms would pull the same examples both ways. Give retain data disjoint from the "
+                         "forget data (for TOFU: forget10 with retain90).")
+    logger.warning(f"{len(shared)} of {len(forget)} forget rows are also retain rows (forget rows {_first(shared)}): "
+                   "those examples are both forgotten and retained. Remove them from the retain data.")
+
+
 def resolve_datasets(forget, retain, train, retain_weight: float, num_proc: int | None = None, tokenizer=None):
     """`(forget, retain)` from the trainer's arguments: `forget_dataset` / `retain_dataset`, or the drop-in
     preference `train_dataset` (`rejected` forgotten, `chosen` retained). Checks both (same format) and warns about
-    data it won't use."""
+    data it won't use, drops blank rows (`drop_blank_rows`) and checks that forget rows are not retain rows."""
     if train is not None:
         if forget is not None:
             raise ValueError("Pass either `train_dataset` (preference form) or `forget_dataset`, not both.")
@@ -209,6 +272,7 @@ def resolve_datasets(forget, retain, train, retain_weight: float, num_proc: int 
             "the data to forget)."
         )
     forget_signature = check_dataset(forget, "forget", tokenizer)
+    forget = drop_blank_rows(forget, "forget")
     if retain_weight == 0:
         if retain is not None:
             logger.warning(
@@ -226,6 +290,8 @@ def resolve_datasets(forget, retain, train, retain_weight: float, num_proc: int 
             f"Forget data is {_describe(forget_signature)} but retain data is {_describe(retain_signature)}: give "
             "both in the same TRL format."
         )
+    retain = drop_blank_rows(retain, "retain")
+    check_overlap(forget, retain)
     return forget, retain
 
 

@@ -16,34 +16,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["EvalReport", "REPORT_FORMAT_VERSION", "check_same_settings", "package_version"]
+from ..metric_directions import direction
+
+__all__ = ["EvalReport", "REPORT_FORMAT_VERSION", "check_same_settings", "direction", "package_version"]
 
 REPORT_FORMAT_VERSION = 1
-
-# What "better" means for each metric, for the table (see docs/evaluation.md).
-DIRECTIONS = {
-    "forget_quality": "higher",
-    "model_utility": "higher",
-    "forget_probability": "~ retain model (lower)",
-    "forget_rougeL_recall": "~ retain model (lower)",
-    "forget_truth_ratio": "~ retain model (higher)",
-    "verbmem_forget": "lower (~ retrained)",
-    "knowmem_forget": "lower (~ retrained)",
-    "knowmem_retain": "higher",
-    "privleak": "-> 0",
-    "privleak_auc": "~ retrained (~0.5)",
-}
-
-
-def _direction(name: str) -> str:
-    if name in DIRECTIONS:
-        return DIRECTIONS[name]
-    if name.startswith(("retain_", "real_authors_", "world_facts_")):
-        return "higher"
-    if name.startswith("mia_auc"):
-        return "~ retrained (~0.5)"
-    return ""
-
 
 def package_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
@@ -121,7 +98,7 @@ class EvalReport:
         rows = [("metric", "value", "better")]
         for name, value in self.metrics.items():
             shown = "n/a" if value is None else f"{value:.4g}" if abs(value) < 1e-3 and value != 0 else f"{value:.4f}"
-            rows.append((name, shown, _direction(name)))
+            rows.append((name, shown, direction(name)))
         widths = [max(len(r[i]) for r in rows) for i in range(3)]
         lines = [f"{self.benchmark.upper()} evaluation"]
         for j, r in enumerate(rows):
@@ -182,16 +159,35 @@ def json_safe(obj):
     return obj
 
 
+EVAL_OPTIONS = ("prompt_format", "max_length", "max_new_tokens", "split", "min_k", "knowmem_shots",
+                "verbmem_max_new_tokens", "knowmem_max_new_tokens")
+"""Settings that are options of the evaluation (`trl-unlearn eval --<name>`); the others describe the data."""
+
+
+def _flag_value(key: str, value):
+    """A recorded setting as its command-line option takes it (the recorded prompt formats by their names)."""
+    if key == "prompt_format":
+        from ..data.formats import PROMPT_TEMPLATE
+
+        return {"chat_template": "chat", PROMPT_TEMPLATE: "plain"}.get(value, value)
+    return value
+
+
 def check_same_settings(
     reference: EvalReport, settings: Mapping[str, Any], keys: Iterable[str], what: str = "reference report"
 ) -> None:
     """Raise `ValueError` listing every key of `keys` whose value differs between `reference.settings` and
-    `settings` (a value missing on either side counts as different)."""
-    diffs = []
+    `settings` (a value missing on either side counts as different), and the options that would match it."""
+    diffs, fixes = [], []
     for k in keys:
         a = reference.settings.get(k, "<missing>")
         b = settings.get(k, "<missing>")
         if a != b:
             diffs.append(f"{k}: {a!r} there vs {b!r} here")
+            if k in EVAL_OPTIONS and a != "<missing>":
+                fixes.append(f"--{k} {_flag_value(k, a)!r}")
     if diffs:
-        raise ValueError(f"the {what} was made with different settings; refusing to compare: " + "; ".join(diffs))
+        fix = (f"pass {' '.join(fixes)} (the same keyword arguments in Python) or " if fixes else "") + (
+            f"make the {what} again with this run's settings and data")
+        raise ValueError(f"the {what} was made with different settings; refusing to compare: {'; '.join(diffs)}. "
+                         f"To compare, {fix}.")

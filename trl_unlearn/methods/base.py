@@ -14,6 +14,7 @@ same as 1. Logged values are pooled over the ranks of each micro-batch (`LossSta
 """
 
 import copy
+import logging
 import os
 
 import torch
@@ -22,13 +23,15 @@ from datasets import Dataset
 from transformers.trainer_utils import get_last_checkpoint
 from trl import DPOTrainer
 
+from .. import outputs
 from .._trl_compat import prepare_inputs, set_signature_columns
-from ..data.formats import resolve_datasets, split_eval
+from ..data.formats import PROMPT_TEMPLATE, resolve_datasets, split_eval
 from ..data.pairing import ForgetRetainCollator, ForgetRetainPairs, ForgetRetainSampler, StepCounts, batch_counts
 from ..data.tokenize import tokenize_dataset
-from ..loading import check_model_path
+from ..loading import PROMPT_FILE, check_model_path, check_weights, save_prompt_format
 from ..losses import LossStats
-from ..model_card import UnlearningCard, write_card
+from ..metric_directions import direction
+from ..model_card import UnlearningCard, readable, write_card
 from ..modeling import add_unlearning_forward
 from ..preemption import PreemptionCallback
 from ..reference import kl_teacher, plan_reference, reference_context, reference_forward, scored_labels
@@ -37,7 +40,34 @@ from .base_config import UnlearningConfig
 # Config fields every card lists, after the method's own `card_hyperparameters`
 SHARED_CARD_FIELDS = ("forget_weight", "retain_weight", "learning_rate", "num_train_epochs", "max_steps",
                       "per_device_train_batch_size", "gradient_accumulation_steps", "lr_scheduler_type", "warmup_ratio",
-                      "weight_decay", "max_length", "seed")
+                      "warmup_steps", "weight_decay", "max_length", "seed")
+
+logger = logging.getLogger(__name__)
+
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: what a shell reports for a job ended by SIGTERM; schedulers requeue it
+EARLY_STOP_EXIT_CODE = 3  # a callback stopped training before its last step; the model and card are saved
+
+
+def _name_or_path(obj) -> str | None:
+    """The path or Hub id a model / tokenizer was loaded from (`str` given as is), or None."""
+    if obj is None or isinstance(obj, str):
+        return obj
+    config = getattr(obj, "config", None)
+    return getattr(config, "_name_or_path", None) or getattr(obj, "name_or_path", None) or None
+
+
+def _plain_prompt_format(dataset) -> str | None:
+    """The prompt format `trl-unlearn eval` takes for standard prompt-completion rows built with `PROMPT_TEMPLATE`
+    (every prompt `"Question: ...\nAnswer:"`), "chat" for conversational rows, else None (unknown)."""
+    if "prompt" not in dataset.column_names or not len(dataset):
+        return None
+    prompts = dataset["prompt"]
+    if all(isinstance(p, list) for p in prompts):
+        return "chat"
+    head, tail = PROMPT_TEMPLATE.split("{question}")
+    if all(isinstance(p, str) and p.startswith(head) and p.endswith(tail) for p in prompts):
+        return PROMPT_TEMPLATE
+    return None
 
 
 class UnlearningTrainer(DPOTrainer):
@@ -102,10 +132,17 @@ class UnlearningTrainer(DPOTrainer):
             raise ValueError(self.ref_model_refusal)
         if isinstance(model, str):
             check_model_path(model)
+            check_weights(model)
         if args is None:
             name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
             args = self.config_class(output_dir=f"{os.path.basename(str(name).rstrip('/'))}-{self._name}")
         args = copy.copy(args)  # the user's config stays as given
+        self._reading = {"model": _name_or_path(model), "ref_model": _name_or_path(ref_model),
+                         "processing_class": getattr(processing_class, "name_or_path", None)}
+        outputs.check_output_dir(args.output_dir, self._reading)
+        if args.precompute_ref_log_probs and not self.forget_needs_reference:
+            logger.warning(f"`precompute_ref_log_probs=True` does nothing for {self._name}: only NPO's forget term "
+                           "uses reference log-probs. Remove it.")
         forget_dataset, retain_dataset = resolve_datasets(
             forget_dataset, retain_dataset, train_dataset, args.retain_weight, args.dataset_num_proc,
             processing_class,
@@ -168,10 +205,38 @@ class UnlearningTrainer(DPOTrainer):
             )
         if self.eval_dataset is not None:  # tokenized (and reference-scored) by DPOTrainer.__init__, key by key
             self.eval_dataset = ForgetRetainPairs(self.eval_dataset["forget"], self.eval_dataset.get("retain"))
+        self._check_vocabulary()
         self.card_data = {
             "forget_data": f"{len(self.train_dataset.forget)} examples",
             "retain_data": f"{len(retain)} examples" if retain is not None else "none",
+            "base_model": _name_or_path(model) or "an in-memory model (not loaded from a folder or the Hub; its "
+                                                 "origin is not recorded)",
+            "prompt_format": _plain_prompt_format(forget_dataset),
         }
+        self._prompted = "prompt" in forget_dataset.column_names
+        self.stop_reason: str | None = None  # why the last `train` ended before its last step (None: it did not)
+        self._saved_dirs: set[str] = set()
+
+    def _check_vocabulary(self):
+        """Every token id of the data (and the padding id) must index a row of the input embedding."""
+        import pyarrow.compute as pc
+
+        embedding = self.accelerator.unwrap_model(self.model).get_input_embeddings()
+        rows = getattr(embedding, "num_embeddings", None) or embedding.weight.shape[0]
+        ids = [self._tokenizer.pad_token_id or 0]
+        for part in (self.train_dataset.forget, self.train_dataset.retain):
+            for column in ("prompt_ids", "completion_ids") if part is not None else ():
+                ids.append(pc.max(pc.list_flatten(part.data.column(column))).as_py() or 0)
+        if max(ids) >= rows:
+            raise ValueError(
+                f"The tokenizer gives token id {max(ids)} but the model's input embedding has {rows} rows "
+                f"(tokenizer size {len(self._tokenizer)}): the tokenizer is not this model's. Pass the model's own "
+                "tokenizer, or resize the model first (`model.resize_token_embeddings(len(tokenizer))`)."
+            )
+        if len(self._tokenizer) > rows:
+            logger.warning(f"The tokenizer has {len(self._tokenizer)} tokens but the model's input embedding has "
+                           f"{rows} rows; the data fit, but ids >= {rows} would fail: check it is the model's "
+                           "tokenizer.")
 
     @property
     def precompute_forget_ref(self) -> bool:
@@ -189,17 +254,79 @@ class UnlearningTrainer(DPOTrainer):
                 "`peft.LoraConfig(...)`) to train adapters on top of it (QLoRA)."
             )
 
-    def train(self, *args, **kwargs):
-        """`Trainer.train`; a SIGTERM during it saves a checkpoint at the end of the step and returns
-        (`self.preempted_at` holds the step), so `train(resume_from_checkpoint=True)` continues exactly."""
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """`Trainer.train`, after checking the output folder (`outputs.check_previous_run`; with
+        `overwrite_output_dir` the earlier run's checkpoints are deleted first). A SIGTERM during it saves a
+        checkpoint at the end of the step and returns (`self.preempted_at` holds the step), so
+        `train(resume_from_checkpoint=True)` continues exactly. `self.stop_reason` says why a run ended before its
+        last step (None when it did not). A run that took no optimizer step is an error."""
+        resume = outputs.resume_flag(resume_from_checkpoint)
+        self._check_resume(resume)
+        again = os.path.realpath(self.args.output_dir) in self._saved_dirs  # this trainer's own earlier run
+        outputs.check_previous_run(self.args.output_dir, self.args.overwrite_output_dir, bool(resume) or again)
+        stale = outputs.stale_checkpoints(self.args.output_dir, self.args.overwrite_output_dir, bool(resume))
+        if stale and self.is_world_process_zero():
+            logger.warning(f"`overwrite_output_dir`: deleting the earlier run's checkpoints {stale}.")
+            outputs.remove_folders(stale)
+        self.accelerator.wait_for_everyone()
+        self._saved_dirs.add(os.path.realpath(self.args.output_dir))  # what this run writes there is its own
         callback = PreemptionCallback(self.accelerator)
         self.add_callback(callback)
         try:
             with callback:
-                return super().train(*args, **kwargs)
+                result = super().train(resume, *args, **kwargs)
         finally:
             self.remove_callback(callback)
             self.preempted_at = callback.stopped_at
+        self.stop_reason = self._stop_reason()
+        self.card_data["training"] = self._training_summary()
+        checkpoint = os.path.join(self.args.output_dir, f"checkpoint-{self.preempted_at}")
+        if self.preempted_at is not None and self.is_world_process_zero() and os.path.isdir(checkpoint):
+            write_card(self.model_card_facts(), checkpoint)  # the checkpoint says where and why it stopped
+        if self.state.global_step == 0:
+            raise ValueError("Training took no optimizer step (the data loader gave no batch, or `max_steps` / "
+                             "`num_train_epochs` allow none): the model is unchanged and nothing was saved. Check "
+                             "`max_steps`, `num_train_epochs` and the data.")
+        return result
+
+    def _check_resume(self, resume):
+        """Clear errors for a `resume_from_checkpoint` that names no usable checkpoint, or whose weights are
+        corrupt (naming the previous checkpoint to resume from instead)."""
+        if not resume:
+            return
+        out = self.args.output_dir
+        if resume is True:
+            last = get_last_checkpoint(out) if os.path.isdir(out) else None
+            if last is None:
+                raise ValueError(f"`resume_from_checkpoint=True` but {out!r} holds no `checkpoint-N` folder: start a "
+                                 "new run without it, or give a checkpoint's path.")
+            resume = last
+        if not isinstance(resume, str) or not os.path.isdir(resume):
+            found = outputs.checkpoints(out)
+            raise ValueError(f"`resume_from_checkpoint` {resume!r} is not a checkpoint folder; {out!r} holds "
+                             f"{found or 'no checkpoint'}. Give one of them (or `true` for the last).")
+        parent, name = os.path.split(os.path.abspath(resume))
+        step = int(name.split("-")[1]) if outputs.CHECKPOINT.fullmatch(name) else None
+        earlier = [n for n in outputs.checkpoints(parent) if step is not None and int(n.split("-")[1]) < step]
+        hint = (f"resume from the previous checkpoint, {os.path.join(parent, earlier[-1])}, instead" if earlier
+                else "no earlier checkpoint is left: start a new run")
+        check_weights(resume, "checkpoint", hint)
+
+    def _stop_reason(self) -> str | None:
+        if self.preempted_at is not None:
+            return "SIGTERM (preempted or cancelled)"
+        if self.state.global_step < self.state.max_steps:
+            stoppers = [type(cb).__name__ for cb in self.callback_handler.callbacks
+                        if getattr(cb, "stopped_at", None) is not None]
+            return f"stopped early by {', '.join(stoppers) or 'a callback'} (`control.should_training_stop`)"
+        return None
+
+    def _training_summary(self) -> str:
+        """The card's line on how training went: steps done of planned, and why it ended early if it did."""
+        done, planned = self.state.global_step, self.state.max_steps
+        if self.stop_reason is None:
+            return f"completed: {done} of {planned} optimizer steps"
+        return f"stopped at optimizer step {done} of {planned}: {self.stop_reason}"
 
     # ----------------------------------------------------------------------------------------------- model card --
     def create_model_card(self, model_name=None, dataset_name=None, tags=None):
@@ -214,21 +341,66 @@ class UnlearningTrainer(DPOTrainer):
         `card_hyperparameters` (the method's) and `SHARED_CARD_FIELDS`."""
         info = self.card_data
         names = tuple(self.card_hyperparameters) + SHARED_CARD_FIELDS
-        unwrapped = self.accelerator.unwrap_model(self.model)
+        hyper = {k: readable(getattr(self.args, k, None)) for k in names}
+        if (hyper.get("max_steps") or 0) > 0:  # `max_steps` overrides the epochs: showing both would mislead
+            hyper.pop("num_train_epochs", None)
+        evaluation = self.evaluation_summary or {}
+        directions = {k: direction(k.split("/")[-1]) for k in evaluation}
         return UnlearningCard(
-            method=self._name, base_model=getattr(unwrapped.config, "_name_or_path", "") or "unknown",
+            method=self._name, base_model=info.get("base_model") or "not recorded",
             forget_data=info["forget_data"], retain_data=info["retain_data"], reference=self.reference_plan.describe(),
-            hyperparameters={k: getattr(self.args, k, None) for k in names}, paper=self._paper,
+            hyperparameters=hyper, paper=self._paper,
             tags=list(self._tag_names) + ([tags] if isinstance(tags, str) else list(tags or [])),
             datasets=list(info.get("datasets") or ([dataset_name] if dataset_name else [])),
             evaluation=self.evaluation_summary, eval_dataset=info.get("eval_dataset"),
-            prompt_format=info.get("prompt_format"),
+            prompt_format=info.get("prompt_format"), directions={k: v for k, v in directions.items() if v},
+            eval_reference=info.get("eval_reference"), training=info.get("training"),
         )
 
     def save_model(self, output_dir=None, _internal_call=False):
-        super().save_model(output_dir, _internal_call)
-        if not _internal_call and (output_dir is None or output_dir == self.args.output_dir):
+        """`Trainer.save_model`; a user's save (not a checkpoint) is refused when no optimizer step was taken or
+        when `output_dir` holds a model this trainer did not save (unless `overwrite_output_dir`), is written to a
+        staging folder and moved into place file by file (`outputs.replace_files`), and records the prompt format
+        (`unlearning_prompt.json`, when known) and, in `args.output_dir`, the model card."""
+        if _internal_call:
+            return super().save_model(output_dir, _internal_call)
+        folder = output_dir or self.args.output_dir
+        if self.state.global_step == 0:
+            raise ValueError(f"Nothing to save to {folder!r}: no optimizer step was taken, so the model is the base "
+                             "model. Call `trainer.train()` first.")
+        self._check_save_target(folder)
+        staging = os.path.join(folder, outputs.STAGING_DIR)
+        if self.is_world_process_zero():
+            outputs.staging_dir(folder)
+        self.accelerator.wait_for_everyone()
+        super().save_model(staging, _internal_call=True)
+        self.accelerator.wait_for_everyone()
+        if self.is_world_process_zero():
+            prompt_format = self.card_data.get("prompt_format")
+            if prompt_format is not None:
+                save_prompt_format(staging, prompt_format)
+            elif os.path.isfile(os.path.join(folder, PROMPT_FILE)):
+                os.remove(os.path.join(folder, PROMPT_FILE))  # an earlier model's; this one's format is unknown
+            outputs.replace_files(staging, folder)
+            if prompt_format is None and self._prompted:
+                logger.warning(f"No prompt format recorded in {folder}: the forget prompts do not all follow "
+                               f"{PROMPT_TEMPLATE!r}. Set `trainer.card_data['prompt_format']` (a string with "
+                               "{question}, or 'chat') before saving, or pass `--prompt_format` to `trl-unlearn eval`.")
+        self.accelerator.wait_for_everyone()
+        self._saved_dirs.add(os.path.realpath(folder))
+        if output_dir is None or output_dir == self.args.output_dir:
             self.create_model_card()
+        if self.args.push_to_hub:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _check_save_target(self, folder):
+        """`outputs.check_output_dir`, and a folder holding a model that this trainer did not save is refused
+        unless `overwrite_output_dir` (the training output folder was checked when training started)."""
+        outputs.check_output_dir(folder, self._reading)
+        ours = os.path.realpath(folder) in self._saved_dirs
+        if not ours and not self.args.overwrite_output_dir and outputs.weight_files(folder):
+            raise ValueError(f"{folder!r} already holds a model ({', '.join(outputs.weight_files(folder))}): save to "
+                             "another folder, or set `overwrite_output_dir=True` to replace it.")
 
     # ----------------------------------------------------------------------------------------------------- data --
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):

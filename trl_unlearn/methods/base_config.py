@@ -5,6 +5,7 @@ command-line help and setting one is an error."""
 
 import argparse
 import logging
+import math
 import os
 from dataclasses import MISSING, dataclass, field, fields
 
@@ -18,6 +19,28 @@ DPO_ONLY_FIELDS = (
     "use_weighting", "discopop_tau", "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps", "padding_free",
 )
 _DPO_DEFAULTS = {f.name: f for f in fields(DPOConfig) if f.name in DPO_ONLY_FIELDS}
+
+
+def _float_fields(config) -> list[str]:
+    """Names of the config's fields annotated `float` or `float | None`."""
+    return [f.name for f in fields(config) if f.type in (float, float | None)]
+
+
+def check_numbers(config) -> None:
+    """One-line errors for a float field given a non-number (a string, a bool) or a non-finite number."""
+    for name in _float_fields(config):
+        value = getattr(config, name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            try:
+                fix = f"pass `{name}={float(value)!r}`"
+            except (TypeError, ValueError):
+                fix = "pass a number"
+            raise ValueError(f"`{name}` must be a number, got {value!r} ({type(value).__name__}): {fix}.")
+        if not math.isfinite(value):
+            raise ValueError(f"`{name}` is {value}: it must be a finite number (a NaN or infinite setting makes every "
+                             "loss or update non-finite, or turns clipping off); give a finite value.")
 
 
 def _accelerator_available() -> bool:
@@ -53,6 +76,11 @@ class UnlearningConfig(DPOConfig):
             chunked kernel; needs a live reference model.
         learning_rate (`float`, *optional*, defaults to `1e-5`):
             The published TOFU and MUSE unlearning rate (SimNPO paper, §3 of docs/method.md).
+        overwrite_output_dir (`bool`, *optional*, defaults to `False`):
+            Allow a new run in an `output_dir` that already holds a trained model or checkpoints: the earlier run's
+            checkpoints are deleted when training starts, and its model is replaced when the new one is saved.
+            Without it such a folder is refused (resuming with `resume_from_checkpoint` is always allowed).
+            Transformers' name for this until v5.
     """
 
     learning_rate: float = field(default=1e-5, metadata={"help": "Initial AdamW learning rate (paper: 1e-5)."})
@@ -60,6 +88,11 @@ class UnlearningConfig(DPOConfig):
     retain_weight: float = field(default=1.0, metadata={"help": "Weight of the retain regulariser."})
     retain_loss_type: str = field(
         default="nll", metadata={"help": "Retain regulariser: 'nll' or 'kl'.", "choices": list(RETAIN_LOSS_TYPES)}
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Allow an output_dir that holds a trained model or checkpoints: delete the earlier run's "
+                          "checkpoints at the start and replace its model (default: refuse such a folder)."},
     )
     # transformers 5 renamed `gradient_checkpointing`; TRL's default (on) is kept under the new name, so no warning
     activation_checkpointing: bool | None = field(
@@ -82,6 +115,7 @@ class UnlearningConfig(DPOConfig):
     padding_free: bool = _hidden("padding_free")
 
     def __post_init__(self):
+        check_numbers(self)
         changed = [n for n, f in _DPO_DEFAULTS.items() if _normalised(getattr(self, n)) != _normalised(
             f.default_factory() if f.default is MISSING else f.default)]
         if changed:
@@ -111,4 +145,17 @@ class UnlearningConfig(DPOConfig):
             raise ValueError("`forget_weight` and `retain_weight` are both 0: the loss would be identically zero.")
         if self.beta <= 0:
             raise ValueError(f"`beta` must be > 0, got {self.beta}.")
+        if self.learning_rate < 0:
+            raise ValueError(f"`learning_rate` must be >= 0, got {self.learning_rate}: a negative rate reverses every "
+                             "term of the loss. Give a positive rate.")
+        if self.learning_rate == 0:
+            logger.warning("`learning_rate=0`: no weight will change, and the saved model will be the base model "
+                           "(its card records the rate).")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise ValueError(f"`num_train_epochs={self.num_train_epochs}` and `max_steps={self.max_steps}`: no "
+                             "optimizer step would be taken. Set `num_train_epochs` > 0 or `max_steps` > 0.")
+        if self.enable_jit_checkpoint:
+            logger.warning("`enable_jit_checkpoint` is not used: the unlearning trainers stop on SIGTERM by "
+                           "themselves, every rank at the same step, and save a checkpoint (trl_unlearn.preemption).")
+            self.enable_jit_checkpoint = False
 

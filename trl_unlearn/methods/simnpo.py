@@ -12,6 +12,8 @@ from .likelihood import LikelihoodUnlearningTrainer
 
 logger = logging.getLogger(__name__)
 
+GAMMA_SATURATED = 20.0  # a margin beyond which logσ(x − γ) is linear in x for any plausible x = β·(per-token NLL)
+
 
 @dataclass
 class SimNPOConfig(UnlearningConfig):
@@ -32,6 +34,13 @@ class SimNPOConfig(UnlearningConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.gamma > GAMMA_SATURATED:
+            logger.warning(
+                f"SimNPO `gamma={self.gamma}` > {GAMMA_SATURATED}: the sigmoid saturates "
+                f"(σ(−{GAMMA_SATURATED}) ≈ 2e-9), every forget sample gets the same gradient weight and SimNPO "
+                "becomes length-normalised gradient ascent (the collapse the method avoids); published values are 0 "
+                "to 3. Unlearn-Simple's `gamma` is ours divided by β."
+            )
         if self.gamma < 0:
             logger.warning(
                 f"SimNPO `gamma={self.gamma}` < 0: a negative margin lowers the forget loss of every sample; the paper "
