@@ -301,3 +301,24 @@ def test_missing_retain_report_and_empty_space_are_errors(material, tmp_path, ca
     assert main(argv[:i] + argv[i + 2 :]) == 2
     err = capsys.readouterr().err
     assert "search space of gradascent is empty" in err and len(err.strip().splitlines()) == 1
+
+
+def test_every_method_has_a_default_space_of_its_own_config_fields():
+    """Each registered method can be tuned: its default space names only fields of its config (or `lr_mult`), and
+    every range lies inside what the config accepts (checked by building the config at both ends)."""
+    import dataclasses
+
+    from trl_unlearn.methods import REGISTRY, get_method
+    from trl_unlearn.tuning.spaces import default_space
+
+    for method in REGISTRY:
+        space = default_space(method, forget_nll=2.0, num_layers=8, target_nll=6.0)
+        _, config_cls = get_method(method)
+        fields = {f.name for f in dataclasses.fields(config_cls)}
+        assert set(space) - {"lr_mult"} <= fields, (method, set(space) - fields)
+        required = {"retain_loss_eps": 0.5} if method == "pdu" else {}
+        for end in ("low", "high"):
+            values = {n: (p.choices[0] if p.kind == "categorical" else getattr(p, end)) for n, p in space.items()}
+            values.pop("lr_mult", None)
+            values = {n: int(v) if space[n].kind == "int" else v for n, v in values.items()}
+            config_cls(output_dir="unused", use_cpu=True, bf16=False, report_to=[], **required, **values)

@@ -1,7 +1,7 @@
 """Search spaces of `trl-unlearn tune`, one per method, in one place; a YAML recipe overrides them.
 
 A space maps a name to a `Param`. Names are config fields of the method (`beta`, `gamma`, `forget_weight`,
-`num_train_epochs`, `layer_id`, `steering_coeff`, `retain_weight`, `learning_rate`) or `lr_mult`, the learning
+`num_train_epochs`, `layer_id`, `steering_scale`, `retain_weight`, `learning_rate`, `beta1`, ...) or `lr_mult`, the learning
 rate as a multiple of a base rate (`base_learning_rate`: the rate that fine-tuned the model, or the method's
 default). Every default range reaches both sides of the published setting, so a search can strengthen a method
 as well as weaken it (higher lr, more epochs, larger forget weight; SimNPO: smaller β).
@@ -117,9 +117,22 @@ def default_space(
         return {
             **lr,
             "layer_id": Param("int", min(1, top), top),
-            "steering_coeff": Param(low=1.0, high=100.0, log=True),
+            # the control vector's norm as a multiple of the forget activations' (steering_coeff="auto")
+            "steering_scale": Param(low=0.5, high=30.0, log=True),
             "retain_weight": Param(low=1.0, high=1e4, log=True),
         }
+    weight = {"forget_weight": Param(low=0.05, high=2.0, log=True)}
+    others = {  # around each published setting (docs/method.md §8), on both sides
+        "wga": {"beta": Param(low=0.1, high=5.0, log=True)},
+        "satimp": {"beta1": Param(low=0.5, high=10.0, log=True), "beta2": Param(low=0.1, high=5.0, log=True)},
+        "idknll": {},
+        "idkdpo": {"beta": Param(low=0.02, high=1.0, log=True)},
+        "undial": {"beta": Param(low=1.0, high=30.0, log=True)},
+        "ceu": {"ignore_first_n_answer_tokens": Param("int", 0, 2)},
+        "pdu": {"dual_step_size": Param(low=0.1, high=10.0, log=True)},  # `retain_loss_eps` comes from the recipe
+    }
+    if method in others:
+        return {**lr, **weight, **others[method]}
     raise ValueError(f"no search space for method {method!r}; give one with `search_space:` in the recipe.")
 
 
