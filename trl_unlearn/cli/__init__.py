@@ -4,9 +4,10 @@
     trl-unlearn eval tofu --model PATH --data_dir DIR --split forget10 --output report.json [--retain_report R]
     trl-unlearn eval muse --model PATH --data_dir DIR --output report.json [--auc_retrain X | --retrain_report R]
     trl-unlearn relearn --model PATH --data_dir DIR --split forget10 --output curve.json
+    trl-unlearn audit --model PATH --base ORIGINAL --data_dir DIR --forget_split forget10 --output_dir OUT
 
-Modules: `train` (training subcommands, TRL script style), `eval`, `relearn`, `loading` (model / tokenizer loading
-for scripts). Nothing heavy is imported until a command runs, so `--help` and argument errors come back at once.
+Modules: `train` (training subcommands, TRL script style), `eval`, `relearn`, `audit`, `loading` (model / tokenizer
+loading for scripts). Nothing heavy is imported until a command runs, so `--help` and argument errors come back at once.
 Errors in the data or settings print one line (exit 2); `--debug` or `TRL_UNLEARN_DEBUG=1` shows the traceback.
 """
 
@@ -40,6 +41,7 @@ def _run_train(method: str, argv: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .audit import register_audit
     from .eval import register_eval
     from .relearn import register_relearn
 
@@ -52,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     _register_train(sub)
     register_eval(sub)
     register_relearn(sub)
+    register_audit(sub)
     return parser
 
 
