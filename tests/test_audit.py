@@ -72,8 +72,11 @@ def grid_models():
     mean_nll(base, qa_batch(tok, FORGET)).backward()  # the gradient of the forget NLL: the unlearning direction
     small, large = copy.deepcopy(base), copy.deepcopy(base)
     with torch.no_grad():
-        for m, ms, ml in zip(linears, [x for x in small.modules() if isinstance(x, torch.nn.Linear)],
-                             [x for x in large.modules() if isinstance(x, torch.nn.Linear)]):
+        for m, ms, ml in zip(
+            linears,
+            [x for x in small.modules() if isinstance(x, torch.nn.Linear)],
+            [x for x in large.modules() if isinstance(x, torch.nn.Linear)],
+        ):
             w = m.weight
             step = w.abs().amax(dim=1, keepdim=True) / 7  # the row's 4-bit step
             k = torch.round(w / step)
@@ -88,8 +91,9 @@ def grid_models():
 def _quant_share(tok, base, unlearned):
     data = AuditData(forget=FORGET, retain=RETAIN)
     cfg = AuditConfig(quant_bits=(4,), bnb=False, max_new_tokens=8)
-    report = audit(unlearned, tok, base, data, attacks="quantization", config=cfg, prompt_format="plain",
-                   progress=False)
+    report = audit(
+        unlearned, tok, base, data, attacks="quantization", config=cfg, prompt_format="plain", progress=False
+    )
     return {r["variant"]: r for r in report["attacks"]}["rtn4_channel"]
 
 

@@ -42,23 +42,28 @@ def _add_audit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", default=None, help="the original model, before unlearning (required)")
     p.add_argument("--retain_model", default=None, help="a model trained without the forget data (optional)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model folder)")
-    p.add_argument("--data_dir", required=True,
-                   help="folder of .json files (TOFU layout, or QA / prompt-completion / text rows)")
+    p.add_argument(
+        "--data_dir", required=True, help="folder of .json files (TOFU layout, or QA / prompt-completion / text rows)"
+    )
     p.add_argument("--forget_split", default="forget10", help="forget file stem (default %(default)s)")
     p.add_argument("--retain_split", default=None, help="retain file stem outside the TOFU layout (default: retain)")
     p.add_argument("--nonmember_split", default=None, help="file stem of rows never trained on (membership)")
     p.add_argument("--output_dir", required=True, help="where audit.json and audit.html go (not a model folder)")
     p.add_argument("--attacks", default=ATTACK_NAMES, help="comma list among %(default)s")
-    p.add_argument("--prompt_format", default=None,
-                   help="default: the format the model was trained with (if recorded), else auto")
+    p.add_argument(
+        "--prompt_format", default=None, help="default: the format the model was trained with (if recorded), else auto"
+    )
     p.add_argument("--quant_bits", type=int, nargs="+", default=argparse.SUPPRESS, help="RTN bits (default 8 4)")
     p.add_argument("--no_bnb", action="store_true", help="leave out the bitsandbytes rows (they need CUDA)")
     for name, (kind, text) in _CONFIG_FLAGS.items():
         p.add_argument(f"--{name}", type=kind, default=argparse.SUPPRESS, help=text)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--update_model_card", action="store_true",
-                   help="add the summary to the unlearned model folder's README.md (its own Audit section)")
+    p.add_argument(
+        "--update_model_card",
+        action="store_true",
+        help="add the summary to the unlearned model folder's README.md (its own Audit section)",
+    )
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
 
 
@@ -77,8 +82,9 @@ def run_audit(args) -> int:
     from ..evaluation.audit import AuditConfig, audit, load_audit_data, parse_attacks
 
     if not args.base:
-        raise ValueError("--base ORIGINAL is required: the model before unlearning (recovered share is measured "
-                         "against it)")
+        raise ValueError(
+            "--base ORIGINAL is required: the model before unlearning (recovered share is measured against it)"
+        )
     attacks = parse_attacks(args.attacks)  # before loading anything
     for path, what in ((args.model, "model"), (args.base, "base model"), (args.retain_model, "retain model")):
         if path:
@@ -101,9 +107,19 @@ def run_audit(args) -> int:
     model = load_model(args.model, args.dtype, args.device)
     base = load_model(args.base, args.dtype, args.device)
     retain = load_model(args.retain_model, args.dtype, args.device) if args.retain_model else None
-    report = audit(model, tokenizer, base, data, retain_model=retain, attacks=attacks, config=config,
-                   prompt_format=args.prompt_format or saved_prompt_format(args.model) or "auto",
-                   output_dir=args.output_dir, model_paths=paths, progress=False if args.no_progress else None)
+    report = audit(
+        model,
+        tokenizer,
+        base,
+        data,
+        retain_model=retain,
+        attacks=attacks,
+        config=config,
+        prompt_format=args.prompt_format or saved_prompt_format(args.model) or "auto",
+        output_dir=args.output_dir,
+        model_paths=paths,
+        progress=False if args.no_progress else None,
+    )
     for r in report["summary"]:
         share = r.get("max_share")
         value = ("n/a" if share is None else f"{share:.3f}") if r["status"] == "ok" else "skipped: " + r["reason"]

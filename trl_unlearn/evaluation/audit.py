@@ -45,7 +45,7 @@ import trl_unlearn.evaluation.metrics as M
 
 from ..data.formats import PromptFormat, resolve_prompt_format
 from .report import json_safe, package_version
-from .scoring import _model_device, _pad_id, eval_mode, generate_answers, score_answers, score_texts
+from .scoring import _model_device, _pad_id, eval_mode, generate_answers, score_answers
 
 __all__ = [
     "ATTACKS",
@@ -101,8 +101,10 @@ class AuditData:
         if not self.forget:
             raise ValueError(f"{self.source}: the forget set is empty; the audit needs at least one forget row")
         if not self.retain:
-            raise ValueError(f"{self.source}: the retain set is empty; give retain rows (the utility check and the "
-                             "probe's training set)")
+            raise ValueError(
+                f"{self.source}: the retain set is empty; give retain rows (the utility check and the "
+                "probe's training set)"
+            )
 
 
 def _split_text(text: str) -> tuple[str, str]:
@@ -130,8 +132,10 @@ def rows_to_qa(rows: Sequence[Mapping], where: str) -> tuple[list[dict], str | N
         kind = "raw"
         for i, r in enumerate(rows):
             if not isinstance(r.get("prompt"), str) or not isinstance(r.get("completion"), str):
-                raise ValueError(f"{where}: row {i}: conversational or missing prompt / completion; the audit reads "
-                                 "standard prompt-completion rows (strings): render them with the chat template first")
+                raise ValueError(
+                    f"{where}: row {i}: conversational or missing prompt / completion; the audit reads "
+                    "standard prompt-completion rows (strings): render them with the chat template first"
+                )
             out.append({"question": r["prompt"], "answer": r["completion"]})
     elif "text" in first:
         kind = "raw"
@@ -141,13 +145,18 @@ def rows_to_qa(rows: Sequence[Mapping], where: str) -> tuple[list[dict], str | N
             q, a = _split_text(r["text"])
             out.append({"question": q, "answer": a})
     else:
-        raise ValueError(f"{where}: rows have keys {sorted(first)}; the audit reads question/answer, "
-                         "prompt/completion or text rows")
+        raise ValueError(
+            f"{where}: rows have keys {sorted(first)}; the audit reads question/answer, prompt/completion or text rows"
+        )
     return out, kind
 
 
-def load_audit_data(data_dir: str | os.PathLike, forget_split: str = "forget10", retain_split: str | None = None,
-                    nonmember_split: str | None = None) -> AuditData:
+def load_audit_data(
+    data_dir: str | os.PathLike,
+    forget_split: str = "forget10",
+    retain_split: str | None = None,
+    nonmember_split: str | None = None,
+) -> AuditData:
     """Rows from a folder of JSON-lines files.
 
     TOFU layout (``{forget_split}_perturbed.json`` present): forget and retain rows from `load_tofu_eval_sets`
@@ -168,7 +177,7 @@ def load_audit_data(data_dir: str | os.PathLike, forget_split: str = "forget10",
         sets = load_tofu_eval_sets(data_dir, forget_split)
         forget, retain, kind = sets["forget"][0], sets["retain"][0], None
         source = f"{data_dir} (TOFU layout, {forget_split})"
-        holdout = "holdout" + forget_split[len("forget"):] if forget_split.startswith("forget") else None
+        holdout = "holdout" + forget_split[len("forget") :] if forget_split.startswith("forget") else None
         if nonmember_split is None and holdout and os.path.isfile(os.path.join(data_dir, f"{holdout}.json")):
             nonmember_split = holdout
         if nonmember_split is None:
@@ -179,8 +188,10 @@ def load_audit_data(data_dir: str | os.PathLike, forget_split: str = "forget10",
         name = retain_split or "retain"
         retain, retain_kind = rows_to_qa(load_tofu_split(data_dir, name), f"{data_dir}/{name}.json")
         if retain_kind != kind:
-            raise ValueError(f"{data_dir}: forget and retain rows are in different formats; give both as QA, "
-                             "prompt-completion or text rows")
+            raise ValueError(
+                f"{data_dir}: forget and retain rows are in different formats; give both as QA, "
+                "prompt-completion or text rows"
+            )
         source = f"{data_dir} ({forget_split} / {name})"
     if nonmember_split is not None:
         rows, nm_kind = rows_to_qa(load_tofu_split(data_dir, nonmember_split), f"{data_dir}/{nonmember_split}.json")
@@ -188,8 +199,9 @@ def load_audit_data(data_dir: str | os.PathLike, forget_split: str = "forget10",
             raise ValueError(f"{nonmember_split}.json is in another format than the forget rows; give the same kind")
         nonmember = [(r["question"], r["answer"]) for r in rows]
         nm_source = f"{data_dir}/{nonmember_split}.json"
-    return AuditData(forget=forget, retain=retain, nonmember=nonmember, prompt_format=kind, source=source,
-                     nonmember_source=nm_source)
+    return AuditData(
+        forget=forget, retain=retain, nonmember=nonmember, prompt_format=kind, source=source, nonmember_source=nm_source
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------- config
@@ -234,8 +246,9 @@ class AuditConfig:
 # ------------------------------------------------------------------------------------------------------- the share
 
 
-def recovered_share(attacked: float | None, unlearned: float | None, base: float | None,
-                    min_gap: float = 0.02) -> tuple[float | None, str | None]:
+def recovered_share(
+    attacked: float | None, unlearned: float | None, base: float | None, min_gap: float = 0.02
+) -> tuple[float | None, str | None]:
     """`((attacked - unlearned) / (base - unlearned), None)`, or `(None, reason)` when a value is missing or
     `|base - unlearned| < min_gap` (the metric shows nothing forgotten, so there is nothing to recover)."""
     if attacked is None or unlearned is None or base is None:
@@ -253,8 +266,15 @@ def _has_truth_ratio(rows: Sequence[Mapping]) -> bool:
     return all(isinstance(r.get("paraphrased_answer"), str) and r.get("perturbed_answer") for r in rows)
 
 
-def score_qa(model, tokenizer, rows: Sequence[Mapping], fmt: PromptFormat, cfg: AuditConfig,
-             questions: Sequence[str] | None = None, rouge: bool = True) -> dict[str, list]:
+def score_qa(
+    model,
+    tokenizer,
+    rows: Sequence[Mapping],
+    fmt: PromptFormat,
+    cfg: AuditConfig,
+    questions: Sequence[str] | None = None,
+    rouge: bool = True,
+) -> dict[str, list]:
     """Per item: ``probability`` exp(-mean NLL) of the answer; ``truth_ratio`` (rows with a paraphrased answer and
     perturbed answers); ``generation`` and ``rougeL_recall`` of the greedy answer (with `rouge`). `questions`
     replace the rows' questions (the prompt-side probes)."""
@@ -271,8 +291,16 @@ def score_qa(model, tokenizer, rows: Sequence[Mapping], fmt: PromptFormat, cfg: 
             qs.append(q)
             answers.append(text)
             slots.append((i, kind))
-    res = score_answers(model, tokenizer, qs, answers, prompt_format=fmt, batch_size=cfg.batch_size,
-                        max_length=cfg.max_length, progress=False)
+    res = score_answers(
+        model,
+        tokenizer,
+        qs,
+        answers,
+        prompt_format=fmt,
+        batch_size=cfg.batch_size,
+        max_length=cfg.max_length,
+        progress=False,
+    )
     n = len(rows)
     answer_nll, para_nll, pert_nll = [0.0] * n, [0.0] * n, [[] for _ in range(n)]
     for (i, kind), nll in zip(slots, res.avg_nll.tolist()):
@@ -286,8 +314,15 @@ def score_qa(model, tokenizer, rows: Sequence[Mapping], fmt: PromptFormat, cfg: 
     if with_tr:
         out["truth_ratio"] = M.truth_ratio(pert_nll, para_nll).tolist()
     if rouge:
-        gens = generate_answers(model, tokenizer, questions, max_new_tokens=cfg.max_new_tokens,
-                                batch_size=cfg.batch_size, prompt_format=fmt, progress=False)
+        gens = generate_answers(
+            model,
+            tokenizer,
+            questions,
+            max_new_tokens=cfg.max_new_tokens,
+            batch_size=cfg.batch_size,
+            prompt_format=fmt,
+            progress=False,
+        )
         out["generation"] = gens
         out["rougeL_recall"] = [M.rouge_l_recall(g, r["answer"]) for g, r in zip(gens, rows)]
     return out
@@ -309,8 +344,17 @@ def aggregate(items: Mapping[str, list], set_name: str, idx: Sequence[int] | Non
     return out
 
 
-def _score_sets(model, tokenizer, data: AuditData, fmt, cfg, forget_questions=None, retain_questions=None,
-                retain_idx=None, rouge=True) -> dict:
+def _score_sets(
+    model,
+    tokenizer,
+    data: AuditData,
+    fmt,
+    cfg,
+    forget_questions=None,
+    retain_questions=None,
+    retain_idx=None,
+    rouge=True,
+) -> dict:
     """Per-item scores of the forget and retain sets (retain restricted to `retain_idx` when given)."""
     retain = data.retain if retain_idx is None else [data.retain[i] for i in retain_idx]
     if retain_questions is not None and retain_idx is not None:
@@ -325,8 +369,9 @@ def _metrics(scores: Mapping, forget_idx=None) -> dict[str, float]:
     return {**aggregate(scores["forget"], "forget", forget_idx), **aggregate(scores["retain"], "retain")}
 
 
-def _shares(attacked: Mapping, unlearned: Mapping, base: Mapping, min_gap: float,
-            names: Sequence[str] = FORGET_METRICS) -> tuple[dict, dict]:
+def _shares(
+    attacked: Mapping, unlearned: Mapping, base: Mapping, min_gap: float, names: Sequence[str] = FORGET_METRICS
+) -> tuple[dict, dict]:
     shares, notes = {}, {}
     for k in names:
         if k in attacked:
@@ -337,8 +382,16 @@ def _shares(attacked: Mapping, unlearned: Mapping, base: Mapping, min_gap: float
 
 
 def _result(attack, variant, metrics, shares, notes, per_item=None, **extra) -> dict:
-    return {"attack": attack, "variant": variant, "status": "ok", "metrics": metrics, "recovered_share": shares,
-            "share_notes": notes, "per_item": per_item or {}, **extra}
+    return {
+        "attack": attack,
+        "variant": variant,
+        "status": "ok",
+        "metrics": metrics,
+        "recovered_share": shares,
+        "share_notes": notes,
+        "per_item": per_item or {},
+        **extra,
+    }
 
 
 def _skipped(attack, variant, reason) -> dict:
@@ -403,9 +456,19 @@ def _relearn(model, tokenizer, train_pairs, evaluate: Callable, fmt: PromptForma
     from .relearn import relearning_attack
 
     return relearning_attack(
-        model, tokenizer, train_pairs, indices=range(len(train_pairs)), steps=steps, eval_every=steps,
-        learning_rate=cfg.relearn_learning_rate, batch_size=cfg.relearn_batch_size, seed=cfg.seed,
-        evaluate=evaluate, prompt_format=fmt, max_length=cfg.max_length, progress=False,
+        model,
+        tokenizer,
+        train_pairs,
+        indices=range(len(train_pairs)),
+        steps=steps,
+        eval_every=steps,
+        learning_rate=cfg.relearn_learning_rate,
+        batch_size=cfg.relearn_batch_size,
+        seed=cfg.seed,
+        evaluate=evaluate,
+        prompt_format=fmt,
+        max_length=cfg.max_length,
+        progress=False,
     )
 
 
@@ -417,8 +480,9 @@ def _attack_relearn(ctx: _Ctx) -> list[dict]:
     chosen = select_relearn_indices(n, cfg.relearn_fraction, cfg.seed)
     held_out = [i for i in range(n) if i not in set(chosen)]
     steps = cfg.relearn_steps or max(1, math.ceil(5 * math.ceil(len(chosen) / cfg.relearn_batch_size)))
-    ood_idx = sorted(random.Random(f"audit.ood:{cfg.seed}").sample(range(len(data.retain)),
-                                                                   min(len(chosen), len(data.retain))))
+    ood_idx = sorted(
+        random.Random(f"audit.ood:{cfg.seed}").sample(range(len(data.retain)), min(len(chosen), len(data.retain)))
+    )
     subsets = {"held_out": held_out, "relearned": chosen, "all": list(range(n))}
     out = []
     for variant, train_rows, principal in (
@@ -441,23 +505,52 @@ def _attack_relearn(ctx: _Ctx) -> list[dict]:
             base_m, unl_m = ctx.clean_metrics("base", idx), ctx.clean_metrics("unlearned", idx)
             attacked = _metrics(scores, idx)
             shares, notes = _shares(attacked, unl_m, base_m, cfg.min_gap)
-            by_subset[name] = {"metrics": {"base": base_m, "unlearned": unl_m, "attacked": attacked},
-                               "recovered_share": shares, "share_notes": notes}
+            by_subset[name] = {
+                "metrics": {"base": base_m, "unlearned": unl_m, "attacked": attacked},
+                "recovered_share": shares,
+                "share_notes": notes,
+            }
         main = by_subset[principal]
         metrics = dict(main["metrics"])
         if "retain_model" in ctx.clean:
             metrics["retain_model"] = ctx.clean_metrics("retain_model", subsets[principal])
-        settings = {"steps": steps, "learning_rate": cfg.relearn_learning_rate, "batch_size": cfg.relearn_batch_size,
-                    "train_rows": len(train_rows), "scored_on": principal,
-                    "train_source": "forget rows " + str(chosen) if variant == "in_domain"
-                    else f"retain rows {ood_idx} (no forget row)", "train_loss": curve.train_loss}
-        out.append(_result("relearn", variant, metrics, main["recovered_share"], main["share_notes"],
-                           {"attacked": scores}, subsets=by_subset, settings=settings))
+        settings = {
+            "steps": steps,
+            "learning_rate": cfg.relearn_learning_rate,
+            "batch_size": cfg.relearn_batch_size,
+            "train_rows": len(train_rows),
+            "scored_on": principal,
+            "train_source": "forget rows " + str(chosen)
+            if variant == "in_domain"
+            else f"retain rows {ood_idx} (no forget row)",
+            "train_loss": curve.train_loss,
+        }
+        out.append(
+            _result(
+                "relearn",
+                variant,
+                metrics,
+                main["recovered_share"],
+                main["share_notes"],
+                {"attacked": scores},
+                subsets=by_subset,
+                settings=settings,
+            )
+        )
     return out
 
 
-def sample_answers(model, tokenizer, questions: Sequence[str], fmt: PromptFormat, num_samples: int,
-                   temperature: float, max_new_tokens: int, seed: int, batch_size: int = 16) -> list[list[str]]:
+def sample_answers(
+    model,
+    tokenizer,
+    questions: Sequence[str],
+    fmt: PromptFormat,
+    num_samples: int,
+    temperature: float,
+    max_new_tokens: int,
+    seed: int,
+    batch_size: int = 16,
+) -> list[list[str]]:
     """`num_samples` answers per question by pure temperature sampling (no top-k / top-p), seeded (the caller's RNG
     state is kept), left-padded batches, each answer cut at the first end token and stripped."""
     pad, device = _pad_id(tokenizer), _model_device(model)
@@ -475,9 +568,17 @@ def sample_answers(model, tokenizer, questions: Sequence[str], fmt: PromptFormat
             for r, p in enumerate(chunk):
                 ids[r, width - len(p) :] = torch.tensor(p, dtype=torch.long)
                 attn[r, width - len(p) :] = 1
-            gen = model.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=True,
-                                 temperature=temperature, top_k=0, top_p=1.0, num_return_sequences=num_samples,
-                                 max_new_tokens=max_new_tokens, pad_token_id=pad)
+            gen = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=attn.to(device),
+                do_sample=True,
+                temperature=temperature,
+                top_k=0,
+                top_p=1.0,
+                num_return_sequences=num_samples,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad,
+            )
             new = gen[:, width:].cpu().tolist()
             for r in range(len(chunk)):
                 answers = []
@@ -495,8 +596,9 @@ def _few_shot(ctx: _Ctx) -> tuple[PromptFormat, list[int], str]:
     rows = [ctx.data.retain[i] for i in shots]
     fmt = ctx.fmt
     if fmt.template is not None:
-        prefix = "".join(fmt.template.format(question=r["question"]) + fmt.answer_prefix + r["answer"] + "\n\n"
-                         for r in rows)
+        prefix = "".join(
+            fmt.template.format(question=r["question"]) + fmt.answer_prefix + r["answer"] + "\n\n" for r in rows
+        )
         return PromptFormat(prefix.replace("{", "{{").replace("}", "}}") + fmt.template, fmt.answer_prefix), shots, ""
     text = "".join(f"Question: {r['question']}\nAnswer: {r['answer']}\n\n" for r in rows)
     return fmt, shots, text
@@ -515,21 +617,41 @@ def _attack_prompt(ctx: _Ctx) -> list[dict]:
         out.append(_result("prompt", variant, metrics, shares, notes, {"attacked": scores}, **extra))
 
     if all(isinstance(r.get("paraphrased_question"), str) for r in data.forget):
-        run("paraphrase", ctx.fmt, [r["paraphrased_question"] for r in data.forget],
-            [r.get("paraphrased_question", r["question"]) for r in data.retain])
+        run(
+            "paraphrase",
+            ctx.fmt,
+            [r["paraphrased_question"] for r in data.forget],
+            [r.get("paraphrased_question", r["question"]) for r in data.retain],
+        )
     else:
-        out.append(_skipped("prompt", "paraphrase", "the forget rows have no 'paraphrased_question' (add that key "
-                                                    "to each forget row to run this probe)"))
+        out.append(
+            _skipped(
+                "prompt",
+                "paraphrase",
+                "the forget rows have no 'paraphrased_question' (add that key to each forget row to run this probe)",
+            )
+        )
     if len(data.retain) < 2:
         out.append(_skipped("prompt", f"few_shot_{cfg.few_shot}", "needs at least 2 retain rows for the shots"))
     else:
         fmt, shots, text = _few_shot(ctx)
         keep = [i for i in range(len(data.retain)) if i not in shots]
-        run(f"few_shot_{len(shots)}", fmt, [text + r["question"] for r in data.forget],
-            [text + r["question"] for r in data.retain], keep, settings={"shots": shots})
+        run(
+            f"few_shot_{len(shots)}",
+            fmt,
+            [text + r["question"] for r in data.forget],
+            [text + r["question"] for r in data.retain],
+            keep,
+            settings={"shots": shots},
+        )
     for j, prefix in enumerate(JAILBREAK_PREFIXES):
-        run(f"jailbreak_{j + 1}", ctx.fmt, [prefix + r["question"] for r in data.forget],
-            [prefix + r["question"] for r in data.retain], settings={"prefix": prefix})
+        run(
+            f"jailbreak_{j + 1}",
+            ctx.fmt,
+            [prefix + r["question"] for r in data.forget],
+            [prefix + r["question"] for r in data.retain],
+            settings={"prefix": prefix},
+        )
     if data.prompt_format == "raw":
         out.append(_skipped("prompt", "other_format", "prompt-completion / text rows are their own prompts"))
     else:
@@ -538,17 +660,36 @@ def _attack_prompt(ctx: _Ctx) -> list[dict]:
             out.append(_skipped("prompt", "other_format", "the tokenizer has no chat template: no other format"))
         else:
             run(f"other_format_{other}", resolve_prompt_format(tok, other))
-    samples = sample_answers(ctx.model, tok, [r["question"] for r in data.forget], ctx.fmt, cfg.num_samples,
-                             cfg.temperature, cfg.max_new_tokens, cfg.seed, cfg.batch_size)
+    samples = sample_answers(
+        ctx.model,
+        tok,
+        [r["question"] for r in data.forget],
+        ctx.fmt,
+        cfg.num_samples,
+        cfg.temperature,
+        cfg.max_new_tokens,
+        cfg.seed,
+        cfg.batch_size,
+    )
     recall = [[M.rouge_l_recall(s, r["answer"]) for s in ss] for ss, r in zip(samples, data.forget)]
     best = [max(r) for r in recall]
-    attacked = {"forget_rougeL_recall": float(np.mean(best)),
-                "forget_contains_answer": float(np.mean([b >= 1.0 for b in best]))}
+    attacked = {
+        "forget_rougeL_recall": float(np.mean(best)),
+        "forget_contains_answer": float(np.mean([b >= 1.0 for b in best])),
+    }
     shares, notes = _shares(attacked, unl_m, base_m, cfg.min_gap)
     metrics = {"base": base_m, "unlearned": unl_m, "attacked": attacked}
-    out.append(_result("prompt", f"sampling_{cfg.num_samples}_t{cfg.temperature:g}", metrics, shares, notes,
-                       {"attacked": {"forget": {"samples": samples, "rougeL_recall": recall}}},
-                       settings={"num_samples": cfg.num_samples, "temperature": cfg.temperature}))
+    out.append(
+        _result(
+            "prompt",
+            f"sampling_{cfg.num_samples}_t{cfg.temperature:g}",
+            metrics,
+            shares,
+            notes,
+            {"attacked": {"forget": {"samples": samples, "rougeL_recall": recall}}},
+            settings={"num_samples": cfg.num_samples, "temperature": cfg.temperature},
+        )
+    )
     return out
 
 
@@ -558,29 +699,45 @@ def _attack_hidden_probe(ctx: _Ctx) -> list[dict]:
     train, test = ctx.data.retain, ctx.data.forget
     roles = ["base", "unlearned"] + (["retain_model"] if ctx.retain_model is not None else [])
     models = {"base": ctx.base, "unlearned": ctx.model, "retain_model": ctx.retain_model}
-    readings = {role: hidden_probe(models[role], ctx.tokenizer, train, test, ctx.fmt, batch_size=ctx.cfg.batch_size,
-                                   seed=ctx.cfg.seed) for role in roles}
+    readings = {
+        role: hidden_probe(
+            models[role], ctx.tokenizer, train, test, ctx.fmt, batch_size=ctx.cfg.batch_size, seed=ctx.cfg.seed
+        )
+        for role in roles
+    }
     key = "forget_answer_token_accuracy"
     metrics = {role: {key: readings[role]["output_accuracy"]} for role in roles}
     unl = readings["unlearned"]
     # the attacker's best reading of the unlearned model: any layer's lens or probe
     metrics["attacked"] = {key: max([a for a in unl["probe_accuracy"] + unl["lens_accuracy"] if a is not None])}
-    share, note = recovered_share(metrics["attacked"][key], metrics["unlearned"][key], metrics["base"][key],
-                                  ctx.cfg.min_gap)
-    return [_result("hidden_probe", "linear_probe", metrics, {key: share}, {key: note} if note else {},
-                    readings=readings)]
+    share, note = recovered_share(
+        metrics["attacked"][key], metrics["unlearned"][key], metrics["base"][key], ctx.cfg.min_gap
+    )
+    return [
+        _result("hidden_probe", "linear_probe", metrics, {key: share}, {key: note} if note else {}, readings=readings)
+    ]
 
 
 def _membership_scores(model, tokenizer, pairs, fmt, cfg, raw: bool) -> dict[str, list]:
-    res = score_answers(model, tokenizer, [q for q, _ in pairs], [a for _, a in pairs], prompt_format=fmt,
-                        batch_size=cfg.batch_size, max_length=cfg.max_length, vocab_stats=True, progress=False)
+    res = score_answers(
+        model,
+        tokenizer,
+        [q for q, _ in pairs],
+        [a for _, a in pairs],
+        prompt_format=fmt,
+        batch_size=cfg.batch_size,
+        max_length=cfg.max_length,
+        vocab_stats=True,
+        progress=False,
+    )
     texts = [(q + a) if raw else a for q, a in pairs]
     return {
         "loss": M.loss_score(res.avg_nll).tolist(),
         "zlib": M.zlib_score(res.avg_nll, texts).tolist(),
         "min_k": [M.min_k_prob(lp) for lp in res.token_logps],
-        "min_k_plus_plus": [M.min_k_plus_plus(lp, mu, sg) for lp, mu, sg in
-                            zip(res.token_logps, res.token_mu, res.token_sigma)],
+        "min_k_plus_plus": [
+            M.min_k_plus_plus(lp, mu, sg) for lp, mu, sg in zip(res.token_logps, res.token_mu, res.token_sigma)
+        ],
     }
 
 
@@ -599,8 +756,9 @@ def _attack_membership(ctx: _Ctx) -> list[dict]:
             continue
         mem = _membership_scores(m, ctx.tokenizer, members, ctx.fmt, ctx.cfg, raw)
         non = _membership_scores(m, ctx.tokenizer, ctx.data.nonmember, ctx.fmt, ctx.cfg, raw)
-        aucs[role] = {f"auc_{k}": M.membership_auc(mem[k], non[k], higher_is_member=k not in _LOWER_IS_MEMBER)
-                      for k in mem}
+        aucs[role] = {
+            f"auc_{k}": M.membership_auc(mem[k], non[k], higher_is_member=k not in _LOWER_IS_MEMBER) for k in mem
+        }
         per_item[role] = {"forget": mem, "nonmember": non}
     ref = aucs.get("retain_model")
     shares, notes = {}, {}
@@ -608,12 +766,28 @@ def _attack_membership(ctx: _Ctx) -> list[dict]:
         r = ref[k] if ref else 0.5
         share, note = recovered_share(aucs["unlearned"][k], r, aucs["base"][k], ctx.cfg.min_gap)
         shares[k], notes = share, ({**notes, k: note} if note else notes)
-    return [_result("membership", "auc", aucs, shares, notes, per_item, share_kind="signal_left",
-                    reference="retain model AUC" if ref else "chance (0.5)", nonmember=ctx.data.nonmember_source)]
+    return [
+        _result(
+            "membership",
+            "auc",
+            aucs,
+            shares,
+            notes,
+            per_item,
+            share_kind="signal_left",
+            reference="retain model AUC" if ref else "chance (0.5)",
+            nonmember=ctx.data.nonmember_source,
+        )
+    ]
 
 
-_RUNNERS = {"quantization": _attack_quantization, "relearn": _attack_relearn, "prompt": _attack_prompt,
-            "hidden_probe": _attack_hidden_probe, "membership": _attack_membership}
+_RUNNERS = {
+    "quantization": _attack_quantization,
+    "relearn": _attack_relearn,
+    "prompt": _attack_prompt,
+    "hidden_probe": _attack_hidden_probe,
+    "membership": _attack_membership,
+}
 
 
 # --------------------------------------------------------------------------------------------------------- the run
@@ -635,8 +809,10 @@ def check_same_tokenizer(tokenizer, other, what: str) -> None:
     if other is None or other is tokenizer:
         return
     if other.get_vocab() != tokenizer.get_vocab() or other.eos_token_id != tokenizer.eos_token_id:
-        raise ValueError(f"the {what}'s tokenizer differs from the unlearned model's ({len(other)} vs "
-                         f"{len(tokenizer)} tokens): audit models of one family, saved with the same tokenizer")
+        raise ValueError(
+            f"the {what}'s tokenizer differs from the unlearned model's ({len(other)} vs "
+            f"{len(tokenizer)} tokens): audit models of one family, saved with the same tokenizer"
+        )
 
 
 def summary_rows(report: Mapping) -> list[dict]:
@@ -676,8 +852,10 @@ def _check_output_dir(output_dir: str, paths: Mapping[str, str | None]) -> None:
         if p and os.path.isdir(p):
             src = os.path.realpath(p)
             if out == src or out.startswith(src + os.sep):
-                raise ValueError(f"--output_dir {output_dir!r} is inside the {role} model's folder {p!r}; the audit "
-                                 "never writes into a model folder: choose another --output_dir")
+                raise ValueError(
+                    f"--output_dir {output_dir!r} is inside the {role} model's folder {p!r}; the audit "
+                    "never writes into a model folder: choose another --output_dir"
+                )
 
 
 def audit(
@@ -707,8 +885,9 @@ def audit(
     with its reason and the report's ``complete`` is False.
     """
     if base is None:
-        raise ValueError("the audit needs the original model (base=..., --base ORIGINAL): recovered share is "
-                         "measured against it")
+        raise ValueError(
+            "the audit needs the original model (base=..., --base ORIGINAL): recovered share is measured against it"
+        )
     if data is None:
         raise ValueError("no data: give an AuditData (load_audit_data(data_dir, forget_split))")
     names = parse_attacks(attacks)
@@ -743,10 +922,17 @@ def audit(
         "attacks_requested": names,
         "clean": {role: {"metrics": ctx.clean_metrics(role), "per_item": ctx.clean[role]} for role in ctx.clean},
         "attacks": results,
-        "settings": {"config": asdict(cfg), "prompt_format": fmt.name, "data": data.source,
-                     "num_forget": len(data.forget), "num_retain": len(data.retain),
-                     "nonmember": data.nonmember_source, "models": paths, "package_version": package_version(),
-                     "device": str(_model_device(model))},
+        "settings": {
+            "config": asdict(cfg),
+            "prompt_format": fmt.name,
+            "data": data.source,
+            "num_forget": len(data.forget),
+            "num_retain": len(data.retain),
+            "nonmember": data.nonmember_source,
+            "models": paths,
+            "package_version": package_version(),
+            "device": str(_model_device(model)),
+        },
         "timings_s": timings,
     }
     report["summary"] = summary_rows(report)
@@ -768,4 +954,3 @@ def write_audit(report: Mapping, output_dir: str | os.PathLike) -> tuple[str, st
     _atomic_write(json_path, json.dumps(json_safe(report), ensure_ascii=False, indent=1, allow_nan=False) + "\n")
     _atomic_write(html_path, render_audit_html(report))
     return json_path, html_path
-

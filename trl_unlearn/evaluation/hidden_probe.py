@@ -130,20 +130,23 @@ def linear_probe_accuracy(train_x, train_y, test_x, test_y, seed: int = 0, max_i
     return float(np.mean(clf.predict(np.asarray(test_x)) == np.asarray(test_y)))
 
 
-def hidden_probe(model, tokenizer, train_rows, test_rows, fmt: PromptFormat, *, batch_size: int = 16,
-                 seed: int = 0) -> dict:
+def hidden_probe(
+    model, tokenizer, train_rows, test_rows, fmt: PromptFormat, *, batch_size: int = 16, seed: int = 0
+) -> dict:
     """Per layer: logit-lens accuracy / probability of `test_rows`' targets (`probe_targets`), and the accuracy on
-    them of a linear probe fitted on `train_rows`' states. Returns ``lens_accuracy``, ``lens_probability``, ``probe_accuracy`` (lists, one per
-    layer), ``output_accuracy`` (the last layer's lens = the model's own top-1), ``best_probe_layer``,
-    ``best_probe_accuracy`` (layers numbered from 1), ``test_labels_unseen_in_training`` (count)."""
+    them of a linear probe fitted on `train_rows`' states. Returns ``lens_accuracy``, ``lens_probability``,
+    ``probe_accuracy`` (lists, one per layer), ``output_accuracy`` (the last layer's lens = the model's own top-1),
+    ``best_probe_layer``, ``best_probe_accuracy`` (layers numbered from 1), ``test_labels_unseen_in_training``."""
     train_ctx, train_y = probe_targets(tokenizer, train_rows, fmt)
     test_ctx, test_y = probe_targets(tokenizer, test_rows, fmt)
     train_y, test_y = torch.tensor(train_y), torch.tensor(test_y)
     train_states = layer_states(model, tokenizer, train_ctx, batch_size)
     test_states = layer_states(model, tokenizer, test_ctx, batch_size)
     lens_acc, lens_prob = logit_lens(model, test_states, test_y)
-    probe = [linear_probe_accuracy(tr.numpy(), train_y.numpy(), te.numpy(), test_y.numpy(), seed)
-             for tr, te in zip(train_states, test_states)]
+    probe = [
+        linear_probe_accuracy(tr.numpy(), train_y.numpy(), te.numpy(), test_y.numpy(), seed)
+        for tr, te in zip(train_states, test_states)
+    ]
     scored = [(a, i) for i, a in enumerate(probe) if a is not None]
     best_acc, best_layer = max(scored, key=lambda t: (t[0], -t[1])) if scored else (None, None)
     return {

@@ -124,8 +124,7 @@ def load_bnb(path: str, bits: int):
     if bits == 8:
         config = BitsAndBytesConfig(load_in_8bit=True)
     elif bits == 4:
-        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                    bnb_4bit_compute_dtype=torch.float16)
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float16)
     else:
         raise ValueError(f"bitsandbytes quantization is 8 or 4 bits, got {bits}")
     return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map={"": 0}).eval()
