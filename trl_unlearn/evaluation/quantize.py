@@ -1,5 +1,5 @@
-"""Weight-only quantization for the audit's quantization attack (Zhang et al., ICLR 2025, "Does your LLM truly
-unlearn? An embarrassingly simple approach to recover unlearned knowledge").
+"""Weight-only quantization for the audit's quantization attack (Zhang et al., "Catastrophic failure of LLM unlearning
+via quantization", ICLR 2025, arXiv 2410.16454; `method.md` §9).
 
 * `rtn_quantize_weight(w, bits, group_size)`: symmetric round-to-nearest of a `[out, in]` weight, returned
   dequantized (same shape and dtype). Per output channel (`group_size=None`: one scale per row) or group-wise (one
