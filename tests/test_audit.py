@@ -122,3 +122,46 @@ def test_quantized_copy_leaves_the_model_alone(grid_models):
     assert count == 2 * 7  # q, k, v, o, gate, up, down per layer
     assert all(torch.equal(before[n], p) for n, p in small.state_dict().items())
     assert torch.equal(quantized.get_output_embeddings().weight, small.get_output_embeddings().weight)
+
+
+def test_rows_to_qa_reads_qa_prompt_completion_and_text_rows(tmp_path):
+    from trl_unlearn.data.files import write_tofu_layout
+    from trl_unlearn.evaluation.audit import load_audit_data, rows_to_qa
+
+    assert rows_to_qa([{"question": "q", "answer": "a", "x": 1}], "f") == (
+        [{"question": "q", "answer": "a", "x": 1}],
+        None,
+    )
+    assert rows_to_qa([{"prompt": "Q: 2+2\nA:", "completion": " 4"}], "f") == (
+        [{"question": "Q: 2+2\nA:", "answer": " 4"}],
+        "raw",
+    )
+    # text: the first half of the words is the prompt, the rest (after a space) the answer
+    assert rows_to_qa([{"text": "one two three four five"}], "f") == (
+        [{"question": "one two", "answer": " three four five"}],
+        "raw",
+    )
+    with pytest.raises(ValueError, match="fewer than 2 words"):
+        rows_to_qa([{"text": "one"}], "f")
+    with pytest.raises(ValueError, match="render them with the chat template"):
+        rows_to_qa([{"prompt": [{"role": "user", "content": "q"}], "completion": "a"}], "f")
+    with pytest.raises(ValueError, match="question/answer, prompt/completion or text"):
+        rows_to_qa([{"input": "q"}], "f")
+
+    write_tofu_layout(
+        tmp_path,
+        {
+            "forget": [{"text": "a b c d"}],
+            "retain": [{"text": "e f g h"}],
+            "holdout": [{"text": "i j k l"}],
+            "qa": [{"question": "q", "answer": "a"}],
+        },
+    )
+    data = load_audit_data(tmp_path, "forget", nonmember_split="holdout")
+    assert data.prompt_format == "raw" and data.nonmember == [("i j", " k l")]
+    assert data.forget == [{"question": "a b", "answer": " c d"}]
+    with pytest.raises(ValueError, match="different formats"):
+        load_audit_data(tmp_path, "forget", retain_split="qa")
+    write_tofu_layout(tmp_path, {"empty": []})
+    with pytest.raises(ValueError, match="empty.json: no rows; the audit needs at least one"):
+        load_audit_data(tmp_path, "empty", retain_split="qa")

@@ -119,7 +119,7 @@ def rows_to_qa(rows: Sequence[Mapping], where: str) -> tuple[list[dict], str | N
     """QA dicts and the prompt format they need (None = the model's, ``"raw"`` = the prompt is the input as is)
     from QA rows, standard prompt-completion rows or ``text`` rows; a clear error for anything else."""
     if not rows:
-        raise ValueError(f"{where}: no rows")
+        raise ValueError(f"{where}: no rows; the audit needs at least one (check the file or the split name)")
     first = rows[0]
     out = []
     if "question" in first and "answer" in first:
