@@ -98,7 +98,10 @@ def _summary_figure(summary) -> str | None:
     if not rows:
         return None
     fig, ax = _figure(7.0, max(2.0, 0.3 * len(rows) + 1))
-    labels = [f"{r['attack']}: {r['variant']}" for r in rows]
+    labels = [
+        f"{r['attack']}: {r['variant']}" + (" (signal left)" if r.get("share_kind") == "signal_left" else "")
+        for r in rows
+    ]
     ax.barh(range(len(rows)), [r["max_share"] for r in rows], color="#ff7f0e")
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels(labels, fontsize=7)
