@@ -22,6 +22,8 @@ FAST = dict(relearn_learning_rate=3e-3, relearn_steps=10, max_new_tokens=24, num
 def toy(tmp_path_factory):
     """(tokenizer, base that learned every row, unlearned by gradient difference, TOFU-layout folder)."""
     data = make_tofu_like(num_authors=8, questions_per_author=6, seed=0)
+    # non-members: the real-author questions, which no model here trains on (TOFU's holdoutNN naming)
+    data["holdout10"] = [{"question": r["question"], "answer": r["answer"]} for r in data["real_authors"]]
     folder = write_tofu_layout(tmp_path_factory.mktemp("tofu"), data)
     tok = train_tokenizer(iter_texts(data), vocab_size=400)
     base = tiny_llama(tok, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, seed=0)

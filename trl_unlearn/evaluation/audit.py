@@ -161,9 +161,10 @@ def load_audit_data(
 
     TOFU layout (``{forget_split}_perturbed.json`` present): forget and retain rows from `load_tofu_eval_sets`
     (paraphrases and perturbed answers kept); non-members from `nonmember_split`, else ``holdoutNN.json`` when
-    present (TOFU's holdout for forgetNN), else the forget questions paired with their first perturbed answer
-    (answers no model trained on). Otherwise ``{forget_split}.json`` and ``{retain_split}.json`` (default
-    ``retain``) of QA, prompt-completion or text rows, non-members from `nonmember_split` only.
+    present (TOFU's holdout for forgetNN), else none (perturbed answers are not used: they are written in another
+    template than the trained answers, so any model tells them apart by style). Otherwise ``{forget_split}.json``
+    and ``{retain_split}.json`` (default ``retain``) of QA, prompt-completion or text rows, non-members from
+    `nonmember_split` only.
     """
     from ..data.files import load_tofu_split
 
@@ -180,9 +181,6 @@ def load_audit_data(
         holdout = "holdout" + forget_split[len("forget") :] if forget_split.startswith("forget") else None
         if nonmember_split is None and holdout and os.path.isfile(os.path.join(data_dir, f"{holdout}.json")):
             nonmember_split = holdout
-        if nonmember_split is None:
-            nonmember = [(r["question"], r["perturbed_answer"][0]) for r in forget]
-            nm_source = f"{forget_split}_perturbed.json: each forget question with its first perturbed answer"
     else:
         forget, kind = rows_to_qa(load_tofu_split(data_dir, forget_split), f"{data_dir}/{forget_split}.json")
         name = retain_split or "retain"
@@ -247,7 +245,11 @@ class AuditConfig:
 
 
 def recovered_share(
-    attacked: float | None, unlearned: float | None, base: float | None, min_gap: float = 0.02
+    attacked: float | None,
+    unlearned: float | None,
+    base: float | None,
+    min_gap: float = 0.02,
+    reference: str = "unlearned",
 ) -> tuple[float | None, str | None]:
     """`((attacked - unlearned) / (base - unlearned), None)`, or `(None, reason)` when a value is missing or
     `|base - unlearned| < min_gap` (the metric shows nothing forgotten, so there is nothing to recover)."""
@@ -255,7 +257,9 @@ def recovered_share(
         return None, "a value is missing"
     gap = base - unlearned
     if abs(gap) < min_gap:
-        return None, f"base and unlearned differ by {abs(gap):.3g} < min_gap {min_gap:g}: nothing forgotten to recover"
+        return None, (
+            f"base and {reference} differ by {abs(gap):.3g} < min_gap {min_gap:g}: nothing forgotten to recover"
+        )
     return (attacked - unlearned) / gap, None
 
 
@@ -746,7 +750,13 @@ _LOWER_IS_MEMBER = ("loss", "zlib")
 
 def _attack_membership(ctx: _Ctx) -> list[dict]:
     if not ctx.data.nonmember:
-        return [_skipped("membership", "auc", "no non-member set: give --nonmember_split (rows never trained on)")]
+        return [
+            _skipped(
+                "membership",
+                "auc",
+                "no non-member set: give --nonmember_split (rows never trained on; TOFU: holdoutNN)",
+            )
+        ]
     members = [(r["question"], r["answer"]) for r in ctx.data.forget]
     raw = ctx.data.prompt_format == "raw"
     roles = {"base": ctx.base, "unlearned": ctx.model, "retain_model": ctx.retain_model}
@@ -764,7 +774,9 @@ def _attack_membership(ctx: _Ctx) -> list[dict]:
     shares, notes = {}, {}
     for k in aucs["base"]:
         r = ref[k] if ref else 0.5
-        share, note = recovered_share(aucs["unlearned"][k], r, aucs["base"][k], ctx.cfg.min_gap)
+        share, note = recovered_share(
+            aucs["unlearned"][k], r, aucs["base"][k], ctx.cfg.min_gap, "retain model" if ref else "chance (0.5)"
+        )
         shares[k], notes = share, ({**notes, k: note} if note else notes)
     return [
         _result(
