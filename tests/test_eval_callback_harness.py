@@ -18,8 +18,8 @@ from transformers import TrainerCallback
 
 from trl_unlearn import SimNPOConfig, SimNPOTrainer
 from trl_unlearn.evaluation.callback import UnlearningEvalCallback
-from trl_unlearn.evaluation.lm_eval_callback import LMEvalGuardCallback
 from trl_unlearn.evaluation.lm_eval import evaluate_harness
+from trl_unlearn.evaluation.lm_eval_callback import LMEvalGuardCallback
 from trl_unlearn.toy.tiny import tiny_llama, train_tokenizer
 
 needs_lm_eval = pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="the lm-eval extra")

@@ -145,8 +145,7 @@ def test_tofu_scores_without_generation_are_evaluate_tofus(lm, tokenizer, tmp_pa
     """`score_tofu_sets` (public, used by the example studies) gives the columns `evaluate_tofu` reports, an item's
     answer NLL is `score_answers` on that pair, and `truth_ratios` is the report's truth ratio."""
     from trl_unlearn.data.files import write_tofu_layout
-    from trl_unlearn.evaluation.tofu import evaluate_tofu, score_tofu_sets, truth_ratios
-    from trl_unlearn.evaluation.tofu import load_tofu_eval_sets
+    from trl_unlearn.evaluation.tofu import evaluate_tofu, load_tofu_eval_sets, score_tofu_sets, truth_ratios
     from trl_unlearn.toy.synthetic import make_tofu_like
 
     folder = write_tofu_layout(tmp_path / "tofu", make_tofu_like(num_authors=10, questions_per_author=2, seed=0))

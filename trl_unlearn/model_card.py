@@ -193,3 +193,38 @@ def add_evaluation(output_dir: str, evaluation: dict, dataset: str, eval_results
         card.text = card.text.rstrip() + "\n\n### Evaluation\n\n" + section + "\n"
     write_text_atomic(path, str(card))
     return path
+
+
+_AUDIT_START, _AUDIT_END = "<!-- trl-unlearn audit -->", "<!-- /trl-unlearn audit -->"
+
+
+def _audit_text(summary: list[dict], complete: bool, data: str) -> str:
+    lines = [f"`trl-unlearn audit` on {data}: share of the forgotten knowledge each attack brings back (largest over "
+             "the forget metrics; 0 = none, 1 = back to the original model; membership: signal left). "
+             + ("Every requested attack ran." if complete else "Incomplete: some attacks were skipped (below)."),
+             "", "| attack | variant | share |", "|---|---|---|"]
+    for r in summary:
+        if r["status"] == "ok":
+            v = r.get("max_share")
+            lines.append(f"| {r['attack']} | {r['variant']} | {'n/a' if v is None else f'{v:.3f}'} |")
+        else:
+            lines.append(f"| {r['attack']} | {r['variant']} | skipped: {r['reason']} |")
+    return f"{_AUDIT_START}\n" + "\n".join(lines) + f"\n{_AUDIT_END}"
+
+
+def add_audit(output_dir: str, summary: list[dict], complete: bool, data: str) -> str:
+    """Record an audit summary (`trl_unlearn.evaluation.unlearning_audit.summary_rows`) in the card of `output_dir`, in its own
+    "Audit" section (replaced on a later audit; the Evaluation section and the metadata are left as they are).
+    Returns the card's path."""
+    path = os.path.join(output_dir, "README.md")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No model card at {path}: --update_model_card needs a folder saved by trl-unlearn.")
+    card = ModelCard.load(path)
+    section = _audit_text(summary, complete, data)
+    if _AUDIT_START in card.text:
+        start, end = card.text.index(_AUDIT_START), card.text.index(_AUDIT_END) + len(_AUDIT_END)
+        card.text = card.text[:start] + section + card.text[end:]
+    else:
+        card.text = card.text.rstrip() + "\n\n### Audit\n\n" + section + "\n"
+    card.save(path)
+    return path

@@ -13,6 +13,7 @@ import glob
 import os
 import re
 import shutil
+import tempfile
 
 WEIGHT_PATTERNS = (
     "model.safetensors",
@@ -141,8 +142,14 @@ def resume_flag(value):
 
 
 def write_text_atomic(path: str, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same folder and `os.replace`."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """Write `text` to `path` through a temporary file in the same folder and `os.replace`: a reader sees the old
+    file or the new one, never a part; the temporary file is removed if writing fails."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -1,13 +1,15 @@
 """The `trl-unlearn` command, the package's only command line.
 
-    trl-unlearn simnpo|npo|gradascent|graddiff|rmu --model_name_or_path M --dataset_name D [--config recipe.yaml] ...
+    trl-unlearn METHOD --model_name_or_path M --dataset_name D [--config recipe.yaml] ...
+        (METHOD: simnpo, npo, gradascent, graddiff, rmu, wga, satimp, idknll, idkdpo, undial, ceu, pdu)
     trl-unlearn eval tofu --model PATH --data_dir DIR --split forget10 --output report.json [--retain_report R]
     trl-unlearn eval muse --model PATH --data_dir DIR --output report.json [--auc_retrain X | --retrain_report R]
     trl-unlearn relearn --model PATH --data_dir DIR --split forget10 --output curve.json
     trl-unlearn tune simnpo --model_name_or_path M --data_dir DIR --retain_report R.json --output_dir O
+    trl-unlearn audit --model PATH --base ORIGINAL --data_dir DIR --forget_split forget10 --output_dir OUT
 
-Modules: `train` (training subcommands, TRL script style), `eval`, `relearn`, `loading` (model / tokenizer loading
-for scripts). Nothing heavy is imported until a command runs, so `--help` and argument errors come back at once.
+Modules: `train` (training subcommands, TRL script style), `eval`, `relearn`, `tune`, `audit`. Nothing heavy is
+imported until a command runs, so `--help` and argument errors come back at once.
 Exit codes: 0 done; 2 an error in the data or settings (one line); 1 any other error (one line naming its type);
 3 training stopped early by a callback (model and card saved, the card says where and why); 130 interrupted (Ctrl-C);
 143 stopped by SIGTERM (preempted or cancelled: a checkpoint is saved, whose card says where, and no final model;
@@ -47,6 +49,7 @@ def _one_line(error: BaseException) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .audit import register_audit
     from .eval import register_eval
     from .relearn import register_relearn
     from .tune import register_tune
@@ -61,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_eval(sub)
     register_relearn(sub)
     register_tune(sub)
+    register_audit(sub)
     return parser
 
 
