@@ -35,14 +35,49 @@ FSDP2_RUNS = [r for r in RUNS if r["name"] in ("simnpo_full", "npo_full_precompu
 LAUNCH = {
     "single": [sys.executable],
     "ddp": ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--mixed_precision", "no"],
-    "zero2": ["accelerate", "launch", "--use_deepspeed", "--zero_stage", "2", "--num_processes", "2",
-              "--mixed_precision", "no"],
-    "zero3": ["accelerate", "launch", "--use_deepspeed", "--zero_stage", "3", "--num_processes", "2",
-              "--mixed_precision", "no", "--zero3_init_flag", "true", "--zero3_save_16bit_model", "true"],
-    "fsdp2": ["accelerate", "launch", "--use_fsdp", "--fsdp_version", "2", "--num_processes", "2",
-              "--mixed_precision", "no", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
-              "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer", "--fsdp_state_dict_type",
-              "FULL_STATE_DICT"],
+    "zero2": [
+        "accelerate",
+        "launch",
+        "--use_deepspeed",
+        "--zero_stage",
+        "2",
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+    ],
+    "zero3": [
+        "accelerate",
+        "launch",
+        "--use_deepspeed",
+        "--zero_stage",
+        "3",
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--zero3_init_flag",
+        "true",
+        "--zero3_save_16bit_model",
+        "true",
+    ],
+    "fsdp2": [
+        "accelerate",
+        "launch",
+        "--use_fsdp",
+        "--fsdp_version",
+        "2",
+        "--num_processes",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--fsdp_auto_wrap_policy",
+        "TRANSFORMER_BASED_WRAP",
+        "--fsdp_transformer_layer_cls_to_wrap",
+        "LlamaDecoderLayer",
+        "--fsdp_state_dict_type",
+        "FULL_STATE_DICT",
+    ],
 }
 
 
@@ -77,8 +112,17 @@ def launch(mode: str, runs: list[dict], model_dir: str, data_file: str, out: str
     """Run `runs` under one launch; returns {run name: trace}. Raises with the log tail on failure."""
     runs = [dict(r, per_device_batch=4 if mode == "single" else 2) for r in runs]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    cmd = LAUNCH[mode] + [SCRIPT, "--model_dir", model_dir, "--data", data_file, "--out", out,
-                          "--runs", json.dumps(runs)]
+    cmd = LAUNCH[mode] + [
+        SCRIPT,
+        "--model_dir",
+        model_dir,
+        "--data",
+        data_file,
+        "--out",
+        out,
+        "--runs",
+        json.dumps(runs),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"{mode} launch failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}")

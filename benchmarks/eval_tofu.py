@@ -111,8 +111,10 @@ def main() -> None:
     for name, key in rows:
         ratio = best["single"] / best[key]
         print(f"{name.ljust(w)}  {best[key]:8.2f}  {median[key]:8.2f}  {ratio:14.1f}x")
-    print(f"same results: max |diff| of per-item NLL / truth ratio {nll_diff:.1e}, "
-          f"identical generations: {same_generations}")
+    print(
+        f"same results: max |diff| of per-item NLL / truth ratio {nll_diff:.1e}, "
+        f"identical generations: {same_generations}"
+    )
 
 
 if __name__ == "__main__":

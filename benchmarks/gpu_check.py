@@ -6,7 +6,8 @@
    and time against naive bf16 at (4, 512, 1024, 128256), and under `torch.compile`.
 2. One SimNPO step in bf16 autocast on CUDA vs the same step in fp32: close losses, finite gradients.
 3. QLoRA on CUDA (4-bit NF4, bf16 compute): the adapters train, the base does not.
-4. The fused sequence loss (`trl_unlearn.kernels.sequence_loss`) in bf16 on CUDA, trainable and frozen head (this exercises
+4. The fused sequence loss (`trl_unlearn.kernels.sequence_loss`) in bf16 on CUDA, trainable and frozen head (this
+   exercises
    `torch.addmm(..., out_dtype=torch.float32)` for the head gradient): loss, sequence log-probs and gradients against
    fp32 naive full logits; time and peak memory (excluding the gradients every variant returns) against naive bf16
    and the chunked op at (4, 512, 1024, 128256), SimNPO over the 4 sequences.
@@ -60,9 +61,13 @@ def op_checks():
     out = chunked_token_logps(hidden, weight, labels)
     out.sum().backward()
     err = (out - ref).abs().max().item()
-    gerr = max((hidden.grad.float() - g_ref[0]).abs().max().item() / g_ref[0].abs().max().item(),
-               (weight.grad.float() - g_ref[1]).abs().max().item() / g_ref[1].abs().max().item())
-    check("bf16 chunked op vs fp32 naive", err < 0.05 and gerr < 0.05, f"max |Δlogp| {err:.3g}, rel grad err {gerr:.3g}")
+    gerr = max(
+        (hidden.grad.float() - g_ref[0]).abs().max().item() / g_ref[0].abs().max().item(),
+        (weight.grad.float() - g_ref[1]).abs().max().item() / g_ref[1].abs().max().item(),
+    )
+    check(
+        "bf16 chunked op vs fp32 naive", err < 0.05 and gerr < 0.05, f"max |Δlogp| {err:.3g}, rel grad err {gerr:.3g}"
+    )
 
     def naive_step():
         hidden.grad = weight.grad = None
@@ -124,9 +129,11 @@ def fused_checks():
         lerr = abs(loss.item() - ref_loss.item()) / abs(ref_loss.item())
         serr = ((seq_logps - ref_seq.detach()).abs().max() / ref_seq.detach().abs().max()).item()
         gerr = max(((g.float() - 2.0 * r).norm() / (2.0 * r).norm()).item() for g, r in zip(grads, ref))
-        check(f"bf16 fused loss vs fp32 naive, {head}", lerr < 0.02 and serr < 0.02 and gerr < 0.05
-              and all(g.dtype == torch.bfloat16 for g in grads),
-              f"rel loss err {lerr:.3g}, rel seq logp err {serr:.3g}, rel grad err {gerr:.3g}")
+        check(
+            f"bf16 fused loss vs fp32 naive, {head}",
+            lerr < 0.02 and serr < 0.02 and gerr < 0.05 and all(g.dtype == torch.bfloat16 for g in grads),
+            f"rel loss err {lerr:.3g}, rel seq logp err {serr:.3g}, rel grad err {gerr:.3g}",
+        )
 
         grad_bytes = sum(p.numel() * p.element_size() for p in params)
 
@@ -157,8 +164,10 @@ def fused_checks():
                 rows[name] = measure(fn)
             except Exception as e:  # noqa: BLE001 - report and go on
                 check(f"{name} bf16 runs, {head}", False, repr(e)[:200])
-        print(f"{head}, bf16, (4, 512, 1024, 128256), SimNPO loss\n"
-              "| variant | median ms | peak MiB excl. grads | time vs naive | peak vs naive |\n|---|---|---|---|---|")
+        print(
+            f"{head}, bf16, (4, 512, 1024, 128256), SimNPO loss\n"
+            "| variant | median ms | peak MiB excl. grads | time vs naive | peak vs naive |\n|---|---|---|---|---|"
+        )
         for name, (ms, mib) in rows.items():
             nt, nm = rows.get("naive", (0, 0))
             ratios = f"{ms / nt:.2f}x | {mib / nm:.3f}x" if nt > 0 and nm > 0 else "- | -"
@@ -167,8 +176,11 @@ def fused_checks():
             # the op's own buffers (module docstring): a bf16 [512, V] tile and its fp32 copy, plus the fp32 [V, H]
             # head-gradient accumulator with a trainable head (its bf16 cast is the returned gradient)
             model = (512 * v * (2 + 4) + (0 if frozen else 4 * v * h)) / 2**20
-            check(f"fused peak excl. grads within 1.15x of its buffers, {head}", rows["fused"][1] <= 1.15 * model,
-                  f"{rows['fused'][1]:.0f} MiB measured, {model:.0f} MiB of buffers")
+            check(
+                f"fused peak excl. grads within 1.15x of its buffers, {head}",
+                rows["fused"][1] <= 1.15 * model,
+                f"{rows['fused'][1]:.0f} MiB measured, {model:.0f} MiB of buffers",
+            )
         del hidden, weight, h32, w32, ref, grads, loss, ref_loss
         torch.cuda.empty_cache()
 
@@ -181,16 +193,30 @@ def trainer_checks():
 
     qa = [(f"Who wrote book {i}?", f"Author {i} wrote book {i} in {1900 + i}.") for i in range(32)]
     tok = train_tokenizer([f"Question: {q}\nAnswer: {a}" for q, a in qa], 512)
-    ds = lambda r: Dataset.from_dict({"prompt": [f"Question: {q}\nAnswer:" for q, _ in r],  # noqa: E731
-                                      "completion": [" " + a for _, a in r]})
+    ds = lambda r: Dataset.from_dict(
+        {
+            "prompt": [f"Question: {q}\nAnswer:" for q, _ in r],  # noqa: E731
+            "completion": [" " + a for _, a in r],
+        }
+    )
     losses = {}
     for bf16 in (False, True):
         model = tiny_llama(tok, hidden_size=256, num_hidden_layers=4, seed=0)
-        args = SimNPOConfig(output_dir=f"/tmp/gpu_check_{bf16}", max_steps=3, per_device_train_batch_size=4,
-                            learning_rate=1e-4, bf16=bf16, report_to=[], save_strategy="no", logging_steps=1,
-                            gradient_checkpointing=True, beta=2.5)
-        trainer = SimNPOTrainer(model=model, args=args, forget_dataset=ds(qa[:8]), retain_dataset=ds(qa[8:]),
-                                processing_class=tok)
+        args = SimNPOConfig(
+            output_dir=f"/tmp/gpu_check_{bf16}",
+            max_steps=3,
+            per_device_train_batch_size=4,
+            learning_rate=1e-4,
+            bf16=bf16,
+            report_to=[],
+            save_strategy="no",
+            logging_steps=1,
+            gradient_checkpointing=True,
+            beta=2.5,
+        )
+        trainer = SimNPOTrainer(
+            model=model, args=args, forget_dataset=ds(qa[:8]), retain_dataset=ds(qa[8:]), processing_class=tok
+        )
         trainer.train()
         losses[bf16] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     diff = max(abs(a - b) / max(abs(a), 1e-6) for a, b in zip(losses[False], losses[True]))
@@ -201,18 +227,35 @@ def trainer_checks():
 
     base = tiny_llama(tok, hidden_size=256, num_hidden_layers=4, seed=0)
     base.save_pretrained("/tmp/gpu_check_base")
-    args = SimNPOConfig(output_dir="/tmp/gpu_check_qlora", max_steps=3, per_device_train_batch_size=4,
-                        learning_rate=1e-3, bf16=True, report_to=[], save_strategy="no", gradient_checkpointing=True)
-    trainer = SimNPOTrainer(model="/tmp/gpu_check_base", args=args, forget_dataset=ds(qa[:8]),
-                            retain_dataset=ds(qa[8:]), processing_class=tok,
-                            quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                                   bnb_4bit_compute_dtype=torch.bfloat16),
-                            peft_config=LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    args = SimNPOConfig(
+        output_dir="/tmp/gpu_check_qlora",
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        bf16=True,
+        report_to=[],
+        save_strategy="no",
+        gradient_checkpointing=True,
+    )
+    trainer = SimNPOTrainer(
+        model="/tmp/gpu_check_base",
+        args=args,
+        forget_dataset=ds(qa[:8]),
+        retain_dataset=ds(qa[8:]),
+        processing_class=tok,
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+        ),
+        peft_config=LoraConfig(r=8, target_modules=["q_proj", "v_proj"]),
+    )
     before = {n: p.detach().float().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
     changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p.detach().float())}
-    check("QLoRA on CUDA trains the adapters only", changed == {n for n in before if "lora_" in n},
-          f"{len(changed)} tensors changed")
+    check(
+        "QLoRA on CUDA trains the adapters only",
+        changed == {n for n in before if "lora_" in n},
+        f"{len(changed)} tensors changed",
+    )
 
 
 if __name__ == "__main__":

@@ -69,17 +69,21 @@ def worker(args):
         return seq_loss(logp.view(B, T - 1).sum(-1)).sum()
 
     if args.worker == "naive":
+
         def loss():
             return from_token_logps(naive_token_logps(hidden, weight, labels))
     elif args.worker == "trl":
+
         def loss():
             # (hidden, weight, bias, targets, temperature, chunk_size, softcap, logit_scale, outputs)
             out = ChunkedLogProbFunction.apply(hidden, weight, None, labels, 1.0, trl_chunk, None, 1.0, ("log_probs",))
             return from_token_logps(out[0])
     elif args.worker == "ours":
+
         def loss():
             return from_token_logps(chunked_token_logps(hidden, weight, labels, chunk_size=our_chunk))
     else:
+
         def loss():
             return fused_linear_sequence_loss(hidden, weight, labels, [T - 1] * B, seq_loss, chunk_rows=our_chunk)[0]
 
@@ -107,13 +111,36 @@ def worker(args):
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     grads = (N * H + (0 if args.frozen_head else V * H)) * hidden.element_size()
-    print(json.dumps({"times": times, "cpu_times": cpu_times, "peak": peak, "grads": grads,
-                      "chunk": trl_chunk if args.worker == "trl" else None if args.worker == "naive" else our_chunk}))
+    print(
+        json.dumps(
+            {
+                "times": times,
+                "cpu_times": cpu_times,
+                "peak": peak,
+                "grads": grads,
+                "chunk": trl_chunk if args.worker == "trl" else None if args.worker == "naive" else our_chunk,
+            }
+        )
+    )
 
 
 def run_variant(args, variant, shape, dtype, device):
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant, "--shape", shape, "--dtype", dtype,
-           "--device", device, "--repeats", str(args.repeats), "--threads", str(args.threads)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        variant,
+        "--shape",
+        shape,
+        "--dtype",
+        dtype,
+        "--device",
+        device,
+        "--repeats",
+        str(args.repeats),
+        "--threads",
+        str(args.threads),
+    ]
     if args.chunk_size:
         cmd += ["--chunk-size", str(args.chunk_size)]
     if args.frozen_head:
@@ -132,18 +159,27 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated BxTxHxV (N = B*(T-1) rows)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats after one warm-up (median reported)")
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="run the variants' processes round-robin this many times (median over all repeats, max "
-                             "peak): evens out load from other processes on a shared machine")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the variants' processes round-robin this many times (median over all repeats, max "
+        "peak): evens out load from other processes on a shared machine",
+    )
     parser.add_argument("--dtype", default=None, help="fp32, bf16 or fp32,bf16 (default: fp32 on CPU, bf16 on CUDA)")
     parser.add_argument("--device", default=None, help="cpu, cuda or cpu,cuda (default: cpu, plus cuda if available)")
     parser.add_argument("--variants", default="naive,trl,ours,fused")
-    parser.add_argument("--chunk-size", type=int, default=None,
-                        help="rows per tile for ours and fused (default: the ops' 512)")
+    parser.add_argument(
+        "--chunk-size", type=int, default=None, help="rows per tile for ours and fused (default: the ops' 512)"
+    )
     parser.add_argument("--frozen-head", action="store_true", help="LM head without gradient (LoRA training)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads per worker (0: torch's default). 1 by default: on a shared machine the CPU "
-                             "time of one thread measures the work")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per worker (0: torch's default). 1 by default: on a shared machine the CPU "
+        "time of one thread measures the work",
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--shape", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -155,10 +191,14 @@ def main():
     devices = args.device.split(",") if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     variants = args.variants.split(",")
     threads = args.threads or torch.get_num_threads()
-    print(f"torch {torch.__version__}, {threads} torch thread(s) per worker, repeats={args.repeats}, rounds={args.rounds}"
-          f"{', frozen head' if args.frozen_head else ''}, load average at start {os.getloadavg()[0]:.2f}")
-    header = ("| device | dtype | B x T x H x V | variant | chunk | median s (CPU s) | peak MiB | excl. grads MiB "
-              "| peak vs naive | excl. grads vs naive | time vs naive (CPU) | time vs TRL (CPU) |")
+    print(
+        f"torch {torch.__version__}, {threads} torch thread(s) per worker, repeats={args.repeats}, rounds={args.rounds}"
+        f"{', frozen head' if args.frozen_head else ''}, load average at start {os.getloadavg()[0]:.2f}"
+    )
+    header = (
+        "| device | dtype | B x T x H x V | variant | chunk | median s (CPU s) | peak MiB | excl. grads MiB "
+        "| peak vs naive | excl. grads vs naive | time vs naive (CPU) | time vs TRL (CPU) |"
+    )
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for device in devices:
@@ -193,11 +233,13 @@ def main():
                             return "-"
                         return f"{r[key] / o[key]:.2f}x" + (f" ({r[key2] / o[key2]:.2f}x)" if key2 else "")
 
-                    print(f"| {device} | {dtype} | {shape.replace('x', ' x ')} | {v} | {r['chunk'] or '-'} "
-                          f"| {r['time']:.2f} ({r['cpu']:.2f}) | {r['peak'] / 2**20:.0f} | {r['work'] / 2**20:.0f} "
-                          f"| {ratio('naive', 'peak')} | {ratio('naive', 'work')} | {ratio('naive', 'time', 'cpu')} "
-                          f"| {ratio('trl', 'time', 'cpu')} |",
-                          flush=True)
+                    print(
+                        f"| {device} | {dtype} | {shape.replace('x', ' x ')} | {v} | {r['chunk'] or '-'} "
+                        f"| {r['time']:.2f} ({r['cpu']:.2f}) | {r['peak'] / 2**20:.0f} | {r['work'] / 2**20:.0f} "
+                        f"| {ratio('naive', 'peak')} | {ratio('naive', 'work')} | {ratio('naive', 'time', 'cpu')} "
+                        f"| {ratio('trl', 'time', 'cpu')} |",
+                        flush=True,
+                    )
     print(f"load average at end {os.getloadavg()[0]:.2f}")
 
 

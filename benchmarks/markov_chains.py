@@ -59,9 +59,14 @@ SETTINGS = {  # name: (forget-2 length, forget-2 in pre-training, title)
 # Retain distance at which a forget chain first reaches the retrain level, read off the authors' figures (one run,
 # seed 42): short from docs/method.md §7; unseen read off synthetic/figures/...forget2_20.../...seed_42.pdf (forget-2
 # starts at the retrain level there). Printed beside the measured values; approximate.
-PAPER = {("short", "NPO", "forget2"): 0.19, ("short", "SimNPO", "forget2"): 0.03,
-         ("short", "NPO", "forget1"): 0.03, ("short", "SimNPO", "forget1"): 0.075,
-         ("unseen", "NPO", "forget1"): 0.13, ("unseen", "SimNPO", "forget1"): 0.085}
+PAPER = {
+    ("short", "NPO", "forget2"): 0.19,
+    ("short", "SimNPO", "forget2"): 0.03,
+    ("short", "NPO", "forget1"): 0.03,
+    ("short", "SimNPO", "forget1"): 0.075,
+    ("unseen", "NPO", "forget1"): 0.13,
+    ("unseen", "SimNPO", "forget1"): 0.085,
+}
 
 
 # ---------------------------------------------------------------------------------------------------------- data --
@@ -194,8 +199,13 @@ def summarize_crossings(crossings):
     r = np.array([c[1] for c in hit])
     out = {"n": len(crossings), "crossed": len(hit)}
     if hit:
-        out.update(mean=float(r.mean()), sd=float(r.std(ddof=1)) if len(r) > 1 else 0.0, min=float(r.min()),
-                   max=float(r.max()), step_mean=float(np.mean([c[0] for c in hit])))
+        out.update(
+            mean=float(r.mean()),
+            sd=float(r.std(ddof=1)) if len(r) > 1 else 0.0,
+            min=float(r.min()),
+            max=float(r.max()),
+            step_mean=float(np.mean([c[0] for c in hit])),
+        )
     return out
 
 
@@ -207,12 +217,19 @@ def setting_data(args, setting):
     """(train sets, TruthKL evaluator) of a setting, built once per process."""
     if setting not in _DATA:
         len2 = SETTINGS[setting][0]
-        data = make_data(args.seed, (args.length, args.length, len2), (args.n_retain, args.n_forget1, args.n_forget2),
-                         args.leakage, args.test_size)
+        data = make_data(
+            args.seed,
+            (args.length, args.length, len2),
+            (args.n_retain, args.n_forget1, args.n_forget2),
+            args.leakage,
+            args.test_size,
+        )
         width = args.length - 1
         train = {s: to_inputs_labels(data[s][0], width) for s in CHAINS}
-        test = {s: (*to_inputs_labels(data[s][1], width), chain_matrices(CHAINS[s], leakage=args.leakage)[1])
-                for s in CHAINS}
+        test = {
+            s: (*to_inputs_labels(data[s][1], width), chain_matrices(CHAINS[s], leakage=args.leakage)[1])
+            for s in CHAINS
+        }
         _DATA[setting] = (train, TruthKL(test, args.eval_batch))
     return _DATA[setting]
 
@@ -244,8 +261,11 @@ def pretrain_job(job):
             opt.step()
             opt.zero_grad(set_to_none=True)
             total += loss.item()
-        print(f"  [{tag} {setting}] epoch {epoch + 1}/{args.pre_epochs}: train NLL {total / len(batches):.4f} "
-              f"({time.time() - t0:.0f}s)", flush=True)
+        print(
+            f"  [{tag} {setting}] epoch {epoch + 1}/{args.pre_epochs}: train NLL {total / len(batches):.4f} "
+            f"({time.time() - t0:.0f}s)",
+            flush=True,
+        )
     settings = list(args.settings) if tag == "retrain" else [setting]
     kls = {s: setting_data(args, s)[1](model) for s in settings}
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -269,8 +289,12 @@ def unlearn_job(job):
     ref_logps = None
     if method == "NPO":  # the original model's summed log-probs, computed once
         with torch.no_grad():
-            ref_logps = torch.cat([sequence_logps(model(x), y)[0] for x, y in
-                                   zip(inputs.split(args.eval_batch), labels.split(args.eval_batch))])
+            ref_logps = torch.cat(
+                [
+                    sequence_logps(model(x), y)[0]
+                    for x, y in zip(inputs.split(args.eval_batch), labels.split(args.eval_batch))
+                ]
+            )
     gen = torch.Generator().manual_seed(seed)
     need = args.steps * args.batch_size
     order = torch.cat([torch.randperm(len(inputs), generator=gen) for _ in range(-(-need // len(inputs)))])
@@ -291,8 +315,10 @@ def unlearn_job(job):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        w = {f"w_forget{i + 1}": weight[chain[idx] == i].mean().item() if (chain[idx] == i).any() else None
-             for i in range(2)}
+        w = {
+            f"w_forget{i + 1}": weight[chain[idx] == i].mean().item() if (chain[idx] == i).any() else None
+            for i in range(2)
+        }
         trace.append({"step": step, **evaluate(model), "loss": loss.item(), **w})
     return setting, method, seed, trace, (time.time() - t0, time.process_time() - c0)
 
@@ -305,34 +331,50 @@ def crossing_rows(results, levels, args):
         for method in args.methods:
             traces = [results[setting][method][s] for s in args.unlearn_seeds]
             for chain, other in (("forget1", "forget2"), ("forget2", "forget1")):
-                per_seed = [first_crossing([r[chain] for r in tr], [r["retain"] for r in tr], levels[setting][chain])
-                            for tr in traces]
+                per_seed = [
+                    first_crossing([r[chain] for r in tr], [r["retain"] for r in tr], levels[setting][chain])
+                    for tr in traces
+                ]
                 at = [tr[c[0]][other] for tr, c in zip(traces, per_seed) if c]  # the other chain at the crossing
-                rows.append({"setting": setting, "method": method, "chain": chain, "level": levels[setting][chain],
-                             "per_seed": per_seed, **summarize_crossings(per_seed),
-                             "other_at_crossing": float(np.mean(at)) if at else None,
-                             "paper": PAPER.get((setting, method, chain))})
+                rows.append(
+                    {
+                        "setting": setting,
+                        "method": method,
+                        "chain": chain,
+                        "level": levels[setting][chain],
+                        "per_seed": per_seed,
+                        **summarize_crossings(per_seed),
+                        "other_at_crossing": float(np.mean(at)) if at else None,
+                        "paper": PAPER.get((setting, method, chain)),
+                    }
+                )
     return rows
 
 
 def crossing_table(rows, initial):
-    lines = ["| setting | method | chain | original → retrain forget quality | crossed | retain distance at crossing: "
-             "mean ± sd [min, max] | step (mean) | other chain there (mean) | paper (≈) |",
-             "|---|---|---|---|---:|---|---:|---:|---:|"]
+    lines = [
+        "| setting | method | chain | original → retrain forget quality | crossed | retain distance at crossing: "
+        "mean ± sd [min, max] | step (mean) | other chain there (mean) | paper (≈) |",
+        "|---|---|---|---|---:|---|---:|---:|---:|",
+    ]
     for r in rows:
-        cell = (f"{r['mean']:.3f} ± {r['sd']:.3f} [{r['min']:.3f}, {r['max']:.3f}]" if r["crossed"] else "never")
+        cell = f"{r['mean']:.3f} ± {r['sd']:.3f} [{r['min']:.3f}, {r['max']:.3f}]" if r["crossed"] else "never"
         step = f"{r['step_mean']:.1f}" if r["crossed"] else "-"
         other = f"{r['other_at_crossing']:.3f}" if r["crossed"] else "-"
         paper = f"{r['paper']:.3f}" if r["paper"] is not None else "-"
-        lines.append(f"| {r['setting']} | {r['method']} | {LABELS[r['chain']]} | "
-                     f"{initial[r['setting']][r['chain']]:.3f} → {r['level']:.3f} | {r['crossed']}/{r['n']} | {cell} | "
-                     f"{step} | {other} | {paper} |")
+        lines.append(
+            f"| {r['setting']} | {r['method']} | {LABELS[r['chain']]} | "
+            f"{initial[r['setting']][r['chain']]:.3f} → {r['level']:.3f} | {r['crossed']}/{r['n']} | {cell} | "
+            f"{step} | {other} | {paper} |"
+        )
     return "\n".join(lines)
 
 
 def seed_table(rows, seeds):
-    lines = ["| setting | method | chain | " + " | ".join(f"seed {s}" for s in seeds) + " |",
-             "|---|---|---|" + "---|" * len(seeds)]
+    lines = [
+        "| setting | method | chain | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+        "|---|---|---|" + "---|" * len(seeds),
+    ]
     for r in rows:
         cells = [f"{c[1]:.3f} (step {c[0]})" if c else "never" for c in r["per_seed"]]
         lines.append(f"| {r['setting']} | {r['method']} | {LABELS[r['chain']]} | " + " | ".join(cells) + " |")
@@ -363,8 +405,14 @@ def plot(setting, runs, levels, retrain_retain, rows, args, path):
             for a in (ax, lx):
                 for x, y in zip(retain, forget):
                     a.plot(x, y, styles[chain], color=colors[method], lw=0.6, alpha=0.35)
-                a.plot(retain.mean(0), forget.mean(0), styles[chain], color=colors[method], lw=2.2,
-                       label=f"{label} (mean of {len(traces)} seeds)")
+                a.plot(
+                    retain.mean(0),
+                    forget.mean(0),
+                    styles[chain],
+                    color=colors[method],
+                    lw=2.2,
+                    label=f"{label} (mean of {len(traces)} seeds)",
+                )
             bx.plot(forget.mean(0), styles[chain], color=colors[method], lw=1.8, label=label)
             row = next(r for r in rows if (r["method"], r["chain"]) == (method, chain))
             pts = [c[1] for c in row["per_seed"] if c]
@@ -384,8 +432,11 @@ def plot(setting, runs, levels, retrain_retain, rows, args, path):
         a.set_xlabel("retain distance: KL(true transitions ‖ model) on retain test")
         a.set_ylabel("forget quality: KL(true transitions ‖ model) on forget test")
         a.grid(alpha=0.3, which="both")
-    ax.set_title(f"{SETTINGS[setting][2]}\nNPO β {args.npo_beta}, SimNPO β {args.simnpo_beta}, forget loss only; "
-                 "x: first crossing (each seed)\nopen black: original, filled: retrain (gray: its levels)", fontsize=9)
+    ax.set_title(
+        f"{SETTINGS[setting][2]}\nNPO β {args.npo_beta}, SimNPO β {args.simnpo_beta}, forget loss only; "
+        "x: first crossing (each seed)\nopen black: original, filled: retrain (gray: its levels)",
+        fontsize=9,
+    )
     ax.legend(fontsize=8, loc="lower right")
     lx.set_title("the whole path, log axes", fontsize=9)
     bx.set_yscale("log")
@@ -434,8 +485,10 @@ def parse_args(argv=None):
     args.unlearn_seeds = [int(s) for s in args.unlearn_seeds.split(",") if s.strip()]
     bad = [s for s in args.settings if s not in SETTINGS] + [m for m in args.methods if m not in ("NPO", "SimNPO")]
     if bad or not args.settings or not args.methods or not args.unlearn_seeds:
-        p.error(f"unknown or empty --settings/--methods/--unlearn_seeds ({bad}); settings: {list(SETTINGS)}, "
-                "methods: NPO, SimNPO")
+        p.error(
+            f"unknown or empty --settings/--methods/--unlearn_seeds ({bad}); settings: {list(SETTINGS)}, "
+            "methods: NPO, SimNPO"
+        )
     return args
 
 
@@ -443,8 +496,11 @@ def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.out_dir, exist_ok=True)
     t_start, load_start = time.time(), os.getloadavg()
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; {args.jobs} processes x "
-          f"{args.threads} torch thread(s); load average at start {load_start[0]:.2f}", flush=True)
+    print(
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; {args.jobs} processes x "
+        f"{args.threads} torch thread(s); load average at start {load_start[0]:.2f}",
+        flush=True,
+    )
     states, kls, secs, results = {}, {}, {}, {s: {m: {} for m in args.methods} for s in args.settings}
     with mp.get_context("spawn").Pool(args.jobs, _init_worker, (args.threads,)) as pool:
         jobs = [("retrain", args.settings[0], args)] + [("original", s, args) for s in args.settings]
@@ -453,15 +509,21 @@ def main(argv=None):
             states[tag, setting], secs[f"pretrain {tag} {setting}"] = state, sec
             kls.update({(tag, s): v for s, v in kl.items()})
             if tag == "original":  # its unlearning runs can start now
-                pending += [pool.apply_async(unlearn_job, ((setting, m, seed, state, args),))
-                            for m in args.methods for seed in args.unlearn_seeds]
+                pending += [
+                    pool.apply_async(unlearn_job, ((setting, m, seed, state, args),))
+                    for m in args.methods
+                    for seed in args.unlearn_seeds
+                ]
         for job in pending:
             setting, method, seed, trace, sec = job.get()
             results[setting][method][seed] = trace
             secs[f"unlearn {setting} {method} {seed}"] = sec
             last = trace[-1]
-            print(f"  {setting} {method} seed {seed}: {sec[0]:.0f}s wall, {sec[1]:.0f}s CPU; step {last['step']}: "
-                  f"retain {last['retain']:.4f} forget-1 {last['forget1']:.4f} forget-2 {last['forget2']:.4f}", flush=True)
+            print(
+                f"  {setting} {method} seed {seed}: {sec[0]:.0f}s wall, {sec[1]:.0f}s CPU; step {last['step']}: "
+                f"retain {last['retain']:.4f} forget-1 {last['forget1']:.4f} forget-2 {last['forget2']:.4f}",
+                flush=True,
+            )
 
     levels = {s: {c: kls["retrain", s][c] for c in ("forget1", "forget2")} for s in args.settings}
     initial = {s: kls["original", s] for s in args.settings}
@@ -472,26 +534,48 @@ def main(argv=None):
         for tag in ("original", "retrain"):
             k = kls[tag, s]
             print(f"| {s} | {tag} | {k['retain']:.4f} | {k['forget1']:.4f} | {k['forget2']:.4f} |")
-    print(f"\nRetain distance at which each forget chain first reaches the retrain model's forget quality "
-          f"(unlearning seeds {args.unlearn_seeds}; one pre-training per setting, seed {args.seed}):\n")
+    print(
+        f"\nRetain distance at which each forget chain first reaches the retrain model's forget quality "
+        f"(unlearning seeds {args.unlearn_seeds}; one pre-training per setting, seed {args.seed}):\n"
+    )
     print(crossing_table(rows, initial))
     print("\nPer seed: retain distance at the first crossing (step):\n")
     print(seed_table(rows, args.unlearn_seeds))
     for s in args.settings:
         path = os.path.join(args.out_dir, f"markov_{s}.png")
-        plot(s, {m: [results[s][m][k] for k in args.unlearn_seeds] for m in args.methods}, levels[s],
-             kls["retrain", s]["retain"], [r for r in rows if r["setting"] == s], args, path)
+        plot(
+            s,
+            {m: [results[s][m][k] for k in args.unlearn_seeds] for m in args.methods},
+            levels[s],
+            kls["retrain", s]["retain"],
+            [r for r in rows if r["setting"] == s],
+            args,
+            path,
+        )
         print(f"figure: {path}")
     wall, load_end = time.time() - t_start, os.getloadavg()
-    print(f"\nwall time {wall:.0f}s ({wall / 60:.1f} min); load average at end {load_end[0]:.2f} / {load_end[1]:.2f} / "
-          f"{load_end[2]:.2f} (1/5/15 min); worker CPU time {sum(c for _, c in secs.values()):.0f}s "
-          f"(pre-training {sum(c for k, (_, c) in secs.items() if k.startswith('pretrain')):.0f}s)")
+    print(
+        f"\nwall time {wall:.0f}s ({wall / 60:.1f} min); load average at end {load_end[0]:.2f} / {load_end[1]:.2f} / "
+        f"{load_end[2]:.2f} (1/5/15 min); worker CPU time {sum(c for _, c in secs.values()):.0f}s "
+        f"(pre-training {sum(c for k, (_, c) in secs.items() if k.startswith('pretrain')):.0f}s)"
+    )
     print(f"command: python {' '.join(sys.argv)}")
     path = os.path.join(args.out_dir, "markov_traces.json")
     with open(path, "w") as f:
-        json.dump({"args": vars(args), "pretrained": {f"{t} {s}": v for (t, s), v in kls.items()}, "levels": levels,
-                   "crossings": rows, "traces": results, "seconds": secs, "wall_s": wall,
-                   "load_average": {"start": load_start, "end": load_end}}, f, indent=1)
+        json.dump(
+            {
+                "args": vars(args),
+                "pretrained": {f"{t} {s}": v for (t, s), v in kls.items()},
+                "levels": levels,
+                "crossings": rows,
+                "traces": results,
+                "seconds": secs,
+                "wall_s": wall,
+                "load_average": {"start": load_start, "end": load_end},
+            },
+            f,
+            indent=1,
+        )
     print(f"traces: {path}")
     return rows, results
 

@@ -4,7 +4,7 @@ peak RSS of small fp32 Llamas trained on this CPU.
 
     python benchmarks/memory_model.py                 # the 7B table (markdown)
     python benchmarks/memory_model.py --json          # the same numbers as JSON
-    python benchmarks/memory_model.py --check         # predicted vs measured, small Llamas on CPU (~8 min on 2 busy cores)
+    python benchmarks/memory_model.py --check   # predicted vs measured, small Llamas on CPU (~8 min on 2 busy cores)
 
 Notation: P parameters, L layers, h hidden, i intermediate, V vocabulary, kv = key/value width (h without GQA),
 b rows per micro-batch (b_f forget + b_r retain), s tokens per row, n = b·s tokens, N data-parallel ranks,
@@ -116,8 +116,9 @@ def activation_bytes(s: Shape, e: int, checkpointing: bool, tokens: int | None =
     return n * (s.layers * layer + head_input_bytes(s, e))
 
 
-def logits_bytes(s: Shape, e: int, naive: bool, head_trained: bool = True, tokens: int | None = None,
-                 scored: int | None = None) -> int:
+def logits_bytes(
+    s: Shape, e: int, naive: bool, head_trained: bool = True, tokens: int | None = None, scored: int | None = None
+) -> int:
     n = s.tokens if tokens is None else tokens
     if naive:
         return n * s.vocab * (8 + (e / 2 if e < 4 else 0))
@@ -163,7 +164,10 @@ def components(s: Shape, setup: str, method: str, gpus: int = 8, lora_rank: int 
     else:
         raise ValueError(method)
     out = {
-        "weights": weights, "gradients": grads, "optimizer": optim, "reference": ref,
+        "weights": weights,
+        "gradients": grads,
+        "optimizer": optim,
+        "reference": ref,
         "activations": activation_bytes(s, e, checkpointing=False),
         "activations_ckpt": activation_bytes(s, e, checkpointing=True),
         "logits_naive": logits_bytes(s, e, naive=True, head_trained=head_trained),
@@ -177,38 +181,73 @@ def components(s: Shape, setup: str, method: str, gpus: int = 8, lora_rank: int 
 
 
 COLUMNS = [
-    ("weights", "weights"), ("gradients", "grads"), ("optimizer", "optimizer"), ("reference", "reference"),
-    ("activations", "activations"), ("activations_ckpt", "activations, ckpt"), ("logits_naive", "logits naive"),
-    ("logits_chunked", "logits chunked"), ("total_naive", "total naive, no ckpt"),
-    ("total_chunked", "total chunked, no ckpt"), ("total_chunked_ckpt", "total chunked, ckpt"),
+    ("weights", "weights"),
+    ("gradients", "grads"),
+    ("optimizer", "optimizer"),
+    ("reference", "reference"),
+    ("activations", "activations"),
+    ("activations_ckpt", "activations, ckpt"),
+    ("logits_naive", "logits naive"),
+    ("logits_chunked", "logits chunked"),
+    ("total_naive", "total naive, no ckpt"),
+    ("total_chunked", "total chunked, no ckpt"),
+    ("total_chunked_ckpt", "total chunked, ckpt"),
 ]
 
 
 def table_7b(args):
-    s = Shape(layers=args.layers, hidden=args.hidden, intermediate=args.intermediate, vocab=args.vocab,
-              heads=args.heads, kv_heads=args.kv_heads or args.heads, seq=args.seq, forget_rows=args.forget_rows,
-              retain_rows=args.retain_rows)
+    s = Shape(
+        layers=args.layers,
+        hidden=args.hidden,
+        intermediate=args.intermediate,
+        vocab=args.vocab,
+        heads=args.heads,
+        kv_heads=args.kv_heads or args.heads,
+        seq=args.seq,
+        forget_rows=args.forget_rows,
+        retain_rows=args.retain_rows,
+    )
     rows = []
     for setup in SETUPS:
         for method in METHODS:
-            rows.append({"setup": setup, "method": method,
-                         **components(s, setup, method, gpus=args.gpus, lora_rank=args.lora_rank)})
+            rows.append(
+                {
+                    "setup": setup,
+                    "method": method,
+                    **components(s, setup, method, gpus=args.gpus, lora_rank=args.lora_rank),
+                }
+            )
     return s, rows
 
 
 def print_7b(args):
     s, rows = table_7b(args)
     if args.json:
-        print(json.dumps({"shape": asdict(s), "params": num_params(s), "lora_params": lora_params(s, args.lora_rank),
-                          "gpus": args.gpus, "unit": "bytes", "rows": rows}, indent=1))
+        print(
+            json.dumps(
+                {
+                    "shape": asdict(s),
+                    "params": num_params(s),
+                    "lora_params": lora_params(s, args.lora_rank),
+                    "gpus": args.gpus,
+                    "unit": "bytes",
+                    "rows": rows,
+                },
+                indent=1,
+            )
+        )
         return
     P = num_params(s)
-    print(f"Llama: L={s.layers}, h={s.hidden}, i={s.intermediate}, V={s.vocab}, {P / 1e9:.2f}B parameters; "
-          f"micro-batch {s.forget_rows} forget + {s.retain_rows} retain rows x {s.seq} tokens; bf16 activations; "
-          f"ZeRO over {args.gpus} GPUs; QLoRA r={args.lora_rank} ({lora_params(s, args.lora_rank) / 1e6:.1f}M adapter "
-          f"parameters). GiB per GPU.")
-    print(f"Per token per layer: {layer_activation_bytes(s, 2) / 1024:.0f} KiB of activations (Korthikanti et al.'s "
-          f"34·h: {34 * s.hidden / 1024:.0f} KiB)")
+    print(
+        f"Llama: L={s.layers}, h={s.hidden}, i={s.intermediate}, V={s.vocab}, {P / 1e9:.2f}B parameters; "
+        f"micro-batch {s.forget_rows} forget + {s.retain_rows} retain rows x {s.seq} tokens; bf16 activations; "
+        f"ZeRO over {args.gpus} GPUs; QLoRA r={args.lora_rank} ({lora_params(s, args.lora_rank) / 1e6:.1f}M adapter "
+        f"parameters). GiB per GPU."
+    )
+    print(
+        f"Per token per layer: {layer_activation_bytes(s, 2) / 1024:.0f} KiB of activations (Korthikanti et al.'s "
+        f"34·h: {34 * s.hidden / 1024:.0f} KiB)"
+    )
     print()
     print("| setup | method | " + " | ".join(label for _, label in COLUMNS) + " |")
     print("|---|---|" + "---|" * len(COLUMNS))
@@ -246,25 +285,58 @@ def run_check(args):
     here = os.path.dirname(os.path.abspath(__file__))
     prompt, answer = args.check_prompt, args.check_answer
     seq = prompt + answer + 1  # + EOS
-    print(f"fp32, 1 process, {args.threads} torch thread(s); every row {prompt} prompt + {answer} answer + EOS = {seq} "
-          f"tokens, 4 forget + 4 retain rows ({8 * seq} tokens per step); naive padded to {seq} (no extra padding); "
-          f"gradient checkpointing off; 1 warm-up + {args.check_steps} measured steps per process.")
-    print("measured static = RSS before a step (after gc + malloc_trim) minus RSS before the model was created; "
-          "measured step = the step's peak RSS minus its start; total = the larger sum over steps.")
+    print(
+        f"fp32, 1 process, {args.threads} torch thread(s); every row {prompt} prompt + {answer} answer + EOS = {seq} "
+        f"tokens, 4 forget + 4 retain rows ({8 * seq} tokens per step); naive padded to {seq} (no extra padding); "
+        f"gradient checkpointing off; 1 warm-up + {args.check_steps} measured steps per process."
+    )
+    print(
+        "measured static = RSS before a step (after gc + malloc_trim) minus RSS before the model was created; "
+        "measured step = the step's peak RSS minus its start; total = the larger sum over steps."
+    )
     print()
-    print("| size (L/h/i/V, params) | variant | predicted static MiB | measured static MiB | ratio "
-          "| predicted step MiB (grads/act/logits/ref) | measured step MiB | ratio | predicted total MiB "
-          "| measured total MiB | ratio |")
+    print(
+        "| size (L/h/i/V, params) | variant | predicted static MiB | measured static MiB | ratio "
+        "| predicted step MiB (grads/act/logits/ref) | measured step MiB | ratio | predicted total MiB "
+        "| measured total MiB | ratio |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     results = []
     for name in args.check_sizes.split(","):
         s = replace(CHECK_SIZES[name], seq=seq)
         for variant in args.check_variants.split(","):
-            cmd = [sys.executable, os.path.join(here, "train_step.py"), "--worker", variant,
-                   "--layers", str(s.layers), "--hidden", str(s.hidden), "--heads", str(s.heads),
-                   "--intermediate", str(s.intermediate), "--vocab", str(s.vocab), "--batch", "4",
-                   "--max-length", str(seq), "--prompt-len", f"{prompt},{prompt}", "--answer-len", f"{answer},{answer}",
-                   "--steps", str(args.check_steps), "--warmup", "1", "--seed", "0", "--threads", str(args.threads)]
+            cmd = [
+                sys.executable,
+                os.path.join(here, "train_step.py"),
+                "--worker",
+                variant,
+                "--layers",
+                str(s.layers),
+                "--hidden",
+                str(s.hidden),
+                "--heads",
+                str(s.heads),
+                "--intermediate",
+                str(s.intermediate),
+                "--vocab",
+                str(s.vocab),
+                "--batch",
+                "4",
+                "--max-length",
+                str(seq),
+                "--prompt-len",
+                f"{prompt},{prompt}",
+                "--answer-len",
+                f"{answer},{answer}",
+                "--steps",
+                str(args.check_steps),
+                "--warmup",
+                "1",
+                "--seed",
+                "0",
+                "--threads",
+                str(args.threads),
+            ]
             env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if proc.returncode:
@@ -273,19 +345,32 @@ def run_check(args):
                 continue
             r = json.loads(proc.stdout.strip().splitlines()[-1])
             steps = r["steps"]
-            meas = {"static": max(x["start"] for x in steps), "step": max(x["peak"] for x in steps),
-                    "total": max(x["start"] + x["peak"] for x in steps)}
+            meas = {
+                "static": max(x["start"] for x in steps),
+                "step": max(x["peak"] for x in steps),
+                "total": max(x["start"] + x["peak"] for x in steps),
+            }
             pred = predict_fp32(s, variant, answer + 1)
             pred["total"] = pred["static"] + pred["step"]
-            results.append({"size": name, "shape": asdict(s), "params": num_params(s), "variant": variant,
-                            "predicted": pred, "measured": meas})
+            results.append(
+                {
+                    "size": name,
+                    "shape": asdict(s),
+                    "params": num_params(s),
+                    "variant": variant,
+                    "predicted": pred,
+                    "measured": meas,
+                }
+            )
             parts = "/".join(f"{pred[k] / MiB:.0f}" for k in ("gradients", "activations", "logits", "reference"))
-            print(f"| {name}: {s.layers}/{s.hidden}/{s.intermediate}/{s.vocab}, {num_params(s) / 1e6:.0f}M | {variant} "
-                  f"| {pred['static'] / MiB:.0f} | {meas['static'] / MiB:.0f} | {meas['static'] / pred['static']:.2f} "
-                  f"| {pred['step'] / MiB:.0f} ({parts}) | {meas['step'] / MiB:.0f} "
-                  f"| {meas['step'] / pred['step']:.2f} "
-                  f"| {pred['total'] / MiB:.0f} | {meas['total'] / MiB:.0f} | {meas['total'] / pred['total']:.2f} |",
-                  flush=True)
+            print(
+                f"| {name}: {s.layers}/{s.hidden}/{s.intermediate}/{s.vocab}, {num_params(s) / 1e6:.0f}M | {variant} "
+                f"| {pred['static'] / MiB:.0f} | {meas['static'] / MiB:.0f} | {meas['static'] / pred['static']:.2f} "
+                f"| {pred['step'] / MiB:.0f} ({parts}) | {meas['step'] / MiB:.0f} "
+                f"| {meas['step'] / pred['step']:.2f} "
+                f"| {pred['total'] / MiB:.0f} | {meas['total'] / MiB:.0f} | {meas['total'] / pred['total']:.2f} |",
+                flush=True,
+            )
     if args.check_json:
         with open(args.check_json, "w") as f:
             json.dump(results, f, indent=1)

@@ -54,17 +54,36 @@ def worker(a):
 
     forget, retain = texts(8 * a.batch), texts(8 * a.batch)
     tokenizer = train_tokenizer(forget + retain, vocab_size=512)
-    config = LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=4 * a.hidden,
-                         num_hidden_layers=a.layers, num_attention_heads=4, num_key_value_heads=4,
-                         max_position_embeddings=2 * a.seq, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = LlamaConfig(
+        vocab_size=a.vocab,
+        hidden_size=a.hidden,
+        intermediate_size=4 * a.hidden,
+        num_hidden_layers=a.layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=2 * a.seq,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     update_layers = list(range(max(0, a.layer_id - 2), a.layer_id + 1))
-    common = dict(output_dir=a.out_dir, per_device_train_batch_size=a.batch, max_steps=a.warmup + a.steps,
-                  max_length=a.seq, use_cpu=True, bf16=False, report_to=[], save_strategy="no", logging_steps=1,
-                  activation_checkpointing=a.checkpointing == "on", dataloader_num_workers=0, disable_tqdm=True,
-                  seed=0)
+    common = dict(
+        output_dir=a.out_dir,
+        per_device_train_batch_size=a.batch,
+        max_steps=a.warmup + a.steps,
+        max_length=a.seq,
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        activation_checkpointing=a.checkpointing == "on",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        seed=0,
+    )
     if a.row == "rmu":
         cls, args = RMUTrainer, RMUConfig(layer_id=a.layer_id, update_layers=update_layers, **common)
     else:
@@ -92,8 +111,16 @@ def worker(a):
     trainer.train()
     peak = _status_kib("VmHWM")
     tokens = trainer.state.log_history[0]["num_tokens/forget"] + trainer.state.log_history[0]["num_tokens/retain"]
-    json.dump({"step_s": statistics.median(times[a.warmup:]), "peak_mib": (peak - setup) / 1024,
-               "setup_mib": setup / 1024, "trainable": trainable, "tokens_per_step": tokens}, sys.stdout)
+    json.dump(
+        {
+            "step_s": statistics.median(times[a.warmup :]),
+            "peak_mib": (peak - setup) / 1024,
+            "setup_mib": setup / 1024,
+            "trainable": trainable,
+            "tokens_per_step": tokens,
+        },
+        sys.stdout,
+    )
 
 
 def main():
@@ -107,8 +134,12 @@ def main():
     p.add_argument("--steps", type=int, default=4, help="timed steps per process")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=2, help="processes per row, interleaved")
-    p.add_argument("--checkpointing", choices=("on", "off"), default="on", help="activation checkpointing (the "
-                   "configs' default: on)")
+    p.add_argument(
+        "--checkpointing",
+        choices=("on", "off"),
+        default="on",
+        help="activation checkpointing (the configs' default: on)",
+    )
     p.add_argument("--row", choices=ROWS, help=argparse.SUPPRESS)
     p.add_argument("--out_dir", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -118,8 +149,10 @@ def main():
     load_before = os.getloadavg()
     results = {row: [] for row in ROWS}
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    flags = [f"--{k}={getattr(a, k)}" for k in ("layers", "layer_id", "hidden", "vocab", "seq", "batch", "steps",
-                                                "warmup", "checkpointing")]
+    flags = [
+        f"--{k}={getattr(a, k)}"
+        for k in ("layers", "layer_id", "hidden", "vocab", "seq", "batch", "steps", "warmup", "checkpointing")
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(a.repeats):
             for row in ROWS:
@@ -130,24 +163,32 @@ def main():
                 results[row].append(json.loads(proc.stdout.strip().splitlines()[-1]))
     load_after = os.getloadavg()
 
-    print(f"model: {a.layers} layers, hidden {a.hidden}, vocab {a.vocab}; RMU layer_id {a.layer_id}; step: {a.batch} "
-          f"forget + {a.batch} retain rows of {a.seq} tokens; activation checkpointing {a.checkpointing}; "
-          f"1 torch thread; {a.repeats} processes per row, {a.steps} timed "
-          f"steps each")
-    print(f"load average before: {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}; after: "
-          f"{load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f} ({os.cpu_count()} CPUs)")
+    print(
+        f"model: {a.layers} layers, hidden {a.hidden}, vocab {a.vocab}; RMU layer_id {a.layer_id}; step: {a.batch} "
+        f"forget + {a.batch} retain rows of {a.seq} tokens; activation checkpointing {a.checkpointing}; "
+        f"1 torch thread; {a.repeats} processes per row, {a.steps} timed "
+        f"steps each"
+    )
+    print(
+        f"load average before: {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}; after: "
+        f"{load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f} ({os.cpu_count()} CPUs)"
+    )
     base = {k: statistics.median(r[k] for r in results["simnpo"]) for k in ("step_s", "peak_mib")}
     same = {k: statistics.median(r[k] for r in results["simnpo_same_params"]) for k in ("step_s", "peak_mib")}
-    print("\n| row | trainable params | step (s) | peak above setup (MiB) | setup RSS (MiB) | step / simnpo | "
-          "step / simnpo_same_params | peak / simnpo | peak / simnpo_same_params |")
+    print(
+        "\n| row | trainable params | step (s) | peak above setup (MiB) | setup RSS (MiB) | step / simnpo | "
+        "step / simnpo_same_params | peak / simnpo | peak / simnpo_same_params |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for row in ROWS:
         step = statistics.median(r["step_s"] for r in results[row])
         peak = statistics.median(r["peak_mib"] for r in results[row])
         setup = statistics.median(r["setup_mib"] for r in results[row])
-        print(f"| {row} | {results[row][0]['trainable']:,} | {step:.3f} | {peak:.0f} | {setup:.0f} | "
-              f"{step / base['step_s']:.3f} | {step / same['step_s']:.3f} | {peak / base['peak_mib']:.3f} | "
-              f"{peak / same['peak_mib']:.3f} |")
+        print(
+            f"| {row} | {results[row][0]['trainable']:,} | {step:.3f} | {peak:.0f} | {setup:.0f} | "
+            f"{step / base['step_s']:.3f} | {step / same['step_s']:.3f} | {peak / base['peak_mib']:.3f} | "
+            f"{peak / same['peak_mib']:.3f} |"
+        )
     times = {row: ", ".join(f"{r['step_s']:.3f}" for r in results[row]) for row in ROWS}
     print("\nper-process step times (s): " + "; ".join(f"{row}: {t}" for row, t in times.items()))
 

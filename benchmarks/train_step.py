@@ -127,8 +127,17 @@ class StepMeter:
     def end(self, tokens, loss=None):
         dt, cpu = time.perf_counter() - self.t0, time.process_time() - self.c0
         hwm = peak_rss()
-        self.records.append({"time": dt, "cpu": cpu, "start": self.start - self.origin, "peak": hwm - self.start,
-                             "abs_peak": hwm - self.origin, "tokens": tokens, "loss": loss})
+        self.records.append(
+            {
+                "time": dt,
+                "cpu": cpu,
+                "start": self.start - self.origin,
+                "peak": hwm - self.start,
+                "abs_peak": hwm - self.origin,
+                "tokens": tokens,
+                "loss": loss,
+            }
+        )
 
 
 # ------------------------------------------------------------------------------------------------------- data --
@@ -155,17 +164,20 @@ def make_tokenizer(vocab):
     table.update({f"t{j}": j + len(SPECIALS) for j in range(vocab - len(SPECIALS))})
     tok = Tokenizer(models.WordLevel(table, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
 
 
 def to_dataset(rows):
     from datasets import Dataset
 
-    return Dataset.from_dict({
-        "prompt": [" ".join(f"t{i}" for i in p) for p, _ in rows],
-        "completion": [" " + " ".join(f"t{i}" for i in a) for _, a in rows],
-    })
+    return Dataset.from_dict(
+        {
+            "prompt": [" ".join(f"t{i}" for i in p) for p, _ in rows],
+            "completion": [" " + " ".join(f"t{i}" for i in a) for _, a in rows],
+        }
+    )
 
 
 def build_model(args, seed=0):
@@ -173,10 +185,17 @@ def build_model(args, seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
-        max_position_embeddings=max(args.max_length, 128), tie_word_embeddings=False,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        max_position_embeddings=max(args.max_length, 128),
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
@@ -184,10 +203,20 @@ def build_model(args, seed=0):
 
 def trainer_args(args, cls, output_dir):
     return cls(
-        output_dir=output_dir, per_device_train_batch_size=args.batch, max_steps=args.warmup + args.steps,
-        max_length=args.max_length, use_cpu=True, bf16=False, report_to="none", save_strategy="no",
-        logging_steps=10**6, disable_tqdm=True, gradient_checkpointing=args.gradient_checkpointing, seed=0,
-        dataloader_num_workers=0, dataloader_pin_memory=False,
+        output_dir=output_dir,
+        per_device_train_batch_size=args.batch,
+        max_steps=args.warmup + args.steps,
+        max_length=args.max_length,
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=10**6,
+        disable_tqdm=True,
+        gradient_checkpointing=args.gradient_checkpointing,
+        seed=0,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
     )
 
 
@@ -212,12 +241,23 @@ def run_trainer(args, variant, meter, forget, retain, tokenizer, output_dir):
     if variant == "sft":
         trainer = sft_trainer(args, model, forget, retain, tokenizer, output_dir)
     elif variant == "simnpo":
-        trainer = SimNPOTrainer(model=model, args=trainer_args(args, SimNPOConfig, output_dir),
-                                forget_dataset=forget, retain_dataset=retain, processing_class=tokenizer)
+        trainer = SimNPOTrainer(
+            model=model,
+            args=trainer_args(args, SimNPOConfig, output_dir),
+            forget_dataset=forget,
+            retain_dataset=retain,
+            processing_class=tokenizer,
+        )
     else:
         ref = build_model(args) if variant == "npo_live" else None
-        trainer = NPOTrainer(model=model, ref_model=ref, args=trainer_args(args, NPOConfig, output_dir),
-                             forget_dataset=forget, retain_dataset=retain, processing_class=tokenizer)
+        trainer = NPOTrainer(
+            model=model,
+            ref_model=ref,
+            args=trainer_args(args, NPOConfig, output_dir),
+            forget_dataset=forget,
+            retain_dataset=retain,
+            processing_class=tokenizer,
+        )
         assert trainer.precompute_forget_ref == (variant == "npo_pre")
     probe = Probe()
     # rows x T of each step's batch, read where the trainer collects it
@@ -275,9 +315,9 @@ def naive_batch(rows, pad_to, eos):
     labels = torch.full_like(ids, -100)
     for r, ((p, _), s) in enumerate(zip(rows, seqs)):
         s = s[:T]
-        ids[r, :len(s)] = torch.tensor(s)
-        mask[r, :len(s)] = 1
-        labels[r, len(p):len(s)] = ids[r, len(p):len(s)]
+        ids[r, : len(s)] = torch.tensor(s)
+        mask[r, : len(s)] = 1
+        labels[r, len(p) : len(s)] = ids[r, len(p) : len(s)]
     return ids, mask, labels
 
 
@@ -300,8 +340,8 @@ def run_naive(args, variant, meter, forget_rows, retain_rows, output_dir):
     setup = time.perf_counter() - t0
     B = args.batch
     for step in range(args.warmup + args.steps):
-        f_rows = forget_rows[step * B:(step + 1) * B]
-        r_rows = retain_rows[step * B:(step + 1) * B]
+        f_rows = forget_rows[step * B : (step + 1) * B]
+        r_rows = retain_rows[step * B : (step + 1) * B]
         f_batch, r_batch = naive_batch(f_rows, pad_to, eos=2), naive_batch(r_rows, pad_to, eos=2)
         tokens = f_batch[0].numel() + r_batch[0].numel()
         meter.begin()
@@ -346,7 +386,7 @@ def run_head(args, variant, meter, forget_rows, retain_rows, output_dir):
     setup = time.perf_counter() - t0
     B = args.batch
     for step in range(args.warmup + args.steps):
-        rows = forget_rows[step * B:(step + 1) * B] + retain_rows[step * B:(step + 1) * B]
+        rows = forget_rows[step * B : (step + 1) * B] + retain_rows[step * B : (step + 1) * B]
         ids, attention_mask, labels = naive_batch(rows, None, eos=2)  # right-padded to the longest of the 2B rows
         meter.begin()
         hidden = model.model(input_ids=ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
@@ -363,8 +403,9 @@ def run_head(args, variant, meter, forget_rows, retain_rows, output_dir):
             return torch.where(is_forget, forget, -logps * (cfg.retain_weight / n_retain_tokens))
 
         if variant == "fused_simnpo":
-            loss, _, _ = fused_linear_sequence_loss(hidden[scored], head.weight, targets[scored], num_tokens, seq_loss,
-                                                 head.bias)
+            loss, _, _ = fused_linear_sequence_loss(
+                hidden[scored], head.weight, targets[scored], num_tokens, seq_loss, head.bias
+            )
         else:
             logp = chunked_token_logps(hidden[scored], head.weight, targets[scored], head.bias)
             seq_of_row = torch.arange(2 * B)[:, None].expand_as(scored)[scored]
@@ -410,14 +451,36 @@ def worker(args):
             setup = run_head(args, args.worker, meter, forget_rows, retain_rows, out)
         else:
             setup = run_naive(args, args.worker, meter, forget_rows, retain_rows, out)
-    timed = meter.records[args.warmup:]
-    print(json.dumps({"variant": args.worker, "setup": setup, "steps": timed, "warmup": meter.records[:args.warmup],
-                      "threads": torch.get_num_threads()}))
+    timed = meter.records[args.warmup :]
+    print(
+        json.dumps(
+            {
+                "variant": args.worker,
+                "setup": setup,
+                "steps": timed,
+                "warmup": meter.records[: args.warmup],
+                "threads": torch.get_num_threads(),
+            }
+        )
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ driver --
-SIZE_FLAGS = ("layers", "hidden", "heads", "intermediate", "vocab", "batch", "max_length", "steps", "warmup",
-              "prompt_len", "answer_len", "seed", "threads")
+SIZE_FLAGS = (
+    "layers",
+    "hidden",
+    "heads",
+    "intermediate",
+    "vocab",
+    "batch",
+    "max_length",
+    "steps",
+    "warmup",
+    "prompt_len",
+    "answer_len",
+    "seed",
+    "threads",
+)
 
 
 def run_variant(args, variant):
@@ -492,10 +555,14 @@ def main():
     parser.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps first (allocate AdamW states)")
     parser.add_argument("--rounds", type=int, default=1, help="run the variants round-robin this many times")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads per process (0: torch's default). 1 by default: on a shared, "
-                             "oversubscribed machine multi-threaded ops spin-wait and time becomes meaningless; one "
-                             "thread's CPU time measures the work. On a quiet machine try --threads 0")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per process (0: torch's default). 1 by default: on a shared, "
+        "oversubscribed machine multi-threaded ops spin-wait and time becomes meaningless; one "
+        "thread's CPU time measures the work. On a quiet machine try --threads 0",
+    )
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--json", default=None, help="write the raw results here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -505,12 +572,15 @@ def main():
 
     variants = args.variants.split(",")
     print(f"machine: {machine(args.threads)}; load average at start {os.getloadavg()[0]:.2f}")
-    print(f"model: Llama, {args.layers} layers, hidden {args.hidden}, {args.heads} heads, intermediate "
-          f"{args.intermediate}, vocab {args.vocab}, fp32, {params_of(args) / 1e6:.1f}M parameters; "
-          f"{args.batch} forget + {args.batch} retain rows per step, prompt {args.prompt_len} / answer "
-          f"{args.answer_len} tokens, naive padding to {args.max_length}; gradient checkpointing "
-          f"{'on' if args.gradient_checkpointing else 'off'}; {args.warmup} warm-up + {args.steps} timed steps per "
-          f"process, {args.rounds} round(s)", flush=True)
+    print(
+        f"model: Llama, {args.layers} layers, hidden {args.hidden}, {args.heads} heads, intermediate "
+        f"{args.intermediate}, vocab {args.vocab}, fp32, {params_of(args) / 1e6:.1f}M parameters; "
+        f"{args.batch} forget + {args.batch} retain rows per step, prompt {args.prompt_len} / answer "
+        f"{args.answer_len} tokens, naive padding to {args.max_length}; gradient checkpointing "
+        f"{'on' if args.gradient_checkpointing else 'off'}; {args.warmup} warm-up + {args.steps} timed steps per "
+        f"process, {args.rounds} round(s)",
+        flush=True,
+    )
     results = []
     for rnd in range(args.rounds):
         for v in variants:
@@ -518,9 +588,12 @@ def main():
             if r is None:
                 print(f"  {v}: failed", flush=True)
             else:
-                print(f"  round {rnd + 1} {v}: wall {', '.join('%.2fs' % s['time'] for s in r['steps'])}, CPU "
-                      f"{', '.join('%.2fs' % s['cpu'] for s in r['steps'])}, "
-                      f"step peak {max(s['peak'] for s in r['steps']) / 2**20:.0f} MiB", flush=True)
+                print(
+                    f"  round {rnd + 1} {v}: wall {', '.join('%.2fs' % s['time'] for s in r['steps'])}, CPU "
+                    f"{', '.join('%.2fs' % s['cpu'] for s in r['steps'])}, "
+                    f"step peak {max(s['peak'] for s in r['steps']) / 2**20:.0f} MiB",
+                    flush=True,
+                )
             results.append(r)
     merged = merge(results)
     base_name = "naive_simnpo" if "naive_simnpo" in merged else "naive_simnpo_dyn"
@@ -532,37 +605,48 @@ def main():
         return f"{m[key] / b[key]:.2f}x" if b and b[key] > 0 else "-"
 
     print()
-    print(f"| variant | tokens/step (rows x T) | median wall s | median CPU s | step peak MiB | static MiB | total MiB "
-          f"| CPU time vs {base_label} | wall time vs {base_label} | step peak vs {base_label} "
-          f"| total vs {base_label} | setup s |")
+    print(
+        f"| variant | tokens/step (rows x T) | median wall s | median CPU s | step peak MiB | static MiB | total MiB "
+        f"| CPU time vs {base_label} | wall time vs {base_label} | step peak vs {base_label} "
+        f"| total vs {base_label} | setup s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for v in variants:
         m = merged.get(v)
         if m is None:
             print(f"| {LABELS.get(v, v)} | failed |")
             continue
-        print(f"| {LABELS.get(v, v)} | {m['tokens']:.0f} | {m['time']:.2f} | {m['cpu']:.2f} | {m['peak'] / 2**20:.0f} "
-              f"| {m['static'] / 2**20:.0f} | {m['total'] / 2**20:.0f} | {ratio(m, 'cpu')} | {ratio(m, 'time')} "
-              f"| {ratio(m, 'peak')} | {ratio(m, 'total')} | {statistics.median(m['setup']):.1f} |")
+        print(
+            f"| {LABELS.get(v, v)} | {m['tokens']:.0f} | {m['time']:.2f} | {m['cpu']:.2f} | {m['peak'] / 2**20:.0f} "
+            f"| {m['static'] / 2**20:.0f} | {m['total'] / 2**20:.0f} | {ratio(m, 'cpu')} | {ratio(m, 'time')} "
+            f"| {ratio(m, 'peak')} | {ratio(m, 'total')} | {statistics.median(m['setup']):.1f} |"
+        )
     sim, pre = merged.get("simnpo"), merged.get("npo_pre")
     if sim and pre:
-        print(f"\nNPO (precomputed ref) / SimNPO: CPU time {pre['cpu'] / sim['cpu']:.2f}x, wall time "
-              f"{pre['time'] / sim['time']:.2f}x, step peak {pre['peak'] / sim['peak']:.2f}x, total "
-              f"{pre['total'] / sim['total']:.2f}x")
+        print(
+            f"\nNPO (precomputed ref) / SimNPO: CPU time {pre['cpu'] / sim['cpu']:.2f}x, wall time "
+            f"{pre['time'] / sim['time']:.2f}x, step peak {pre['peak'] / sim['peak']:.2f}x, total "
+            f"{pre['total'] / sim['total']:.2f}x"
+        )
     fused = merged.get("fused_simnpo")
     for other in ("naive_simnpo_dyn", "chunked_simnpo", "sft"):
         o = merged.get(other)
         if fused and o:
-            print(f"fused_simnpo / {other}: CPU time {ratio(fused, 'cpu', o)}, wall time {ratio(fused, 'time', o)}, "
-                  f"step peak {ratio(fused, 'peak', o)}, total {ratio(fused, 'total', o)}")
+            print(
+                f"fused_simnpo / {other}: CPU time {ratio(fused, 'cpu', o)}, wall time {ratio(fused, 'time', o)}, "
+                f"step peak {ratio(fused, 'peak', o)}, total {ratio(fused, 'total', o)}"
+            )
     first = {v: m["steps"][0]["loss"] for v, m in merged.items() if m["steps"][0].get("loss") is not None}
     if first:  # the same loss on the same rows from the same model (first timed step of the first round)
         print("loss at the first timed step: " + ", ".join(f"{v} {x:.6f}" for v, x in first.items()))
     print(f"load average at end {os.getloadavg()[0]:.2f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "machine": machine(args.threads), "results": [r for r in results if r]}, f,
-                      indent=1)
+            json.dump(
+                {"args": vars(args), "machine": machine(args.threads), "results": [r for r in results if r]},
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ MUSE trains on raw text: the forget and retain corpora are cut into windows of `
 scored (language-modeling rows). `--dataset_name` is either a local folder in muse_bench's layout (`raw/forget.txt`,
 `raw/retain1.txt`, plus the evaluation files `verbmem/`, `knowmem/`, `privleak/`, see docs/evaluation.md) or a Hub id
 (`muse-bench/MUSE-News`, `muse-bench/MUSE-Books`: config `raw`, splits `forget`, `retain1`; the evaluation files must
-then be given locally with `--eval_dir`). The same recipe trains one method with `trl-unlearn simnpo --config ...`. PrivLeak needs the retrained model's AUC (`--auc_retrain`) or report.
+then be given locally with `--eval_dir`). The same recipe trains one method with `trl-unlearn simnpo --config ...`.
+PrivLeak needs the retrained model's AUC (`--auc_retrain`) or report.
 """
 
 import json
@@ -29,8 +30,12 @@ class MuseArguments(UnlearnScriptArguments, StudyArguments):
     """The training command's data keys and the study keys, so a recipe serves both; MUSE defaults."""
 
     forget_split: str = field(default="forget", metadata={"help": "Forget corpus: raw/<name>.txt or Hub split."})
-    retain_split: str | None = field(default="retain1", metadata={"help": "Retain corpus: raw/<name>.txt or Hub split."})
-    methods: str | None = field(default="simnpo", metadata={"help": "Comma-separated: simnpo, npo, gradascent, graddiff."})
+    retain_split: str | None = field(
+        default="retain1", metadata={"help": "Retain corpus: raw/<name>.txt or Hub split."}
+    )
+    methods: str | None = field(
+        default="simnpo", metadata={"help": "Comma-separated: simnpo, npo, gradascent, graddiff."}
+    )
     retrain_report: str | None = field(default=None, metadata={"help": "Retrained model's saved MUSE report."})
     eval_batch_size: int = field(default=8, metadata={"help": "Batch size for evaluation."})
     skip_eval: bool = field(default=False, metadata={"help": "Only unlearn and save."})
@@ -47,18 +52,33 @@ def main(args: MuseArguments, training_args: SimNPOConfig, model_args: ModelConf
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
         trainer_cls, _ = METHODS[method]
         config = method_config(method, training_args, os.path.join(training_args.output_dir, method), args.npo_beta)
-        config.model_init_kwargs = {"dtype": model_args.dtype, "revision": model_args.model_revision,
-                                    "attn_implementation": model_args.attn_implementation}
-        trainer = trainer_cls(model=model_args.model_name_or_path, args=config, forget_dataset=forget,
-                              retain_dataset=retain, processing_class=tokenizer,
-                              quantization_config=get_quantization_config(model_args),
-                              peft_config=get_peft_config(model_args))
+        config.model_init_kwargs = {
+            "dtype": model_args.dtype,
+            "revision": model_args.model_revision,
+            "attn_implementation": model_args.attn_implementation,
+        }
+        trainer = trainer_cls(
+            model=model_args.model_name_or_path,
+            args=config,
+            forget_dataset=forget,
+            retain_dataset=retain,
+            processing_class=tokenizer,
+            quantization_config=get_quantization_config(model_args),
+            peft_config=get_peft_config(model_args),
+        )
         trainer.train()
         if not args.skip_eval and PartialState().is_main_process:
             model = trainer.accelerator.unwrap_model(trainer.model).eval()
-            report = evaluate_muse(model, tokenizer, args.eval_dir or args.dataset_name, auc_retrain=args.auc_retrain,
-                                   retrain_report=args.retrain_report, batch_size=args.eval_batch_size,
-                                   max_length=training_args.max_length, progress=False)
+            report = evaluate_muse(
+                model,
+                tokenizer,
+                args.eval_dir or args.dataset_name,
+                auc_retrain=args.auc_retrain,
+                retrain_report=args.retrain_report,
+                batch_size=args.eval_batch_size,
+                max_length=training_args.max_length,
+                progress=False,
+            )
             report.save(os.path.join(config.output_dir, "muse_report.json"))
             report.print_table()
             results[trainer._name] = report.metrics

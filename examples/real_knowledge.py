@@ -37,61 +37,180 @@ from smollm2 import CACHE_ENV, DEFAULT_CACHE, ModelPackageMissing, find_gguf  # 
 # kind: (question template, answer template, [(subject, entity, *other accepted spellings)]). The entity ends the
 # answer sentence after a space, so its tokens follow the sentence prefix's tokens.
 KINDS = {
-    "capital": ("What is the capital of {s}?", "The capital of {s} is {a}.", [
-        ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo"),
-        ("Egypt", "Cairo"), ("Russia", "Moscow"), ("Canada", "Ottawa"), ("Greece", "Athens"), ("Poland", "Warsaw"),
-        ("Norway", "Oslo"), ("Peru", "Lima"), ("Portugal", "Lisbon"), ("Austria", "Vienna"), ("Ireland", "Dublin"),
-        ("Sweden", "Stockholm"), ("Kenya", "Nairobi"), ("Argentina", "Buenos Aires"), ("Thailand", "Bangkok"),
-        ("South Korea", "Seoul"), ("China", "Beijing"), ("Australia", "Canberra"), ("Turkey", "Ankara"),
-        ("Hungary", "Budapest"), ("Cuba", "Havana"), ("Finland", "Helsinki"), ("Denmark", "Copenhagen"),
-        ("Belgium", "Brussels"), ("Mongolia", "Ulaanbaatar"), ("Bhutan", "Thimphu"), ("Nigeria", "Abuja"),
-        ("Brazil", "Brasília", "Brasilia"), ("Vietnam", "Hanoi"), ("Chile", "Santiago"), ("Iran", "Tehran"),
-        ("Switzerland", "Bern", "Berne"),
-    ]),
-    "author": ("Who wrote {s}?", "{s} was written by {a}.", [
-        ("Pride and Prejudice", "Jane Austen", "Austen"), ("Hamlet", "William Shakespeare", "Shakespeare"),
-        ("Macbeth", "William Shakespeare", "Shakespeare"), ("Nineteen Eighty-Four", "George Orwell", "Orwell"),
-        ("Animal Farm", "George Orwell", "Orwell"), ("War and Peace", "Leo Tolstoy", "Tolstoy"),
-        ("Crime and Punishment", "Fyodor Dostoevsky", "Dostoevsky", "Dostoyevsky"),
-        ("The Great Gatsby", "F. Scott Fitzgerald", "Fitzgerald"), ("Moby-Dick", "Herman Melville", "Melville"),
-        ("Don Quixote", "Miguel de Cervantes", "Cervantes"), ("The Odyssey", "Homer"),
-        ("Frankenstein", "Mary Shelley", "Shelley"), ("Dracula", "Bram Stoker", "Stoker"),
-        ("Oliver Twist", "Charles Dickens", "Dickens"), ("A Tale of Two Cities", "Charles Dickens", "Dickens"),
-        ("The Hobbit", "J.R.R. Tolkien", "Tolkien"), ("The Lord of the Rings", "J.R.R. Tolkien", "Tolkien"),
-        ("To Kill a Mockingbird", "Harper Lee"), ("The Catcher in the Rye", "J.D. Salinger", "Salinger"),
-        ("Les Misérables", "Victor Hugo", "Hugo"), ("The Old Man and the Sea", "Ernest Hemingway", "Hemingway"),
-        ("Jane Eyre", "Charlotte Brontë", "Charlotte Bronte"), ("Wuthering Heights", "Emily Brontë", "Emily Bronte"),
-        ("Middlemarch", "George Eliot"), ("Brave New World", "Aldous Huxley", "Huxley"),
-        ("The Adventures of Tom Sawyer", "Mark Twain", "Twain"), ("Ulysses", "James Joyce", "Joyce"),
-        ("One Hundred Years of Solitude", "Gabriel García Márquez", "Márquez", "Marquez"),
-        ("The Divine Comedy", "Dante Alighieri", "Dante"), ("Harry Potter", "J.K. Rowling", "Rowling"),
-    ]),
-    "symbol": ("What is the chemical symbol for {s}?", "The chemical symbol for {s} is {a}.", [
-        ("gold", "Au"), ("silver", "Ag"), ("iron", "Fe"), ("oxygen", "O"), ("hydrogen", "H"), ("carbon", "C"),
-        ("sodium", "Na"), ("potassium", "K"), ("copper", "Cu"), ("lead", "Pb"), ("helium", "He"),
-        ("nitrogen", "N"), ("calcium", "Ca"), ("mercury", "Hg"), ("tin", "Sn"), ("zinc", "Zn"),
-        ("chlorine", "Cl"), ("neon", "Ne"), ("uranium", "U"), ("tungsten", "W"), ("magnesium", "Mg"),
-        ("sulfur", "S"), ("silicon", "Si"), ("aluminium", "Al"), ("phosphorus", "P"), ("lithium", "Li"),
-        ("platinum", "Pt"), ("nickel", "Ni"), ("antimony", "Sb"), ("fluorine", "F"),
-    ]),
-    "currency": ("What is the currency of {s}?", "The currency of {s} is the {a}.", [
-        ("Japan", "yen"), ("the United Kingdom", "pound", "pound sterling"), ("India", "rupee"),
-        ("Russia", "ruble", "rouble"), ("Mexico", "peso"), ("China", "yuan", "renminbi"),
-        ("the United States", "dollar"), ("Switzerland", "franc"), ("South Korea", "won"), ("Thailand", "baht"),
-        ("Turkey", "lira"), ("South Africa", "rand"), ("Poland", "złoty", "zloty"), ("Brazil", "real"),
-    ]),
-    "language": ("What is the official language of {s}?", "The official language of {s} is {a}.", [
-        ("Brazil", "Portuguese"), ("Mexico", "Spanish"), ("Egypt", "Arabic"), ("Germany", "German"),
-        ("Japan", "Japanese"), ("Argentina", "Spanish"), ("Iran", "Persian", "Farsi"), ("the Netherlands", "Dutch"),
-        ("Greece", "Greek"), ("Israel", "Hebrew"), ("Vietnam", "Vietnamese"), ("France", "French"),
-        ("Italy", "Italian"), ("Russia", "Russian"),
-    ]),
-    "continent": ("On which continent is {s}?", "{s} is in {a}.", [
-        ("Kenya", "Africa"), ("Brazil", "South America"), ("France", "Europe"), ("Japan", "Asia"),
-        ("Canada", "North America"), ("Argentina", "South America"), ("India", "Asia"), ("Germany", "Europe"),
-        ("Nigeria", "Africa"), ("Peru", "South America"), ("Mexico", "North America"), ("China", "Asia"),
-        ("Egypt", "Africa"), ("Italy", "Europe"),
-    ]),
+    "capital": (
+        "What is the capital of {s}?",
+        "The capital of {s} is {a}.",
+        [
+            ("France", "Paris"),
+            ("Germany", "Berlin"),
+            ("Italy", "Rome"),
+            ("Spain", "Madrid"),
+            ("Japan", "Tokyo"),
+            ("Egypt", "Cairo"),
+            ("Russia", "Moscow"),
+            ("Canada", "Ottawa"),
+            ("Greece", "Athens"),
+            ("Poland", "Warsaw"),
+            ("Norway", "Oslo"),
+            ("Peru", "Lima"),
+            ("Portugal", "Lisbon"),
+            ("Austria", "Vienna"),
+            ("Ireland", "Dublin"),
+            ("Sweden", "Stockholm"),
+            ("Kenya", "Nairobi"),
+            ("Argentina", "Buenos Aires"),
+            ("Thailand", "Bangkok"),
+            ("South Korea", "Seoul"),
+            ("China", "Beijing"),
+            ("Australia", "Canberra"),
+            ("Turkey", "Ankara"),
+            ("Hungary", "Budapest"),
+            ("Cuba", "Havana"),
+            ("Finland", "Helsinki"),
+            ("Denmark", "Copenhagen"),
+            ("Belgium", "Brussels"),
+            ("Mongolia", "Ulaanbaatar"),
+            ("Bhutan", "Thimphu"),
+            ("Nigeria", "Abuja"),
+            ("Brazil", "Brasília", "Brasilia"),
+            ("Vietnam", "Hanoi"),
+            ("Chile", "Santiago"),
+            ("Iran", "Tehran"),
+            ("Switzerland", "Bern", "Berne"),
+        ],
+    ),
+    "author": (
+        "Who wrote {s}?",
+        "{s} was written by {a}.",
+        [
+            ("Pride and Prejudice", "Jane Austen", "Austen"),
+            ("Hamlet", "William Shakespeare", "Shakespeare"),
+            ("Macbeth", "William Shakespeare", "Shakespeare"),
+            ("Nineteen Eighty-Four", "George Orwell", "Orwell"),
+            ("Animal Farm", "George Orwell", "Orwell"),
+            ("War and Peace", "Leo Tolstoy", "Tolstoy"),
+            ("Crime and Punishment", "Fyodor Dostoevsky", "Dostoevsky", "Dostoyevsky"),
+            ("The Great Gatsby", "F. Scott Fitzgerald", "Fitzgerald"),
+            ("Moby-Dick", "Herman Melville", "Melville"),
+            ("Don Quixote", "Miguel de Cervantes", "Cervantes"),
+            ("The Odyssey", "Homer"),
+            ("Frankenstein", "Mary Shelley", "Shelley"),
+            ("Dracula", "Bram Stoker", "Stoker"),
+            ("Oliver Twist", "Charles Dickens", "Dickens"),
+            ("A Tale of Two Cities", "Charles Dickens", "Dickens"),
+            ("The Hobbit", "J.R.R. Tolkien", "Tolkien"),
+            ("The Lord of the Rings", "J.R.R. Tolkien", "Tolkien"),
+            ("To Kill a Mockingbird", "Harper Lee"),
+            ("The Catcher in the Rye", "J.D. Salinger", "Salinger"),
+            ("Les Misérables", "Victor Hugo", "Hugo"),
+            ("The Old Man and the Sea", "Ernest Hemingway", "Hemingway"),
+            ("Jane Eyre", "Charlotte Brontë", "Charlotte Bronte"),
+            ("Wuthering Heights", "Emily Brontë", "Emily Bronte"),
+            ("Middlemarch", "George Eliot"),
+            ("Brave New World", "Aldous Huxley", "Huxley"),
+            ("The Adventures of Tom Sawyer", "Mark Twain", "Twain"),
+            ("Ulysses", "James Joyce", "Joyce"),
+            ("One Hundred Years of Solitude", "Gabriel García Márquez", "Márquez", "Marquez"),
+            ("The Divine Comedy", "Dante Alighieri", "Dante"),
+            ("Harry Potter", "J.K. Rowling", "Rowling"),
+        ],
+    ),
+    "symbol": (
+        "What is the chemical symbol for {s}?",
+        "The chemical symbol for {s} is {a}.",
+        [
+            ("gold", "Au"),
+            ("silver", "Ag"),
+            ("iron", "Fe"),
+            ("oxygen", "O"),
+            ("hydrogen", "H"),
+            ("carbon", "C"),
+            ("sodium", "Na"),
+            ("potassium", "K"),
+            ("copper", "Cu"),
+            ("lead", "Pb"),
+            ("helium", "He"),
+            ("nitrogen", "N"),
+            ("calcium", "Ca"),
+            ("mercury", "Hg"),
+            ("tin", "Sn"),
+            ("zinc", "Zn"),
+            ("chlorine", "Cl"),
+            ("neon", "Ne"),
+            ("uranium", "U"),
+            ("tungsten", "W"),
+            ("magnesium", "Mg"),
+            ("sulfur", "S"),
+            ("silicon", "Si"),
+            ("aluminium", "Al"),
+            ("phosphorus", "P"),
+            ("lithium", "Li"),
+            ("platinum", "Pt"),
+            ("nickel", "Ni"),
+            ("antimony", "Sb"),
+            ("fluorine", "F"),
+        ],
+    ),
+    "currency": (
+        "What is the currency of {s}?",
+        "The currency of {s} is the {a}.",
+        [
+            ("Japan", "yen"),
+            ("the United Kingdom", "pound", "pound sterling"),
+            ("India", "rupee"),
+            ("Russia", "ruble", "rouble"),
+            ("Mexico", "peso"),
+            ("China", "yuan", "renminbi"),
+            ("the United States", "dollar"),
+            ("Switzerland", "franc"),
+            ("South Korea", "won"),
+            ("Thailand", "baht"),
+            ("Turkey", "lira"),
+            ("South Africa", "rand"),
+            ("Poland", "złoty", "zloty"),
+            ("Brazil", "real"),
+        ],
+    ),
+    "language": (
+        "What is the official language of {s}?",
+        "The official language of {s} is {a}.",
+        [
+            ("Brazil", "Portuguese"),
+            ("Mexico", "Spanish"),
+            ("Egypt", "Arabic"),
+            ("Germany", "German"),
+            ("Japan", "Japanese"),
+            ("Argentina", "Spanish"),
+            ("Iran", "Persian", "Farsi"),
+            ("the Netherlands", "Dutch"),
+            ("Greece", "Greek"),
+            ("Israel", "Hebrew"),
+            ("Vietnam", "Vietnamese"),
+            ("France", "French"),
+            ("Italy", "Italian"),
+            ("Russia", "Russian"),
+        ],
+    ),
+    "continent": (
+        "On which continent is {s}?",
+        "{s} is in {a}.",
+        [
+            ("Kenya", "Africa"),
+            ("Brazil", "South America"),
+            ("France", "Europe"),
+            ("Japan", "Asia"),
+            ("Canada", "North America"),
+            ("Argentina", "South America"),
+            ("India", "Asia"),
+            ("Germany", "Europe"),
+            ("Nigeria", "Africa"),
+            ("Peru", "South America"),
+            ("Mexico", "North America"),
+            ("China", "Asia"),
+            ("Egypt", "Africa"),
+            ("Italy", "Europe"),
+        ],
+    ),
 }
 TARGET_KINDS = ("capital", "author", "symbol")  # forget / retain / neighbours / non-members come from these
 UTILITY_KINDS = ("currency", "language", "continent")
@@ -131,10 +250,12 @@ def to_rows(facts):
     """Conversational prompt-completion rows (TRL format): the model's chat template renders them."""
     from datasets import Dataset
 
-    return Dataset.from_dict({
-        "prompt": [[{"role": "user", "content": f.question}] for f in facts],
-        "completion": [[{"role": "assistant", "content": f.answer}] for f in facts],
-    })
+    return Dataset.from_dict(
+        {
+            "prompt": [[{"role": "user", "content": f.question}] for f in facts],
+            "completion": [[{"role": "assistant", "content": f.answer}] for f in facts],
+        }
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ evaluation
@@ -163,16 +284,33 @@ def score(model, tokenizer, facts, args, generate=True, probe=True) -> list[dict
 
     out = [{} for _ in facts]
     if generate and facts:
-        answers = generate_answers(model, tokenizer, [f.question for f in facts], max_new_tokens=args.max_new_tokens,
-                                   batch_size=args.eval_batch_size, prompt_format="chat", progress=False)
+        answers = generate_answers(
+            model,
+            tokenizer,
+            [f.question for f in facts],
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.eval_batch_size,
+            prompt_format="chat",
+            progress=False,
+        )
         for f, r, a in zip(facts, out, answers):
             r.update(greedy=a, correct=is_correct(f, a))
     if probe and facts:
-        res = score_answers(model, tokenizer, [f.question for f in facts], [f.answer for f in facts],
-                            prompt_format="chat", batch_size=args.eval_batch_size, vocab_stats=True, progress=False)
+        res = score_answers(
+            model,
+            tokenizer,
+            [f.question for f in facts],
+            [f.answer for f in facts],
+            prompt_format="chat",
+            batch_size=args.eval_batch_size,
+            vocab_stats=True,
+            progress=False,
+        )
         for i, (r, (a, b)) in enumerate(zip(out, entity_spans(tokenizer, facts))):
-            r.update(p_entity=float(np.exp(res.token_logps[i][a:b].astype(np.float64).sum())),
-                     mink_pp=min_k_plus_plus(res.token_logps[i], res.token_mu[i], res.token_sigma[i], k=0.4))
+            r.update(
+                p_entity=float(np.exp(res.token_logps[i][a:b].astype(np.float64).sum())),
+                mink_pp=min_k_plus_plus(res.token_logps[i], res.token_mu[i], res.token_sigma[i], k=0.4),
+            )
     return out
 
 
@@ -194,8 +332,9 @@ def set_metrics(sets: dict, recs: dict) -> dict:
         if name in PROBED and facts and name != "nonmember":
             m[f"{name}_p"] = float(np.mean([recs[f]["p_entity"] for f in facts]))
     if sets.get("forget") and sets.get("nonmember"):
-        m["mia_auc"] = membership_auc([recs[f]["mink_pp"] for f in sets["forget"]],
-                                      [recs[f]["mink_pp"] for f in sets["nonmember"]])
+        m["mia_auc"] = membership_auc(
+            [recs[f]["mink_pp"] for f in sets["forget"]], [recs[f]["mink_pp"] for f in sets["nonmember"]]
+        )
     return m
 
 
@@ -271,8 +410,16 @@ def mc_accuracy(model, tokenizer, task_dir: str, args) -> float:
     from trl_unlearn.evaluation.lm_eval import evaluate_harness
 
     with contextlib.redirect_stderr(io.StringIO()):  # lm-eval's two progress bars per call (they ignore TQDM_DISABLE)
-        report = evaluate_harness(model, tokenizer, [MC_TASK], include_path=task_dir, include_defaults=False,
-                                  batch_size=args.eval_batch_size, log_samples=False, model_name="real_knowledge")
+        report = evaluate_harness(
+            model,
+            tokenizer,
+            [MC_TASK],
+            include_path=task_dir,
+            include_defaults=False,
+            batch_size=args.eval_batch_size,
+            log_samples=False,
+            model_name="real_knowledge",
+        )
     return report.metrics[f"{MC_TASK}/acc"]
 
 
@@ -298,8 +445,10 @@ def split(known: list[Fact], unknown: list[Fact], seed: int, args) -> dict:
             while order and len(taken) < n:
                 taken += groups[order.pop()]
             if len(taken) < n:
-                raise ValueError(f"only {len(known)} known facts: not enough {kind} facts left for the {name} set "
-                                 f"({len(taken)} < {n}); lower --n_{name}")
+                raise ValueError(
+                    f"only {len(known)} known facts: not enough {kind} facts left for the {name} set "
+                    f"({len(taken)} < {n}); lower --n_{name}"
+                )
             sets[name] += taken
     by_kind = [[f for f in known if f.kind == k] for k in UTILITY_KINDS]  # taken in turn: every kind is present
     sets["utility"] = [f for row in itertools.zip_longest(*by_kind) for f in row if f is not None][: args.n_utility]
@@ -321,8 +470,12 @@ def lrs_of(args, method: str, mode: str) -> list[float]:
 
 def jobs(args) -> list[tuple[str, float, str]]:
     """(mode, lr, method) of one seed: mode by mode, the i-th lr of every method before the (i+1)-th."""
-    out = [(mode, i, lr, method) for mode in args.modes for method in args.methods
-           for i, lr in enumerate(lrs_of(args, method, mode))]
+    out = [
+        (mode, i, lr, method)
+        for mode in args.modes
+        for method in args.methods
+        for i, lr in enumerate(lrs_of(args, method, mode))
+    ]
     order = {m: k for k, m in enumerate(args.methods)}
     out.sort(key=lambda j: (args.modes.index(j[0]), j[1], order[j[3]]))
     return [(mode, lr, method) for mode, _, lr, method in out]
@@ -341,29 +494,60 @@ def unlearn(base, tokenizer, method: str, mode: str, lr: float, seed: int, sets:
     name = {"gradascent": "GradAscent", "graddiff": "GradDiff", "npo": "NPO", "simnpo": "SimNPO", "rmu": "RMU"}[method]
     trainer_cls, config_cls = getattr(trl_unlearn, f"{name}Trainer"), getattr(trl_unlearn, f"{name}Config")
     rmu_layers = list(range(max(0, args.rmu_layer - 2), args.rmu_layer + 1))  # RMU's default: layer_id-2 .. layer_id
-    extra = {"simnpo": {"beta": args.simnpo_beta, "gamma": 0.0}, "npo": {"beta": args.npo_beta},
-             "gradascent": {"retain_weight": 0.0},
-             # RMU keeps its own no-clipping default (the WMDP code); its MLPs of 3 layers train, in both modes
-             "rmu": {"layer_id": args.rmu_layer, "steering_coeff": args.rmu_coeff, "retain_weight": args.rmu_alpha,
-                     "update_layers": rmu_layers, "update_modules": ["mlp"]}}.get(method, {})
+    extra = {
+        "simnpo": {"beta": args.simnpo_beta, "gamma": 0.0},
+        "npo": {"beta": args.npo_beta},
+        "gradascent": {"retain_weight": 0.0},
+        # RMU keeps its own no-clipping default (the WMDP code); its MLPs of 3 layers train, in both modes
+        "rmu": {
+            "layer_id": args.rmu_layer,
+            "steering_coeff": args.rmu_coeff,
+            "retain_weight": args.rmu_alpha,
+            "update_layers": rmu_layers,
+            "update_modules": ["mlp"],
+        },
+    }.get(method, {})
     config = config_cls(
-        output_dir=out_dir, max_steps=args.steps, per_device_train_batch_size=args.batch_size, learning_rate=lr,
-        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, forget_weight=1.0, seed=seed,
-        use_cpu=not torch.cuda.is_available(), bf16=False, gradient_checkpointing=False, report_to=[],
-        save_strategy="no", logging_steps=1, disable_tqdm=True, dataloader_num_workers=0, **extra,
+        output_dir=out_dir,
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        forget_weight=1.0,
+        seed=seed,
+        use_cpu=not torch.cuda.is_available(),
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        **extra,
     )
     peft_config = None
     if mode == "lora":
         from peft import LoraConfig
 
         # RMU trains the MLPs of its layers only: its adapters sit there (elsewhere they would be frozen anyway)
-        where = (dict(target_modules=["gate_proj", "up_proj", "down_proj"], layers_to_transform=rmu_layers)
-                 if method == "rmu" else dict(target_modules="all-linear"))
-        peft_config = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, task_type="CAUSAL_LM",
-                                 **where)
-    trainer = trainer_cls(model=copy.deepcopy(base), args=config, forget_dataset=to_rows(sets["forget"]),
-                          retain_dataset=None if method == "gradascent" else to_rows(sets["retain"]),
-                          processing_class=tokenizer, peft_config=peft_config)
+        where = (
+            dict(target_modules=["gate_proj", "up_proj", "down_proj"], layers_to_transform=rmu_layers)
+            if method == "rmu"
+            else dict(target_modules="all-linear")
+        )
+        peft_config = LoraConfig(
+            r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0, task_type="CAUSAL_LM", **where
+        )
+    trainer = trainer_cls(
+        model=copy.deepcopy(base),
+        args=config,
+        forget_dataset=to_rows(sets["forget"]),
+        retain_dataset=None if method == "gradascent" else to_rows(sets["retain"]),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
     trainer.remove_callback(PrinterCallback)  # no per-step log dicts on stdout; they stay in log_history
     trainer.train()
     return trainer.accelerator.unwrap_model(trainer.model).eval(), trainer.state.log_history
@@ -385,36 +569,72 @@ def relearn(model, tokenizer, sets: dict, seed: int, args, step0: dict) -> dict:
     def forget_metrics(m):
         recs = [step0[f] for f in forget] if not calls else score(m, tokenizer, forget, args)
         calls.append(1)
-        return {"forget_acc": float(np.mean([r["correct"] for r in recs])),
-                "forget_p": float(np.mean([r["p_entity"] for r in recs])),
-                "forget_acc_unseen": float(np.mean([recs[i]["correct"] for i in unseen])) if unseen else None,
-                "forget_p_unseen": float(np.mean([recs[i]["p_entity"] for i in unseen])) if unseen else None}
+        return {
+            "forget_acc": float(np.mean([r["correct"] for r in recs])),
+            "forget_p": float(np.mean([r["p_entity"] for r in recs])),
+            "forget_acc_unseen": float(np.mean([recs[i]["correct"] for i in unseen])) if unseen else None,
+            "forget_p_unseen": float(np.mean([recs[i]["p_entity"] for i in unseen])) if unseen else None,
+        }
 
-    curve = relearning_attack(model, tokenizer, [(f.question, f.answer) for f in forget], indices=idx,
-                              steps=args.relearn_steps, eval_every=args.relearn_eval_every,
-                              learning_rate=args.relearn_lr, batch_size=args.batch_size, seed=seed,
-                              evaluate=forget_metrics, prompt_format="chat", progress=False)
+    curve = relearning_attack(
+        model,
+        tokenizer,
+        [(f.question, f.answer) for f in forget],
+        indices=idx,
+        steps=args.relearn_steps,
+        eval_every=args.relearn_eval_every,
+        learning_rate=args.relearn_lr,
+        batch_size=args.batch_size,
+        seed=seed,
+        evaluate=forget_metrics,
+        prompt_format="chat",
+        progress=False,
+    )
     return {"steps": curve.steps, "metrics": curve.metrics, "relearned": [forget[i].question for i in idx]}
 
 
 # --------------------------------------------------------------------------------------------------------- report
 COLUMNS = [  # (metric, header, what it is, what is good)
     ("forget_acc", "forget acc", "share of forget facts whose greedy answer still names the entity", "low (base: 1)"),
-    ("forget_p", "forget p", "mean P(entity | question, answer sentence up to the entity) on forget facts",
-     "low"),
-    ("retain_acc", "retain acc", "greedy accuracy on retain facts (same kinds; the retain term trains on them)",
-     "high (base: 1)"),
+    ("forget_p", "forget p", "mean P(entity | question, answer sentence up to the entity) on forget facts", "low"),
+    (
+        "retain_acc",
+        "retain acc",
+        "greedy accuracy on retain facts (same kinds; the retain term trains on them)",
+        "high (base: 1)",
+    ),
     ("retain_p", "retain p", "mean entity probability on retain facts", "near the base value"),
-    ("neighbour_acc", "neighbour acc", "greedy accuracy on held-out facts of the same kinds, never trained on",
-     "high (base: 1)"),
-    ("utility_acc", "utility acc", "greedy accuracy on facts of OTHER kinds (currencies, languages, continents)",
-     "high (base: 1)"),
-    ("mc_acc", "utility MC acc", f"lm-eval accuracy on {MC_CHOICES}-choice questions about every fact of the other "
-     "kinds, known or not (the choices: entities of the same kind)", f"high (chance {1 / MC_CHOICES:.2f})"),
-    ("mia_auc", "MIA AUC", "Min-K%++ AUC, forget facts (members) vs facts of the same kinds the model gets wrong",
-     "0.5 = forget facts look like facts it never knew; base > 0.5; < 0.5 = they stand out as erased"),
-    ("relearn_p", "forget p relearned", "forget p after the relearning attack fine-tuned on half of the forget "
-     "facts (first seed only)", "low: compare with forget p before it and with the base"),
+    (
+        "neighbour_acc",
+        "neighbour acc",
+        "greedy accuracy on held-out facts of the same kinds, never trained on",
+        "high (base: 1)",
+    ),
+    (
+        "utility_acc",
+        "utility acc",
+        "greedy accuracy on facts of OTHER kinds (currencies, languages, continents)",
+        "high (base: 1)",
+    ),
+    (
+        "mc_acc",
+        "utility MC acc",
+        f"lm-eval accuracy on {MC_CHOICES}-choice questions about every fact of the other "
+        "kinds, known or not (the choices: entities of the same kind)",
+        f"high (chance {1 / MC_CHOICES:.2f})",
+    ),
+    (
+        "mia_auc",
+        "MIA AUC",
+        "Min-K%++ AUC, forget facts (members) vs facts of the same kinds the model gets wrong",
+        "0.5 = forget facts look like facts it never knew; base > 0.5; < 0.5 = they stand out as erased",
+    ),
+    (
+        "relearn_p",
+        "forget p relearned",
+        "forget p after the relearning attack fine-tuned on half of the forget facts (first seed only)",
+        "low: compare with forget p before it and with the base",
+    ),
 ]
 
 
@@ -434,8 +654,13 @@ def table(results: dict) -> str:
     header = ["model", "mode", "lr", "seeds"] + [h for _, h, _, _ in COLUMNS]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 4 + "---:|" * len(COLUMNS)]
     base = list(results["base"].values())
-    lines.append("| base | | | " + str(len(base)) + " | "
-                 + " | ".join(_cell([b.get(k) for b in base]) for k, _, _, _ in COLUMNS) + " |")
+    lines.append(
+        "| base | | | "
+        + str(len(base))
+        + " | "
+        + " | ".join(_cell([b.get(k) for b in base]) for k, _, _, _ in COLUMNS)
+        + " |"
+    )
     groups = {}
     for r in results["runs"]:
         groups.setdefault((r["method"], r["mode"], r["lr"]), []).append(r)
@@ -450,11 +675,15 @@ def relearn_table(results: dict) -> str:
     if not runs:
         return ""
     steps = runs[0]["relearn"]["steps"]
-    lines = ["| model | mode | lr | " + " | ".join(f"step {s}" for s in steps) + " |",
-             "|---|---|---|" + "---:|" * len(steps)]
+    lines = [
+        "| model | mode | lr | " + " | ".join(f"step {s}" for s in steps) + " |",
+        "|---|---|---|" + "---:|" * len(steps),
+    ]
     for r in runs:
-        cells = [f"{m['forget_p']:.2f} / {m['forget_p_unseen']:.2f} / {m['forget_acc_unseen']:.2f}"
-                 for m in r["relearn"]["metrics"]]
+        cells = [
+            f"{m['forget_p']:.2f} / {m['forget_p_unseen']:.2f} / {m['forget_acc_unseen']:.2f}"
+            for m in r["relearn"]["metrics"]
+        ]
         lines.append(f"| {METHOD_NAMES[r['method']]} | {r['mode']} | {r['lr']:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -462,8 +691,10 @@ def relearn_table(results: dict) -> str:
 def legend() -> str:
     lines = ["What the columns mean (mean ± sd over seeds; 'base' is the untouched model on the same facts):"]
     lines += [f"  {h:>18}: {what}. Good: {good}." for _, h, what, good in COLUMNS]
-    lines.append("  Relearning table, after k steps of fine-tuning on half of the forget facts (step 0: the unlearned "
-                 "model): forget p of all forget facts / forget p and accuracy of the half NOT relearned. Good: low.")
+    lines.append(
+        "  Relearning table, after k steps of fine-tuning on half of the forget facts (step 0: the unlearned "
+        "model): forget p of all forget facts / forget p and accuracy of the half NOT relearned. Good: low."
+    )
     lines.append("  Only facts the base model answers right are forgotten / retained, so every accuracy starts at 1.")
     return "\n".join(lines)
 
@@ -477,23 +708,41 @@ def plot(results: dict, path: str, relearn_path: str):
     import matplotlib.pyplot as plt
     import numpy as np
 
-    colours = {"gradascent": "tab:red", "graddiff": "tab:orange", "npo": "tab:blue", "simnpo": "tab:green",
-               "rmu": "tab:purple"}
+    colours = {
+        "gradascent": "tab:red",
+        "graddiff": "tab:orange",
+        "npo": "tab:blue",
+        "simnpo": "tab:green",
+        "rmu": "tab:purple",
+    }
     groups = {}
     for r in results["runs"]:
         groups.setdefault((r["method"], r["mode"], r["lr"]), []).append(r["metrics"])
-    panels = ["retain_acc", "utility_acc"] + (["mc_acc"] if all("mc_acc" in r["metrics"] for r in results["runs"])
-                                                else [])
-    labels = {"retain_acc": "retain accuracy", "utility_acc": "utility accuracy (greedy)",
-              "mc_acc": "utility MC accuracy (lm-eval)"}
+    panels = ["retain_acc", "utility_acc"] + (
+        ["mc_acc"] if all("mc_acc" in r["metrics"] for r in results["runs"]) else []
+    )
+    labels = {
+        "retain_acc": "retain accuracy",
+        "utility_acc": "utility accuracy (greedy)",
+        "mc_acc": "utility MC accuracy (lm-eval)",
+    }
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), sharex=True)
     for ax, y in zip(axes, panels):
         for (method, mode, lr), ms in groups.items():
             xs, ys = [m["forget_acc"] for m in ms], [m[y] for m in ms]
             sd = (lambda v: np.std(v, ddof=1)) if len(ms) > 1 else (lambda v: 0.0)  # as in the table
-            ax.errorbar(np.mean(xs), np.mean(ys), xerr=sd(xs), yerr=sd(ys), color=colours[method],
-                        marker="o" if mode == "full" else "s", mfc=colours[method] if mode == "full" else "white",
-                        ms=7, capsize=2, linestyle="none")
+            ax.errorbar(
+                np.mean(xs),
+                np.mean(ys),
+                xerr=sd(xs),
+                yerr=sd(ys),
+                color=colours[method],
+                marker="o" if mode == "full" else "s",
+                mfc=colours[method] if mode == "full" else "white",
+                ms=7,
+                capsize=2,
+                linestyle="none",
+            )
             ax.annotate(f"{lr:g}", (np.mean(xs), np.mean(ys)), textcoords="offset points", xytext=(4, 4), fontsize=7)
         base = np.mean([b[y] for b in results["base"].values()])
         ax.plot([1], [base], marker="*", color="black", ms=12, linestyle="none")
@@ -504,11 +753,16 @@ def plot(results: dict, path: str, relearn_path: str):
         ax.set_xlim(-0.05, 1.05)
         ax.set_ylim(-0.05, 1.05)
         ax.grid(alpha=0.3)
-    handles = [plt.Line2D([], [], color=c, marker="o", linestyle="none", label=METHOD_NAMES[m])
-               for m, c in colours.items() if any(k[0] == m for k in groups)]
-    handles += [plt.Line2D([], [], color="gray", marker="o", linestyle="none", label="full fine-tuning"),
-                plt.Line2D([], [], color="gray", marker="s", mfc="white", linestyle="none", label="LoRA"),
-                plt.Line2D([], [], color="black", marker="*", ms=10, linestyle="none", label="base model")]
+    handles = [
+        plt.Line2D([], [], color=c, marker="o", linestyle="none", label=METHOD_NAMES[m])
+        for m, c in colours.items()
+        if any(k[0] == m for k in groups)
+    ]
+    handles += [
+        plt.Line2D([], [], color="gray", marker="o", linestyle="none", label="full fine-tuning"),
+        plt.Line2D([], [], color="gray", marker="s", mfc="white", linestyle="none", label="LoRA"),
+        plt.Line2D([], [], color="black", marker="*", ms=10, linestyle="none", label="base model"),
+    ]
     if "mc_acc" in panels:
         handles.append(plt.Line2D([], [], color="gray", linestyle=":", label=f"chance ({MC_CHOICES} choices)"))
     axes[-1].legend(handles=handles, fontsize=8, loc="lower right")
@@ -519,20 +773,32 @@ def plot(results: dict, path: str, relearn_path: str):
 
     runs = [r for r in results["runs"] if r.get("relearn")]
     if runs:
-        fig, ax = plt.subplots(figsize=(5.5, 4))
-        for r in runs:
-            c = r["relearn"]
-            ax.plot(c["steps"], [m["forget_p"] for m in c["metrics"]], color=colours[r["method"]],
-                    marker="o" if r["mode"] == "full" else "s", mfc="white" if r["mode"] == "lora" else None,
-                    linestyle="-" if r["mode"] == "full" else "--",
-                    label=f"{METHOD_NAMES[r['method']]} {r['mode']} lr {r['lr']:g}")
+        # Left: all forget facts; right: the half NOT relearned, the one that says whether forgetting held
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
         base = results["base"].get(runs[0]["seed"], results["base"].get(str(runs[0]["seed"])))
-        ax.axhline(base["forget_p"], color="black", linestyle=":", label="base model")
-        ax.set_xlabel("relearning steps (on half of the forget facts)")
-        ax.set_ylabel("forget p, all forget facts")
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        for ax, key, what in (
+            (axes[0], "forget_p", "all forget facts"),
+            (axes[1], "forget_p_unseen", "the held-out half (not relearned)"),
+        ):
+            for r in runs:
+                c = r["relearn"]
+                ax.plot(
+                    c["steps"],
+                    [m[key] for m in c["metrics"]],
+                    color=colours[r["method"]],
+                    marker="o" if r["mode"] == "full" else "s",
+                    mfc="white" if r["mode"] == "lora" else None,
+                    linestyle="-" if r["mode"] == "full" else "--",
+                    label=f"{METHOD_NAMES[r['method']]} {r['mode']} lr {r['lr']:g}",
+                )
+            if base.get(key) is not None:
+                ax.axhline(base[key], color="black", linestyle=":", label="base model")
+            ax.set_xlabel("relearning steps (on half of the forget facts)")
+            ax.set_title(f"forget p, {what}", fontsize=9)
+            ax.set_ylim(-0.02, 1.02)
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel("forget p")
+        axes[1].legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(relearn_path, dpi=120)
         plt.close(fig)
@@ -541,20 +807,31 @@ def plot(results: dict, path: str, relearn_path: str):
 # ----------------------------------------------------------------------------------------------------------- main
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help="full fine-tuning only, the last lr of each method, one seed, 2 relearning steps")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="full fine-tuning only, the last lr of each method, one seed, 2 relearning steps",
+    )
     p.add_argument("--methods", default="gradascent,graddiff,npo,simnpo,rmu")
     p.add_argument("--modes", default="full,lora", help="full and/or lora")
     p.add_argument("--full_lrs", default="1e-5,3e-5", help="learning rates of full fine-tuning")
     p.add_argument("--lora_lrs", default="3e-4,1e-3", help="learning rates of LoRA")
     p.add_argument("--rmu_full_lrs", default=RMU_DEFAULTS["full_lrs"], help="RMU's learning rates, full fine-tuning")
     p.add_argument("--rmu_lora_lrs", default=RMU_DEFAULTS["lora_lrs"], help="RMU's learning rates, LoRA")
-    p.add_argument("--rmu_layer", type=int, default=RMU_DEFAULTS["layer"],
-                   help="RMU's layer_id (0-based, of 30); the MLPs of layers layer-2 .. layer train")
+    p.add_argument(
+        "--rmu_layer",
+        type=int,
+        default=RMU_DEFAULTS["layer"],
+        help="RMU's layer_id (0-based, of 30); the MLPs of layers layer-2 .. layer train",
+    )
     p.add_argument("--rmu_coeff", type=float, default=RMU_DEFAULTS["coeff"], help="RMU's steering_coeff c")
     p.add_argument("--rmu_alpha", type=float, default=RMU_DEFAULTS["alpha"], help="RMU's retain_weight alpha")
-    p.add_argument("--mc", default="on", choices=["on", "off"],
-                   help="the lm-eval multiple-choice utility task (needs lm-eval: pip install 'trl-unlearn[lm-eval]')")
+    p.add_argument(
+        "--mc",
+        default="on",
+        choices=["on", "off"],
+        help="the lm-eval multiple-choice utility task (needs lm-eval: pip install 'trl-unlearn[lm-eval]')",
+    )
     p.add_argument("--seeds", default="0,1,2", help="each seed draws its own split and training order")
     p.add_argument("--steps", type=int, default=4, help="unlearning optimizer steps")
     p.add_argument("--batch_size", type=int, default=3, help="forget rows (and as many retain rows) per step")
@@ -570,8 +847,12 @@ def parse(argv=None):
     p.add_argument("--relearn_eval_every", type=int, default=2)
     p.add_argument("--relearn_lr", type=float, default=2e-5)
     p.add_argument("--relearn_fraction", type=float, default=0.5, help="share of the forget facts relearned")
-    p.add_argument("--relearn_at", default="max", choices=["max", "min"],
-                   help="which lr of the sweep gets the relearning attack (first seed only)")
+    p.add_argument(
+        "--relearn_at",
+        default="max",
+        choices=["max", "min"],
+        help="which lr of the sweep gets the relearning attack (first seed only)",
+    )
     p.add_argument("--max_new_tokens", type=int, default=16, help="greedy answer length")
     p.add_argument("--eval_batch_size", type=int, default=32)
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0: the idle cores (at least 1)")
@@ -586,13 +867,19 @@ def parse(argv=None):
     floats = lambda s: [float(x) for x in s.split(",") if x.strip()]  # noqa: E731
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    args.lrs = {"full": floats(args.full_lrs), "lora": floats(args.lora_lrs),
-                "rmu-full": floats(args.rmu_full_lrs), "rmu-lora": floats(args.rmu_lora_lrs)}
+    args.lrs = {
+        "full": floats(args.full_lrs),
+        "lora": floats(args.lora_lrs),
+        "rmu-full": floats(args.rmu_full_lrs),
+        "rmu-lora": floats(args.rmu_lora_lrs),
+    }
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     bad = [m for m in args.methods if m not in METHOD_NAMES] + [m for m in args.modes if m not in ("full", "lora")]
     if bad or not args.methods or not args.modes or not args.seeds:
-        p.error(f"unknown or empty --methods / --modes / --seeds: {bad or 'empty'} (methods: "
-                f"{', '.join(METHOD_NAMES)}; modes: full, lora)")
+        p.error(
+            f"unknown or empty --methods / --modes / --seeds: {bad or 'empty'} (methods: "
+            f"{', '.join(METHOD_NAMES)}; modes: full, lora)"
+        )
     return args
 
 
@@ -621,12 +908,17 @@ def main(argv=None) -> int:
     figure_dir = args.figure_dir or args.output_dir
     os.makedirs(figure_dir, exist_ok=True)  # now, not after the study
     t0, c0, load0 = time.time(), time.process_time(), os.getloadavg()
-    print(f"torch threads {threads} of {cores} cores; load average {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}",
-          flush=True)
+    print(
+        f"torch threads {threads} of {cores} cores; load average {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}",
+        flush=True,
+    )
 
     model, tokenizer = load_gguf_model(gguf_path, args.cache_dir or os.environ.get(CACHE_ENV) or DEFAULT_CACHE)
-    print(f"SmolLM2-135M-Instruct loaded ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-          f"{time.time() - t0:.0f} s)", flush=True)
+    print(
+        f"SmolLM2-135M-Instruct loaded ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+        f"{time.time() - t0:.0f} s)",
+        flush=True,
+    )
     facts = make_facts()
     base_recs = dict(zip(facts, score(model, tokenizer, facts, args, probe=False)))
     targets = [f for f in facts if f.kind in TARGET_KINDS]  # only their probabilities are reported
@@ -634,9 +926,12 @@ def main(argv=None) -> int:
         base_recs[f].update(r)
     known = [f for f in facts if base_recs[f]["correct"]]
     unknown = [f for f in facts if not base_recs[f]["correct"]]
-    print("What the model knows (greedy answer names the entity):", ", ".join(
-        f"{k} {sum(f.kind == k for f in known)}/{sum(f.kind == k for f in facts)}" for k in KINDS),
-        f"({time.time() - t0:.0f} s)", flush=True)
+    print(
+        "What the model knows (greedy answer names the entity):",
+        ", ".join(f"{k} {sum(f.kind == k for f in known)}/{sum(f.kind == k for f in facts)}" for k in KINDS),
+        f"({time.time() - t0:.0f} s)",
+        flush=True,
+    )
 
     c = time.process_time()
     mc_dir = None
@@ -646,36 +941,66 @@ def main(argv=None) -> int:
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
         mc_dir = write_mc_task(os.path.join(args.output_dir, "mc_task"), facts)
         base_mc = mc_accuracy(model, tokenizer, mc_dir, args)
-        print(f"Multiple-choice utility (lm-eval, {len(mc_questions(facts))} questions, chance "
-              f"{1 / MC_CHOICES:.2f}): base accuracy {base_mc:.2f} ({time.process_time() - c:.0f} s cpu)", flush=True)
+        print(
+            f"Multiple-choice utility (lm-eval, {len(mc_questions(facts))} questions, chance "
+            f"{1 / MC_CHOICES:.2f}): base accuracy {base_mc:.2f} ({time.process_time() - c:.0f} s cpu)",
+            flush=True,
+        )
     cpu_base = time.process_time() - c0
 
-    results = {"settings": {k: v for k, v in vars(args).items()}, "threads": threads, "base": {}, "runs": [],
-               "candidates": [{"kind": f.kind, "question": f.question, "entity": f.entity, **base_recs[f]}
-                              for f in facts]}
-    relearn_lr = {(method, mode): (max if args.relearn_at == "max" else min)(lrs_of(args, method, mode))
-                  for method in args.methods for mode in args.modes}
+    results = {
+        "settings": {k: v for k, v in vars(args).items()},
+        "threads": threads,
+        "base": {},
+        "runs": [],
+        "candidates": [{"kind": f.kind, "question": f.question, "entity": f.entity, **base_recs[f]} for f in facts],
+    }
+    relearn_lr = {
+        (method, mode): (max if args.relearn_at == "max" else min)(lrs_of(args, method, mode))
+        for method in args.methods
+        for mode in args.modes
+    }
     for seed in args.seeds:
         sets = split(known, unknown, seed, args)
         results["base"][seed] = set_metrics(sets, base_recs)
         if mc_dir:
             results["base"][seed]["mc_acc"] = base_mc
-        print(f"seed {seed}: forget " + "; ".join(f.entity for f in sets["forget"]) + " | "
-              + ", ".join(f"{n} {len(v)}" for n, v in sets.items()), flush=True)
+        print(
+            f"seed {seed}: forget "
+            + "; ".join(f.entity for f in sets["forget"])
+            + " | "
+            + ", ".join(f"{n} {len(v)}" for n, v in sets.items()),
+            flush=True,
+        )
         for mode, lr, method in jobs(args):
             t, c = time.time(), time.process_time()
             set_seed(seed)
-            unlearned, logs = unlearn(model, tokenizer, method, mode, lr, seed, sets, args,
-                                      os.path.join(args.output_dir, "runs", f"{method}-{mode}-{lr:g}-{seed}"))
+            unlearned, logs = unlearn(
+                model,
+                tokenizer,
+                method,
+                mode,
+                lr,
+                seed,
+                sets,
+                args,
+                os.path.join(args.output_dir, "runs", f"{method}-{mode}-{lr:g}-{seed}"),
+            )
             cpu = {"train": time.process_time() - c}
             metrics, recs = evaluate(unlearned, tokenizer, sets, args)
             cpu["eval"] = time.process_time() - c - cpu["train"]
             if mc_dir:
                 metrics["mc_acc"] = mc_accuracy(unlearned, tokenizer, mc_dir, args)
                 cpu["mc"] = time.process_time() - c - cpu["train"] - cpu["eval"]
-            run = {"method": method, "mode": mode, "lr": lr, "seed": seed, "metrics": metrics,
-                   "forget": [{"question": f.question, **recs[f]} for f in sets["forget"]],
-                   "log_history": logs}
+            run = {
+                "method": method,
+                "mode": mode,
+                "lr": lr,
+                "seed": seed,
+                "metrics": metrics,
+                "forget": [{"question": f.question, **recs[f]} for f in sets["forget"]],
+                "log_history": logs,
+            }
             if args.relearn_steps and seed == args.seeds[0] and lr == relearn_lr[method, mode]:
                 c1 = time.process_time()
                 run["relearn"] = relearn(unlearned, tokenizer, sets, seed, args, recs)
@@ -684,10 +1009,14 @@ def main(argv=None) -> int:
             run.update(wall_s=time.time() - t, cpu_s=time.process_time() - c, cpu_parts_s=cpu)
             results["runs"].append(run)
             del unlearned
-            print(f"  {METHOD_NAMES[method]:>8} {mode:4} lr {lr:<6g} " + "  ".join(
-                f"{h} {metrics[k]:.2f}" for k, h, _, _ in COLUMNS if metrics.get(k) is not None)
-                + f"  ({run['wall_s']:.0f} s; cpu " + ", ".join(f"{k} {v:.0f}" for k, v in cpu.items())
-                + " s)", flush=True)
+            print(
+                f"  {METHOD_NAMES[method]:>8} {mode:4} lr {lr:<6g} "
+                + "  ".join(f"{h} {metrics[k]:.2f}" for k, h, _, _ in COLUMNS if metrics.get(k) is not None)
+                + f"  ({run['wall_s']:.0f} s; cpu "
+                + ", ".join(f"{k} {v:.0f}" for k, v in cpu.items())
+                + " s)",
+                flush=True,
+            )
 
     wall, cpu, load1 = time.time() - t0, time.process_time() - c0, os.getloadavg()
     parts = {"load, base scoring": cpu_base}
@@ -699,24 +1028,33 @@ def main(argv=None) -> int:
     rl = relearn_table(results)
     print("\n" + md + "\n")
     if rl:
-        print(f"Relearning attack ({args.relearn_steps} steps at lr {args.relearn_lr:g} on "
-              f"{args.relearn_fraction:g} of the forget facts; p all / p and acc of the others):\n{rl}\n")
+        print(
+            f"Relearning attack ({args.relearn_steps} steps at lr {args.relearn_lr:g} on "
+            f"{args.relearn_fraction:g} of the forget facts; p all / p and acc of the others):\n{rl}\n"
+        )
     print(legend())
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1, default=str)
     with open(os.path.join(args.output_dir, "results.md"), "w") as f:
         f.write(md + "\n\n" + rl + "\n")
     try:
-        plot(results, os.path.join(figure_dir, "real_knowledge.png"),
-             os.path.join(figure_dir, "real_knowledge_relearn.png"))
+        plot(
+            results,
+            os.path.join(figure_dir, "real_knowledge.png"),
+            os.path.join(figure_dir, "real_knowledge_relearn.png"),
+        )
         print(f"\nFigures: {figure_dir}/real_knowledge.png, real_knowledge_relearn.png")
     except ImportError:
         print("\nmatplotlib is not installed: no figures (pip install 'trl-unlearn[plot]').")
     print(f"Results: {args.output_dir}/results.json, results.md")
-    print(f"Wall time {wall / 60:.1f} min (CPU {cpu / 60:.1f} min, {threads} threads); load average "
-          f"{load0[0]:.2f} at the start, {load1[0]:.2f} at the end")
-    print(f"CPU time by part ({len(results['runs'])} runs): " + ", ".join(
-        f"{k} {v / 60:.1f} min" for k, v in parts.items()))
+    print(
+        f"Wall time {wall / 60:.1f} min (CPU {cpu / 60:.1f} min, {threads} threads); load average "
+        f"{load0[0]:.2f} at the start, {load1[0]:.2f} at the end"
+    )
+    print(
+        f"CPU time by part ({len(results['runs'])} runs): "
+        + ", ".join(f"{k} {v / 60:.1f} min" for k, v in parts.items())
+    )
     return 0
 
 

@@ -54,7 +54,7 @@ def test_imports_only_point_down():
 
     def visit(m):
         if m in stack:
-            cycle = stack[stack.index(m):] + [m]
+            cycle = stack[stack.index(m) :] + [m]
             pytest.fail("import cycle: " + " -> ".join(cycle))
         if m in seen:
             return
@@ -150,33 +150,48 @@ def test_nothing_below_the_cli_imports_it():
                 assert not module.startswith("trl_unlearn.cli"), (m, module)
 
 
-@pytest.mark.parametrize("needs_ref,kl,precompute,has_ref,peft,instance,expected", [
-    # reference-free methods
-    (False, False, None, False, False, True, ("none", False, False, False)),
-    (False, True, None, False, False, True, ("frozen_copy", False, True, True)),
-    (False, True, None, False, False, False, ("frozen_copy", False, True, False)),  # TRL loads it from the path
-    (False, True, None, False, True, True, ("adapters_off", False, True, False)),
-    # NPO
-    (True, False, None, False, False, True, ("precomputed", True, False, False)),
-    (True, False, None, True, False, True, ("explicit", False, True, False)),
-    (True, False, True, True, False, True, ("precomputed", True, False, False)),
-    (True, False, None, False, True, True, ("adapters_off", False, True, False)),
-    (True, False, True, False, True, True, ("precomputed", True, False, False)),
-    (True, False, False, False, False, True, ("frozen_copy", False, True, True)),
-    (True, True, None, False, False, True, ("frozen_copy", False, True, True)),
-    (True, True, True, True, False, True, ("explicit", True, True, False)),
-])
+@pytest.mark.parametrize(
+    "needs_ref,kl,precompute,has_ref,peft,instance,expected",
+    [
+        # reference-free methods
+        (False, False, None, False, False, True, ("none", False, False, False)),
+        (False, True, None, False, False, True, ("frozen_copy", False, True, True)),
+        (False, True, None, False, False, False, ("frozen_copy", False, True, False)),  # TRL loads it from the path
+        (False, True, None, False, True, True, ("adapters_off", False, True, False)),
+        # NPO
+        (True, False, None, False, False, True, ("precomputed", True, False, False)),
+        (True, False, None, True, False, True, ("explicit", False, True, False)),
+        (True, False, True, True, False, True, ("precomputed", True, False, False)),
+        (True, False, None, False, True, True, ("adapters_off", False, True, False)),
+        (True, False, True, False, True, True, ("precomputed", True, False, False)),
+        (True, False, False, False, False, True, ("frozen_copy", False, True, True)),
+        (True, True, None, False, False, True, ("frozen_copy", False, True, True)),
+        (True, True, True, True, False, True, ("explicit", True, True, False)),
+    ],
+)
 def test_plan_reference_table(needs_ref, kl, precompute, has_ref, peft, instance, expected):
-    plan = plan_reference(forget_needs_reference=needs_ref, retain_kl=kl, precompute=precompute,
-                          has_ref_model=has_ref, uses_peft=peft, model_is_instance=instance)
+    plan = plan_reference(
+        forget_needs_reference=needs_ref,
+        retain_kl=kl,
+        precompute=precompute,
+        has_ref_model=has_ref,
+        uses_peft=peft,
+        model_is_instance=instance,
+    )
     assert (plan.kind, plan.precompute_forget, plan.live, plan.copy_model) == expected
     assert plan.describe()
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(forget_needs_reference=False, retain_kl=False, precompute=None, has_ref_model=True), "reference-free"),
-    (dict(forget_needs_reference=True, retain_kl=True, precompute=True, has_ref_model=False), "needs a live reference"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(forget_needs_reference=False, retain_kl=False, precompute=None, has_ref_model=True), "reference-free"),
+        (
+            dict(forget_needs_reference=True, retain_kl=True, precompute=True, has_ref_model=False),
+            "needs a live reference",
+        ),
+    ],
+)
 def test_plan_reference_refuses_contradictions(kwargs, match):
     with pytest.raises(ValueError, match=match):
         plan_reference(uses_peft=False, model_is_instance=True, **kwargs)

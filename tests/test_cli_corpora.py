@@ -71,8 +71,9 @@ def test_windows_and_documents_row_counts_by_hand(words, tmp_path, caplog):
 
 def test_min_text_chars_drops_short_documents_with_a_count(words, tmp_path, caplog):
     folder = write_jsonl(tmp_path / "c", "train", DOCS)
-    args = UnlearnScriptArguments(dataset_name=folder, forget_split="train", retain_split="none",
-                                  text_rows="documents", min_text_chars=3)
+    args = UnlearnScriptArguments(
+        dataset_name=folder, forget_split="train", retain_split="none", text_rows="documents", min_text_chars=3
+    )
     with caplog.at_level(logging.WARNING):
         rows = load_split(args, "train", words, 8)
     assert rows["text"] == ["a b c", "d e f g h"]  # "i j" has 3 characters: at most 3, dropped
@@ -83,10 +84,31 @@ def test_two_local_datasets_of_different_kinds_through_the_cli(files, tmp_path, 
     """Forget text from a JSON-lines folder, retain text from a MUSE-layout folder; the card names both."""
     out = tmp_path / "out"
     with caplog.at_level(logging.WARNING):
-        code = main(["simnpo", "--model_name_or_path", files["model"], "--dataset_name", files["forget"],
-                     "--forget_split", "train", "--retain_dataset_name", files["retain"], "--retain_split", "test",
-                     "--text_rows", "documents", "--max_length", "64", "--output_dir", str(out), "--max_steps", "1",
-                     "--report_to", "none"])
+        code = main(
+            [
+                "simnpo",
+                "--model_name_or_path",
+                files["model"],
+                "--dataset_name",
+                files["forget"],
+                "--forget_split",
+                "train",
+                "--retain_dataset_name",
+                files["retain"],
+                "--retain_split",
+                "test",
+                "--text_rows",
+                "documents",
+                "--max_length",
+                "64",
+                "--output_dir",
+                str(out),
+                "--max_steps",
+                "1",
+                "--report_to",
+                "none",
+            ]
+        )
     assert code == 0
     assert "Dropped 2 of 8 documents of the forget" in caplog.text
     text = ModelCard.load(out / "README.md").text
@@ -100,8 +122,10 @@ def test_hub_datasets_card_lines_and_config_defaults(files, tmp_path, monkeypatc
     name both; the retain config defaults to the forget one only when the retain data come from the same dataset."""
     import datasets
 
-    corpora = {("cais/wmdp-corpora", "cyber-forget-corpus", "train"): [f"{q} {a}" for q, a in QA[:5]],
-               ("Salesforce/wikitext", "wikitext-2-raw-v1", "test"): ["", " = Heading = \n"] + [a for _, a in QA[5:9]]}
+    corpora = {
+        ("cais/wmdp-corpora", "cyber-forget-corpus", "train"): [f"{q} {a}" for q, a in QA[:5]],
+        ("Salesforce/wikitext", "wikitext-2-raw-v1", "test"): ["", " = Heading = \n"] + [a for _, a in QA[5:9]],
+    }
     calls = []
 
     def load_dataset(name, config=None, split=None, **kwargs):
@@ -110,22 +134,55 @@ def test_hub_datasets_card_lines_and_config_defaults(files, tmp_path, monkeypatc
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     out = tmp_path / "out"
-    assert main(["npo", "--model_name_or_path", files["model"],
-                 "--dataset_name", "cais/wmdp-corpora", "--dataset_config", "cyber-forget-corpus",
-                 "--forget_split", "train", "--retain_dataset_name", "Salesforce/wikitext",
-                 "--retain_dataset_config", "wikitext-2-raw-v1", "--retain_split", "test",
-                 "--text_rows", "documents", "--min_text_chars", "15", "--max_length", "32",
-                 "--output_dir", str(out), "--max_steps", "1", "--report_to", "none"]) == 0
-    assert calls == [("cais/wmdp-corpora", "cyber-forget-corpus", "train"),
-                     ("Salesforce/wikitext", "wikitext-2-raw-v1", "test")]
+    assert (
+        main(
+            [
+                "npo",
+                "--model_name_or_path",
+                files["model"],
+                "--dataset_name",
+                "cais/wmdp-corpora",
+                "--dataset_config",
+                "cyber-forget-corpus",
+                "--forget_split",
+                "train",
+                "--retain_dataset_name",
+                "Salesforce/wikitext",
+                "--retain_dataset_config",
+                "wikitext-2-raw-v1",
+                "--retain_split",
+                "test",
+                "--text_rows",
+                "documents",
+                "--min_text_chars",
+                "15",
+                "--max_length",
+                "32",
+                "--output_dir",
+                str(out),
+                "--max_steps",
+                "1",
+                "--report_to",
+                "none",
+            ]
+        )
+        == 0
+    )
+    assert calls == [
+        ("cais/wmdp-corpora", "cyber-forget-corpus", "train"),
+        ("Salesforce/wikitext", "wikitext-2-raw-v1", "test"),
+    ]
     card = ModelCard.load(out / "README.md")
     assert card.data.datasets == ["cais/wmdp-corpora", "Salesforce/wikitext"]
     assert "cais/wmdp-corpora (cyber-forget-corpus, train), 5 examples: documents truncated to 32 tokens" in card.text
     # "" and " = Heading = \n" (14 characters <= 15) dropped
     assert "Salesforce/wikitext (wikitext-2-raw-v1, test), 4 examples" in card.text
 
-    same = UnlearnScriptArguments(dataset_name="cais/wmdp-corpora", dataset_config="cyber-forget-corpus",
-                                  retain_dataset_config="cyber-retain-corpus")
+    same = UnlearnScriptArguments(
+        dataset_name="cais/wmdp-corpora",
+        dataset_config="cyber-forget-corpus",
+        retain_dataset_config="cyber-retain-corpus",
+    )
     assert same.source("retain") == ("cais/wmdp-corpora", "cyber-retain-corpus")
     assert UnlearnScriptArguments(dataset_name="m", dataset_config="raw").source("retain") == ("m", "raw")
     other = UnlearnScriptArguments(dataset_name="m", dataset_config="raw", retain_dataset_name="w")
@@ -142,8 +199,17 @@ def test_hub_corpus_without_the_text_column_names_the_fix(monkeypatch):
 
 
 def test_errors_name_the_fix(files, words, tmp_path, capsys, caplog):
-    base = ["simnpo", "--model_name_or_path", files["model"], "--output_dir", str(tmp_path / "o"), "--max_steps", "1",
-            "--overwrite_output_dir", "true"]  # one run below saves a model there; the later ones fail on their data
+    base = [
+        "simnpo",
+        "--model_name_or_path",
+        files["model"],
+        "--output_dir",
+        str(tmp_path / "o"),
+        "--max_steps",
+        "1",
+        "--overwrite_output_dir",
+        "true",
+    ]  # one run below saves a model there; the later ones fail on their data
     with pytest.raises(ValueError, match="use 'windows' \\(MUSE\\) or 'documents'"):
         UnlearnScriptArguments(text_rows="packed")
     with pytest.raises(ValueError, match="min_text_chars=-1"):
@@ -153,17 +219,54 @@ def test_errors_name_the_fix(files, words, tmp_path, capsys, caplog):
     assert main(base + ["--dataset_name", bad, "--forget_split", "train", "--retain_split", "none"]) == 2
     assert "expected a JSON object with a 'text' key" in capsys.readouterr().err
     with caplog.at_level(logging.WARNING):
-        assert main(base + ["--dataset_name", bad, "--forget_split", "train", "--retain_split", "none",
-                            "--retain_dataset_name", "unused", "--text_column", "content", "--retain_weight", "0"]) == 0
+        assert (
+            main(
+                base
+                + [
+                    "--dataset_name",
+                    bad,
+                    "--forget_split",
+                    "train",
+                    "--retain_split",
+                    "none",
+                    "--retain_dataset_name",
+                    "unused",
+                    "--text_column",
+                    "content",
+                    "--retain_weight",
+                    "0",
+                ]
+            )
+            == 0
+        )
     assert "`retain_dataset_name` / `retain_dataset_config` are not used" in caplog.text
     # a missing split file names both layouts
-    assert main(base + ["--dataset_name", files["forget"], "--forget_split", "train",
-                        "--retain_dataset_name", files["forget"], "--retain_split", "test"]) == 2
+    assert (
+        main(
+            base
+            + [
+                "--dataset_name",
+                files["forget"],
+                "--forget_split",
+                "train",
+                "--retain_dataset_name",
+                files["forget"],
+                "--retain_split",
+                "test",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "test.jsonl" in err and "raw/test.txt" in err
     # a file instead of a folder
-    assert main(base + ["--dataset_name", f"{files['forget']}/train.jsonl", "--forget_split", "train",
-                        "--retain_split", "none"]) == 2
+    assert (
+        main(
+            base
+            + ["--dataset_name", f"{files['forget']}/train.jsonl", "--forget_split", "train", "--retain_split", "none"]
+        )
+        == 2
+    )
     assert "is not a folder" in capsys.readouterr().err
     # nothing left after dropping empty documents
     empty = write_jsonl(tmp_path / "empty", "train", ["", "  "])
@@ -176,7 +279,23 @@ def test_errors_name_the_fix(files, words, tmp_path, capsys, caplog):
         load_text_corpus(str(tmp_path / "null"), "train")
     # raw-text forget data with question/answer retain data: the trainer's format check, before any model is loaded
     tofu = write_tofu_layout(tmp_path / "tofu", {"retain90": [{"question": "q?", "answer": "a."}] * 2})
-    assert main(base + ["--dataset_name", files["forget"], "--forget_split", "train",
-                        "--retain_dataset_name", str(tofu), "--retain_split", "retain90"]) == 2
-    assert "Forget data is standard language-modeling but retain data is standard prompt-completion" in \
-        capsys.readouterr().err
+    assert (
+        main(
+            base
+            + [
+                "--dataset_name",
+                files["forget"],
+                "--forget_split",
+                "train",
+                "--retain_dataset_name",
+                str(tofu),
+                "--retain_split",
+                "retain90",
+            ]
+        )
+        == 2
+    )
+    assert (
+        "Forget data is standard language-modeling but retain data is standard prompt-completion"
+        in capsys.readouterr().err
+    )

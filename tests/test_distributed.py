@@ -75,14 +75,29 @@ def test_sigterm_then_resume_matches_uninterrupted_run(traces, tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
 
     def cmd(run):
-        return [sys.executable, dt.SCRIPT, "--model_dir", model_dir, "--data", data_file, "--out", str(tmp_path),
-                "--runs", json.dumps([run])]
+        return [
+            sys.executable,
+            dt.SCRIPT,
+            "--model_dir",
+            model_dir,
+            "--data",
+            data_file,
+            "--out",
+            str(tmp_path),
+            "--runs",
+            json.dumps([run]),
+        ]
 
     base = {"method": "simnpo", "per_device_batch": 4, "max_steps": 8}
     subprocess.run(cmd(dict(base, name="full")), env=env, check=True, capture_output=True, timeout=300)
 
-    proc = subprocess.Popen(cmd(dict(base, name="cut", print_steps=True)), env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        cmd(dict(base, name="cut", print_steps=True)),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     for line in proc.stdout:
         if line.startswith("STEP 2"):
             proc.send_signal(signal.SIGTERM)
@@ -136,16 +151,38 @@ def test_command_line_under_zero3(tmp_path):
     data = write_tofu_layout(tmp_path / "tofu", {"forget": qa[:4], "retain": qa[4:]})
     out = tmp_path / "out"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    cmd = dt.LAUNCH["zero3"] + ["-m", "trl_unlearn.cli", "simnpo", "--model_name_or_path", model_dir,
-                                "--dataset_name", str(data), "--forget_split", "forget", "--retain_split", "retain",
-                                "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "2",
-                                "--learning_rate", "1e-2", "--report_to", "none", "--use_cpu", "true"]
+    cmd = dt.LAUNCH["zero3"] + [
+        "-m",
+        "trl_unlearn.cli",
+        "simnpo",
+        "--model_name_or_path",
+        model_dir,
+        "--dataset_name",
+        str(data),
+        "--forget_split",
+        "forget",
+        "--retain_split",
+        "retain",
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "2",
+        "--learning_rate",
+        "1e-2",
+        "--report_to",
+        "none",
+        "--use_cpu",
+        "true",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert json.load(open(out / "unlearning_prompt.json"))
     assert "SimNPO" in (out / "README.md").read_text()
     trained = AutoModelForCausalLM.from_pretrained(out)
     base = AutoModelForCausalLM.from_pretrained(model_dir)
-    changed = [n for (n, a), (_, b) in zip(trained.state_dict().items(), base.state_dict().items())
-               if not torch.equal(a, b)]
+    changed = [
+        n for (n, a), (_, b) in zip(trained.state_dict().items(), base.state_dict().items()) if not torch.equal(a, b)
+    ]
     assert changed, "the saved model equals the base model"

@@ -76,20 +76,40 @@ def test_train_and_forget_both_given(model, tokenizer, forget_ds, tmp_path):
 def test_all_rows_truncated_away(model, tokenizer, retain_ds, tmp_path):
     forget = Dataset.from_dict({"prompt": ["word " * 60], "completion": [" x"]})
     with pytest.raises(ValueError, match="zero scored tokens after truncation.*Increase `max_length`"):
-        make(model, tokenizer, tmp_path, args=cpu_args(SimNPOConfig, tmp_path, max_length=16),
-             forget_dataset=forget, retain_dataset=retain_ds)
+        make(
+            model,
+            tokenizer,
+            tmp_path,
+            args=cpu_args(SimNPOConfig, tmp_path, max_length=16),
+            forget_dataset=forget,
+            retain_dataset=retain_ds,
+        )
 
 
 def test_ref_model_given_to_simnpo(model, tokenizer, forget_ds, retain_ds, tmp_path):
     with pytest.raises(ValueError, match="reference-free: remove `ref_model`"):
-        make(model, tokenizer, tmp_path, ref_model=copy.deepcopy(model), forget_dataset=forget_ds,
-             retain_dataset=retain_ds)
+        make(
+            model,
+            tokenizer,
+            tmp_path,
+            ref_model=copy.deepcopy(model),
+            forget_dataset=forget_ds,
+            retain_dataset=retain_ds,
+        )
 
 
 def test_ref_model_is_model(model, tokenizer, forget_ds, retain_ds, tmp_path):
     with pytest.raises(ValueError, match="cannot be the same object"):
-        make(model, tokenizer, tmp_path, cls=NPOTrainer, cfg=NPOConfig, ref_model=model, forget_dataset=forget_ds,
-             retain_dataset=retain_ds)
+        make(
+            model,
+            tokenizer,
+            tmp_path,
+            cls=NPOTrainer,
+            cfg=NPOConfig,
+            ref_model=model,
+            forget_dataset=forget_ds,
+            retain_dataset=retain_ds,
+        )
 
 
 def test_kl_without_live_reference(model, tokenizer, forget_ds, retain_ds, tmp_path):
@@ -109,8 +129,14 @@ def test_quantized_model_without_peft(model, tokenizer, forget_ds, retain_ds, tm
 
     model.save_pretrained(tmp_path / "m")
     with pytest.raises(ValueError, match="quantized.*pass a `peft_config`"):
-        make(str(tmp_path / "m"), tokenizer, tmp_path, forget_dataset=forget_ds, retain_dataset=retain_ds,
-             quantization_config=BitsAndBytesConfig(load_in_4bit=True))
+        make(
+            str(tmp_path / "m"),
+            tokenizer,
+            tmp_path,
+            forget_dataset=forget_ds,
+            retain_dataset=retain_ds,
+            quantization_config=BitsAndBytesConfig(load_in_4bit=True),
+        )
 
 
 def test_more_ranks_than_forget_rows_is_checked(model, tokenizer, retain_ds, tmp_path, monkeypatch):

@@ -14,7 +14,6 @@ FORGET = [{"question": q, "answer": a, "paraphrased_answer": "ignored"} for q, a
 RETAIN = [(q, a) for q, a in QA[8:12]]  # plain pairs
 
 
-
 def probability(model, tokenizer, pairs):
     res = score_answers(model, tokenizer, [q for q, _ in pairs], [a for _, a in pairs], prompt_format="plain")
     return float(np.exp(-res.avg_nll).mean())
@@ -31,8 +30,13 @@ class ModeSpy(TrainerCallback):
 
 
 def make_trainer(model, tokenizer, forget_ds, retain_ds, tmp_path, cls=SimNPOTrainer, cfg=SimNPOConfig, **kw):
-    return cls(model=model, args=cpu_args(cfg, tmp_path, **kw), forget_dataset=forget_ds,
-               retain_dataset=retain_ds if cls is not GradAscentTrainer else None, processing_class=tokenizer)
+    return cls(
+        model=model,
+        args=cpu_args(cfg, tmp_path, **kw),
+        forget_dataset=forget_ds,
+        retain_dataset=retain_ds if cls is not GradAscentTrainer else None,
+        processing_class=tokenizer,
+    )
 
 
 def probe_logs(trainer, key="probe/forget_probability"):
@@ -73,11 +77,19 @@ def test_logs_at_the_right_steps_and_match_direct_scoring(model, tokenizer, forg
 
 
 def test_absolute_threshold_stops_training(model, tokenizer, forget_ds, retain_ds, tmp_path):
-    trainer = make_trainer(model, tokenizer, forget_ds, retain_ds, tmp_path, cls=GradAscentTrainer,
-                           cfg=GradAscentConfig, max_steps=8)
+    trainer = make_trainer(
+        model, tokenizer, forget_ds, retain_ds, tmp_path, cls=GradAscentTrainer, cfg=GradAscentConfig, max_steps=8
+    )
     trainer.evaluation_summary = {"forget_quality": 0.5}
-    probe = UnlearningEvalCallback(FORGET, RETAIN, trainer=trainer, eval_steps=3, prompt_format="plain",
-                                   eval_on_train_begin=False, min_retain_probability=1.01)  # above any probability
+    probe = UnlearningEvalCallback(
+        FORGET,
+        RETAIN,
+        trainer=trainer,
+        eval_steps=3,
+        prompt_format="plain",
+        eval_on_train_begin=False,
+        min_retain_probability=1.01,
+    )  # above any probability
     trainer.add_callback(probe)
     trainer.train()
     assert trainer.state.global_step == 3 and probe.stopped_at == 3
@@ -91,8 +103,16 @@ def test_absolute_threshold_stops_training(model, tokenizer, forget_ds, retain_d
 @pytest.mark.parametrize("fraction,stops", [(1.5, True), (0.0, False)])
 def test_relative_threshold(fraction, stops, model, tokenizer, forget_ds, retain_ds, tmp_path):
     trainer = make_trainer(model, tokenizer, forget_ds, retain_ds, tmp_path, max_steps=4)
-    probe = UnlearningEvalCallback(FORGET, RETAIN, eval_steps=2, prompt_format="plain", eval_on_train_begin=False,
-                                   eval_on_train_end=False, min_retain_probability=fraction, relative=True)
+    probe = UnlearningEvalCallback(
+        FORGET,
+        RETAIN,
+        eval_steps=2,
+        prompt_format="plain",
+        eval_on_train_begin=False,
+        eval_on_train_end=False,
+        min_retain_probability=fraction,
+        relative=True,
+    )
     probe.attach(trainer)
     start = probability(model, tokenizer, RETAIN)
     trainer.train()
@@ -110,11 +130,17 @@ def test_relative_threshold(fraction, stops, model, tokenizer, forget_ds, retain
 def test_rouge_and_peft_model(model, tokenizer, forget_ds, retain_ds, tmp_path):
     from peft import LoraConfig
 
-    trainer = SimNPOTrainer(model=model, args=cpu_args(SimNPOConfig, tmp_path, max_steps=2, learning_rate=1e-2),
-                            forget_dataset=forget_ds, retain_dataset=retain_ds, processing_class=tokenizer,
-                            peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    probe = UnlearningEvalCallback(FORGET[:2], None, eval_steps=1, rouge=True, max_new_tokens=6,
-                                   prompt_format="plain").attach(trainer)
+    trainer = SimNPOTrainer(
+        model=model,
+        args=cpu_args(SimNPOConfig, tmp_path, max_steps=2, learning_rate=1e-2),
+        forget_dataset=forget_ds,
+        retain_dataset=retain_ds,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    )
+    probe = UnlearningEvalCallback(
+        FORGET[:2], None, eval_steps=1, rouge=True, max_new_tokens=6, prompt_format="plain"
+    ).attach(trainer)
     trainer.train()
     logs = probe_logs(trainer)
     assert [h["step"] for h in logs] == [0, 1, 2]
@@ -124,15 +150,22 @@ def test_rouge_and_peft_model(model, tokenizer, forget_ds, retain_ds, tmp_path):
     pairs = [(r["question"], r["answer"]) for r in FORGET[:2]]
     assert logs[-1]["probe/forget_probability"] == pytest.approx(probability(peft_model, tokenizer, pairs), rel=1e-6)
     with peft_model.disable_adapter():  # the adapters moved it: the probe scored the adapted model
-        assert probability(peft_model, tokenizer, pairs) != pytest.approx(logs[-1]["probe/forget_probability"],
-                                                                          rel=1e-4)
+        assert probability(peft_model, tokenizer, pairs) != pytest.approx(
+            logs[-1]["probe/forget_probability"], rel=1e-4
+        )
     assert probe.history[-1]["forget_rougeL_recall"] == logs[-1]["probe/forget_rougeL_recall"]
 
 
 def test_without_trainer_reference_still_records(model, tokenizer, forget_ds, retain_ds, tmp_path):
     probe = UnlearningEvalCallback(None, RETAIN, eval_steps=2, prompt_format="plain", eval_on_train_begin=False)
-    trainer = SimNPOTrainer(model=model, args=cpu_args(SimNPOConfig, tmp_path, max_steps=2), forget_dataset=forget_ds,
-                            retain_dataset=retain_ds, processing_class=tokenizer, callbacks=[probe])
+    trainer = SimNPOTrainer(
+        model=model,
+        args=cpu_args(SimNPOConfig, tmp_path, max_steps=2),
+        forget_dataset=forget_ds,
+        retain_dataset=retain_ds,
+        processing_class=tokenizer,
+        callbacks=[probe],
+    )
     with pytest.warns(UserWarning, match="attach"):
         trainer.train()
     assert [h["step"] for h in probe_logs(trainer, "probe/retain_probability")] == [2]

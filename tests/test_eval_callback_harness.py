@@ -71,8 +71,9 @@ def test_logged_values_are_evaluate_harness_on_the_same_model(tok, tasks_dir, tm
     start = harness(model, tok, tasks_dir, limit=4)
     trainer = trainer_for(model, tok, tmp_path, max_steps=3, learning_rate=1e-2)
     qa = UnlearningEvalCallback(RETAIN, None, eval_steps=2, prompt_format="plain").attach(trainer)
-    probe = LMEvalGuardCallback("toy_mc", limit=4, include_path=tasks_dir, include_defaults=False, batch_size=3,
-                                eval_steps=2).attach(trainer)
+    probe = LMEvalGuardCallback(
+        "toy_mc", limit=4, include_path=tasks_dir, include_defaults=False, batch_size=3, eval_steps=2
+    ).attach(trainer)
     spy = ModeSpy()
     trainer.add_callback(spy)
     built.clear()
@@ -121,9 +122,16 @@ def test_early_stop_on_harness_accuracy(minimum, relative, stops, tok, tasks_dir
     """The constant model's toy_mc accuracy is 3/5 (test_harness.py), at every probe: learning rate 0."""
     model = constant_model(tok)
     trainer = trainer_for(model, tok, tmp_path, max_steps=4, learning_rate=0.0)
-    probe = LMEvalGuardCallback(tasks=["toy_mc"], limit=None, include_path=tasks_dir,
-                                   include_defaults=False, eval_steps=2, eval_on_train_begin=False,
-                                   min_metrics={"toy_mc/acc": minimum}, relative=relative).attach(trainer)
+    probe = LMEvalGuardCallback(
+        tasks=["toy_mc"],
+        limit=None,
+        include_path=tasks_dir,
+        include_defaults=False,
+        eval_steps=2,
+        eval_on_train_begin=False,
+        min_metrics={"toy_mc/acc": minimum},
+        relative=relative,
+    ).attach(trainer)
     trainer.train()
     accs = [h["harness/toy_mc/acc"] for h in probe.history]
     assert accs and all(a == pytest.approx(3 / 5) for a in accs)
@@ -160,10 +168,14 @@ def test_peft_model_is_scored_with_its_adapters(tok, tasks_dir, tmp_path):
     from peft import LoraConfig
 
     model = tiny_llama(tok, hidden_size=16, num_hidden_layers=1, num_attention_heads=2)
-    trainer = SimNPOTrainer(model=model, args=cpu_args(SimNPOConfig, tmp_path, max_steps=2, learning_rate=5e-2),
-                            forget_dataset=prompt_completion(QA[:8]), retain_dataset=prompt_completion(QA[8:16]),
-                            processing_class=tok, peft_config=LoraConfig(r=4, lora_alpha=8,
-                                                                         target_modules=["q_proj", "v_proj"]))
+    trainer = SimNPOTrainer(
+        model=model,
+        args=cpu_args(SimNPOConfig, tmp_path, max_steps=2, learning_rate=5e-2),
+        forget_dataset=prompt_completion(QA[:8]),
+        retain_dataset=prompt_completion(QA[8:16]),
+        processing_class=tok,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    )
     probe = LMEvalGuardCallback(tasks="toy_mc", include_path=tasks_dir,
                                    include_defaults=False, eval_steps=1).attach(trainer)  # fmt: skip
     trainer.train()
@@ -247,16 +259,30 @@ def _worker_run(model_dir, tasks_dir, out, run):
     trainer = SimNPOTrainer(model=model_dir, args=args, forget_dataset=prompt_completion(QA[:8]),
                             retain_dataset=prompt_completion(QA[8:16]), processing_class=tok)  # fmt: skip
     UnlearningEvalCallback(RETAIN, None, eval_steps=1, prompt_format="plain").attach(trainer)  # alongside
-    probe = LMEvalGuardCallback("toy_mc", eval_steps=1, limit=None, include_path=tasks_dir, include_defaults=False,
-                                min_metrics=settings.get("min_harness_metrics")).attach(trainer)
+    probe = LMEvalGuardCallback(
+        "toy_mc",
+        eval_steps=1,
+        limit=None,
+        include_path=tasks_dir,
+        include_defaults=False,
+        min_metrics=settings.get("min_harness_metrics"),
+    ).attach(trainer)
     trainer.train()
     trainer.save_model(out)
     rank = trainer.accelerator.process_index
     if probe.report is not None:
         probe.report.save(os.path.join(out, f"report_rank{rank}.json"))
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump({"history": probe.history, "stopped_at": probe.stopped_at, "step": trainer.state.global_step,
-                   "world_size": trainer.accelerator.num_processes, "deepspeed": trainer.is_deepspeed_enabled}, f)
+        json.dump(
+            {
+                "history": probe.history,
+                "stopped_at": probe.stopped_at,
+                "step": trainer.state.global_step,
+                "world_size": trainer.accelerator.num_processes,
+                "deepspeed": trainer.is_deepspeed_enabled,
+            },
+            f,
+        )
 
 
 @needs_lm_eval
@@ -271,9 +297,15 @@ def test_distributed_ranks_run_lm_eval_and_agree(mode, tok, tasks_dir, tmp_path)
     models = {"trained": tiny_llama(tok, hidden_size=16, num_hidden_layers=1, num_attention_heads=2),
               "stopped": constant_model(tok)}  # fmt: skip
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
-               PYTHONFAULTHANDLER="1",  # a rank killed by a signal (SIGABRT) prints every thread's Python stack
-               PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        TQDM_DISABLE="1",
+        OMP_NUM_THREADS="1",
+        CUDA_VISIBLE_DEVICES="",
+        PYTHONFAULTHANDLER="1",  # a rank killed by a signal (SIGABRT) prints every thread's Python stack
+        PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+    )
     for run, model in models.items():
         model.save_pretrained(tmp_path / run / "model")
         tok.save_pretrained(tmp_path / run / "model")
@@ -300,7 +332,8 @@ def test_distributed_ranks_run_lm_eval_and_agree(mode, tok, tasks_dir, tmp_path)
         fresh = harness(saved, tok, tasks_dir)
         last = HarnessReport.load(out / "report_rank0.json").per_item["toy_mc"]["loglikelihoods"]
         assert [x for d in last for x in d] == pytest.approx(
-            [x for d in fresh.per_item["toy_mc"]["loglikelihoods"] for x in d], abs=1e-3)
+            [x for d in fresh.per_item["toy_mc"]["loglikelihoods"] for x in d], abs=1e-3
+        )
         assert history[-1]["harness/toy_mc/acc"] == fresh.metrics["toy_mc/acc"]
         before = harness(model, tok, tasks_dir).per_item["toy_mc"]["loglikelihoods"]  # training moved them
         assert [x for d in last for x in d] != pytest.approx([x for d in before for x in d], abs=1e-3)

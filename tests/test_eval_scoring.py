@@ -155,8 +155,13 @@ def test_tofu_scores_without_generation_are_evaluate_tofus(lm, tokenizer, tmp_pa
     assert set(cols) == {"forget", "world_facts"}
     for s, c in cols.items():
         for key, values in c.items():
-            np.testing.assert_allclose(np.array(values, dtype=float), np.array(report.per_item[s][key], dtype=float),
-                                       rtol=1e-5, atol=1e-6, err_msg=f"{s}/{key}")
+            np.testing.assert_allclose(
+                np.array(values, dtype=float),
+                np.array(report.per_item[s][key], dtype=float),
+                rtol=1e-5,
+                atol=1e-6,
+                err_msg=f"{s}/{key}",
+            )
         np.testing.assert_allclose(truth_ratios(c, s), report.per_item[s]["truth_ratio"], rtol=1e-5)
     row = sets["forget"][0][1]
     one = score_answers(lm, tokenizer, [row["question"]], [row["answer"]], prompt_format="plain")

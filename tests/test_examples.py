@@ -24,7 +24,6 @@ def load_example(name):
     return module
 
 
-
 @pytest.mark.parametrize("recipe", sorted(glob.glob(os.path.join(ROOT, "examples", "recipes", "*.yaml"))))
 def test_recipes_parse(recipe, monkeypatch):
     """Every recipe is valid for its script's parser: no unknown or mistyped key."""
@@ -43,8 +42,10 @@ def test_recipes_parse(recipe, monkeypatch):
         from trl_unlearn.cli.train import make_parser, parse
 
         args, config, model_args = parse(make_parser(method), method, ["--config", recipe])
-        assert args.forget_split in name and config.num_train_epochs == 10 and type(config).__name__.lower().startswith(
-            method
+        assert (
+            args.forget_split in name
+            and config.num_train_epochs == 10
+            and type(config).__name__.lower().startswith(method)
         )
         return
     example = load_example("tofu" if name.startswith("tofu") else "muse")
@@ -61,8 +62,9 @@ def test_recipes_parse(recipe, monkeypatch):
         from trl_unlearn import SimNPOConfig
 
         parser = TrlParser((example.MuseArguments, SimNPOConfig, ModelConfig))
-        args, config, model_args = parser.parse_args_and_config(["--config", recipe, "--use_cpu", "true",
-                                                                 "--bf16", "false"])
+        args, config, model_args = parser.parse_args_and_config(
+            ["--config", recipe, "--use_cpu", "true", "--bf16", "false"]
+        )
         assert config.max_length == 2048 and config.retain_weight == 0.1
     assert model_args.model_name_or_path
 
@@ -71,8 +73,22 @@ def test_tofu_example_embedded_study_runs(tmp_path, capsys):
     """The default study at toy size: three trained models (the ceiling's second Retrain), a tune per method with
     the same budget, the selected settings reported on two fresh seeds, a results table, the trials and a plot."""
     example = load_example("tofu")
-    argv = ["--output_dir", str(tmp_path), "--num_authors", "4", "--finetune_epochs", "1", "--max_steps", "1",
-            "--max_new_tokens", "8", "--n_trials", "2", "--report_seeds", "1,2"]
+    argv = [
+        "--output_dir",
+        str(tmp_path),
+        "--num_authors",
+        "4",
+        "--finetune_epochs",
+        "1",
+        "--max_steps",
+        "1",
+        "--max_new_tokens",
+        "8",
+        "--n_trials",
+        "2",
+        "--report_seeds",
+        "1,2",
+    ]
     results = example.main(*example.parse(argv))
     assert list(results) == ["Retrain", "Retrain, seed 1", "Original", "NPO", "SimNPO"]
     for metrics in results.values():
@@ -121,9 +137,14 @@ def test_tofu_small_grid_sweeps_what_the_paper_searches():
     assert {m: len(v) for m, v in by_method.items()} == {"gradascent": 8, "graddiff": 8, "npo": 8, "simnpo": 32}
     assert {(p["beta"], p["forget_weight"]) for p in by_method["npo"]} == {(0.1, 1.0)}
     assert {(p["beta"], p["forget_weight"]) for p in by_method["simnpo"]} == {
-        (2.5, 0.1375), (2.5, 1.0), (4.5, 0.1375), (4.5, 1.0)}
+        (2.5, 0.1375),
+        (2.5, 1.0),
+        (4.5, 0.1375),
+        (4.5, 1.0),
+    }
     assert {(p["lr_mult"], p["epochs"]) for p in by_method["graddiff"]} == {
-        (m, e) for m in (0.1, 0.2, 0.5, 1.0) for e in (5, 10)}
+        (m, e) for m in (0.1, 0.2, 0.5, 1.0) for e in (5, 10)
+    }
     assert len({bench.key(p, 0) for p in points}) == len(points)  # every point has its own resume key
 
 
@@ -138,9 +159,11 @@ def test_train_cli_with_yaml_config(tmp_path, tokenizer):
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     config = tmp_path / "recipe.yaml"
-    config.write_text(f"model_name_or_path: {tmp_path / 'model'}\ndataset_name: {data_dir}\nforget_split: forget10\n"
-                      "retain_split: retain90\nbeta: 3.0\nmax_steps: 2\nper_device_train_batch_size: 2\n"
-                      "use_cpu: true\nbf16: false\nreport_to: none\ngradient_checkpointing: false\n")
+    config.write_text(
+        f"model_name_or_path: {tmp_path / 'model'}\ndataset_name: {data_dir}\nforget_split: forget10\n"
+        "retain_split: retain90\nbeta: 3.0\nmax_steps: 2\nper_device_train_batch_size: 2\n"
+        "use_cpu: true\nbf16: false\nreport_to: none\ngradient_checkpointing: false\n"
+    )
     out = tmp_path / "out"
     assert main(["simnpo", "--config", str(config), "--output_dir", str(out), "--learning_rate", "1e-3"]) == 0
     trained = AutoModelForCausalLM.from_pretrained(out)
@@ -181,11 +204,32 @@ def test_muse_example_runs_on_a_tiny_corpus(tmp_path, tokenizer):
     from trl_unlearn import SimNPOConfig
 
     parser = TrlParser((example.MuseArguments, SimNPOConfig, ModelConfig))
-    parsed = parser.parse_args_and_config([
-        "--model_name_or_path", str(tmp_path / "m"), "--dataset_name", str(root), "--output_dir", str(tmp_path / "o"),
-        "--max_length", "16", "--max_steps", "1", "--use_cpu", "true", "--bf16", "false", "--report_to", "none",
-        "--gradient_checkpointing", "false", "--auc_retrain", "0.5", "--methods", "simnpo,npo",
-    ])
+    parsed = parser.parse_args_and_config(
+        [
+            "--model_name_or_path",
+            str(tmp_path / "m"),
+            "--dataset_name",
+            str(root),
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--max_length",
+            "16",
+            "--max_steps",
+            "1",
+            "--use_cpu",
+            "true",
+            "--bf16",
+            "false",
+            "--report_to",
+            "none",
+            "--gradient_checkpointing",
+            "false",
+            "--auc_retrain",
+            "0.5",
+            "--methods",
+            "simnpo,npo",
+        ]
+    )
     results = example.main(*parsed)
     assert set(results) == {"SimNPO", "NPO"}
     assert all(m["privleak"] is not None for m in results.values())

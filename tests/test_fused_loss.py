@@ -1,4 +1,5 @@
-"""Tests for trl_unlearn.kernels.sequence_loss: the sequence-level loss fused with the LM head (gradients in the forward)."""
+"""Tests for trl_unlearn.kernels.sequence_loss: the sequence-level loss fused with the LM head (gradients in the
+forward)."""
 
 import contextlib
 
@@ -12,8 +13,11 @@ from trl_unlearn.kernels.sequence_loss import _plan, fused_linear_sequence_loss,
 # 7 sequences: empty ones, short ones, and (with chunk_rows=4) a 9-row and a 5-row one longer than the budget
 LENGTHS = [3, 0, 9, 2, 1, 5, 0]
 IS_FORGET = torch.tensor([1, 1, 0, 1, 0, 1, 0], dtype=torch.bool)
-TRANSFORMS = {"plain": {}, "scale-softcap-temp": {"logit_scale": 0.7, "softcap": 2.5, "temperature": 1.3},
-              "scale": {"logit_scale": 0.25}}
+TRANSFORMS = {
+    "plain": {},
+    "scale-softcap-temp": {"logit_scale": 0.7, "softcap": 2.5, "temperature": 1.3},
+    "scale": {"logit_scale": 0.25},
+}
 
 
 def make_inputs(n, h, v, dtype=torch.float64, bias=True, frozen=False, seed=0):
@@ -55,15 +59,20 @@ def ref_logps_for(lengths):
 
 def test_plan_packs_whole_sequences_under_the_budget():
     assert _plan([3, 0, 9, 2, 1, 5, 0], 4) == [
-        (0, 3, 0, 2, False), (3, 12, 2, 3, True), (12, 15, 3, 5, False), (15, 20, 5, 6, True), (20, 20, 6, 7, False)
+        (0, 3, 0, 2, False),
+        (3, 12, 2, 3, True),
+        (12, 15, 3, 5, False),
+        (15, 20, 5, 6, True),
+        (20, 20, 6, 7, False),
     ]
     assert _plan([2, 2, 2], 4) == [(0, 4, 0, 2, False), (4, 6, 2, 3, False)]
     assert _plan([0, 0], 1) == [(0, 0, 0, 2, False)]
     assert _plan([], 4) == []
 
 
-@pytest.mark.parametrize("frozen, transform", [(False, "scale-softcap-temp"), (True, "plain")],
-                         ids=["trainable-head", "frozen-head"])
+@pytest.mark.parametrize(
+    "frozen, transform", [(False, "scale-softcap-temp"), (True, "plain")], ids=["trainable-head", "frozen-head"]
+)
 def test_gradcheck_float64(frozen, transform):
     lengths, is_forget = [3, 0, 6, 1], torch.tensor([True, False, True, False])  # 6 rows > chunk_rows=4
     hidden, weight, b, labels = make_inputs(sum(lengths), 4, 7, frozen=frozen)
@@ -71,8 +80,9 @@ def test_gradcheck_float64(frozen, transform):
     inputs = (hidden,) if frozen else (hidden, weight, b)
 
     def loss(hidden, weight=weight, b=b):
-        return fused_linear_sequence_loss(hidden, weight, labels, lengths, seq_loss, b, chunk_rows=4,
-                                          **TRANSFORMS[transform])[0]
+        return fused_linear_sequence_loss(
+            hidden, weight, labels, lengths, seq_loss, b, chunk_rows=4, **TRANSFORMS[transform]
+        )[0]
 
     assert torch.autograd.gradcheck(loss, inputs)
 
@@ -87,8 +97,9 @@ def test_matches_full_logits(method, frozen, transform, chunk_rows):
     params = (hidden,) if frozen else (hidden, weight, b)
     kw = TRANSFORMS[transform]
 
-    loss, seq_logps, _ = fused_linear_sequence_loss(hidden, weight, labels, LENGTHS, seq_loss, b, chunk_rows=chunk_rows,
-                                                 **kw)
+    loss, seq_logps, _ = fused_linear_sequence_loss(
+        hidden, weight, labels, LENGTHS, seq_loss, b, chunk_rows=chunk_rows, **kw
+    )
     ref_loss, ref_seq, _ = naive_sequence_loss(hidden, weight, labels, LENGTHS, seq_loss, b, **kw)
     assert loss.shape == () and seq_logps.shape == (len(LENGTHS),) and not seq_logps.requires_grad
     torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
@@ -143,15 +154,17 @@ def test_each_row_projected_once_unless_its_sequence_exceeds_the_budget(monkeypa
 
     projected.clear()
     with torch.no_grad():
-        loss, _, _ = fused_linear_sequence_loss(hidden, weight, labels, LENGTHS, make_seq_loss("ga", LENGTHS, IS_FORGET),
-                                             chunk_rows=4)
+        loss, _, _ = fused_linear_sequence_loss(
+            hidden, weight, labels, LENGTHS, make_seq_loss("ga", LENGTHS, IS_FORGET), chunk_rows=4
+        )
     assert sum(projected) == sum(LENGTHS) and not loss.requires_grad
 
 
 def test_frozen_head_keeps_no_head_gradient_buffer():
     hidden, weight, _, labels = make_inputs(sum(LENGTHS), 5, 11, bias=False, frozen=True)
-    loss, _, _ = fused_linear_sequence_loss(hidden, weight, labels, LENGTHS, make_seq_loss("npo", LENGTHS, IS_FORGET,
-                                                                                          ref_logps_for(LENGTHS)))
+    loss, _, _ = fused_linear_sequence_loss(
+        hidden, weight, labels, LENGTHS, make_seq_loss("npo", LENGTHS, IS_FORGET, ref_logps_for(LENGTHS))
+    )
     grad_hidden, grad_weight, grad_bias = loss.grad_fn.saved_tensors
     assert grad_hidden.shape == hidden.shape and grad_weight is None and grad_bias is None
 
@@ -192,7 +205,7 @@ def test_bf16_weights_and_autocast():
 
 def test_no_rows():
     hidden, weight, b, labels = make_inputs(0, 5, 11)
-    loss, seq_logps, _ = fused_linear_sequence_loss(hidden, weight, labels, [0, 0], lambda l: (l - 1.5) ** 2, b)
+    loss, seq_logps, _ = fused_linear_sequence_loss(hidden, weight, labels, [0, 0], lambda x: (x - 1.5) ** 2, b)
     assert loss.item() == 4.5  # two sequences with L_s = 0
     assert (seq_logps == 0).all()
     loss.backward()
@@ -202,7 +215,7 @@ def test_no_rows():
 def test_bad_inputs_are_named():
     hidden, weight, b, labels = make_inputs(6, 5, 11)
 
-    def call(labels=labels, lengths=(2, 4), seq_loss=lambda l: -l, **kw):
+    def call(labels=labels, lengths=(2, 4), seq_loss=lambda x: -x, **kw):
         return fused_linear_sequence_loss(hidden, weight, labels, lengths, seq_loss, **kw)
 
     with pytest.raises(ValueError, match="drop the unscored"):
@@ -210,7 +223,7 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="sum to the 6 rows"):
         call(lengths=(2, 3))
     with pytest.raises(ValueError, match="shape \\(2,\\)"):
-        call(seq_loss=lambda l: l.sum())
+        call(seq_loss=lambda x: x.sum())
     with pytest.raises(ValueError, match="labels must be \\[N\\]"):
         call(labels=labels[:5])
     with pytest.raises(ValueError, match="chunk_rows"):
@@ -261,11 +274,13 @@ def test_weights_apply_outside_the_loss_and_unweighted_losses_come_back():
     def seq_loss(logps):
         return (logps + 3.0) ** 2
 
-    loss, seq_logps, seq_losses = fused_linear_sequence_loss(hidden, weight, labels, LENGTHS, seq_loss, b,
-                                                             seq_weights=weights, chunk_rows=4)
+    loss, seq_logps, seq_losses = fused_linear_sequence_loss(
+        hidden, weight, labels, LENGTHS, seq_loss, b, seq_weights=weights, chunk_rows=4
+    )
     grads = torch.autograd.grad(loss, (hidden, weight, b))
-    ref_loss, ref_seq, ref_losses = naive_sequence_loss(hidden, weight, labels, LENGTHS, seq_loss, b,
-                                                        seq_weights=weights)
+    ref_loss, ref_seq, ref_losses = naive_sequence_loss(
+        hidden, weight, labels, LENGTHS, seq_loss, b, seq_weights=weights
+    )
     ref_grads = torch.autograd.grad(ref_loss, (hidden, weight, b))
     torch.testing.assert_close(loss, ref_loss)
     torch.testing.assert_close(seq_losses, ref_losses.detach())

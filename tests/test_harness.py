@@ -273,8 +273,9 @@ def test_missing_lm_eval_names_the_extra(monkeypatch, colour_tokenizer, tmp_path
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` now raises ImportError
     with pytest.raises(ImportError, match=r'pip install "trl-unlearn\[lm-eval\]"'):
         evaluate_harness(constant_model(colour_tokenizer), colour_tokenizer, "toy_mc")
-    args = build_parser().parse_args(["eval", "lm-eval", "--model", str(tmp_path / "absent"), "--tasks", "toy_mc",
-                                      "--output", "r.json"])
+    args = build_parser().parse_args(
+        ["eval", "lm-eval", "--model", str(tmp_path / "absent"), "--tasks", "toy_mc", "--output", "r.json"]
+    )
     with pytest.raises(ImportError, match=r"trl-unlearn\[lm-eval\]"):  # before trying to load the model
         args.func(args)
 

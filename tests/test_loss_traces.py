@@ -46,8 +46,13 @@ def trace(name, tmp_path):
     trainer_cls, config_cls, kw = RUNS[name]
     base = dict(learning_rate=1e-3, max_steps=4, gradient_accumulation_steps=2, per_device_train_batch_size=2)
     args = cpu_args(config_cls, tmp_path, **{**base, **kw})
-    trainer = trainer_cls(model=model, args=args, forget_dataset=prompt_completion(QA[:8]),
-                          retain_dataset=prompt_completion(QA[8:32]), processing_class=tokenizer)
+    trainer = trainer_cls(
+        model=model,
+        args=args,
+        forget_dataset=prompt_completion(QA[:8]),
+        retain_dataset=prompt_completion(QA[8:32]),
+        processing_class=tokenizer,
+    )
     trainer.train()
     rows = [r for r in trainer.state.log_history if "loss" in r]
     return [{k: r[k] for k in KEYS if k in r} for r in rows]

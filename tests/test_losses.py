@@ -54,9 +54,13 @@ def test_forget_retain_loss_scatters_the_forget_loss_and_retain_nll():
 def test_loss_stats_pool_ranks_and_skip_what_nobody_counted():
     """Rank 0: forget loss total 3 over 2 samples, no retain rows; rank 1: total 1 over 2, retain 6 over 3 tokens."""
     ranks = [
-        losses.LossStats().mean("forget/loss", torch.tensor(3.0), 2).mean("retain/loss", torch.tensor(0.0), 0)
+        losses.LossStats()
+        .mean("forget/loss", torch.tensor(3.0), 2)
+        .mean("retain/loss", torch.tensor(0.0), 0)
         .total("num_tokens/retain", torch.tensor(0.0), False),
-        losses.LossStats().mean("forget/loss", torch.tensor(1.0), 2).mean("retain/loss", torch.tensor(6.0), 3)
+        losses.LossStats()
+        .mean("forget/loss", torch.tensor(1.0), 2)
+        .mean("retain/loss", torch.tensor(6.0), 3)
         .total("num_tokens/retain", torch.tensor(3.0), True),
     ]
     rows = torch.stack([r.flat() for r in ranks])

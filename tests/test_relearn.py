@@ -24,10 +24,10 @@ FORGET = [{"question": q, "answer": a} for q, a in QA[:8]]
 RETAIN = [{"question": q, "answer": a} for q, a in QA[8:16]]
 
 
-
 def forget_probability(model, tokenizer, rows=FORGET):
-    res = score_answers(model, tokenizer, [r["question"] for r in rows], [r["answer"] for r in rows],
-                        prompt_format="plain")
+    res = score_answers(
+        model, tokenizer, [r["question"] for r in rows], [r["answer"] for r in rows], prompt_format="plain"
+    )
     return float(np.exp(-res.avg_nll).mean())
 
 
@@ -62,8 +62,9 @@ def unlearned(tokenizer, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("ga")
     args = cpu_args(GradAscentConfig, out, max_steps=6, learning_rate=1e-2, per_device_train_batch_size=8)
-    GradAscentTrainer(model=model, args=args, forget_dataset=prompt_completion(QA[:8]),
-                      processing_class=tokenizer).train()
+    GradAscentTrainer(
+        model=model, args=args, forget_dataset=prompt_completion(QA[:8]), processing_class=tokenizer
+    ).train()
     model.eval()
     return model, learned, forget_probability(model, tokenizer)
 
@@ -80,8 +81,20 @@ def test_relearning_brings_forget_probability_back_and_leaves_model_alone(unlear
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
     rng_before = torch.get_rng_state()
 
-    curve = relearning_attack(model, tokenizer, FORGET, retain_rows=RETAIN, fraction=0.25, steps=12, eval_every=4,
-                              learning_rate=1e-2, batch_size=2, seed=3, prompt_format="plain", max_new_tokens=24)
+    curve = relearning_attack(
+        model,
+        tokenizer,
+        FORGET,
+        retain_rows=RETAIN,
+        fraction=0.25,
+        steps=12,
+        eval_every=4,
+        learning_rate=1e-2,
+        batch_size=2,
+        seed=3,
+        prompt_format="plain",
+        max_new_tokens=24,
+    )
 
     assert curve.steps == [0, 4, 8, 12]
     assert len(curve.train_loss) == 12
@@ -104,8 +117,15 @@ def test_relearning_brings_forget_probability_back_and_leaves_model_alone(unlear
 
 
 def test_subset_size_and_seed():
-    for n, fraction, k in [(8, 0.25, 2), (8, 0.01, 1), (8, 1.0, 8), (40, 0.1, 4), (10, 0.25, 3), (10, 0.15, 2),
-                           (400, 0.1, 40)]:
+    for n, fraction, k in [
+        (8, 0.25, 2),
+        (8, 0.01, 1),
+        (8, 1.0, 8),
+        (40, 0.1, 4),
+        (10, 0.25, 3),
+        (10, 0.15, 2),
+        (400, 0.1, 40),
+    ]:
         idx = select_relearn_indices(n, fraction, seed=0)
         assert len(idx) == k == max(1, math.floor(fraction * n + 0.5)), (n, fraction)
         assert idx == sorted(set(idx)) and 0 <= idx[0] and idx[-1] < n
@@ -125,8 +145,16 @@ def test_seeded_runs_repeat_and_custom_evaluate(unlearned, tokenizer):
         assert m is not model
         return {"forget_probability": forget_probability(m, tokenizer), "label": "x"}
 
-    kw = dict(fraction=0.5, steps=4, eval_every=3, learning_rate=1e-3, batch_size=3, seed=7, prompt_format="plain",
-              evaluate=evaluate)
+    kw = dict(
+        fraction=0.5,
+        steps=4,
+        eval_every=3,
+        learning_rate=1e-3,
+        batch_size=3,
+        seed=7,
+        prompt_format="plain",
+        evaluate=evaluate,
+    )
     a = relearning_attack(model, tokenizer, FORGET, **kw)
     b = relearning_attack(model, tokenizer, FORGET, **kw)
     assert a.steps == [0, 3, 4] and a.settings["evaluation"] == "custom"
@@ -140,8 +168,17 @@ def test_seeded_runs_repeat_and_custom_evaluate(unlearned, tokenizer):
 
 def test_curve_json_roundtrip_table_and_plot(unlearned, tokenizer, tmp_path):
     model, _, _ = unlearned
-    curve = relearning_attack(model, tokenizer, [(r["question"], r["answer"]) for r in FORGET], indices=[1, 5],
-                              steps=2, eval_every=1, learning_rate=1e-3, prompt_format="plain", rouge=False)
+    curve = relearning_attack(
+        model,
+        tokenizer,
+        [(r["question"], r["answer"]) for r in FORGET],
+        indices=[1, 5],
+        steps=2,
+        eval_every=1,
+        learning_rate=1e-3,
+        prompt_format="plain",
+        rouge=False,
+    )
     assert curve.indices == [1, 5] and curve.fraction == 0.25 and curve.steps == [0, 1, 2]
     assert "forget_rougeL_recall" not in curve.metrics[0]
     path = tmp_path / "sub" / "curve.json"
@@ -153,8 +190,9 @@ def test_curve_json_roundtrip_table_and_plot(unlearned, tokenizer, tmp_path):
     assert "forget_probability" in table and "2 of 8 forget rows" in table
     assert len([line for line in table.splitlines() if line.split() and line.split()[0] in {"0", "1", "2"}]) == 3
     pytest.importorskip("matplotlib")
-    plot_relearn_curves({"ga": curve, "again": loaded}, "forget_probability", path=tmp_path / "curve.png",
-                        reference=0.1)
+    plot_relearn_curves(
+        {"ga": curve, "again": loaded}, "forget_probability", path=tmp_path / "curve.png", reference=0.1
+    )
     assert (tmp_path / "curve.png").stat().st_size > 0
 
 
@@ -162,8 +200,10 @@ def test_peft_model_is_merged_in_the_copy_and_left_alone(unlearned, tokenizer):
     from peft import LoraConfig, get_peft_model
 
     model, _, _ = unlearned
-    peft_model = get_peft_model(tiny_llama(tokenizer, hidden_size=32, num_hidden_layers=2, num_attention_heads=2),
-                                LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    peft_model = get_peft_model(
+        tiny_llama(tokenizer, hidden_size=32, num_hidden_layers=2, num_attention_heads=2),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    )
     before = snapshot(peft_model)
     seen = []
 
@@ -171,8 +211,17 @@ def test_peft_model_is_merged_in_the_copy_and_left_alone(unlearned, tokenizer):
         seen.append((type(m).__name__, all(p.requires_grad for p in m.parameters())))
         return {"forget_probability": forget_probability(m, tokenizer)}
 
-    curve = relearning_attack(peft_model, tokenizer, FORGET, fraction=0.5, steps=3, eval_every=3, learning_rate=1e-2,
-                              prompt_format="plain", evaluate=evaluate)
+    curve = relearning_attack(
+        peft_model,
+        tokenizer,
+        FORGET,
+        fraction=0.5,
+        steps=3,
+        eval_every=3,
+        learning_rate=1e-2,
+        prompt_format="plain",
+        evaluate=evaluate,
+    )
     assert seen == [("LlamaForCausalLM", True)] * 2
     assert curve.metrics[-1]["forget_probability"] != curve.metrics[0]["forget_probability"]
     after = snapshot(peft_model)
@@ -202,9 +251,20 @@ def test_tofu_evaluation_per_checkpoint(unlearned, tokenizer, tmp_path):
     folder = write_tofu_layout(tmp_path / "tofu", data)
     kw = dict(prompt_format="plain", max_new_tokens=4, batch_size=16)
     reference = evaluate_tofu(model, tokenizer, folder, "forget10", **kw)
-    curve = relearning_attack(model, tokenizer, data_dir=folder, split="forget10", retain_report=reference,
-                              fraction=0.5, steps=2, eval_every=2, learning_rate=1e-2, eval_batch_size=16,
-                              prompt_format="plain", max_new_tokens=4)
+    curve = relearning_attack(
+        model,
+        tokenizer,
+        data_dir=folder,
+        split="forget10",
+        retain_report=reference,
+        fraction=0.5,
+        steps=2,
+        eval_every=2,
+        learning_rate=1e-2,
+        eval_batch_size=16,
+        prompt_format="plain",
+        max_new_tokens=4,
+    )
     assert curve.steps == [0, 2] and curve.num_forget_rows == 2 and len(curve.indices) == 1
     start = curve.metrics[0]
     assert start["forget_quality"] == pytest.approx(1.0)
@@ -229,10 +289,32 @@ def test_cli_function(unlearned, tokenizer, tmp_path, capsys):
     parser = argparse.ArgumentParser()
     register_relearn(parser.add_subparsers(dest="command"))
     out = tmp_path / "curve.json"
-    args = parser.parse_args(["relearn", "--model", str(tmp_path / "model"), "--data_dir", str(folder), "--split",
-                              "forget10", "--output", str(out), "--metrics", "probe", "--steps", "2",
-                              "--learning_rate", "1e-3", "--max_new_tokens", "4", "--device", "cpu", "--prompt_format",
-                              "plain", "--no_progress"])
+    args = parser.parse_args(
+        [
+            "relearn",
+            "--model",
+            str(tmp_path / "model"),
+            "--data_dir",
+            str(folder),
+            "--split",
+            "forget10",
+            "--output",
+            str(out),
+            "--metrics",
+            "probe",
+            "--steps",
+            "2",
+            "--learning_rate",
+            "1e-3",
+            "--max_new_tokens",
+            "4",
+            "--device",
+            "cpu",
+            "--prompt_format",
+            "plain",
+            "--no_progress",
+        ]
+    )
     assert args.func is run_relearn
     assert args.func(args) == 0
     curve = RelearnCurve.load(out)

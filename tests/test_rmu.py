@@ -50,8 +50,9 @@ def test_loss_matches_hand_computation(tokenizer, forget_ds, retain_ds, tmp_path
     model = llama4(tokenizer)
     initial = copy.deepcopy(model).eval()
     args = rmu_args(tmp_path, forget_weight=0.5, retain_weight=3.0, seed=7)
-    trainer = RMUTrainer(model=model, args=args, forget_dataset=forget_ds, retain_dataset=retain_ds,
-                         processing_class=tokenizer)
+    trainer = RMUTrainer(
+        model=model, args=args, forget_dataset=forget_ds, retain_dataset=retain_ds, processing_class=tokenizer
+    )
     with torch.no_grad():  # move the trained parameters away from the reference
         for p in model.parameters():
             if p.requires_grad:
@@ -76,8 +77,12 @@ def test_text_rows_count_every_text_token_and_no_padding(tokenizer, tmp_path):
     appends, and not the padding: the padded batch's loss is the mean over each text's own tokens."""
     model = llama4(tokenizer).eval()
     texts = [qa_prompt(q) + " " + a for q, a in QA[:2]] + ["the quick brown fox jumps", "the lazy dog"]
-    trainer = RMUTrainer(model=model, args=rmu_args(tmp_path, retain_weight=0.0),
-                         forget_dataset=Dataset.from_dict({"text": texts}), processing_class=tokenizer)
+    trainer = RMUTrainer(
+        model=model,
+        args=rmu_args(tmp_path, retain_weight=0.0),
+        forget_dataset=Dataset.from_dict({"text": texts}),
+        processing_class=tokenizer,
+    )
     control = unit_control(32, 4.0, 0)
     with torch.no_grad():
         loss = trainer.compute_loss(model, first_batch(trainer))
@@ -123,8 +128,9 @@ def test_forget_activations_reach_the_control_vector_and_retain_ones_stay(learne
     model = llama4(tokenizer)
     model.load_state_dict(learned)
     args = rmu_args(tmp_path, steering_coeff=20.0, max_steps=10)
-    trainer = RMUTrainer(model=model, args=args, forget_dataset=forget_ds, retain_dataset=fox_rows(),
-                         processing_class=tokenizer)
+    trainer = RMUTrainer(
+        model=model, args=args, forget_dataset=forget_ds, retain_dataset=fox_rows(), processing_class=tokenizer
+    )
     forget, retain = trainer.train_dataset.forget, trainer.train_dataset.retain
     control = trainer.control_vector
     (f0, f_logp0), (r0, r_logp0) = (_activations_and_logps(model.eval(), trainer, d) for d in (forget, retain))
@@ -141,11 +147,14 @@ def test_forget_activations_reach_the_control_vector_and_retain_ones_stay(learne
     assert f_logp0 - f_logp1 > 10 * (r_logp0 - r_logp1)
 
 
-@pytest.mark.parametrize("update_layers,update_modules,checkpointing", [
-    (None, ["mlp"], {}),  # non-reentrant activation checkpointing, the default
-    ([1, 2], ["mlp.down_proj"], {"use_reentrant": True}),
-    ([1, 2], ["mlp"], None),  # no activation checkpointing
-])
+@pytest.mark.parametrize(
+    "update_layers,update_modules,checkpointing",
+    [
+        (None, ["mlp"], {}),  # non-reentrant activation checkpointing, the default
+        ([1, 2], ["mlp.down_proj"], {"use_reentrant": True}),
+        ([1, 2], ["mlp"], None),  # no activation checkpointing
+    ],
+)
 def test_only_update_parameters_change_and_the_forward_stops_at_layer_id(
     update_layers, update_modules, checkpointing, tokenizer, forget_ds, retain_ds, tmp_path
 ):
@@ -154,17 +163,26 @@ def test_only_update_parameters_change_and_the_forward_stops_at_layer_id(
     for module in (model.model.layers[LAYER + 1], model.lm_head):
         module.register_forward_hook(lambda *a: calls.append(1))
     model.model.layers[0].register_full_backward_hook(lambda *a: backward.append(1))
-    args = rmu_args(tmp_path, max_steps=2, update_layers=update_layers, update_modules=update_modules,
-                    activation_checkpointing=checkpointing is not None, activation_checkpointing_kwargs=checkpointing)
-    trainer = RMUTrainer(model=model, args=args, forget_dataset=forget_ds, retain_dataset=retain_ds,
-                         processing_class=tokenizer)
+    args = rmu_args(
+        tmp_path,
+        max_steps=2,
+        update_layers=update_layers,
+        update_modules=update_modules,
+        activation_checkpointing=checkpointing is not None,
+        activation_checkpointing_kwargs=checkpointing,
+    )
+    trainer = RMUTrainer(
+        model=model, args=args, forget_dataset=forget_ds, retain_dataset=retain_ds, processing_class=tokenizer
+    )
     before = params(model)
     trainer.train()
     changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
     layers = update_layers or [0, 1, 2]
-    expected = {f"model.layers.{i}.{m}.weight" for i in layers
-                for m in (["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"] if update_modules == ["mlp"]
-                          else update_modules)}
+    expected = {
+        f"model.layers.{i}.{m}.weight"
+        for i in layers
+        for m in (["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"] if update_modules == ["mlp"] else update_modules)
+    }
     assert changed == expected == set(trainer.update_parameters)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == expected
     assert not calls  # no layer above layer_id and no LM head ran in training
@@ -176,10 +194,16 @@ def test_gradient_accumulation_2x2_matches_4x1(tokenizer, forget_ds, retain_ds, 
     runs = []
     for bs, ga in [(4, 1), (2, 2)]:
         model = llama4(tokenizer)
-        args = rmu_args(tmp_path / f"{bs}x{ga}", per_device_train_batch_size=bs, gradient_accumulation_steps=ga,
-                        max_steps=3, learning_rate=1e-3)
-        trainer = RMUTrainer(model=model, args=args, forget_dataset=forget_ds, retain_dataset=retain_ds,
-                             processing_class=tokenizer)
+        args = rmu_args(
+            tmp_path / f"{bs}x{ga}",
+            per_device_train_batch_size=bs,
+            gradient_accumulation_steps=ga,
+            max_steps=3,
+            learning_rate=1e-3,
+        )
+        trainer = RMUTrainer(
+            model=model, args=args, forget_dataset=forget_ds, retain_dataset=retain_ds, processing_class=tokenizer
+        )
         trainer.train()
         runs.append(([h["loss"] for h in trainer.state.log_history if "loss" in h], params(model)))
     (loss_a, p_a), (loss_b, p_b) = runs
@@ -190,10 +214,16 @@ def test_gradient_accumulation_2x2_matches_4x1(tokenizer, forget_ds, retain_ds, 
 
 def test_control_vector_is_seeded_saved_and_restored_on_resume(tokenizer, forget_ds, retain_ds, tmp_path):
     def make(out, seed=0, max_steps=4):
-        args = rmu_args(tmp_path, output_dir=str(out), seed=seed, max_steps=max_steps, save_strategy="steps",
-                        save_steps=1)
-        return RMUTrainer(model=llama4(tokenizer), args=args, forget_dataset=forget_ds, retain_dataset=retain_ds,
-                          processing_class=tokenizer)
+        args = rmu_args(
+            tmp_path, output_dir=str(out), seed=seed, max_steps=max_steps, save_strategy="steps", save_steps=1
+        )
+        return RMUTrainer(
+            model=llama4(tokenizer),
+            args=args,
+            forget_dataset=forget_ds,
+            retain_dataset=retain_ds,
+            processing_class=tokenizer,
+        )
 
     full = make(tmp_path / "a")
     control = full.control_vector
@@ -216,20 +246,25 @@ def test_control_vector_is_seeded_saved_and_restored_on_resume(tokenizer, forget
 def test_lora_trains_the_adapters_of_update_modules_only(tokenizer, forget_ds, retain_ds, tmp_path, caplog):
     from peft import LoraConfig
 
-    peft_config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
-                             target_modules=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"])
+    peft_config = LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
+    )
     with caplog.at_level("WARNING"):
-        trainer = RMUTrainer(model=llama4(tokenizer), args=rmu_args(tmp_path, max_steps=3, update_layers=[1, 2]),
-                             forget_dataset=forget_ds, retain_dataset=retain_ds, processing_class=tokenizer,
-                             peft_config=peft_config)
+        trainer = RMUTrainer(
+            model=llama4(tokenizer),
+            args=rmu_args(tmp_path, max_steps=3, update_layers=[1, 2]),
+            forget_dataset=forget_ds,
+            retain_dataset=retain_ds,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+        )
     # q/v adapters of 4 layers and the MLP adapters of layers 0 and 3, 2 tensors each
     assert "froze 28 PEFT adapter tensors" in caplog.text
     assert trainer.ref_model is None and trainer.reference_plan.kind == "adapters_off"
     before = params(trainer.model)
     trainer.train()
     changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p)}
-    assert changed and all("lora_" in n and ".mlp." in n and (".layers.1." in n or ".layers.2." in n)
-                           for n in changed)
+    assert changed and all("lora_" in n and ".mlp." in n and (".layers.1." in n or ".layers.2." in n) for n in changed)
     # step 1: the adapters are still zero, so the policy is its reference (the base) exactly
     assert trainer.state.log_history[0]["retain/loss"] == 0.0
 
@@ -241,10 +276,17 @@ def test_qlora_trains_the_mlp_adapters_of_update_layers(tokenizer, forget_ds, re
 
     llama4(tokenizer).save_pretrained(tmp_path / "base")
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-    trainer = RMUTrainer(model=str(tmp_path / "base"), args=rmu_args(tmp_path, max_steps=2, update_layers=[1, 2]),
-                         forget_dataset=forget_ds, retain_dataset=retain_ds, processing_class=tokenizer,
-                         quantization_config=quant, peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=[
-                             "gate_proj", "up_proj", "down_proj"], layers_to_transform=[1, 2]))
+    trainer = RMUTrainer(
+        model=str(tmp_path / "base"),
+        args=rmu_args(tmp_path, max_steps=2, update_layers=[1, 2]),
+        forget_dataset=forget_ds,
+        retain_dataset=retain_ds,
+        processing_class=tokenizer,
+        quantization_config=quant,
+        peft_config=LoraConfig(
+            r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"], layers_to_transform=[1, 2]
+        ),
+    )
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in trainer.model.modules())
     before = {n: p.detach().float().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
@@ -252,14 +294,17 @@ def test_qlora_trains_the_mlp_adapters_of_update_layers(tokenizer, forget_ds, re
     assert changed == {n for n in before if "lora_" in n} and len(changed) == 12  # 3 modules x A, B x 2 layers
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(layer_id=-1), "`layer_id` must be >= 0"),
-    (dict(update_layers=[]), "`update_layers` is empty"),
-    (dict(update_layers=[1, 3]), r"`update_layers` \[3\] lie outside 0 .. layer_id=2"),
-    (dict(steering_coeff=0.0), "`steering_coeff` must be > 0"),
-    (dict(update_modules=[]), "`update_modules` is empty"),
-    (dict(retain_loss_type="kl"), "RMU's retain term is the distance"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(layer_id=-1), "`layer_id` must be >= 0"),
+        (dict(update_layers=[]), "`update_layers` is empty"),
+        (dict(update_layers=[1, 3]), r"`update_layers` \[3\] lie outside 0 .. layer_id=2"),
+        (dict(steering_coeff=0.0), "`steering_coeff` must be > 0"),
+        (dict(update_modules=[]), "`update_modules` is empty"),
+        (dict(retain_loss_type="kl"), "RMU's retain term is the distance"),
+    ],
+)
 def test_config_errors(kwargs, match, tmp_path):
     with pytest.raises(ValueError, match=match):
         rmu_args(tmp_path, **kwargs)
@@ -267,16 +312,27 @@ def test_config_errors(kwargs, match, tmp_path):
 
 def test_trainer_errors(tokenizer, forget_ds, retain_ds, tmp_path):
     def make(model, **kw):
-        return RMUTrainer(model=model, args=rmu_args(tmp_path, **kw), forget_dataset=forget_ds,
-                          retain_dataset=retain_ds, processing_class=tokenizer)
+        return RMUTrainer(
+            model=model,
+            args=rmu_args(tmp_path, **kw),
+            forget_dataset=forget_ds,
+            retain_dataset=retain_ds,
+            processing_class=tokenizer,
+        )
 
     with pytest.raises(ValueError, match=r"`layer_id=4` but the model has 4 decoder layers \(0 .. 3\)"):
         make(llama4(tokenizer), layer_id=4)
     with pytest.raises(ValueError, match="No trainable parameter in `update_modules` \\['attention'\\]"):
         make(llama4(tokenizer), update_modules=["attention"])
     with pytest.raises(ValueError, match="remove `ref_model`"):
-        RMUTrainer(model=llama4(tokenizer), ref_model=llama4(tokenizer), args=rmu_args(tmp_path),
-                   forget_dataset=forget_ds, retain_dataset=retain_ds, processing_class=tokenizer)
+        RMUTrainer(
+            model=llama4(tokenizer),
+            ref_model=llama4(tokenizer),
+            args=rmu_args(tmp_path),
+            forget_dataset=forget_ds,
+            retain_dataset=retain_ds,
+            processing_class=tokenizer,
+        )
     no_layers = llama4(tokenizer)
     no_layers.model.layers = torch.nn.Sequential(*no_layers.model.layers)  # runs, but no layer list to cut
     with pytest.raises(ValueError, match="no accessible decoder layers"):
@@ -285,32 +341,62 @@ def test_trainer_errors(tokenizer, forget_ds, retain_ds, tmp_path):
 
 def test_drop_in_preference_form_and_no_retain(tokenizer, tmp_path):
     rows = QA[:6]
-    ds = Dataset.from_dict({"prompt": [qa_prompt(q) for q, _ in rows], "chosen": [" I don't know."] * 6,
-                            "rejected": [" " + a for _, a in rows]})
-    trainer = RMUTrainer(model=llama4(tokenizer), args=rmu_args(tmp_path, max_steps=1), train_dataset=ds,
-                         processing_class=tokenizer)
+    ds = Dataset.from_dict(
+        {
+            "prompt": [qa_prompt(q) for q, _ in rows],
+            "chosen": [" I don't know."] * 6,
+            "rejected": [" " + a for _, a in rows],
+        }
+    )
+    trainer = RMUTrainer(
+        model=llama4(tokenizer), args=rmu_args(tmp_path, max_steps=1), train_dataset=ds, processing_class=tokenizer
+    )
     assert len(trainer.train_dataset.forget) == 6 and trainer.reference_plan.kind == "frozen_copy"
     trainer.train()
-    alone = RMUTrainer(model=llama4(tokenizer), args=rmu_args(tmp_path, max_steps=1, retain_weight=0.0),
-                       forget_dataset=prompt_completion(rows), processing_class=tokenizer)
+    alone = RMUTrainer(
+        model=llama4(tokenizer),
+        args=rmu_args(tmp_path, max_steps=1, retain_weight=0.0),
+        forget_dataset=prompt_completion(rows),
+        processing_class=tokenizer,
+    )
     assert alone.ref_model is None and alone.reference_plan.kind == "none"
     alone.train()
     assert "retain/loss" not in alone.state.log_history[0]
 
 
 def test_model_card_and_logged_metrics(tokenizer, forget_ds, retain_ds, tmp_path):
-    trainer = RMUTrainer(model=llama4(tokenizer), args=rmu_args(tmp_path, max_steps=1), forget_dataset=forget_ds,
-                         retain_dataset=retain_ds, processing_class=tokenizer)
+    trainer = RMUTrainer(
+        model=llama4(tokenizer),
+        args=rmu_args(tmp_path, max_steps=1),
+        forget_dataset=forget_ds,
+        retain_dataset=retain_ds,
+        processing_class=tokenizer,
+    )
     trainer.train()
     log = trainer.state.log_history[0]
-    for key in ["loss", "forget/loss", "retain/loss", "forget/control_cosine", "forget/activation_norm",
-                "num_tokens/forget", "num_tokens/retain"]:
+    for key in [
+        "loss",
+        "forget/loss",
+        "retain/loss",
+        "forget/control_cosine",
+        "forget/activation_norm",
+        "num_tokens/forget",
+        "num_tokens/retain",
+    ]:
         assert key in log, key
     trainer.save_model()
     card = (tmp_path / "out" / "README.md").read_text()
-    for needle in ["RMU", "2403.03218", "rmu", "`layer_id` | 2", "`steering_coeff` | 4.0",
-                   "`update_layers` | [0, 1, 2]", "`retain_weight` | 10.0", "a frozen copy of the initial model",
-                   "@article{li2024wmdp"]:
+    for needle in [
+        "RMU",
+        "2403.03218",
+        "rmu",
+        "`layer_id` | 2",
+        "`steering_coeff` | 4.0",
+        "`update_layers` | [0, 1, 2]",
+        "`retain_weight` | 10.0",
+        "a frozen copy of the initial model",
+        "@article{li2024wmdp",
+    ]:
         assert needle in card, needle
     assert "retain_loss_type" not in card and "`beta`" not in card
     assert os.path.isfile(tmp_path / "out" / "rmu_control_vector.pt")
@@ -321,13 +407,17 @@ def test_cli_knows_rmu(tmp_path):
     from trl_unlearn.cli.train import METHODS, make_parser, parse
 
     assert "rmu" in METHOD_NAMES and METHODS["rmu"] == (RMUTrainer, RMUConfig)
-    _, training, _ = parse(make_parser("rmu"), "rmu", ["--output_dir", str(tmp_path), "--layer_id", "3",
-                                                       "--update_modules", "mlp.down_proj", "--use_cpu", "true"])
+    _, training, _ = parse(
+        make_parser("rmu"),
+        "rmu",
+        ["--output_dir", str(tmp_path), "--layer_id", "3", "--update_modules", "mlp.down_proj", "--use_cpu", "true"],
+    )
     assert isinstance(training, RMUConfig) and training.update_layers == [1, 2, 3]
     assert training.update_modules == ["mlp.down_proj"] and training.retain_weight == 10.0
     assert training.steering_coeff == "auto"
-    _, training, _ = parse(make_parser("rmu"), "rmu", ["--output_dir", str(tmp_path), "--steering_coeff", "6.5",
-                                                       "--use_cpu", "true"])
+    _, training, _ = parse(
+        make_parser("rmu"), "rmu", ["--output_dir", str(tmp_path), "--steering_coeff", "6.5", "--use_cpu", "true"]
+    )
     assert training.steering_coeff == 6.5
 
 
@@ -335,8 +425,13 @@ def test_patched_forward_of_a_deep_copy_runs_the_copys_weights(tokenizer, forget
     """After RMU training the model keeps its (transparent) patched forward; a deep copy of it (a relearning attack,
     an EMA, ...) must run its own weights, for the full forward and for the layer forward."""
     model = llama4(tokenizer)
-    RMUTrainer(model=model, args=rmu_args(tmp_path, max_steps=1), forget_dataset=forget_ds, retain_dataset=retain_ds,
-               processing_class=tokenizer).train()
+    RMUTrainer(
+        model=model,
+        args=rmu_args(tmp_path, max_steps=1),
+        forget_dataset=forget_ds,
+        retain_dataset=retain_ds,
+        processing_class=tokenizer,
+    ).train()
     twin = copy.deepcopy(model)
     with torch.no_grad():
         for p in twin.parameters():

@@ -12,18 +12,31 @@ from trl_unlearn.modeling import forward_logps, head_transform
 
 ARCHS = {
     # small caps / scales so that the transform changes the distribution a lot
-    "gemma2": (Gemma2Config, Gemma2ForCausalLM, {"final_logit_softcapping": 2.0, "attn_logit_softcapping": None,
-                                                  "head_dim": 16, "query_pre_attn_scalar": 16}),
+    "gemma2": (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        {"final_logit_softcapping": 2.0, "attn_logit_softcapping": None, "head_dim": 16, "query_pre_attn_scalar": 16},
+    ),
     "cohere": (CohereConfig, CohereForCausalLM, {"logit_scale": 0.25}),
 }
 
 
 def tiny(arch, tokenizer, seed):
     config_cls, model_cls, extra = ARCHS[arch]
-    config = config_cls(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False, **extra)
+    config = config_cls(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+        **extra,
+    )
     torch.manual_seed(seed)
     model = model_cls(config)
     with torch.no_grad():  # larger logits than the init gives, so the cap / scale matters
@@ -36,8 +49,9 @@ def test_label_logps_match_the_models_own_logits(arch, tokenizer):
     model = tiny(arch, tokenizer, seed=0).eval()
     logit_scale, softcap = head_transform(model.config)
     assert (logit_scale, softcap) != (1.0, None)
-    enc = tokenizer(["Question: Who wrote book 3?\nAnswer: Author 3", "the quick brown fox"], padding=True,
-                    return_tensors="pt")
+    enc = tokenizer(
+        ["Question: Who wrote book 3?\nAnswer: Author 3", "the quick brown fox"], padding=True, return_tensors="pt"
+    )
     labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
     with torch.no_grad():
         ours = forward_logps(model, enc["input_ids"], enc["attention_mask"], labels).token_logps
@@ -56,8 +70,14 @@ def test_label_logps_match_the_models_own_logits(arch, tokenizer):
 def test_retain_kl_matches_the_models_own_logits(arch, tokenizer, forget_ds, retain_ds, tmp_path):
     model, ref = tiny(arch, tokenizer, seed=0), tiny(arch, tokenizer, seed=1).requires_grad_(False)
     args = cpu_args(NPOConfig, tmp_path, retain_loss_type="kl", forget_weight=0.0, retain_weight=1.0)
-    trainer = NPOTrainer(model=model, ref_model=ref, args=args, forget_dataset=forget_ds, retain_dataset=retain_ds,
-                         processing_class=tokenizer)
+    trainer = NPOTrainer(
+        model=model,
+        ref_model=ref,
+        args=args,
+        forget_dataset=forget_ds,
+        retain_dataset=retain_ds,
+        processing_class=tokenizer,
+    )
     pairs = [trainer.train_dataset[(i, i)] for i in range(4)]
     batch = trainer.data_collator(pairs)
     model.eval()

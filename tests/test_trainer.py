@@ -41,8 +41,9 @@ def params(model):
 
 def test_simnpo_loss_matches_naive_full_logits(model, tokenizer, forget_ds, retain_ds, tmp_path):
     args = cpu_args(SimNPOConfig, tmp_path, beta=2.0, gamma=0.5, forget_weight=0.7, retain_weight=0.3)
-    trainer = SimNPOTrainer(model=model, args=args, forget_dataset=forget_ds, retain_dataset=retain_ds,
-                            processing_class=tokenizer)
+    trainer = SimNPOTrainer(
+        model=model, args=args, forget_dataset=forget_ds, retain_dataset=retain_ds, processing_class=tokenizer
+    )
     batch = first_batch(trainer)
     model.eval()
     with torch.no_grad():
@@ -71,8 +72,13 @@ def test_npo_loss_and_weights_at_first_step(model, tokenizer, forget_ds, retain_
 
 @pytest.mark.parametrize("cls,cfg", [(GradAscentTrainer, GradAscentConfig), (GradDiffTrainer, GradDiffConfig)])
 def test_gradient_ascent_baselines(cls, cfg, model, tokenizer, forget_ds, retain_ds, tmp_path):
-    trainer = cls(model=model, args=cpu_args(cfg, tmp_path), forget_dataset=forget_ds, retain_dataset=retain_ds,
-                  processing_class=tokenizer)
+    trainer = cls(
+        model=model,
+        args=cpu_args(cfg, tmp_path),
+        forget_dataset=forget_ds,
+        retain_dataset=retain_ds,
+        processing_class=tokenizer,
+    )
     batch = first_batch(trainer)
     with torch.no_grad():
         logps, n = naive_terms(model.eval(), batch)
@@ -100,8 +106,9 @@ def _naive_loss(method, logps, n, f, ref):
 
 @pytest.mark.parametrize("method", ["simnpo", "npo", "gradascent", "graddiff"])
 @pytest.mark.parametrize("tied", [False, True])
-def test_training_gradients_match_naive_full_logits(method, tied, tokenizer, forget_ds, retain_ds, tmp_path,
-                                                    monkeypatch):
+def test_training_gradients_match_naive_full_logits(
+    method, tied, tokenizer, forget_ds, retain_ds, tmp_path, monkeypatch
+):
     """The fused training loss (gradients computed in the forward, `fused_loss.py`) gives the full-logits autograd
     gradients for every parameter, trainable head or tied embeddings."""
     import trl_unlearn.modeling
@@ -109,8 +116,9 @@ def test_training_gradients_match_naive_full_logits(method, tied, tokenizer, for
 
     calls = []
     fused_op = trl_unlearn.modeling.fused_linear_sequence_loss
-    monkeypatch.setattr(trl_unlearn.modeling, "fused_linear_sequence_loss",
-                        lambda *a, **k: calls.append(1) or fused_op(*a, **k))
+    monkeypatch.setattr(
+        trl_unlearn.modeling, "fused_linear_sequence_loss", lambda *a, **k: calls.append(1) or fused_op(*a, **k)
+    )
 
     cls, cfg, extra = {
         "simnpo": (SimNPOTrainer, SimNPOConfig, dict(beta=2.0, gamma=0.5)),
@@ -120,8 +128,9 @@ def test_training_gradients_match_naive_full_logits(method, tied, tokenizer, for
     }[method]
     model = tiny_llama(tokenizer, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, tie_word_embeddings=tied)
     args = cpu_args(cfg, tmp_path, forget_weight=0.7, retain_weight=0.0 if method == "gradascent" else 0.3, **extra)
-    trainer = cls(model=model, args=args, forget_dataset=forget_ds, retain_dataset=retain_ds,
-                  processing_class=tokenizer)
+    trainer = cls(
+        model=model, args=args, forget_dataset=forget_ds, retain_dataset=retain_ds, processing_class=tokenizer
+    )
     with torch.no_grad():  # move away from the reference, so NPO's weights are not all 1
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
@@ -143,8 +152,9 @@ def test_training_gradients_match_naive_full_logits(method, tied, tokenizer, for
 
 def test_retain_kl_matches_full_vocab_kl(model, tokenizer, forget_ds, retain_ds, tmp_path):
     args = cpu_args(SimNPOConfig, tmp_path, retain_loss_type="kl", forget_weight=0.0, retain_weight=1.0)
-    trainer = SimNPOTrainer(model=model, args=args, forget_dataset=forget_ds, retain_dataset=retain_ds,
-                            processing_class=tokenizer)
+    trainer = SimNPOTrainer(
+        model=model, args=args, forget_dataset=forget_ds, retain_dataset=retain_ds, processing_class=tokenizer
+    )
     assert trainer.ref_model is not None and trainer.ref_model is not model
     with torch.no_grad():  # move the policy away from the reference
         for p in model.parameters():
@@ -173,8 +183,13 @@ def test_full_finetune_changes_trainable_and_not_frozen(model, tokenizer, forget
     for p in model.model.layers[0].parameters():
         p.requires_grad_(False)
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    trainer = SimNPOTrainer(model=model, args=cpu_args(SimNPOConfig, tmp_path, max_steps=3), forget_dataset=forget_ds,
-                            retain_dataset=retain_ds, processing_class=tokenizer)
+    trainer = SimNPOTrainer(
+        model=model,
+        args=cpu_args(SimNPOConfig, tmp_path, max_steps=3),
+        forget_dataset=forget_ds,
+        retain_dataset=retain_ds,
+        processing_class=tokenizer,
+    )
     changed = _train_and_diff(trainer, model)
     assert frozen and not (changed & frozen)
     assert changed == {n for n, p in model.named_parameters() if p.requires_grad}
@@ -186,8 +201,14 @@ def test_lora_trains_adapters_only(checkpointing, model, tokenizer, forget_ds, r
 
     peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
     args = cpu_args(SimNPOConfig, tmp_path, max_steps=3, gradient_checkpointing=checkpointing)
-    trainer = SimNPOTrainer(model=model, args=args, forget_dataset=forget_ds, retain_dataset=retain_ds,
-                            processing_class=tokenizer, peft_config=peft_config)
+    trainer = SimNPOTrainer(
+        model=model,
+        args=args,
+        forget_dataset=forget_ds,
+        retain_dataset=retain_ds,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
     changed = _train_and_diff(trainer, trainer.model)
     lora = {n for n, _ in trainer.model.named_parameters() if "lora_" in n}
     assert lora and changed == lora
@@ -196,8 +217,14 @@ def test_lora_trains_adapters_only(checkpointing, model, tokenizer, forget_ds, r
 def test_npo_explicit_reference_is_untouched(model, tokenizer, forget_ds, retain_ds, tmp_path):
     ref = copy.deepcopy(model)
     ref_before = params(ref)
-    trainer = NPOTrainer(model=model, ref_model=ref, args=cpu_args(NPOConfig, tmp_path, max_steps=3),
-                         forget_dataset=forget_ds, retain_dataset=retain_ds, processing_class=tokenizer)
+    trainer = NPOTrainer(
+        model=model,
+        ref_model=ref,
+        args=cpu_args(NPOConfig, tmp_path, max_steps=3),
+        forget_dataset=forget_ds,
+        retain_dataset=retain_ds,
+        processing_class=tokenizer,
+    )
     assert not trainer.precompute_forget_ref
     changed = _train_and_diff(trainer, model)
     assert changed and all(torch.equal(ref_before[n], p) for n, p in ref.named_parameters())
@@ -206,9 +233,14 @@ def test_npo_explicit_reference_is_untouched(model, tokenizer, forget_ds, retain
 def test_npo_with_peft_uses_adapter_disabled_base(model, tokenizer, forget_ds, retain_ds, tmp_path):
     from peft import LoraConfig
 
-    trainer = NPOTrainer(model=model, args=cpu_args(NPOConfig, tmp_path, max_steps=3), forget_dataset=forget_ds,
-                         retain_dataset=retain_ds, processing_class=tokenizer,
-                         peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    trainer = NPOTrainer(
+        model=model,
+        args=cpu_args(NPOConfig, tmp_path, max_steps=3),
+        forget_dataset=forget_ds,
+        retain_dataset=retain_ds,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+    )
     assert trainer.ref_model is None and not trainer.precompute_forget_ref
     base_before = {n: p.clone() for n, p in trainer.model.named_parameters() if "lora_" not in n}
     trainer.train()
@@ -220,8 +252,13 @@ def test_npo_with_peft_uses_adapter_disabled_base(model, tokenizer, forget_ds, r
 def test_simnpo_never_creates_or_runs_a_reference(model, tokenizer, forget_ds, retain_ds, tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(SimNPOTrainer, "_reference_token_logps", lambda *a, **k: calls.append(1))
-    trainer = SimNPOTrainer(model=model, args=cpu_args(SimNPOConfig, tmp_path), forget_dataset=forget_ds,
-                            retain_dataset=retain_ds, processing_class=tokenizer)
+    trainer = SimNPOTrainer(
+        model=model,
+        args=cpu_args(SimNPOConfig, tmp_path),
+        forget_dataset=forget_ds,
+        retain_dataset=retain_ds,
+        processing_class=tokenizer,
+    )
     trainer.train()
     assert trainer.ref_model is None and not calls
     assert "ref_logps" not in trainer.train_dataset.forget.column_names
@@ -233,10 +270,17 @@ def test_gradient_accumulation_2x2_matches_4x1(tokenizer, forget_ds, retain_ds, 
     runs = []
     for bs, ga in [(4, 1), (2, 2)]:
         m = tiny_llama(tokenizer, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
-        args = cpu_args(SimNPOConfig, tmp_path / f"{bs}x{ga}", per_device_train_batch_size=bs,
-                        gradient_accumulation_steps=ga, max_steps=3, beta=0.5)
-        t = SimNPOTrainer(model=m, args=args, forget_dataset=forget_ds, retain_dataset=retain_ds,
-                          processing_class=tokenizer)
+        args = cpu_args(
+            SimNPOConfig,
+            tmp_path / f"{bs}x{ga}",
+            per_device_train_batch_size=bs,
+            gradient_accumulation_steps=ga,
+            max_steps=3,
+            beta=0.5,
+        )
+        t = SimNPOTrainer(
+            model=m, args=args, forget_dataset=forget_ds, retain_dataset=retain_ds, processing_class=tokenizer
+        )
         t.train()
         runs.append(([h["loss"] for h in t.state.log_history if "loss" in h], params(m)))
     (loss_a, p_a), (loss_b, p_b) = runs
@@ -250,10 +294,18 @@ def test_resume_from_checkpoint_reproduces_loss_trace(tokenizer, forget_ds, reta
 
     def run(out, resume=None, max_steps=5):
         m = tiny_llama(tokenizer, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
-        args = cpu_args(SimNPOConfig, tmp_path, output_dir=str(out), max_steps=max_steps, save_strategy="steps",
-                        save_steps=1, beta=0.5)
-        t = SimNPOTrainer(model=m, args=args, forget_dataset=forget_ds, retain_dataset=retain_ds,
-                          processing_class=tokenizer)
+        args = cpu_args(
+            SimNPOConfig,
+            tmp_path,
+            output_dir=str(out),
+            max_steps=max_steps,
+            save_strategy="steps",
+            save_steps=1,
+            beta=0.5,
+        )
+        t = SimNPOTrainer(
+            model=m, args=args, forget_dataset=forget_ds, retain_dataset=retain_ds, processing_class=tokenizer
+        )
         t.train(resume_from_checkpoint=resume)
         return {h["step"]: h["loss"] for h in t.state.log_history if "loss" in h}, params(m)
 
@@ -267,8 +319,13 @@ def test_resume_from_checkpoint_reproduces_loss_trace(tokenizer, forget_ds, reta
 
 
 def test_retain_pairing_is_seeded_and_epoch_dependent(model, tokenizer, forget_ds, retain_ds, tmp_path):
-    trainer = SimNPOTrainer(model=model, args=cpu_args(SimNPOConfig, tmp_path), forget_dataset=forget_ds,
-                            retain_dataset=retain_ds, processing_class=tokenizer)
+    trainer = SimNPOTrainer(
+        model=model,
+        args=cpu_args(SimNPOConfig, tmp_path),
+        forget_dataset=forget_ds,
+        retain_dataset=retain_ds,
+        processing_class=tokenizer,
+    )
     sampler = trainer._get_train_sampler()
     epoch0 = list(sampler)
     assert epoch0 == list(trainer._get_train_sampler())  # reproducible from the seed
@@ -279,13 +336,25 @@ def test_retain_pairing_is_seeded_and_epoch_dependent(model, tokenizer, forget_d
 
 
 def test_logged_metrics(model, tokenizer, forget_ds, retain_ds, tmp_path):
-    trainer = SimNPOTrainer(model=model, args=cpu_args(SimNPOConfig, tmp_path, eval_strategy="steps", eval_steps=2),
-                            forget_dataset=forget_ds, retain_dataset=retain_ds, processing_class=tokenizer,
-                            eval_dataset={"forget": forget_ds, "retain": retain_ds})
+    trainer = SimNPOTrainer(
+        model=model,
+        args=cpu_args(SimNPOConfig, tmp_path, eval_strategy="steps", eval_steps=2),
+        forget_dataset=forget_ds,
+        retain_dataset=retain_ds,
+        processing_class=tokenizer,
+        eval_dataset={"forget": forget_ds, "retain": retain_ds},
+    )
     trainer.train()
     train_log = trainer.state.log_history[0]
-    for key in ["loss", "forget/loss", "retain/loss", "forget/logps_per_token", "forget/grad_weight",
-                "num_tokens/forget", "num_tokens/retain"]:
+    for key in [
+        "loss",
+        "forget/loss",
+        "retain/loss",
+        "forget/logps_per_token",
+        "forget/grad_weight",
+        "num_tokens/forget",
+        "num_tokens/retain",
+    ]:
         assert key in train_log, key
     eval_log = next(h for h in trainer.state.log_history if "eval_loss" in h)
     assert "eval_forget/loss" in eval_log and eval_log["eval_num_tokens/forget"] > 0
@@ -314,8 +383,13 @@ def test_forget_retain_formats(fmt, model, tokenizer, tmp_path):
         messages = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
         full = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
         expected = tokenizer.decode(full[1:])
-    trainer = SimNPOTrainer(model=model, args=cpu_args(SimNPOConfig, tmp_path, max_steps=1),
-                            forget_dataset=make(QA[:4]), retain_dataset=make(QA[4:12]), processing_class=tokenizer)
+    trainer = SimNPOTrainer(
+        model=model,
+        args=cpu_args(SimNPOConfig, tmp_path, max_steps=1),
+        forget_dataset=make(QA[:4]),
+        retain_dataset=make(QA[4:12]),
+        processing_class=tokenizer,
+    )
     trainer.train_dataset.forget = trainer.train_dataset.forget.select([0])
     assert _completion_text(trainer, tokenizer) == expected
     trainer.train()
@@ -325,14 +399,24 @@ def test_forget_retain_formats(fmt, model, tokenizer, tmp_path):
 def test_drop_in_preference_datasets(kind, model, tokenizer, tmp_path):
     rows = QA[:6]
     if kind == "paired":
-        ds = Dataset.from_dict({"prompt": [qa_prompt(q) for q, _ in rows], "chosen": [" I don't know." for _ in rows],
-                                "rejected": [" " + a for _, a in rows]})
+        ds = Dataset.from_dict(
+            {
+                "prompt": [qa_prompt(q) for q, _ in rows],
+                "chosen": [" I don't know." for _ in rows],
+                "rejected": [" " + a for _, a in rows],
+            }
+        )
     else:
-        ds = Dataset.from_dict({"prompt": [qa_prompt(q) for q, _ in rows] * 2,
-                                "completion": [" " + a for _, a in rows] + [" I don't know." for _ in rows],
-                                "label": [False] * 6 + [True] * 6})
-    trainer = SimNPOTrainer(model=model, args=cpu_args(SimNPOConfig, tmp_path, max_steps=1), train_dataset=ds,
-                            processing_class=tokenizer)
+        ds = Dataset.from_dict(
+            {
+                "prompt": [qa_prompt(q) for q, _ in rows] * 2,
+                "completion": [" " + a for _, a in rows] + [" I don't know." for _ in rows],
+                "label": [False] * 6 + [True] * 6,
+            }
+        )
+    trainer = SimNPOTrainer(
+        model=model, args=cpu_args(SimNPOConfig, tmp_path, max_steps=1), train_dataset=ds, processing_class=tokenizer
+    )
     assert len(trainer.train_dataset.forget) == 6 and len(trainer.train_dataset.retain) == 6
     pair = trainer.data_collator([trainer.train_dataset[(0, 0)]])
     forget_text = tokenizer.decode(pair["input_ids"][0][pair["completion_mask"][0].bool()])
@@ -342,23 +426,46 @@ def test_drop_in_preference_datasets(kind, model, tokenizer, tmp_path):
 
 
 def test_zero_scored_rows_dropped_with_count(model, tokenizer, retain_ds, tmp_path, caplog):
-    forget = Dataset.from_dict({"prompt": ["word " * 60 + "?", qa_prompt(QA[0][0])], "completion": [" x", " " + QA[0][1]]})
+    forget = Dataset.from_dict(
+        {"prompt": ["word " * 60 + "?", qa_prompt(QA[0][0])], "completion": [" x", " " + QA[0][1]]}
+    )
     with caplog.at_level("WARNING"):
-        trainer = SimNPOTrainer(model=model, args=cpu_args(SimNPOConfig, tmp_path, max_length=32),
-                                forget_dataset=forget, retain_dataset=retain_ds, processing_class=tokenizer)
+        trainer = SimNPOTrainer(
+            model=model,
+            args=cpu_args(SimNPOConfig, tmp_path, max_length=32),
+            forget_dataset=forget,
+            retain_dataset=retain_ds,
+            processing_class=tokenizer,
+        )
     assert len(trainer.train_dataset.forget) == 1
     assert "Dropped 1 of 2 forget examples" in caplog.text
 
 
 def test_model_card(model, tokenizer, forget_ds, retain_ds, tmp_path):
-    trainer = SimNPOTrainer(model=model, args=cpu_args(SimNPOConfig, tmp_path, max_steps=1), forget_dataset=forget_ds,
-                            retain_dataset=retain_ds, processing_class=tokenizer)
+    trainer = SimNPOTrainer(
+        model=model,
+        args=cpu_args(SimNPOConfig, tmp_path, max_steps=1),
+        forget_dataset=forget_ds,
+        retain_dataset=retain_ds,
+        processing_class=tokenizer,
+    )
     trainer.train()
     trainer.evaluation_summary = {"forget_quality": 0.5}
     trainer.save_model()
     card = (tmp_path / "out" / "README.md").read_text()
-    for needle in ["SimNPO", "2410.07163", "trl-unlearn", "unlearning", "simnpo", "Forget data: 8 examples",
-                   "Retain data: 24 examples", "`beta` | 2.5", "approximate", "forget_quality: 0.5", "@article{fan2024"]:
+    for needle in [
+        "SimNPO",
+        "2410.07163",
+        "trl-unlearn",
+        "unlearning",
+        "simnpo",
+        "Forget data: 8 examples",
+        "Retain data: 24 examples",
+        "`beta` | 2.5",
+        "approximate",
+        "forget_quality: 0.5",
+        "@article{fan2024",
+    ]:
         assert needle in card, needle
 
 
@@ -369,8 +476,9 @@ def test_group_by_length_cuts_padding_and_keeps_every_row(model, tokenizer, tmp_
 
     def padding(strategy):
         args = cpu_args(SimNPOConfig, tmp_path, per_device_train_batch_size=4, train_sampling_strategy=strategy)
-        trainer = SimNPOTrainer(model=model, args=args, forget_dataset=forget, retain_dataset=retain,
-                                processing_class=tokenizer)
+        trainer = SimNPOTrainer(
+            model=model, args=args, forget_dataset=forget, retain_dataset=retain, processing_class=tokenizer
+        )
         pairs = list(trainer._get_train_sampler())
         assert sorted(f for f, _ in pairs) == list(range(32)) and sorted(r for _, r in pairs) == list(range(32))
         pad = 0

@@ -32,8 +32,9 @@ def files(tmp_path_factory, tokenizer):
     corpus folder, and two JSON-lines corpus folders standing in for WMDP's forget corpus and WikiText."""
     root = tmp_path_factory.mktemp("user")
     for name, layers in (("model", 2), ("model8", 8)):
-        model = tiny_llama(tokenizer, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
-                           max_position_embeddings=2048)
+        model = tiny_llama(
+            tokenizer, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, max_position_embeddings=2048
+        )
         model.save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)
     tofu = write_tofu_layout(root / "tofu", make_tofu_like(num_authors=10, questions_per_author=4, seed=0))
@@ -45,9 +46,15 @@ def files(tmp_path_factory, tokenizer):
         (root / folder).mkdir()
         docs = [""] + [f"{q} {a} {q} {a}" for q, a in rows]  # WikiText has empty rows; > 50 characters each
         (root / folder / f"{split}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    return {"model": str(root / "model"), "model8": str(root / "model8"), "tofu": str(tofu),
-            "muse": str(root / "muse"), "wmdp_forget": str(root / "wmdp_forget"),
-            "wmdp_retain": str(root / "wmdp_retain"), "root": root}
+    return {
+        "model": str(root / "model"),
+        "model8": str(root / "model8"),
+        "tofu": str(tofu),
+        "muse": str(root / "muse"),
+        "wmdp_forget": str(root / "wmdp_forget"),
+        "wmdp_retain": str(root / "wmdp_retain"),
+        "root": root,
+    }
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=os.path.basename)
@@ -61,8 +68,22 @@ def test_every_recipe_runs_through_the_cli(recipe, files, tmp_path):
         data = ["--dataset_name", files["muse"] if name.startswith("muse") else files["tofu"]]
     model = files["model8"] if config.get("layer_id", 0) >= 2 else files["model"]
     out = tmp_path / "out"
-    code = main([config["methods"], "--config", recipe, "--model_name_or_path", model, *data,
-                 "--output_dir", str(out), "--max_steps", "1", "--dtype", "float32"])
+    code = main(
+        [
+            config["methods"],
+            "--config",
+            recipe,
+            "--model_name_or_path",
+            model,
+            *data,
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "1",
+            "--dtype",
+            "float32",
+        ]
+    )
     assert code == 0
     assert (out / "README.md").is_file()
     assert (out / "adapter_config.json").is_file() or (out / "model.safetensors").is_file()
@@ -70,9 +91,28 @@ def test_every_recipe_runs_through_the_cli(recipe, files, tmp_path):
 
 def test_cli_card_names_base_model_data_method_and_settings_then_eval_adds_results(files, tmp_path, caplog):
     out = tmp_path / "out"
-    assert main(["simnpo", "--model_name_or_path", files["model"], "--dataset_name", files["tofu"],
-                 "--forget_split", "forget10", "--output_dir", str(out), "--max_steps", "1", "--beta", "3.5",
-                 "--report_to", "none"]) == 0
+    assert (
+        main(
+            [
+                "simnpo",
+                "--model_name_or_path",
+                files["model"],
+                "--dataset_name",
+                files["tofu"],
+                "--forget_split",
+                "forget10",
+                "--output_dir",
+                str(out),
+                "--max_steps",
+                "1",
+                "--beta",
+                "3.5",
+                "--report_to",
+                "none",
+            ]
+        )
+        == 0
+    )
     card = ModelCard.load(out / "README.md")
     text = card.text
     assert files["model"] in text and "None" not in text.split("## Unlearning")[0]
@@ -84,9 +124,29 @@ def test_cli_card_names_base_model_data_method_and_settings_then_eval_adds_resul
     assert json.load(open(out / "unlearning_prompt.json")) == {"prompt_format": "Question: {question}\nAnswer:"}
     # ... so eval scores with it although the tokenizer has a chat template (auto would pick the template)
     report = tmp_path / "report.json"
-    assert main(["eval", "tofu", "--model", str(out), "--data_dir", files["tofu"], "--split", "forget10",
-                 "--output", str(report), "--max_new_tokens", "4", "--device", "cpu", "--no_progress",
-                 "--update_model_card"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "tofu",
+                "--model",
+                str(out),
+                "--data_dir",
+                files["tofu"],
+                "--split",
+                "forget10",
+                "--output",
+                str(report),
+                "--max_new_tokens",
+                "4",
+                "--device",
+                "cpu",
+                "--no_progress",
+                "--update_model_card",
+            ]
+        )
+        == 0
+    )
     saved = json.load(open(report))
     assert saved["settings"]["prompt_format"] == "Question: {question}\nAnswer:"
     card = ModelCard.load(out / "README.md")
@@ -95,9 +155,30 @@ def test_cli_card_names_base_model_data_method_and_settings_then_eval_adds_resul
     assert "model_utility" in card.text and "No evaluation was recorded" not in card.text
     # another format than the recorded one: a loud warning
     with caplog.at_level(logging.WARNING):
-        assert main(["eval", "tofu", "--model", str(out), "--data_dir", files["tofu"], "--split", "forget10",
-                     "--output", str(tmp_path / "r2.json"), "--max_new_tokens", "4", "--device", "cpu",
-                     "--no_progress", "--prompt_format", "chat"]) == 0
+        assert (
+            main(
+                [
+                    "eval",
+                    "tofu",
+                    "--model",
+                    str(out),
+                    "--data_dir",
+                    files["tofu"],
+                    "--split",
+                    "forget10",
+                    "--output",
+                    str(tmp_path / "r2.json"),
+                    "--max_new_tokens",
+                    "4",
+                    "--device",
+                    "cpu",
+                    "--no_progress",
+                    "--prompt_format",
+                    "chat",
+                ]
+            )
+            == 0
+        )
     assert "differs from the format this model was trained with" in caplog.text
 
 
@@ -114,8 +195,9 @@ def test_recipe_keys_for_another_method_or_unknown_are_errors(files, tmp_path, c
 def test_npo_explicit_reference_with_precomputed_logps(model, tokenizer, forget_ds, retain_ds, tmp_path):
     ref = tiny_llama(tokenizer, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, seed=7)
     args = cpu_args(NPOConfig, tmp_path, precompute_ref_log_probs=True, max_steps=1)
-    trainer = NPOTrainer(model, ref_model=ref, args=args, forget_dataset=forget_ds, retain_dataset=retain_ds,
-                         processing_class=tokenizer)
+    trainer = NPOTrainer(
+        model, ref_model=ref, args=args, forget_dataset=forget_ds, retain_dataset=retain_ds, processing_class=tokenizer
+    )
     assert trainer.precompute_forget_ref and args.precompute_ref_log_probs is True  # the user's config unchanged
     rows = trainer.train_dataset.forget
     batch = trainer.data_collator([{"forget": rows[i], "retain": None} for i in range(len(rows))])
@@ -123,7 +205,7 @@ def test_npo_explicit_reference_with_precomputed_logps(model, tokenizer, forget_
     with torch.no_grad():
         logits = ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     target = labels[:, 1:]
-    expected = (logits.log_softmax(-1).gather(-1, target.clamp(min=0)[..., None]).squeeze(-1) * (target != -100))
+    expected = logits.log_softmax(-1).gather(-1, target.clamp(min=0)[..., None]).squeeze(-1) * (target != -100)
     torch.testing.assert_close(torch.tensor(rows["ref_logps"]), expected.sum(-1), rtol=1e-5, atol=1e-4)
     trainer.train()
 
@@ -143,8 +225,16 @@ def test_quick_start_config_runs_on_cpu(caplog):
     assert explicit.bf16 is False
 
 
-@pytest.mark.parametrize("field,value", [("loss_type", ["ipo"]), ("label_smoothing", 0.1), ("use_weighting", True),
-                                         ("padding_free", True), ("sync_ref_model", True)])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("loss_type", ["ipo"]),
+        ("label_smoothing", 0.1),
+        ("use_weighting", True),
+        ("padding_free", True),
+        ("sync_ref_model", True),
+    ],
+)
 def test_dpo_only_fields_are_rejected(field, value, tmp_path):
     with pytest.raises(ValueError, match=f"`{field}`: DPO-only"):
         cpu_args(SimNPOConfig, tmp_path, **{field: value})
@@ -161,35 +251,58 @@ def test_dpo_only_fields_are_hidden_from_cli_help(capsys):
 
 def test_unused_data_and_negative_gamma_warn(model, tokenizer, forget_ds, retain_ds, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
-        SimNPOTrainer(model, args=cpu_args(SimNPOConfig, tmp_path, retain_weight=0.0), forget_dataset=forget_ds,
-                      retain_dataset=retain_ds, processing_class=tokenizer)
-        pref = Dataset.from_dict({"prompt": ["Question: a?\nAnswer:"] * 4, "chosen": [" yes"] * 4,
-                                  "rejected": [" no"] * 4})
-        SimNPOTrainer(model, args=cpu_args(SimNPOConfig, tmp_path), train_dataset=pref, retain_dataset=retain_ds,
-                      processing_class=tokenizer)
+        SimNPOTrainer(
+            model,
+            args=cpu_args(SimNPOConfig, tmp_path, retain_weight=0.0),
+            forget_dataset=forget_ds,
+            retain_dataset=retain_ds,
+            processing_class=tokenizer,
+        )
+        pref = Dataset.from_dict(
+            {"prompt": ["Question: a?\nAnswer:"] * 4, "chosen": [" yes"] * 4, "rejected": [" no"] * 4}
+        )
+        SimNPOTrainer(
+            model,
+            args=cpu_args(SimNPOConfig, tmp_path),
+            train_dataset=pref,
+            retain_dataset=retain_ds,
+            processing_class=tokenizer,
+        )
         cpu_args(SimNPOConfig, tmp_path, gamma=-1.0)
     assert "the 24 retain examples are not used" in caplog.text
     assert "its 4 `chosen`" in caplog.text and "NOT used" in caplog.text
     assert "gamma=-1.0" in caplog.text
 
 
-@pytest.mark.parametrize("forget,error,match", [
-    (Dataset.from_dict({"prompt": ["Q: a?"], "completion": [3]}), TypeError, r"`completion` is 3 \(int\)"),
-    (Dataset.from_dict({"prompt": [None], "completion": [" x"]}), TypeError, r"`prompt` is None"),
-    ([{"prompt": "Q: a?", "completion": " x"}], TypeError, r"not a `datasets.Dataset`: wrap it"),
-])
+@pytest.mark.parametrize(
+    "forget,error,match",
+    [
+        (Dataset.from_dict({"prompt": ["Q: a?"], "completion": [3]}), TypeError, r"`completion` is 3 \(int\)"),
+        (Dataset.from_dict({"prompt": [None], "completion": [" x"]}), TypeError, r"`prompt` is None"),
+        ([{"prompt": "Q: a?", "completion": " x"}], TypeError, r"not a `datasets.Dataset`: wrap it"),
+    ],
+)
 def test_bad_rows_are_named(forget, error, match, model, tokenizer, retain_ds, tmp_path):
     with pytest.raises(error, match=match):
-        SimNPOTrainer(model, args=cpu_args(SimNPOConfig, tmp_path), forget_dataset=forget, retain_dataset=retain_ds,
-                      processing_class=tokenizer)
+        SimNPOTrainer(
+            model,
+            args=cpu_args(SimNPOConfig, tmp_path),
+            forget_dataset=forget,
+            retain_dataset=retain_ds,
+            processing_class=tokenizer,
+        )
 
 
 def test_conversational_data_needs_a_chat_template(model, tokenizer, tmp_path):
     no_template = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer, eos_token="</s>", pad_token="<pad>")
     conv = prompt_completion(QA[:4], conversational=True)
     with pytest.raises(ValueError, match="no chat template"):
-        SimNPOTrainer(model, args=cpu_args(SimNPOConfig, tmp_path, retain_weight=0.0), forget_dataset=conv,
-                      processing_class=no_template)
+        SimNPOTrainer(
+            model,
+            args=cpu_args(SimNPOConfig, tmp_path, retain_weight=0.0),
+            forget_dataset=conv,
+            processing_class=no_template,
+        )
 
 
 def test_missing_model_path_is_one_clean_line(files, capsys):
@@ -200,8 +313,10 @@ def test_missing_model_path_is_one_clean_line(files, capsys):
 
 
 def test_help_imports_nothing_heavy():
-    code = ("import sys\nfrom trl_unlearn.cli import build_parser\nbuild_parser().format_help()\n"
-            "print(sorted(m for m in ('torch', 'transformers', 'trl', 'datasets', 'lm_eval') if m in sys.modules))")
+    code = (
+        "import sys\nfrom trl_unlearn.cli import build_parser\nbuild_parser().format_help()\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'trl', 'datasets', 'lm_eval') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -237,4 +352,7 @@ def test_checkpointing_flag_old_and_new_names(tmp_path):
         assert SimNPOConfig(output_dir=str(tmp_path), use_cpu=True).activation_checkpointing is True
         off = SimNPOConfig(output_dir=str(tmp_path), use_cpu=True, gradient_checkpointing=False)
     assert off.activation_checkpointing is False and off.gradient_checkpointing is False
-    assert SimNPOConfig(output_dir=str(tmp_path), use_cpu=True, activation_checkpointing=False).gradient_checkpointing is False
+    assert (
+        SimNPOConfig(output_dir=str(tmp_path), use_cpu=True, activation_checkpointing=False).gradient_checkpointing
+        is False
+    )

@@ -27,8 +27,16 @@ from trl.trainer.utils import (
 # Private attributes of TRL's / transformers' trainer that the trainers read, set or override (hooks), on themselves.
 # `tests/test_architecture.py` fails on any other private upstream name used outside this file.
 TRL_ATTRIBUTES = (
-    "_metrics", "_tokenizer", "_precompute_engine", "_tag_names", "_name", "_paper",  # read / set
-    "_prepare_dataset", "_precompute_ref_logps", "_set_signature_columns_if_needed", "_get_train_sampler",  # hooks
+    "_metrics",
+    "_tokenizer",
+    "_precompute_engine",
+    "_tag_names",
+    "_name",
+    "_paper",  # read / set
+    "_prepare_dataset",
+    "_precompute_ref_logps",
+    "_set_signature_columns_if_needed",
+    "_get_train_sampler",  # hooks
 )
 
 __all__ = [
@@ -48,16 +56,33 @@ __all__ = [
 ]
 
 
-def chunked_kl(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, *,
-               student_transform=(1.0, None), teacher_transform=(1.0, None)):
+def chunked_kl(
+    student_hidden,
+    student_weight,
+    student_bias,
+    teacher_hidden,
+    teacher_weight,
+    teacher_bias,
+    *,
+    student_transform=(1.0, None),
+    teacher_transform=(1.0, None),
+):
     """Per-row forward KL(teacher ‖ student) `[N]` fp32 over the full vocabulary, from hidden states `[N, H]` and LM
     heads `[V, H]`, without the `[N, V]` logits; gradients flow to the student. A transform is `(logit_scale,
     softcap)` as `modeling.head_transform` gives it. TRL's `ChunkedDivergenceFunction` (beta 0 = forward KL)."""
     kl, _entropy = ChunkedDivergenceFunction.apply(
-        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+        student_hidden,
+        student_weight,
+        student_bias,
+        teacher_hidden,
+        teacher_weight,
+        teacher_bias,
         0.0,  # beta: forward KL
         1.0,  # temperature
-        student_transform[0], student_transform[1], teacher_transform[0], teacher_transform[1],
+        student_transform[0],
+        student_transform[1],
+        teacher_transform[0],
+        teacher_transform[1],
     )
     return kl
 

@@ -32,8 +32,9 @@ def layers_path(model) -> str:
     return f"{owner_path}.{name}" if owner_path else name
 
 
-def layer_output(lm, input_ids=None, attention_mask=None, *, layers: str, layer_id: int, grad_from: int = 0,
-                 **kwargs) -> torch.Tensor:
+def layer_output(
+    lm, input_ids=None, attention_mask=None, *, layers: str, layer_id: int, grad_from: int = 0, **kwargs
+) -> torch.Tensor:
     """Output `[B, T, H]` of decoder layer `layer_id` of the causal LM `lm` (its layer list at the dotted path
     `layers`), running only layers `0 .. layer_id` and no LM head: the list is cut to those layers for the call and
     restored after. The graph starts at the input of layer `grad_from` (the first trained layer): no backward runs
@@ -53,8 +54,10 @@ def layer_output(lm, input_ids=None, attention_mask=None, *, layers: str, layer_
             return (args[0].detach().requires_grad_(torch.is_grad_enabled()), *args[1:]), kw
         return args, {**kw, "hidden_states": kw["hidden_states"].detach().requires_grad_(torch.is_grad_enabled())}
 
-    handles = [full[layer_id].register_forward_hook(keep),
-               full[grad_from].register_forward_pre_hook(cut, with_kwargs=True)]
+    handles = [
+        full[layer_id].register_forward_hook(keep),
+        full[grad_from].register_forward_pre_hook(cut, with_kwargs=True),
+    ]
     setattr(owner, name, full[: layer_id + 1])
     try:
         kwargs = {k: v for k, v in kwargs.items() if v is not None and k not in ("labels", "return_dict")}
@@ -75,6 +78,7 @@ def control_vector(hidden_size: int, steering_coeff: float, seed: int) -> torch.
 def select_parameters(model, layers, update_layers, update_modules) -> tuple[list[str], int]:
     """Freeze every parameter of `model` but the trainable ones inside `update_modules` of `update_layers`; returns
     (their names, how many trainable tensors were frozen)."""
+
     def inside(name):
         return any(name == m or name.startswith(m + ".") for m in update_modules)
 
@@ -87,4 +91,3 @@ def select_parameters(model, layers, update_layers, update_modules) -> tuple[lis
             p.requires_grad_(False)
             frozen += 1
     return names, frozen
-

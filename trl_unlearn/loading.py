@@ -47,12 +47,20 @@ def check_weights(folder: str, what: str = "model", hint: str | None = None) -> 
         if name.endswith(".safetensors"):
             problem = safetensors_problem(os.path.join(folder, name))
             if problem:
-                raise ValueError(f"The {what} weights {os.path.join(folder, name)} are corrupt ({problem}): "
-                                 f"{hint or 'restore or re-download the file'}.")
+                raise ValueError(
+                    f"The {what} weights {os.path.join(folder, name)} are corrupt ({problem}): "
+                    f"{hint or 'restore or re-download the file'}."
+                )
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model",
-                   "vocab.txt")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "spiece.model",
+    "vocab.txt",
+)
 
 
 def load_tokenizer(path: str):
@@ -62,8 +70,10 @@ def load_tokenizer(path: str):
 
     check_model_path(path, "tokenizer / model")
     if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
-        raise ValueError(f"{path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}): give the tokenizer's "
-                         "folder or Hub id, e.g. the base model's (`--tokenizer` on the command line).")
+        raise ValueError(
+            f"{path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}): give the tokenizer's "
+            "folder or Hub id, e.g. the base model's (`--tokenizer` on the command line)."
+        )
     if os.path.isfile(os.path.join(path, "tokenizer.json")):
         return PreTrainedTokenizerFast.from_pretrained(path)
     return AutoTokenizer.from_pretrained(path)

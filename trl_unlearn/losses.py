@@ -142,8 +142,13 @@ def satimp_weight(token_logps: torch.Tensor, beta1: float, beta2: float) -> torc
     return torch.exp(beta1 * x) * (-torch.expm1(x)).pow(beta2)
 
 
-def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
-             ref_rejected_logps: torch.Tensor, beta: float) -> torch.Tensor:
+def dpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
     """DPO (Rafailov et al., 2023, arXiv 2305.18290): `-logσ(β·((log π_w − log π_ref,w) − (log π_l − log π_ref,l)))`
     per pair `[B]`, with summed log-probs; normalised by pairs. IdkDPO: `w` the IdK answer, `l` the answer to forget.
     (open-unlearning multiplies it by 2/β; docs/method.md.)"""

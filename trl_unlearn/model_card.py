@@ -85,8 +85,18 @@ def _eval_results(evaluation: dict | None, dataset: str | None) -> list | None:
     if not numeric:
         return None
     name = dataset or "unlearning evaluation"
-    return [EvalResult(task_type="text-generation", task_name="Unlearning", dataset_type=name, dataset_name=name,
-                       metric_type=k, metric_name=k, metric_value=float(v)) for k, v in numeric.items()]
+    return [
+        EvalResult(
+            task_type="text-generation",
+            task_name="Unlearning",
+            dataset_type=name,
+            dataset_name=name,
+            metric_type=k,
+            metric_name=k,
+            metric_value=float(v),
+        )
+        for k, v in numeric.items()
+    ]
 
 
 def _metric_line(name: str, value, directions: dict) -> str:
@@ -95,12 +105,15 @@ def _metric_line(name: str, value, directions: dict) -> str:
     return f"- {name}: {shown}" + (f" (better: {better})" if better else "")
 
 
-def _evaluation_text(evaluation: dict | None, dataset: str | None, directions: dict | None = None,
-                     reference: str | None = None) -> str:
+def _evaluation_text(
+    evaluation: dict | None, dataset: str | None, directions: dict | None = None, reference: str | None = None
+) -> str:
     if not evaluation:
-        body = ("No evaluation was recorded with this checkpoint. Measure it and record it here, e.g. `trl-unlearn "
-                "eval tofu --model <this folder> --data_dir <TOFU folder> --split forget10 --output report.json "
-                "--update_model_card`.")
+        body = (
+            "No evaluation was recorded with this checkpoint. Measure it and record it here, e.g. `trl-unlearn "
+            "eval tofu --model <this folder> --data_dir <TOFU folder> --split forget10 --output report.json "
+            "--update_model_card`."
+        )
     else:
         where = f"On {dataset}:\n\n" if dataset else ""
         body = where + "\n".join(_metric_line(k, v, directions or {}) for k, v in evaluation.items())
@@ -114,17 +127,25 @@ def render(card: UnlearningCard) -> ModelCard:
     hub_base = card.base_model if is_hub_id(card.base_model) else None
     named = hub_base or os.path.exists(card.base_model)
     data = ModelCardData(
-        base_model=hub_base, datasets=card.datasets or None, library_name="transformers",
-        tags=sorted(set(card.tags) | {"trl", "trl-unlearn", "unlearning"}), pipeline_tag="text-generation",
+        base_model=hub_base,
+        datasets=card.datasets or None,
+        library_name="transformers",
+        tags=sorted(set(card.tags) | {"trl", "trl-unlearn", "unlearning"}),
+        pipeline_tag="text-generation",
         model_name=f"{card.method} unlearned {named and os.path.basename(card.base_model.rstrip('/')) or 'model'}",
         eval_results=_eval_results(card.evaluation, card.eval_dataset),
     )
     base = f"[{card.base_model}](https://huggingface.co/{card.base_model})" if hub_base else f"`{card.base_model}`"
     paper = card.paper
-    method = f"**{card.method}**" + (f" ([{paper['title']}](https://huggingface.co/papers/{paper['id']}))" if paper else "")
+    method = f"**{card.method}**" + (
+        f" ([{paper['title']}](https://huggingface.co/papers/{paper['id']}))" if paper else ""
+    )
     rows = "\n".join(f"| `{k}` | {v} |" for k, v in card.hyperparameters.items() if v is not None)
-    prompt = (f"- Prompt format: `{card.prompt_format!r}`\n" if card.prompt_format
-              else "- Prompt format: not recorded (pass `--prompt_format` to `trl-unlearn eval`)\n")
+    prompt = (
+        f"- Prompt format: `{card.prompt_format!r}`\n"
+        if card.prompt_format
+        else "- Prompt format: not recorded (pass `--prompt_format` to `trl-unlearn eval`)\n"
+    )
     training = f"- Training: {card.training}\n" if card.training else ""
     citation = f"\n## Citation\n\n```bibtex\n{paper['citation']}\n```\n" if paper.get("citation") else ""
     text = f"""---
@@ -170,8 +191,14 @@ def write_card(card: UnlearningCard, output_dir: str) -> str:
     return path
 
 
-def add_evaluation(output_dir: str, evaluation: dict, dataset: str, eval_results: list | None = None,
-                   directions: dict | None = None, reference: str | None = None) -> str:
+def add_evaluation(
+    output_dir: str,
+    evaluation: dict,
+    dataset: str,
+    eval_results: list | None = None,
+    directions: dict | None = None,
+    reference: str | None = None,
+) -> str:
     """Record `evaluation` (`{metric: value}`) measured on `dataset` in the card of `output_dir`: the `model-index`
     metadata (`eval_results`, `huggingface_hub.EvalResult`s, when given; else one per number) and the Evaluation
     section, with each metric's direction (`directions`) and the `reference` report behind forget quality / PrivLeak.
@@ -199,10 +226,14 @@ _AUDIT_START, _AUDIT_END = "<!-- trl-unlearn audit -->", "<!-- /trl-unlearn audi
 
 
 def _audit_text(summary: list[dict], complete: bool, data: str) -> str:
-    lines = [f"`trl-unlearn audit` on {data}: share of the forgotten knowledge each attack brings back (largest over "
-             "the forget metrics; 0 = none, 1 = back to the original model; membership: signal left). "
-             + ("Every requested attack ran." if complete else "Incomplete: some attacks were skipped (below)."),
-             "", "| attack | variant | share |", "|---|---|---|"]
+    lines = [
+        f"`trl-unlearn audit` on {data}: share of the forgotten knowledge each attack brings back (largest over "
+        "the forget metrics; 0 = none, 1 = back to the original model; membership: signal left). "
+        + ("Every requested attack ran." if complete else "Incomplete: some attacks were skipped (below)."),
+        "",
+        "| attack | variant | share |",
+        "|---|---|---|",
+    ]
     for r in summary:
         if r["status"] == "ok":
             v = r.get("max_share")
@@ -213,9 +244,9 @@ def _audit_text(summary: list[dict], complete: bool, data: str) -> str:
 
 
 def add_audit(output_dir: str, summary: list[dict], complete: bool, data: str) -> str:
-    """Record an audit summary (`trl_unlearn.evaluation.unlearning_audit.summary_rows`) in the card of `output_dir`, in its own
-    "Audit" section (replaced on a later audit; the Evaluation section and the metadata are left as they are).
-    Returns the card's path."""
+    """Record an audit summary (`trl_unlearn.evaluation.unlearning_audit.summary_rows`) in the card of
+    `output_dir`, in its own "Audit" section (replaced on a later audit; the Evaluation section and the metadata are
+    left as they are). Returns the card's path."""
     path = os.path.join(output_dir, "README.md")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No model card at {path}: --update_model_card needs a folder saved by trl-unlearn.")

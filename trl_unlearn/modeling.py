@@ -121,9 +121,20 @@ def _scatter(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 
 
 def forward_logps(
-    model, input_ids=None, attention_mask=None, labels=None, *, return_entropy=False, kl_teacher=None,
-    return_hidden=False, sequence_loss=None, seq_weights=None, per_token=False, chunk_size=DEFAULT_CHUNK_SIZE,
-    temperature=1.0, **backbone_kwargs,
+    model,
+    input_ids=None,
+    attention_mask=None,
+    labels=None,
+    *,
+    return_entropy=False,
+    kl_teacher=None,
+    return_hidden=False,
+    sequence_loss=None,
+    seq_weights=None,
+    per_token=False,
+    chunk_size=DEFAULT_CHUNK_SIZE,
+    temperature=1.0,
+    **backbone_kwargs,
 ) -> UnlearningLMOutput:
     """Label log-probs of a causal LM (see the module docstring) without the `[B, T, V]` logits. With
     `sequence_loss` (`[B]` summed log-probs -> `[B]` losses, elementwise) and `seq_weights` `[B]` it returns their
@@ -137,12 +148,30 @@ def forward_logps(
     if sequence_loss is not None:
         seq_lengths = torch.ones_like(targets) if per_token else mask.sum(-1)
         out.loss, out.seq_logps, out.seq_losses = fused_linear_sequence_loss(
-            hidden, weight, targets, seq_lengths, sequence_loss, bias, seq_weights=seq_weights,
-            logit_scale=logit_scale, softcap=softcap, temperature=temperature, chunk_rows=chunk_size,
+            hidden,
+            weight,
+            targets,
+            seq_lengths,
+            sequence_loss,
+            bias,
+            seq_weights=seq_weights,
+            logit_scale=logit_scale,
+            softcap=softcap,
+            temperature=temperature,
+            chunk_rows=chunk_size,
         )
     else:
-        logps = chunked_token_logps(hidden, weight, targets, bias, chunk_size=chunk_size, logit_scale=logit_scale,
-                                    softcap=softcap, temperature=temperature, return_entropy=return_entropy)
+        logps = chunked_token_logps(
+            hidden,
+            weight,
+            targets,
+            bias,
+            chunk_size=chunk_size,
+            logit_scale=logit_scale,
+            softcap=softcap,
+            temperature=temperature,
+            return_entropy=return_entropy,
+        )
         logps, entropy = logps if return_entropy else (logps, None)
         out.token_logps = _scatter(mask, logps)
         if entropy is not None:
@@ -150,8 +179,16 @@ def forward_logps(
     if kl_teacher is not None:
         # the teacher's positions are a subset of the scored ones: pick them out of the scored rows
         rows = kl_teacher.mask[mask]
-        kl = chunked_kl(hidden[rows], weight, bias, kl_teacher.hidden, kl_teacher.weight, kl_teacher.bias,
-                        student_transform=(logit_scale, softcap), teacher_transform=kl_teacher.transform)
+        kl = chunked_kl(
+            hidden[rows],
+            weight,
+            bias,
+            kl_teacher.hidden,
+            kl_teacher.weight,
+            kl_teacher.bias,
+            student_transform=(logit_scale, softcap),
+            teacher_transform=kl_teacher.transform,
+        )
         out.token_kl = _scatter(kl_teacher.mask, kl.float())
     return out
 

@@ -44,8 +44,16 @@ class ReferencePlan:
         }[self.kind]
 
 
-def plan_reference(*, forget_needs_reference: bool, retain_kl: bool, precompute: bool | None, has_ref_model: bool,
-                   uses_peft: bool, model_is_instance: bool, method: str = "This trainer") -> ReferencePlan:
+def plan_reference(
+    *,
+    forget_needs_reference: bool,
+    retain_kl: bool,
+    precompute: bool | None,
+    has_ref_model: bool,
+    uses_peft: bool,
+    model_is_instance: bool,
+    method: str = "This trainer",
+) -> ReferencePlan:
     """Decide the reference (see the module table). `precompute` is the config's `precompute_ref_log_probs`
     (None: automatic). Raises when the settings contradict each other."""
     if has_ref_model and not forget_needs_reference:
@@ -73,8 +81,9 @@ def plan_reference(*, forget_needs_reference: bool, retain_kl: bool, precompute:
         kind = "adapters_off"
     else:
         kind = "frozen_copy"
-    return ReferencePlan(kind, precompute_forget=precompute_forget, live=True,
-                         copy_model=kind == "frozen_copy" and model_is_instance)
+    return ReferencePlan(
+        kind, precompute_forget=precompute_forget, live=True, copy_model=kind == "frozen_copy" and model_is_instance
+    )
 
 
 @contextlib.contextmanager
@@ -89,7 +98,9 @@ def activation_checkpointing_off(model, checkpointing_kwargs=None):
         yield
     finally:
         if enabled:
-            (model.activation_checkpointing_enable if new else model.gradient_checkpointing_enable)(checkpointing_kwargs)
+            (model.activation_checkpointing_enable if new else model.gradient_checkpointing_enable)(
+                checkpointing_kwargs
+            )
 
 
 @contextlib.contextmanager
@@ -114,8 +125,13 @@ def scored_labels(batch, rows=None) -> torch.Tensor:
 
 def reference_forward(model, batch, labels, return_hidden=False):
     """The (patched) reference `model`'s forward on a collated batch: an `UnlearningLMOutput`."""
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
-                 unlearning_forward=forward_logps, return_hidden=return_hidden)
+    return model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        labels=labels,
+        unlearning_forward=forward_logps,
+        return_hidden=return_hidden,
+    )
 
 
 def kl_teacher(reference, ref_unwrapped, batch, rows) -> KLTeacher:

@@ -26,10 +26,21 @@ def run_one(a, model_dir, data, out):
         kwargs["retain_loss_type"] = a.get("retain_loss_type", "nll")
     kwargs.update(a.get("config", {}))  # method-specific settings (RMU's layer_id, ...)
     args = config_cls(
-        output_dir=out, save_steps=a.get("save_steps", 500), per_device_train_batch_size=a.get("per_device_batch", 2),
-        gradient_accumulation_steps=a.get("grad_accum", 1), max_steps=a.get("max_steps", 3), learning_rate=1e-3,
-        logging_steps=1, use_cpu=True, bf16=False, report_to=[], save_strategy="no", gradient_checkpointing=False,
-        seed=0, disable_tqdm=True, **kwargs,
+        output_dir=out,
+        save_steps=a.get("save_steps", 500),
+        per_device_train_batch_size=a.get("per_device_batch", 2),
+        gradient_accumulation_steps=a.get("grad_accum", 1),
+        max_steps=a.get("max_steps", 3),
+        learning_rate=1e-3,
+        logging_steps=1,
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        save_strategy="no",
+        gradient_checkpointing=False,
+        seed=0,
+        disable_tqdm=True,
+        **kwargs,
     )
     peft_config = quant = None
     if a.get("lora") or a.get("qlora"):
@@ -40,8 +51,15 @@ def run_one(a, model_dir, data, out):
         from transformers import BitsAndBytesConfig
 
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
-    trainer = trainer_cls(model=model_dir, args=args, forget_dataset=forget, retain_dataset=retain,
-                          processing_class=tokenizer, peft_config=peft_config, quantization_config=quant)
+    trainer = trainer_cls(
+        model=model_dir,
+        args=args,
+        forget_dataset=forget,
+        retain_dataset=retain,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        quantization_config=quant,
+    )
     if a.get("print_steps"):
         from transformers import TrainerCallback
 

@@ -34,7 +34,9 @@ def _register_train(subparsers) -> None:
     """`trl-unlearn <method> ...`: the rest of the line goes to the method's TrlParser (every config field is a
     flag, `--config recipe.yaml` reads them from YAML; `trl-unlearn <method> --help` lists them)."""
     for method in METHOD_NAMES:
-        p = subparsers.add_parser(method, help=f"unlearn with {method} (TRL-style flags, --config YAML)", add_help=False)
+        p = subparsers.add_parser(
+            method, help=f"unlearn with {method} (TRL-style flags, --config YAML)", add_help=False
+        )
         p.add_argument("rest", nargs=argparse.REMAINDER)
 
 
@@ -55,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .tune import register_tune
 
     parser = argparse.ArgumentParser(
-        prog="trl-unlearn", description="LLM unlearning with TRL: train and evaluate.",
+        prog="trl-unlearn",
+        description="LLM unlearning with TRL: train and evaluate.",
         epilog="Errors print one line; `trl-unlearn --debug COMMAND ...` or TRL_UNLEARN_DEBUG=1 shows the traceback.",
     )
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
@@ -75,7 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if argv[:1] == ["--debug"]:
             argv = argv[1:]
-        if argv and argv[0] in METHOD_NAMES:  # the whole line goes to the method's TrlParser (argparse would eat --help)
+        if (
+            argv and argv[0] in METHOD_NAMES
+        ):  # the whole line goes to the method's TrlParser (argparse would eat --help)
             return _run_train(argv[0], argv[1:])
         args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
@@ -92,8 +97,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # not foreseen: still one line, with its type; --debug shows where it came from
         if debug:
             raise
-        print(f"trl-unlearn: error: {type(e).__name__}: {_one_line(e)} (`trl-unlearn --debug ...` shows the "
-              "traceback)", file=sys.stderr)
+        print(
+            f"trl-unlearn: error: {type(e).__name__}: {_one_line(e)} (`trl-unlearn --debug ...` shows the traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 

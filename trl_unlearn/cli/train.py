@@ -65,8 +65,10 @@ class UnlearnScriptArguments:
     )
     retain_dataset_config: str | None = field(
         default=None,
-        metadata={"help": "Hub config of the retain data; default: dataset_config if the retain data come from "
-                          "dataset_name, else none."},
+        metadata={
+            "help": "Hub config of the retain data; default: dataset_config if the retain data come from "
+            "dataset_name, else none."
+        },
     )
     forget_split: str = field(default="forget10", metadata={"help": "Forget split (file stem or Hub config/split)."})
     retain_split: str | None = field(
@@ -75,14 +77,18 @@ class UnlearnScriptArguments:
     text_column: str = field(default="text", metadata={"help": "Raw text: the column / JSON key of the documents."})
     text_rows: str = field(
         default="windows",
-        metadata={"help": "Raw text into rows: 'windows' (the documents concatenated and cut into max_length-token "
-                          "windows, MUSE) or 'documents' (one row per document, truncated to max_length, WMDP).",
-                  "choices": list(TEXT_ROWS)},
+        metadata={
+            "help": "Raw text into rows: 'windows' (the documents concatenated and cut into max_length-token "
+            "windows, MUSE) or 'documents' (one row per document, truncated to max_length, WMDP).",
+            "choices": list(TEXT_ROWS),
+        },
     )
     min_text_chars: int = field(
         default=0,
-        metadata={"help": "Raw text: drop documents of at most this many characters (empty and whitespace-only ones "
-                          "are always dropped); the SimNPO authors' WMDP code: 50."},
+        metadata={
+            "help": "Raw text: drop documents of at most this many characters (empty and whitespace-only ones "
+            "are always dropped); the SimNPO authors' WMDP code: 50."
+        },
     )
     question_column: str = field(default="question", metadata={"help": "Column holding the question."})
     answer_column: str = field(default="answer", metadata={"help": "Column holding the answer."})
@@ -101,16 +107,19 @@ class UnlearnScriptArguments:
         if self.retain_split is not None:
             return None if self.retain_split.lower() in ("", "none") else self.retain_split
         if self.forget_split not in TOFU_RETAIN:
-            raise ValueError(f"No retain split for `--forget_split {self.forget_split}`: the retain split is inferred "
-                             f"only for TOFU's forget splits ({', '.join(TOFU_RETAIN)}). Check the forget split's "
-                             "name, or pass `--retain_split` ('none' for no retain data).")
+            raise ValueError(
+                f"No retain split for `--forget_split {self.forget_split}`: the retain split is inferred "
+                f"only for TOFU's forget splits ({', '.join(TOFU_RETAIN)}). Check the forget split's "
+                "name, or pass `--retain_split` ('none' for no retain data)."
+            )
         return TOFU_RETAIN[self.forget_split]
 
     def source(self, role: str = "forget") -> tuple[str, str | None]:
         """`(dataset, config)` of the forget or retain data."""
         if self.dataset_name is None:
-            raise ValueError("`--dataset_name` is required: a local TOFU-, MUSE- or JSON-lines-layout folder or a Hub "
-                             "dataset id.")
+            raise ValueError(
+                "`--dataset_name` is required: a local TOFU-, MUSE- or JSON-lines-layout folder or a Hub dataset id."
+            )
         if role == "forget" or self.retain_dataset_name in (None, self.dataset_name):
             config = self.dataset_config if role == "forget" else self.retain_dataset_config or self.dataset_config
             return self.dataset_name, config
@@ -170,8 +179,11 @@ def describe_split(args: UnlearnScriptArguments, split: str, role: str, num_rows
     name, config = args.source(role)
     line = f"{name} ({f'{config}, ' if config and not os.path.isdir(name) else ''}{split}), {num_rows} examples"
     if is_text_corpus(name, config, split):
-        line += (f": documents truncated to {max_length} tokens" if args.text_rows == "documents"
-                 else f": {max_length}-token windows")
+        line += (
+            f": documents truncated to {max_length} tokens"
+            if args.text_rows == "documents"
+            else f": {max_length}-token windows"
+        )
     return line
 
 
@@ -200,10 +212,28 @@ def load_qa_split(args: UnlearnScriptArguments, split: str, dataset_name: str | 
 
 
 COMMON_FLAGS = (
-    "model_name_or_path", "dataset_name", "forget_split", "retain_split", "output_dir", "overwrite_output_dir",
-    "resume_from_checkpoint", "beta", "gamma", "forget_weight", "retain_weight", "retain_loss_type", "learning_rate",
-    "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps", "max_length",
-    "save_steps", "seed", "use_peft", "push_to_hub",
+    "model_name_or_path",
+    "dataset_name",
+    "forget_split",
+    "retain_split",
+    "output_dir",
+    "overwrite_output_dir",
+    "resume_from_checkpoint",
+    "beta",
+    "gamma",
+    "forget_weight",
+    "retain_weight",
+    "retain_loss_type",
+    "learning_rate",
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "max_length",
+    "save_steps",
+    "seed",
+    "use_peft",
+    "push_to_hub",
 )  # `--help` lists these first, in this order, after `--config`
 
 
@@ -212,12 +242,19 @@ def make_parser(method: str):
     from trl import ModelConfig, TrlParser
 
     _, config_cls = METHODS[method]
-    parser = TrlParser((UnlearnScriptArguments, StudyArguments, config_cls, ModelConfig), prog=f"trl-unlearn {method}",
-                       usage=f"trl-unlearn {method} [--config RECIPE.yaml] [--FLAG VALUE ...]")
+    parser = TrlParser(
+        (UnlearnScriptArguments, StudyArguments, config_cls, ModelConfig),
+        prog=f"trl-unlearn {method}",
+        usage=f"trl-unlearn {method} [--config RECIPE.yaml] [--FLAG VALUE ...]",
+    )
     recipe = parser.add_argument_group("recipe")
     # TrlParser reads `--config` itself, before argparse: this entry is for `--help` (SUPPRESS: never a value)
-    recipe.add_argument("--config", metavar="RECIPE.yaml", default=argparse.SUPPRESS,
-                        help="YAML file whose keys are any of the flags below; flags on the command line win")
+    recipe.add_argument(
+        "--config",
+        metavar="RECIPE.yaml",
+        default=argparse.SUPPRESS,
+        help="YAML file whose keys are any of the flags below; flags on the command line win",
+    )
     common = parser.add_argument_group("common flags (every flag is listed after them)")
     for group in parser._action_groups:
         for action in [a for a in group._group_actions if a.dest in COMMON_FLAGS]:
@@ -246,11 +283,14 @@ def parse(parser, method: str, argv):
         mark = getattr(e, "problem_mark", None)
         where = f"{_config_path(argv)}:{mark.line + 1}:{mark.column + 1}" if mark else _config_path(argv)
         problem = getattr(e, "problem", None) or type(e).__name__
-        raise ValueError(f"{where}: malformed YAML ({problem}): fix the recipe there (`key: value`, one a "
-                         "line).") from e
+        raise ValueError(
+            f"{where}: malformed YAML ({problem}): fix the recipe there (`key: value`, one a line)."
+        ) from e
     unknown = unknown_config + unknown_args
     if unknown:
-        raise ValueError(f"Unknown arguments for `trl-unlearn {method}`: {unknown} (see `trl-unlearn {method} --help`).")
+        raise ValueError(
+            f"Unknown arguments for `trl-unlearn {method}`: {unknown} (see `trl-unlearn {method} --help`)."
+        )
     if study.methods is not None and [m.strip() for m in study.methods.split(",")] != [method]:
         raise ValueError(
             f"The recipe says `methods: {study.methods}` but this command trains {method!r}: run `trl-unlearn "
@@ -261,8 +301,11 @@ def parse(parser, method: str, argv):
         if training.beta not in (NPOConfig.beta, study.npo_beta):
             raise ValueError(f"`beta={training.beta}` and `npo_beta={study.npo_beta}` disagree: set one.")
         training.beta = study.npo_beta
-    unused = [f.name for f in dataclasses.fields(StudyArguments)
-              if f.name not in ("methods", "npo_beta") and getattr(study, f.name) != getattr(defaults, f.name)]
+    unused = [
+        f.name
+        for f in dataclasses.fields(StudyArguments)
+        if f.name not in ("methods", "npo_beta") and getattr(study, f.name) != getattr(defaults, f.name)
+    ]
     if unused:
         logger.warning(
             f"Recipe keys {unused} drive the example scripts' evaluation; `trl-unlearn {method}` only trains. "
@@ -279,8 +322,11 @@ def run(method: str, script_args, training_args, model_args):
         raise ValueError("`--model_name_or_path` is required: a local model folder or a Hub model id.")
     check_model_path(model_args.model_name_or_path)
     check_weights(model_args.model_name_or_path)
-    reading = {"--model_name_or_path": model_args.model_name_or_path, "--dataset_name": script_args.dataset_name,
-               "--retain_dataset_name": script_args.retain_dataset_name}
+    reading = {
+        "--model_name_or_path": model_args.model_name_or_path,
+        "--dataset_name": script_args.dataset_name,
+        "--retain_dataset_name": script_args.retain_dataset_name,
+    }
     outputs.check_output_dir(training_args.output_dir, reading)
     resume = outputs.resume_flag(training_args.resume_from_checkpoint)
     outputs.check_previous_run(training_args.output_dir, training_args.overwrite_output_dir, bool(resume))
@@ -313,9 +359,13 @@ def run(method: str, script_args, training_args, model_args):
     qa = not is_text_corpus(*script_args.source("forget"), script_args.forget_split)
     trainer.card_data.update(
         forget_data=describe_split(script_args, script_args.forget_split, "forget", len(rows.forget), max_length),
-        retain_data=(describe_split(script_args, retain_split, "retain", len(rows.retain), max_length)
-                     if rows.retain is not None else "none"),
-        datasets=hub, prompt_format=script_args.prompt_format() if qa else None,
+        retain_data=(
+            describe_split(script_args, retain_split, "retain", len(rows.retain), max_length)
+            if rows.retain is not None
+            else "none"
+        ),
+        datasets=hub,
+        prompt_format=script_args.prompt_format() if qa else None,
     )
     trainer.train(resume_from_checkpoint=resume)
     if trainer.preempted_at is not None:  # the checkpoint is the run's state; a final model would claim too much
@@ -332,9 +382,12 @@ def exit_code(trainer) -> int:
     out = trainer.args.output_dir
     if trainer.preempted_at is not None:
         if trainer.is_world_process_zero():
-            print(f"trl-unlearn: stopped by SIGTERM at step {trainer.preempted_at} of {trainer.state.max_steps}: "
-                  f"checkpoint {os.path.join(out, f'checkpoint-{trainer.preempted_at}')} saved, no final model. "
-                  "Resume with `--resume_from_checkpoint true`.", file=sys.stderr)
+            print(
+                f"trl-unlearn: stopped by SIGTERM at step {trainer.preempted_at} of {trainer.state.max_steps}: "
+                f"checkpoint {os.path.join(out, f'checkpoint-{trainer.preempted_at}')} saved, no final model. "
+                "Resume with `--resume_from_checkpoint true`.",
+                file=sys.stderr,
+            )
         return PREEMPTED_EXIT_CODE
     if trainer.stop_reason is not None:
         if trainer.is_world_process_zero():

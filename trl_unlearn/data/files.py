@@ -67,7 +67,6 @@ def load_tofu_split(data_dir: str | os.PathLike, stem: str) -> list[dict]:
     return rows
 
 
-
 def load_text_corpus(dataset_name: str, split: str, config: str | None = "raw", text_column: str = "text") -> list[str]:
     """Documents of a raw-text corpus, as they are stored:
 
@@ -137,4 +136,3 @@ def drop_short_documents(texts: Sequence[str], name: str, min_chars: int = 0) ->
         rule = "empty or whitespace-only" + (f", or at most {min_chars} characters long" if min_chars else "")
         logger.warning(f"Dropped {dropped} of {len(texts)} documents of the {name} corpus: {rule}.")
     return kept
-

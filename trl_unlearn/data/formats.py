@@ -31,22 +31,25 @@ FORMATS = {
 }
 
 
-
-def qa_to_trl(rows: Iterable[Mapping], template: str | None = PROMPT_TEMPLATE, question: str = "question",
-              answer: str = "answer") -> Dataset:
+def qa_to_trl(
+    rows: Iterable[Mapping], template: str | None = PROMPT_TEMPLATE, question: str = "question", answer: str = "answer"
+) -> Dataset:
     """QA rows -> a TRL prompt-completion `Dataset`: standard (`prompt` = `template` with the question, `completion`
     = `" " + answer`) or, with `template=None`, conversational (one user turn, one assistant turn)."""
     rows = list(rows)
     if template is None:
-        return Dataset.from_dict({
-            "prompt": [[{"role": "user", "content": r[question]}] for r in rows],
-            "completion": [[{"role": "assistant", "content": r[answer]}] for r in rows],
-        })
-    return Dataset.from_dict({
-        "prompt": [template.format(question=r[question]) for r in rows],
-        "completion": [" " + r[answer] for r in rows],
-    })
-
+        return Dataset.from_dict(
+            {
+                "prompt": [[{"role": "user", "content": r[question]}] for r in rows],
+                "completion": [[{"role": "assistant", "content": r[answer]}] for r in rows],
+            }
+        )
+    return Dataset.from_dict(
+        {
+            "prompt": [template.format(question=r[question]) for r in rows],
+            "completion": [" " + r[answer] for r in rows],
+        }
+    )
 
 
 @dataclass(frozen=True)
@@ -109,7 +112,6 @@ def resolve_prompt_format(tokenizer, prompt_format: str | PromptFormat = "auto")
     return PromptFormat(prompt_format, "" if prompt_format[-1:].isspace() else " ")
 
 
-
 def detect_format(dataset: Dataset, name: str) -> str:
     """Name of `dataset`'s TRL format (a key of `FORMATS`); a clear error if it has none."""
     if dataset is None or len(dataset) == 0:
@@ -128,8 +130,6 @@ def detect_format(dataset: Dataset, name: str) -> str:
         f"The {name} dataset has columns {sorted(cols)}, which match no TRL dataset format. Accepted formats: "
         f"{accepted}. Rename your columns (e.g. `dataset.rename_column('question', 'prompt')`)."
     )
-
-
 
 
 def split_preference(dataset: Dataset, num_proc: int | None = None) -> tuple[Dataset, Dataset | None]:
@@ -170,8 +170,12 @@ def check_dataset(dataset, name: str, tokenizer=None) -> tuple[str, bool]:
             "`datasets.Dataset.from_list(rows)` or `Dataset.from_dict({'prompt': [...], 'completion': [...]})`."
         )
     fmt, conversational = detect_format(dataset, name), is_conversational(dataset[0])
-    columns = {"language_modeling": ("text", "messages"), "prompt_completion": ("prompt", "completion"),
-               "preference": ("prompt", "chosen", "rejected"), "unpaired_preference": ("prompt", "completion")}[fmt]
+    columns = {
+        "language_modeling": ("text", "messages"),
+        "prompt_completion": ("prompt", "completion"),
+        "preference": ("prompt", "chosen", "rejected"),
+        "unpaired_preference": ("prompt", "completion"),
+    }[fmt]
     expected = list if conversational else str
     for column in (c for c in columns if c in dataset.column_names):
         for i, value in enumerate(dataset[column]):
@@ -218,10 +222,14 @@ def drop_blank_rows(dataset: Dataset, name: str) -> Dataset:
         return dataset
     column = _scored_column(dataset)
     if len(blank) == len(dataset):
-        raise ValueError(f"Every {name} row has an empty or whitespace-only `{column}`: there is nothing to "
-                         f"{'forget' if name == 'forget' else 'retain'}. Check the {name} data's `{column}` column.")
-    logger.warning(f"Dropped {len(blank)} of {len(dataset)} {name} rows with an empty or whitespace-only `{column}` "
-                   f"(rows {_first(blank)}): only the EOS token would be scored. Fix those rows to keep them.")
+        raise ValueError(
+            f"Every {name} row has an empty or whitespace-only `{column}`: there is nothing to "
+            f"{'forget' if name == 'forget' else 'retain'}. Check the {name} data's `{column}` column."
+        )
+    logger.warning(
+        f"Dropped {len(blank)} of {len(dataset)} {name} rows with an empty or whitespace-only `{column}` "
+        f"(rows {_first(blank)}): only the EOS token would be scored. Fix those rows to keep them."
+    )
     keep = sorted(set(range(len(dataset))) - set(blank))
     return dataset.select(keep)
 
@@ -244,11 +252,15 @@ def check_overlap(forget: Dataset, retain: Dataset) -> None:
     if not shared:
         return
     if len(shared) == len(forget):
-        raise ValueError(f"Every forget row is also a retain row ({len(forget)} of {len(forget)}): the forget and "
-                         "retain terms would pull the same examples both ways. Give retain data disjoint from the "
-                         "forget data (for TOFU: forget10 with retain90).")
-    logger.warning(f"{len(shared)} of {len(forget)} forget rows are also retain rows (forget rows {_first(shared)}): "
-                   "those examples are both forgotten and retained. Remove them from the retain data.")
+        raise ValueError(
+            f"Every forget row is also a retain row ({len(forget)} of {len(forget)}): the forget and "
+            "retain terms would pull the same examples both ways. Give retain data disjoint from the "
+            "forget data (for TOFU: forget10 with retain90)."
+        )
+    logger.warning(
+        f"{len(shared)} of {len(forget)} forget rows are also retain rows (forget rows {_first(shared)}): "
+        "those examples are both forgotten and retained. Remove them from the retain data."
+    )
 
 
 def resolve_datasets(forget, retain, train, retain_weight: float, num_proc: int | None = None, tokenizer=None):
@@ -301,7 +313,9 @@ def split_eval(eval_dataset, num_proc: int | None = None, with_retain: bool = Tr
         return None
     if isinstance(eval_dataset, dict):
         if set(eval_dataset) - {"forget", "retain"} or "forget" not in eval_dataset:
-            raise ValueError(f"`eval_dataset` as a dict needs keys 'forget' (and 'retain'); got {sorted(eval_dataset)}.")
+            raise ValueError(
+                f"`eval_dataset` as a dict needs keys 'forget' (and 'retain'); got {sorted(eval_dataset)}."
+            )
         forget, retain = eval_dataset["forget"], eval_dataset.get("retain")
     else:
         forget, retain = split_preference(eval_dataset, num_proc)
@@ -309,4 +323,3 @@ def split_eval(eval_dataset, num_proc: int | None = None, with_retain: bool = Tr
     if retain is not None and with_retain:
         split["retain"] = retain
     return split
-

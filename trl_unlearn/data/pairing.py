@@ -33,7 +33,6 @@ def batch_counts(batch) -> torch.Tensor:
     return torch.stack([f.sum().float(), scored[f].sum(), (~f).sum().float(), scored[~f].sum()])
 
 
-
 class ForgetRetainPairs(torch.utils.data.Dataset):
     """Forget rows paired with retain rows. Index with `(forget_idx, retain_idx)` (what `ForgetRetainSampler`
     yields) or with an int `i` (evaluation: retain row `i mod len(retain)`). `retain` may be None (no regulariser)."""
@@ -65,8 +64,9 @@ class ForgetRetainSampler(Sampler):
     reorders within a run only, so every row is still seen once per epoch.
     """
 
-    def __init__(self, num_forget: int, num_retain: int, seed: int, shuffle: bool = True, lengths=None,
-                 group_size: int = 0):
+    def __init__(
+        self, num_forget: int, num_retain: int, seed: int, shuffle: bool = True, lengths=None, group_size: int = 0
+    ):
         self.num_forget, self.num_retain, self.seed, self.shuffle = num_forget, num_retain, seed, shuffle
         self.lengths, self.group_size = lengths, group_size
         self.epoch = 0
@@ -119,7 +119,9 @@ class ForgetRetainCollator:
         ids = [r["prompt_ids"] + r["completion_ids"] for r in rows]
         mask = [[0] * len(r["prompt_ids"]) + [1] * len(r["completion_ids"]) for r in rows]
         if self.max_length is not None:
-            cut = slice(None, self.max_length) if self.truncation_mode == "keep_start" else slice(-self.max_length, None)
+            cut = (
+                slice(None, self.max_length) if self.truncation_mode == "keep_start" else slice(-self.max_length, None)
+            )
             ids, mask = [x[cut] for x in ids], [m[cut] for m in mask]
         batch = {
             "input_ids": self._pad(ids, self.pad_token_id),

@@ -33,7 +33,6 @@ def text_documents(texts: Iterable[str]) -> Dataset:
     return Dataset.from_dict({"text": list(texts)})
 
 
-
 def item_name(names: Sequence[str] | None, i: int) -> str:
     return names[i] if names is not None else f"item {i}"
 
@@ -77,7 +76,6 @@ def encode_pairs(tokenizer, fmt: PromptFormat, questions, answers, max_length: i
         sequences.append(seq)
         starts.append(len(p))
     return sequences, starts
-
 
 
 def _num_scored(prompt_len: int, total_len: int, max_length: int | None, truncation_mode: str) -> int:
@@ -157,5 +155,3 @@ def tokenize_dataset(
         )
         dataset = dataset.select(np.flatnonzero(scored > 0))
     return dataset
-
-

@@ -76,9 +76,19 @@ class PeriodicEvalCallback(TrainerCallback):
     of the thresholded metrics, `stopped_at` the step training was stopped at (None if it was not).
     """
 
-    def __init__(self, *, thresholds: Mapping[str, float] | None = None, relative: bool = False, trainer=None,
-                 tokenizer=None, eval_steps: int = 50, eval_on_train_begin: bool = True,
-                 eval_on_train_end: bool = True, prefix: str = "probe/", update_evaluation_summary: bool = True):
+    def __init__(
+        self,
+        *,
+        thresholds: Mapping[str, float] | None = None,
+        relative: bool = False,
+        trainer=None,
+        tokenizer=None,
+        eval_steps: int = 50,
+        eval_on_train_begin: bool = True,
+        eval_on_train_end: bool = True,
+        prefix: str = "probe/",
+        update_evaluation_summary: bool = True,
+    ):
         if eval_steps < 1:
             raise ValueError(f"eval_steps must be >= 1, got {eval_steps}")
         self.thresholds = dict(thresholds or {})
@@ -219,8 +229,10 @@ class UnlearningEvalCallback(PeriodicEvalCallback):
         self.forget = qa_pairs(forget_rows, "forget probe") if forget_rows is not None else []
         self.retain = qa_pairs(retain_rows, "retain probe") if retain_rows is not None else []
         if not self.forget and not self.retain:
-            raise ValueError("UnlearningEvalCallback needs forget_rows and/or retain_rows (for lm-eval tasks during "
-                             "training: LMEvalGuardCallback)")
+            raise ValueError(
+                "UnlearningEvalCallback needs forget_rows and/or retain_rows (for lm-eval tasks during "
+                "training: LMEvalGuardCallback)"
+            )
         thresholds = {}
         if min_retain_probability is not None:
             if not self.retain:
@@ -248,8 +260,14 @@ class UnlearningEvalCallback(PeriodicEvalCallback):
         """The probe metrics of `model` now; the model's train / eval mode is left as it was."""
         with eval_mode(model):
             metrics, _ = probe_metrics(
-                model, tokenizer, self.forget, self.retain, prompt_format=self.prompt_format,
-                batch_size=self.batch_size, max_length=self.max_length, rouge=self.rouge,
+                model,
+                tokenizer,
+                self.forget,
+                self.retain,
+                prompt_format=self.prompt_format,
+                batch_size=self.batch_size,
+                max_length=self.max_length,
+                rouge=self.rouge,
                 max_new_tokens=self.max_new_tokens,
             )
         return metrics

@@ -454,4 +454,5 @@ def evaluate_harness(
 
 
 AGGREGATES[BENCHMARK] = lambda per_item, reference, settings: HarnessReport(
-    BENCHMARK, {}, per_item, dict(settings), dict(reference)).recompute()
+    BENCHMARK, {}, per_item, dict(settings), dict(reference)
+).recompute()

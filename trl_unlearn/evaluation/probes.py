@@ -30,8 +30,10 @@ def qa_pairs(rows, what: str) -> list[tuple[str, str]]:
         elif isinstance(r, (tuple, list)) and len(r) == 2:
             q, a = r
         else:
-            raise ValueError(f"{what} row {i}: expected a mapping with 'question'/'answer' or a (question, answer) "
-                             f"pair, got {type(r).__name__}")
+            raise ValueError(
+                f"{what} row {i}: expected a mapping with 'question'/'answer' or a (question, answer) "
+                f"pair, got {type(r).__name__}"
+            )
         if not isinstance(q, str) or not isinstance(a, str):
             raise ValueError(f"{what} row {i}: question and answer must be strings")
         pairs.append((q, a))
@@ -64,8 +66,17 @@ def probe_metrics(
     if not pairs:
         raise ValueError("nothing to probe: give forget and/or retain rows")
     names = [f"forget row {i}" for i in range(len(forget))] + [f"retain row {i}" for i in range(len(retain))]
-    res = score_answers(model, tokenizer, [q for q, _ in pairs], [a for _, a in pairs], prompt_format=prompt_format,
-                        batch_size=batch_size, max_length=max_length, names=names, progress=progress)
+    res = score_answers(
+        model,
+        tokenizer,
+        [q for q, _ in pairs],
+        [a for _, a in pairs],
+        prompt_format=prompt_format,
+        batch_size=batch_size,
+        max_length=max_length,
+        names=names,
+        progress=progress,
+    )
     prob = M.probability(res.avg_nll)
     out: dict[str, float] = {}
     if forget:
@@ -73,9 +84,15 @@ def probe_metrics(
     if retain:
         out["retain_probability"] = float(prob[len(forget) :].mean())
     if rouge:
-        gens = generate_answers(model, tokenizer, [q for q, _ in pairs], max_new_tokens=max_new_tokens,
-                                batch_size=generation_batch_size or batch_size, prompt_format=prompt_format,
-                                progress=progress)
+        gens = generate_answers(
+            model,
+            tokenizer,
+            [q for q, _ in pairs],
+            max_new_tokens=max_new_tokens,
+            batch_size=generation_batch_size or batch_size,
+            prompt_format=prompt_format,
+            progress=progress,
+        )
         recall = [M.rouge_l_recall(g, a, rouge_use_stemmer) for g, (_, a) in zip(gens, pairs)]
         if forget:
             out["forget_rougeL_recall"] = float(np.mean(recall[: len(forget)]))

@@ -66,6 +66,7 @@ def select_relearn_indices(num_rows: int, fraction: float, seed: int = 0) -> lis
     k = min(num_rows, max(1, math.floor(fraction * num_rows + 0.5)))
     return sorted(random.Random(seed).sample(range(num_rows), k))
 
+
 @dataclass
 class RelearnConfig:
     """Settings of a relearning attack.
@@ -162,8 +163,12 @@ def relearn_evaluator(
       `retain_rougeL_recall`) when `retain_pairs` are given.
     """
     subset = [pairs[i] for i in config.indices]
-    sizes = dict(batch_size=config.eval_batch_size, max_length=config.max_length,
-                 max_new_tokens=config.max_new_tokens, progress=config.progress)
+    sizes = dict(
+        batch_size=config.eval_batch_size,
+        max_length=config.max_length,
+        max_new_tokens=config.max_new_tokens,
+        progress=config.progress,
+    )
     if evaluate is not None:
         return "custom", lambda m: dict(evaluate(m))
     if data_dir is not None:
@@ -176,8 +181,16 @@ def relearn_evaluator(
         positions = [where[p] for p in subset] if all(p in where for p in subset) else None
 
         def tofu(m):
-            report = evaluate_tofu(m, tokenizer, data_dir, split, retain_report=retain_report, prompt_format=fmt,
-                                   model_path=model_path, **sizes)
+            report = evaluate_tofu(
+                m,
+                tokenizer,
+                data_dir,
+                split,
+                retain_report=retain_report,
+                prompt_format=fmt,
+                model_path=model_path,
+                **sizes,
+            )
             out = dict(report.metrics)
             if positions is not None:
                 out.update(_split_means(M.probability(report.per_item["forget"]["avg_nll_answer"]), positions))
@@ -186,8 +199,9 @@ def relearn_evaluator(
         return "tofu", tofu
 
     def probe(m):
-        out, forget_prob = probe_metrics(m, tokenizer, pairs, retain_pairs, prompt_format=fmt, rouge=config.rouge,
-                                         **sizes)
+        out, forget_prob = probe_metrics(
+            m, tokenizer, pairs, retain_pairs, prompt_format=fmt, rouge=config.rouge, **sizes
+        )
         out.update(_split_means(forget_prob, config.indices))
         return out
 
@@ -225,15 +239,22 @@ def _checkpoints(steps: int, eval_every: int) -> list[int]:
     return sorted({0, steps, *range(eval_every, steps + 1, eval_every)})
 
 
-def relearn_loop(model, tokenizer, pairs: Sequence[tuple[str, str]], config: RelearnConfig,
-                 evaluate: Callable[[Any], dict[str, Any]]) -> tuple[list[int], list[dict], list[float]]:
+def relearn_loop(
+    model, tokenizer, pairs: Sequence[tuple[str, str]], config: RelearnConfig, evaluate: Callable[[Any], dict[str, Any]]
+) -> tuple[list[int], list[dict], list[float]]:
     """Train a copy of `model` on the rows `config.indices` of `pairs` (`config` resolved) and call `evaluate` on
     the copy (in eval mode, no gradients) at the checkpoints. Returns `(steps evaluated, their metrics, the NLL of
     each step's batch)`. The caller's `model` and RNG state are left as they were; the copy is freed at the end."""
     fmt = resolve_prompt_format(tokenizer, config.prompt_format)
     subset = [pairs[i] for i in config.indices]
-    sequences, starts = encode_pairs(tokenizer, fmt, [q for q, _ in subset], [a for _, a in subset],
-                                     config.max_length, names=[f"forget row {i}" for i in range(len(subset))])
+    sequences, starts = encode_pairs(
+        tokenizer,
+        fmt,
+        [q for q, _ in subset],
+        [a for _, a in subset],
+        config.max_length,
+        names=[f"forget row {i}" for i in range(len(subset))],
+    )
     device = model_device(model)
     checkpoints = _checkpoints(config.steps, config.eval_every)
     steps_done: list[int] = []
@@ -254,8 +275,11 @@ def relearn_loop(model, tokenizer, pairs: Sequence[tuple[str, str]], config: Rel
                 if hasattr(attacked.config, "use_cache"):
                     attacked.config.use_cache = False
             params = [p for p in attacked.parameters() if p.requires_grad]
-            optimizer = (torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-                         if config.steps else None)
+            optimizer = (
+                torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+                if config.steps
+                else None
+            )
             pad = pad_id(tokenizer)
             disable = None if config.progress is None else not config.progress
             with tqdm(total=config.steps, desc="relearning", disable=disable, leave=False) as bar:
@@ -271,8 +295,9 @@ def relearn_loop(model, tokenizer, pairs: Sequence[tuple[str, str]], config: Rel
                         break
                     attacked.train()
                     batch = schedule[step]
-                    ids, attn, labels = pad_batch([sequences[i] for i in batch], [starts[i] for i in batch], pad,
-                                                  model_device(attacked))
+                    ids, attn, labels = pad_batch(
+                        [sequences[i] for i in batch], [starts[i] for i in batch], pad, model_device(attacked)
+                    )
                     logps = forward_logps(attacked, ids, attention_mask=attn, labels=labels).token_logps
                     mask = labels[:, 1:] != -100
                     loss = -(logps * mask).sum() / mask.sum()
@@ -339,9 +364,18 @@ def relearning_attack(
     config = (config or RelearnConfig(**settings)).resolved(len(pairs))
     fmt = resolve_prompt_format(tokenizer, config.prompt_format)
     config = dataclasses.replace(config, prompt_format=fmt)
-    kind, score = relearn_evaluator(tokenizer, pairs, config, fmt=fmt, data_dir=data_dir, split=split,
-                                    retain_report=retain_report, retain_pairs=retain_pairs, evaluate=evaluate,
-                                    model_path=model_path)
+    kind, score = relearn_evaluator(
+        tokenizer,
+        pairs,
+        config,
+        fmt=fmt,
+        data_dir=data_dir,
+        split=split,
+        retain_report=retain_report,
+        retain_pairs=retain_pairs,
+        evaluate=evaluate,
+        model_path=model_path,
+    )
     steps, metrics, losses = relearn_loop(model, tokenizer, pairs, config, score)
     settings = {
         "model": model_path if model_path is not None else getattr(model, "name_or_path", None) or None,
@@ -359,11 +393,24 @@ def relearning_attack(
         "max_length": config.max_length,
         "max_new_tokens": config.max_new_tokens,
         "rouge": config.rouge if kind == "probe" else None,
-        "retain_report": (os.fspath(retain_report) if isinstance(retain_report, (str, os.PathLike))
-                          else "in memory" if retain_report is not None else None),
+        "retain_report": (
+            os.fspath(retain_report)
+            if isinstance(retain_report, (str, os.PathLike))
+            else "in memory"
+            if retain_report is not None
+            else None
+        ),
         "num_retain_rows": len(retain_pairs),
         "package_version": package_version(),
     }
-    return RelearnCurve(steps=steps, metrics=metrics, fraction=config.fraction, learning_rate=config.learning_rate,
-                        seed=config.seed, indices=list(config.indices), num_forget_rows=len(pairs),
-                        train_loss=losses, settings=settings)
+    return RelearnCurve(
+        steps=steps,
+        metrics=metrics,
+        fraction=config.fraction,
+        learning_rate=config.learning_rate,
+        seed=config.seed,
+        indices=list(config.indices),
+        num_forget_rows=len(pairs),
+        train_loss=losses,
+        settings=settings,
+    )

@@ -27,8 +27,6 @@ _TABLE_KEYS = (
 )
 
 
-
-
 @dataclass
 class RelearnCurve:
     """Result of `relearning_attack`.

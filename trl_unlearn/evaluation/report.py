@@ -22,6 +22,7 @@ __all__ = ["EvalReport", "REPORT_FORMAT_VERSION", "check_same_settings", "direct
 
 REPORT_FORMAT_VERSION = 1
 
+
 def package_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -159,8 +160,16 @@ def json_safe(obj):
     return obj
 
 
-EVAL_OPTIONS = ("prompt_format", "max_length", "max_new_tokens", "split", "min_k", "knowmem_shots",
-                "verbmem_max_new_tokens", "knowmem_max_new_tokens")
+EVAL_OPTIONS = (
+    "prompt_format",
+    "max_length",
+    "max_new_tokens",
+    "split",
+    "min_k",
+    "knowmem_shots",
+    "verbmem_max_new_tokens",
+    "knowmem_max_new_tokens",
+)
 """Settings that are options of the evaluation (`trl-unlearn eval --<name>`); the others describe the data."""
 
 
@@ -188,6 +197,8 @@ def check_same_settings(
                 fixes.append(f"--{k} {_flag_value(k, a)!r}")
     if diffs:
         fix = (f"pass {' '.join(fixes)} (the same keyword arguments in Python) or " if fixes else "") + (
-            f"make the {what} again with this run's settings and data")
-        raise ValueError(f"the {what} was made with different settings; refusing to compare: {'; '.join(diffs)}. "
-                         f"To compare, {fix}.")
+            f"make the {what} again with this run's settings and data"
+        )
+        raise ValueError(
+            f"the {what} was made with different settings; refusing to compare: {'; '.join(diffs)}. To compare, {fix}."
+        )

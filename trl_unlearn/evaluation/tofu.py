@@ -33,7 +33,12 @@ from .report import AGGREGATES, EvalReport, check_same_settings, package_version
 from .scoring import generate_answers, score_answers
 
 __all__ = [
-    "TOFU_SETS", "evaluate_tofu", "load_tofu_eval_sets", "score_tofu_sets", "tofu_aggregates", "tofu_files",
+    "TOFU_SETS",
+    "evaluate_tofu",
+    "load_tofu_eval_sets",
+    "score_tofu_sets",
+    "tofu_aggregates",
+    "tofu_files",
     "truth_ratios",
 ]
 
@@ -138,9 +143,7 @@ def tofu_aggregates(
         ratios = truth_ratios(cols, s)
         out[f"{s}_probability"] = float(np.mean(prob))
         out[f"{s}_rougeL_recall"] = float(np.mean(rouge))
-        out[f"{s}_truth_ratio"] = (
-            M.truth_ratio_forget_score(ratios) if s == "forget" else M.truth_ratio_score(ratios)
-        )
+        out[f"{s}_truth_ratio"] = M.truth_ratio_forget_score(ratios) if s == "forget" else M.truth_ratio_score(ratios)
     out["model_utility"] = M.model_utility([out[f"{s}_{m}"] for s in UTILITY_SETS for m in UTILITY_MEASURES])
     retain_ratios = reference.get("retain_forget_truth_ratio")
     out["forget_quality"] = (
@@ -153,8 +156,16 @@ def tofu_aggregates(
 
 
 def score_tofu_sets(
-    model, tokenizer, sets, set_names=None, *, prompt_format="auto", batch_size=16, max_length=512,
-    group_by_length=True, progress=None,
+    model,
+    tokenizer,
+    sets,
+    set_names=None,
+    *,
+    prompt_format="auto",
+    batch_size=16,
+    max_length=512,
+    group_by_length=True,
+    progress=None,
 ):
     """TOFU's likelihood columns without generation: every answer of every item of `set_names` (default: all of
     `sets`, as `load_tofu_eval_sets` returns them) scored in one batched call. Returns set -> per-item columns

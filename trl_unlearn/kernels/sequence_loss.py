@@ -118,8 +118,19 @@ class FusedLinearSequenceLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, hidden, weight, bias, labels, lengths, seq_loss, seq_weights, chunk_rows, logit_scale, softcap,
-        temperature, needs_grad,
+        ctx,
+        hidden,
+        weight,
+        bias,
+        labels,
+        lengths,
+        seq_loss,
+        seq_weights,
+        chunk_rows,
+        logit_scale,
+        softcap,
+        temperature,
+        needs_grad,
     ):
         ctx.set_materialize_grads(False)
         need_h, need_w, need_b = needs_grad
@@ -242,17 +253,21 @@ def fused_linear_sequence_loss(
     with gather_head(weight, bias):
         n_rows, vocab = hidden.shape[0], weight.shape[0]
         if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-            raise ValueError(f"hidden must be [N, H] and weight [V, H], got {tuple(hidden.shape)} and "
-                             f"{tuple(weight.shape)} (pass the scored rows only: "
-                             "hidden[:, :-1][labels[:, 1:] != -100])")
+            raise ValueError(
+                f"hidden must be [N, H] and weight [V, H], got {tuple(hidden.shape)} and "
+                f"{tuple(weight.shape)} (pass the scored rows only: "
+                "hidden[:, :-1][labels[:, 1:] != -100])"
+            )
         if labels.shape != (n_rows,):
             raise ValueError(f"labels must be [N] = [{n_rows}], one per row of hidden, got {tuple(labels.shape)}")
         lengths = torch.as_tensor(seq_lengths).reshape(-1).long()
         if n_rows:  # one host copy for the lengths and the label range
             *lengths, lo, hi = torch.cat([lengths.to(labels.device), torch.stack(labels.aminmax())]).tolist()
             if lo < 0 or hi >= vocab:
-                raise ValueError(f"labels must lie in [0, {vocab}), got values in [{lo}, {hi}]: drop the unscored "
-                                 "(-100) rows from hidden and labels first")
+                raise ValueError(
+                    f"labels must lie in [0, {vocab}), got values in [{lo}, {hi}]: drop the unscored "
+                    "(-100) rows from hidden and labels first"
+                )
         else:
             lengths = lengths.tolist()
         if any(n < 0 for n in lengths) or sum(lengths) != n_rows:
@@ -260,13 +275,34 @@ def fused_linear_sequence_loss(
         grad_on = torch.is_grad_enabled()
         needs_grad = tuple(grad_on and x is not None and x.requires_grad for x in (hidden, weight, bias))
         return FusedLinearSequenceLoss.apply(
-            hidden, weight, bias, labels.long(), tuple(lengths), seq_loss, seq_weights, chunk_rows, logit_scale,
-            softcap, temperature, needs_grad,
+            hidden,
+            weight,
+            bias,
+            labels.long(),
+            tuple(lengths),
+            seq_loss,
+            seq_weights,
+            chunk_rows,
+            logit_scale,
+            softcap,
+            temperature,
+            needs_grad,
         )
 
 
-def naive_sequence_loss(hidden, weight, labels, seq_lengths, seq_loss, bias=None, *, seq_weights=None,
-                        logit_scale=1.0, softcap=None, temperature=1.0):
+def naive_sequence_loss(
+    hidden,
+    weight,
+    labels,
+    seq_lengths,
+    seq_loss,
+    bias=None,
+    *,
+    seq_weights=None,
+    logit_scale=1.0,
+    softcap=None,
+    temperature=1.0,
+):
     """Reference (tests, benchmarks): full fp32 `[N, V]` logits -> log_softmax -> gather -> per-sequence sums ->
     `seq_loss` -> weighted sum. Same arguments and outputs as `fused_linear_sequence_loss`, but attached."""
     y = torch.nn.functional.linear(hidden, weight, bias).to(torch.promote_types(hidden.dtype, torch.float32))

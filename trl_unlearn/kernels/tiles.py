@@ -91,8 +91,6 @@ def addmm_fp32_(acc, a, b, first):
             acc[r : r + ACC_BLOCK_ROWS].copy_(part) if first else acc[r : r + ACC_BLOCK_ROWS].add_(part)
 
 
-
 def gather_head(weight, bias):
     """All-gather ZeRO-3 partitioned head parameters for a direct read; a null context otherwise."""
     return maybe_gather_lm_head_ctx(weight, bias)
-

@@ -17,7 +17,6 @@ Conventions: `hidden` is `[N, H]` (only the positions that are scored), `weight`
 `t(y) = logit_scale * y / temperature` without softcap.
 """
 
-
 import torch
 
 from .tiles import (
@@ -57,7 +56,16 @@ class ChunkedTokenLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, hidden, weight, bias, labels, chunk_size, logit_scale, softcap, temperature, return_entropy,
+        ctx,
+        hidden,
+        weight,
+        bias,
+        labels,
+        chunk_size,
+        logit_scale,
+        softcap,
+        temperature,
+        return_entropy,
         hidden_grad_only=False,
     ):
         ctx.set_materialize_grads(False)
@@ -108,7 +116,15 @@ class ChunkedTokenLogps(torch.autograd.Function):
         hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
         with gather_head(weight, bias), torch.autocast(hidden.device.type, enabled=False):
             grads = _recompute_grads(
-                hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, ctx.needs_input_grad[:3],
+                hidden,
+                weight,
+                bias,
+                labels,
+                lse,
+                entropy,
+                grad_logp,
+                grad_entropy,
+                ctx.needs_input_grad[:3],
                 *ctx.config,
             )
         # cast once the tiles are freed, so only the fp32 accumulators and their casts coexist
@@ -116,8 +132,20 @@ class ChunkedTokenLogps(torch.autograd.Function):
 
 
 def _recompute_grads(
-    hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, needs_grad,
-    dtype, chunk_size, logit_scale, softcap, temperature,
+    hidden,
+    weight,
+    bias,
+    labels,
+    lse,
+    entropy,
+    grad_logp,
+    grad_entropy,
+    needs_grad,
+    dtype,
+    chunk_size,
+    logit_scale,
+    softcap,
+    temperature,
 ):
     """Backward of `ChunkedTokenLogps` by recomputing the tiles: `(grad_hidden, grad_weight fp32, grad_bias fp32)`,
     each None where not needed. `weight` and `bias` must be gathered (ZeRO-3) and autocast off."""
@@ -195,7 +223,15 @@ def chunked_token_logps(
     # Gather around `apply` too, so autograd records the full weight shape for the gradient it will receive.
     with gather_head(weight, bias):
         logp, entropy = ChunkedTokenLogps.apply(
-            hidden, weight, bias, labels, chunk_size, logit_scale, softcap, temperature, return_entropy,
+            hidden,
+            weight,
+            bias,
+            labels,
+            chunk_size,
+            logit_scale,
+            softcap,
+            temperature,
+            return_entropy,
             hidden_grad_only,
         )
     return (logp, entropy) if return_entropy else logp

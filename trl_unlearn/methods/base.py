@@ -38,9 +38,21 @@ from ..reference import kl_teacher, plan_reference, reference_context, reference
 from .base_config import UnlearningConfig
 
 # Config fields every card lists, after the method's own `card_hyperparameters`
-SHARED_CARD_FIELDS = ("forget_weight", "retain_weight", "learning_rate", "num_train_epochs", "max_steps",
-                      "per_device_train_batch_size", "gradient_accumulation_steps", "lr_scheduler_type", "warmup_ratio",
-                      "warmup_steps", "weight_decay", "max_length", "seed")
+SHARED_CARD_FIELDS = (
+    "forget_weight",
+    "retain_weight",
+    "learning_rate",
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "lr_scheduler_type",
+    "warmup_ratio",
+    "warmup_steps",
+    "weight_decay",
+    "max_length",
+    "seed",
+)
 
 logger = logging.getLogger(__name__)
 
@@ -137,14 +149,23 @@ class UnlearningTrainer(DPOTrainer):
             name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
             args = self.config_class(output_dir=f"{os.path.basename(str(name).rstrip('/'))}-{self._name}")
         args = copy.copy(args)  # the user's config stays as given
-        self._reading = {"model": _name_or_path(model), "ref_model": _name_or_path(ref_model),
-                         "processing_class": getattr(processing_class, "name_or_path", None)}
+        self._reading = {
+            "model": _name_or_path(model),
+            "ref_model": _name_or_path(ref_model),
+            "processing_class": getattr(processing_class, "name_or_path", None),
+        }
         outputs.check_output_dir(args.output_dir, self._reading)
         if args.precompute_ref_log_probs and not self.forget_needs_reference:
-            logger.warning(f"`precompute_ref_log_probs=True` does nothing for {self._name}: only NPO's forget term "
-                           "uses reference log-probs. Remove it.")
+            logger.warning(
+                f"`precompute_ref_log_probs=True` does nothing for {self._name}: only NPO's forget term "
+                "uses reference log-probs. Remove it."
+            )
         forget_dataset, retain_dataset = resolve_datasets(
-            forget_dataset, retain_dataset, train_dataset, args.retain_weight, args.dataset_num_proc,
+            forget_dataset,
+            retain_dataset,
+            train_dataset,
+            args.retain_weight,
+            args.dataset_num_proc,
             processing_class,
         )
         self._check_quantized(model, quantization_config, peft_config)
@@ -153,8 +174,11 @@ class UnlearningTrainer(DPOTrainer):
         self.reference_plan = plan_reference(
             forget_needs_reference=self.forget_needs_reference,
             retain_kl=self.retain_kl or (self.retain_needs_reference and args.retain_weight > 0),
-            precompute=args.precompute_ref_log_probs, has_ref_model=ref_model is not None, uses_peft=uses_peft,
-            model_is_instance=not isinstance(model, str), method=type(self).__name__,
+            precompute=args.precompute_ref_log_probs,
+            has_ref_model=ref_model is not None,
+            uses_peft=uses_peft,
+            model_is_instance=not isinstance(model, str),
+            method=type(self).__name__,
         )
         if self.reference_plan.copy_model:
             # A copy of the model as given: reloading it from `name_or_path` would miss in-memory changes
@@ -209,8 +233,8 @@ class UnlearningTrainer(DPOTrainer):
         self.card_data = {
             "forget_data": f"{len(self.train_dataset.forget)} examples",
             "retain_data": f"{len(retain)} examples" if retain is not None else "none",
-            "base_model": _name_or_path(model) or "an in-memory model (not loaded from a folder or the Hub; its "
-                                                 "origin is not recorded)",
+            "base_model": _name_or_path(model)
+            or "an in-memory model (not loaded from a folder or the Hub; its origin is not recorded)",
             "prompt_format": _plain_prompt_format(forget_dataset),
         }
         self._prompted = "prompt" in forget_dataset.column_names
@@ -234,9 +258,11 @@ class UnlearningTrainer(DPOTrainer):
                 "tokenizer, or resize the model first (`model.resize_token_embeddings(len(tokenizer))`)."
             )
         if len(self._tokenizer) > rows:
-            logger.warning(f"The tokenizer has {len(self._tokenizer)} tokens but the model's input embedding has "
-                           f"{rows} rows; the data fit, but ids >= {rows} would fail: check it is the model's "
-                           "tokenizer.")
+            logger.warning(
+                f"The tokenizer has {len(self._tokenizer)} tokens but the model's input embedding has "
+                f"{rows} rows; the data fit, but ids >= {rows} would fail: check it is the model's "
+                "tokenizer."
+            )
 
     @property
     def precompute_forget_ref(self) -> bool:
@@ -245,8 +271,10 @@ class UnlearningTrainer(DPOTrainer):
 
     @staticmethod
     def _check_quantized(model, quantization_config, peft_config):
-        quantized = quantization_config is not None or getattr(model, "is_loaded_in_4bit", False) or getattr(
-            model, "is_loaded_in_8bit", False
+        quantized = (
+            quantization_config is not None
+            or getattr(model, "is_loaded_in_4bit", False)
+            or getattr(model, "is_loaded_in_8bit", False)
         )
         if quantized and peft_config is None and (isinstance(model, str) or not is_peft_model(model)):
             raise ValueError(
@@ -284,9 +312,11 @@ class UnlearningTrainer(DPOTrainer):
         if self.preempted_at is not None and self.is_world_process_zero() and os.path.isdir(checkpoint):
             write_card(self.model_card_facts(), checkpoint)  # the checkpoint says where and why it stopped
         if self.state.global_step == 0:
-            raise ValueError("Training took no optimizer step (the data loader gave no batch, or `max_steps` / "
-                             "`num_train_epochs` allow none): the model is unchanged and nothing was saved. Check "
-                             "`max_steps`, `num_train_epochs` and the data.")
+            raise ValueError(
+                "Training took no optimizer step (the data loader gave no batch, or `max_steps` / "
+                "`num_train_epochs` allow none): the model is unchanged and nothing was saved. Check "
+                "`max_steps`, `num_train_epochs` and the data."
+            )
         return result
 
     def _check_resume(self, resume):
@@ -298,26 +328,36 @@ class UnlearningTrainer(DPOTrainer):
         if resume is True:
             last = get_last_checkpoint(out) if os.path.isdir(out) else None
             if last is None:
-                raise ValueError(f"`resume_from_checkpoint=True` but {out!r} holds no `checkpoint-N` folder: start a "
-                                 "new run without it, or give a checkpoint's path.")
+                raise ValueError(
+                    f"`resume_from_checkpoint=True` but {out!r} holds no `checkpoint-N` folder: start a "
+                    "new run without it, or give a checkpoint's path."
+                )
             resume = last
         if not isinstance(resume, str) or not os.path.isdir(resume):
             found = outputs.checkpoints(out)
-            raise ValueError(f"`resume_from_checkpoint` {resume!r} is not a checkpoint folder; {out!r} holds "
-                             f"{found or 'no checkpoint'}. Give one of them (or `true` for the last).")
+            raise ValueError(
+                f"`resume_from_checkpoint` {resume!r} is not a checkpoint folder; {out!r} holds "
+                f"{found or 'no checkpoint'}. Give one of them (or `true` for the last)."
+            )
         parent, name = os.path.split(os.path.abspath(resume))
         step = int(name.split("-")[1]) if outputs.CHECKPOINT.fullmatch(name) else None
         earlier = [n for n in outputs.checkpoints(parent) if step is not None and int(n.split("-")[1]) < step]
-        hint = (f"resume from the previous checkpoint, {os.path.join(parent, earlier[-1])}, instead" if earlier
-                else "no earlier checkpoint is left: start a new run")
+        hint = (
+            f"resume from the previous checkpoint, {os.path.join(parent, earlier[-1])}, instead"
+            if earlier
+            else "no earlier checkpoint is left: start a new run"
+        )
         check_weights(resume, "checkpoint", hint)
 
     def _stop_reason(self) -> str | None:
         if self.preempted_at is not None:
             return "SIGTERM (preempted or cancelled)"
         if self.state.global_step < self.state.max_steps:
-            stoppers = [type(cb).__name__ for cb in self.callback_handler.callbacks
-                        if getattr(cb, "stopped_at", None) is not None]
+            stoppers = [
+                type(cb).__name__
+                for cb in self.callback_handler.callbacks
+                if getattr(cb, "stopped_at", None) is not None
+            ]
             return f"stopped early by {', '.join(stoppers) or 'a callback'} (`control.should_training_stop`)"
         return None
 
@@ -347,14 +387,21 @@ class UnlearningTrainer(DPOTrainer):
         evaluation = self.evaluation_summary or {}
         directions = {k: direction(k.split("/")[-1]) for k in evaluation}
         return UnlearningCard(
-            method=self._name, base_model=info.get("base_model") or "not recorded",
-            forget_data=info["forget_data"], retain_data=info["retain_data"], reference=self.reference_plan.describe(),
-            hyperparameters=hyper, paper=self._paper,
+            method=self._name,
+            base_model=info.get("base_model") or "not recorded",
+            forget_data=info["forget_data"],
+            retain_data=info["retain_data"],
+            reference=self.reference_plan.describe(),
+            hyperparameters=hyper,
+            paper=self._paper,
             tags=list(self._tag_names) + ([tags] if isinstance(tags, str) else list(tags or [])),
             datasets=list(info.get("datasets") or ([dataset_name] if dataset_name else [])),
-            evaluation=self.evaluation_summary, eval_dataset=info.get("eval_dataset"),
-            prompt_format=info.get("prompt_format"), directions={k: v for k, v in directions.items() if v},
-            eval_reference=info.get("eval_reference"), training=info.get("training"),
+            evaluation=self.evaluation_summary,
+            eval_dataset=info.get("eval_dataset"),
+            prompt_format=info.get("prompt_format"),
+            directions={k: v for k, v in directions.items() if v},
+            eval_reference=info.get("eval_reference"),
+            training=info.get("training"),
         )
 
     def save_model(self, output_dir=None, _internal_call=False):
@@ -366,8 +413,10 @@ class UnlearningTrainer(DPOTrainer):
             return super().save_model(output_dir, _internal_call)
         folder = output_dir or self.args.output_dir
         if self.state.global_step == 0:
-            raise ValueError(f"Nothing to save to {folder!r}: no optimizer step was taken, so the model is the base "
-                             "model. Call `trainer.train()` first.")
+            raise ValueError(
+                f"Nothing to save to {folder!r}: no optimizer step was taken, so the model is the base "
+                "model. Call `trainer.train()` first."
+            )
         self._check_save_target(folder)
         staging = os.path.join(folder, outputs.STAGING_DIR)
         if self.is_world_process_zero():
@@ -383,9 +432,11 @@ class UnlearningTrainer(DPOTrainer):
                 os.remove(os.path.join(folder, PROMPT_FILE))  # an earlier model's; this one's format is unknown
             outputs.replace_files(staging, folder)
             if prompt_format is None and self._prompted:
-                logger.warning(f"No prompt format recorded in {folder}: the forget prompts do not all follow "
-                               f"{PROMPT_TEMPLATE!r}. Set `trainer.card_data['prompt_format']` (a string with "
-                               "{question}, or 'chat') before saving, or pass `--prompt_format` to `trl-unlearn eval`.")
+                logger.warning(
+                    f"No prompt format recorded in {folder}: the forget prompts do not all follow "
+                    f"{PROMPT_TEMPLATE!r}. Set `trainer.card_data['prompt_format']` (a string with "
+                    "{question}, or 'chat') before saving, or pass `--prompt_format` to `trl-unlearn eval`."
+                )
         self.accelerator.wait_for_everyone()
         self._saved_dirs.add(os.path.realpath(folder))
         if output_dir is None or output_dir == self.args.output_dir:
@@ -399,8 +450,10 @@ class UnlearningTrainer(DPOTrainer):
         outputs.check_output_dir(folder, self._reading)
         ours = os.path.realpath(folder) in self._saved_dirs
         if not ours and not self.args.overwrite_output_dir and outputs.weight_files(folder):
-            raise ValueError(f"{folder!r} already holds a model ({', '.join(outputs.weight_files(folder))}): save to "
-                             "another folder, or set `overwrite_output_dir=True` to replace it.")
+            raise ValueError(
+                f"{folder!r} already holds a model ({', '.join(outputs.weight_files(folder))}): save to "
+                "another folder, or set `overwrite_output_dir=True` to replace it."
+            )
 
     # ----------------------------------------------------------------------------------------------------- data --
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -412,8 +465,14 @@ class UnlearningTrainer(DPOTrainer):
 
     def _tokenize(self, dataset, name, args=None, tokenizer=None):
         args = args or self.args
-        return tokenize_dataset(dataset, tokenizer or self.processing_class, name, max_length=args.max_length,
-                                truncation_mode=args.truncation_mode, num_proc=args.dataset_num_proc)
+        return tokenize_dataset(
+            dataset,
+            tokenizer or self.processing_class,
+            name,
+            max_length=args.max_length,
+            truncation_mode=args.truncation_mode,
+            num_proc=args.dataset_num_proc,
+        )
 
     def _build_eval_pairs(self, eval_dataset):
         if isinstance(eval_dataset, ForgetRetainPairs):
@@ -439,25 +498,35 @@ class UnlearningTrainer(DPOTrainer):
         num_retain = len(dataset.retain) if dataset.retain is not None else 0
         lengths, group = None, 0
         if self.args.train_sampling_strategy == "group_by_length":
+
             def row_lengths(d):
                 return [len(p) + len(c) for p, c in zip(d["prompt_ids"], d["completion_ids"])]
 
             lengths = (row_lengths(dataset.forget), row_lengths(dataset.retain) if num_retain else [])
             group = 64 * self.args.per_device_train_batch_size * self.accelerator.num_processes
-        return ForgetRetainSampler(len(dataset.forget), num_retain, seed=self.args.seed, lengths=lengths,
-                                   group_size=group)
+        return ForgetRetainSampler(
+            len(dataset.forget), num_retain, seed=self.args.seed, lengths=lengths, group_size=group
+        )
 
     # ------------------------------------------------------------------------------------------------ reference --
     def _precompute_ref_logps(self, dataset, name, batch_size):
         """Add a `ref_logps` column (summed reference log-probs of each forget row), computed once."""
-        if (not self.precompute_forget_ref or isinstance(dataset, ForgetRetainPairs) or name == "retain"
-                or "ref_logps" in dataset.column_names):
+        if (
+            not self.precompute_forget_ref
+            or isinstance(dataset, ForgetRetainPairs)
+            or name == "retain"
+            or "ref_logps" in dataset.column_names
+        ):
             return dataset
         self.data_collator.pad_token_id = self._tokenizer.pad_token_id
-        loader = self.accelerator.prepare(torch.utils.data.DataLoader(
-            dataset.select_columns(["prompt_ids", "completion_ids"]), batch_size=batch_size,
-            collate_fn=self.data_collator, shuffle=False,
-        ))
+        loader = self.accelerator.prepare(
+            torch.utils.data.DataLoader(
+                dataset.select_columns(["prompt_ids", "completion_ids"]),
+                batch_size=batch_size,
+                collate_fn=self.data_collator,
+                shuffle=False,
+            )
+        )
         model = self.model
         if self.ref_model is None and self.is_deepspeed_enabled:  # parameters still on CPU / sharded: an engine
             from .._trl_compat import prepare_deepspeed
@@ -485,7 +554,6 @@ class UnlearningTrainer(DPOTrainer):
         unwrapped = self.accelerator.unwrap_model(model)
         with reference_context(self.model, unwrapped, self.ref_model, self.args.gradient_checkpointing_kwargs):
             return kl_teacher(ref, self.accelerator.unwrap_model(ref), inputs, ~inputs["forget_mask"])
-
 
     # ----------------------------------------------------------------------------------------------------- loss --
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -536,4 +604,3 @@ class UnlearningTrainer(DPOTrainer):
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
-

@@ -15,8 +15,18 @@ logger = logging.getLogger(__name__)
 
 RETAIN_LOSS_TYPES = ("nll", "kl")
 DPO_ONLY_FIELDS = (
-    "loss_type", "loss_weights", "ld_alpha", "f_divergence_type", "f_alpha_divergence_coef", "label_smoothing",
-    "use_weighting", "discopop_tau", "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps", "padding_free",
+    "loss_type",
+    "loss_weights",
+    "ld_alpha",
+    "f_divergence_type",
+    "f_alpha_divergence_coef",
+    "label_smoothing",
+    "use_weighting",
+    "discopop_tau",
+    "sync_ref_model",
+    "ref_model_mixup_alpha",
+    "ref_model_sync_steps",
+    "padding_free",
 )
 _DPO_DEFAULTS = {f.name: f for f in fields(DPOConfig) if f.name in DPO_ONLY_FIELDS}
 
@@ -39,8 +49,10 @@ def check_numbers(config) -> None:
                 fix = "pass a number"
             raise ValueError(f"`{name}` must be a number, got {value!r} ({type(value).__name__}): {fix}.")
         if not math.isfinite(value):
-            raise ValueError(f"`{name}` is {value}: it must be a finite number (a NaN or infinite setting makes every "
-                             "loss or update non-finite, or turns clipping off); give a finite value.")
+            raise ValueError(
+                f"`{name}` is {value}: it must be a finite number (a NaN or infinite setting makes every "
+                "loss or update non-finite, or turns clipping off); give a finite value."
+            )
 
 
 def _accelerator_available() -> bool:
@@ -56,7 +68,9 @@ def _normalised(value):
 def _hidden(name):
     """The DPO field `name` with its DPO default, hidden from `--help` (argparse.SUPPRESS)."""
     f = _DPO_DEFAULTS[name]
-    return field(default=f.default, default_factory=f.default_factory, metadata={**f.metadata, "help": argparse.SUPPRESS})
+    return field(
+        default=f.default, default_factory=f.default_factory, metadata={**f.metadata, "help": argparse.SUPPRESS}
+    )
 
 
 @dataclass
@@ -91,8 +105,10 @@ class UnlearningConfig(DPOConfig):
     )
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Allow an output_dir that holds a trained model or checkpoints: delete the earlier run's "
-                          "checkpoints at the start and replace its model (default: refuse such a folder)."},
+        metadata={
+            "help": "Allow an output_dir that holds a trained model or checkpoints: delete the earlier run's "
+            "checkpoints at the start and replace its model (default: refuse such a folder)."
+        },
     )
     # transformers 5 renamed `gradient_checkpointing`; TRL's default (on) is kept under the new name, so no warning
     activation_checkpointing: bool | None = field(
@@ -116,8 +132,11 @@ class UnlearningConfig(DPOConfig):
 
     def __post_init__(self):
         check_numbers(self)
-        changed = [n for n, f in _DPO_DEFAULTS.items() if _normalised(getattr(self, n)) != _normalised(
-            f.default_factory() if f.default is MISSING else f.default)]
+        changed = [
+            n
+            for n, f in _DPO_DEFAULTS.items()
+            if _normalised(getattr(self, n)) != _normalised(f.default_factory() if f.default is MISSING else f.default)
+        ]
         if changed:
             raise ValueError(
                 f"{', '.join(f'`{n}`' for n in changed)}: DPO-only setting(s) that the unlearning trainers do not use "
@@ -130,9 +149,11 @@ class UnlearningConfig(DPOConfig):
             self.dataloader_pin_memory = False  # nothing to pin for (silences torch's warning)
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # what DeepSpeed would pick, without its warning
         if self.bf16 is not False and not self.fp16 and not self.use_cpu and not _accelerator_available():
-            logger.warning("No GPU found: training in fp32 on the CPU (bf16, TRL's default and the recipes' "
-                           "setting, needs a GPU here; pass `bf16=False` to silence this, or `use_cpu=True` to "
-                           "force CPU bf16).")
+            logger.warning(
+                "No GPU found: training in fp32 on the CPU (bf16, TRL's default and the recipes' "
+                "setting, needs a GPU here; pass `bf16=False` to silence this, or `use_cpu=True` to "
+                "force CPU bf16)."
+            )
             self.bf16 = False
         super().__post_init__()
         if self.retain_loss_type not in RETAIN_LOSS_TYPES:
@@ -146,16 +167,23 @@ class UnlearningConfig(DPOConfig):
         if self.beta <= 0:
             raise ValueError(f"`beta` must be > 0, got {self.beta}.")
         if self.learning_rate < 0:
-            raise ValueError(f"`learning_rate` must be >= 0, got {self.learning_rate}: a negative rate reverses every "
-                             "term of the loss. Give a positive rate.")
+            raise ValueError(
+                f"`learning_rate` must be >= 0, got {self.learning_rate}: a negative rate reverses every "
+                "term of the loss. Give a positive rate."
+            )
         if self.learning_rate == 0:
-            logger.warning("`learning_rate=0`: no weight will change, and the saved model will be the base model "
-                           "(its card records the rate).")
+            logger.warning(
+                "`learning_rate=0`: no weight will change, and the saved model will be the base model "
+                "(its card records the rate)."
+            )
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
-            raise ValueError(f"`num_train_epochs={self.num_train_epochs}` and `max_steps={self.max_steps}`: no "
-                             "optimizer step would be taken. Set `num_train_epochs` > 0 or `max_steps` > 0.")
+            raise ValueError(
+                f"`num_train_epochs={self.num_train_epochs}` and `max_steps={self.max_steps}`: no "
+                "optimizer step would be taken. Set `num_train_epochs` > 0 or `max_steps` > 0."
+            )
         if self.enable_jit_checkpoint:
-            logger.warning("`enable_jit_checkpoint` is not used: the unlearning trainers stop on SIGTERM by "
-                           "themselves, every rank at the same step, and save a checkpoint (trl_unlearn.preemption).")
+            logger.warning(
+                "`enable_jit_checkpoint` is not used: the unlearning trainers stop on SIGTERM by "
+                "themselves, every rank at the same step, and save a checkpoint (trl_unlearn.preemption)."
+            )
             self.enable_jit_checkpoint = False
-

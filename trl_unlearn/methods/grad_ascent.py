@@ -31,9 +31,11 @@ class GradAscentTrainer(LikelihoodUnlearningTrainer):
     forget_normaliser = "tokens"
     _tag_names = LikelihoodUnlearningTrainer._tag_names + ["gradient-ascent"]
     _name = "GradAscent"
-    _paper = {"title": "TOFU: A Task of Fictitious Unlearning for LLMs", "id": "2401.06121",
-              "citation": CITATIONS["TOFU"]}
+    _paper = {
+        "title": "TOFU: A Task of Fictitious Unlearning for LLMs",
+        "id": "2401.06121",
+        "citation": CITATIONS["TOFU"],
+    }
 
     def forget_loss(self, num_tokens, ref_logps):
         return losses.ga_loss
-

@@ -24,4 +24,3 @@ class GradDiffTrainer(GradAscentTrainer):
     config_class = GradDiffConfig
     _tag_names = LikelihoodUnlearningTrainer._tag_names + ["graddiff"]
     _name = "GradDiff"
-

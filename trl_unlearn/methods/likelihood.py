@@ -63,10 +63,16 @@ class LikelihoodUnlearningTrainer(UnlearningTrainer):
         # The loss's units: sequences, or (token-level methods) the N scored tokens in row-major order
         row = mask.bool().nonzero()[:, 0] if self.token_level else None  # [N] row of each scored token
         unit_fmask, unit_weights = (fmask[row], weights[row]) if self.token_level else (fmask, weights)
-        objective = losses.ForgetRetainLoss(self.forget_loss(num_tokens[fmask], ref_logps), unit_fmask,
-                                            not self.retain_kl)
-        kw = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=scored_labels(inputs),
-                  unlearning_forward=forward_logps, kl_teacher=teacher)
+        objective = losses.ForgetRetainLoss(
+            self.forget_loss(num_tokens[fmask], ref_logps), unit_fmask, not self.retain_kl
+        )
+        kw = dict(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            labels=scored_labels(inputs),
+            unlearning_forward=forward_logps,
+            kl_teacher=teacher,
+        )
         if torch.is_grad_enabled():
             out = model(**kw, sequence_loss=objective, seq_weights=unit_weights, per_token=self.token_level)
             unit_logps, unit_losses, loss = out.seq_logps, out.seq_losses, out.loss

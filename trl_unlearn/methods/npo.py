@@ -53,4 +53,3 @@ class NPOTrainer(LikelihoodUnlearningTrainer):
 
     def forget_grad_weight(self, logps, num_tokens, ref_logps):
         return losses.npo_weight(logps, ref_logps, self.args.beta)
-

@@ -153,8 +153,9 @@ class RMUConfig(UnlearningConfig):
             self.update_layers = list(range(max(0, self.layer_id - 2), self.layer_id + 1))
         self.update_layers = [int(i) for i in self.update_layers]
         if not self.update_layers:
-            raise ValueError("`update_layers` is empty: RMU needs at least one layer to train (default: "
-                             "layer_id-2 .. layer_id).")
+            raise ValueError(
+                "`update_layers` is empty: RMU needs at least one layer to train (default: layer_id-2 .. layer_id)."
+            )
         bad = [i for i in self.update_layers if not 0 <= i <= self.layer_id]
         if bad:
             raise ValueError(
@@ -162,9 +163,7 @@ class RMUConfig(UnlearningConfig):
                 "can move its output. Pick layers in that range, or raise `layer_id`."
             )
         if not self.update_modules:
-            raise ValueError("`update_modules` is empty: name the modules of `update_layers` that train, e.g. "
-                             "['mlp'].")
-
+            raise ValueError("`update_modules` is empty: name the modules of `update_layers` that train, e.g. ['mlp'].")
 
 
 class RMUTrainer(UnlearningTrainer):
@@ -201,10 +200,13 @@ class RMUTrainer(UnlearningTrainer):
             )
         self.update_parameters, frozen = select_parameters(unwrapped, layers, args.update_layers, args.update_modules)
         if not self.update_parameters:
-            hint = ("the PEFT adapters must sit there: target those modules in `peft_config` (e.g. `target_modules="
-                    "['gate_proj', 'up_proj', 'down_proj']` for a Llama MLP)" if is_peft_model(unwrapped) else
-                    f"the parameters of layer {args.update_layers[0]} are "
-                    f"{[n for n, _ in layers[args.update_layers[0]].named_parameters()]}")
+            hint = (
+                "the PEFT adapters must sit there: target those modules in `peft_config` (e.g. `target_modules="
+                "['gate_proj', 'up_proj', 'down_proj']` for a Llama MLP)"
+                if is_peft_model(unwrapped)
+                else f"the parameters of layer {args.update_layers[0]} are "
+                f"{[n for n, _ in layers[args.update_layers[0]].named_parameters()]}"
+            )
             raise ValueError(
                 f"No trainable parameter in `update_modules` {args.update_modules} of `update_layers` "
                 f"{args.update_layers}: {hint}."
@@ -216,8 +218,9 @@ class RMUTrainer(UnlearningTrainer):
                 "`LoraConfig(target_modules=..., layers_to_transform=...)` to avoid creating them."
             )
         # The forward to `layer_id` (`decoder_layers.layer_output`), for the policy and the reference
-        self.layer_forward = functools.partial(layer_output, layers=layers_path(unwrapped), layer_id=args.layer_id,
-                                               grad_from=min(args.update_layers))
+        self.layer_forward = functools.partial(
+            layer_output, layers=layers_path(unwrapped), layer_id=args.layer_id, grad_from=min(args.update_layers)
+        )
         self.ref_layer_forward = self.layer_forward
         if self.ref_model is not None:
             ref = self.accelerator.unwrap_model(self.ref_model)
@@ -281,12 +284,16 @@ class RMUTrainer(UnlearningTrainer):
         local = torch.stack([forget.norm(dim=-1).sum(), forget.new_tensor(len(forget))]).detach().float()
         total, count = self.accelerator.reduce(local, reduction="sum").tolist()
         if count == 0:
-            raise ValueError("RMU's `steering_coeff='auto'`: the first batch has no forget positions to measure. "
-                             "Check the forget data, or pass `steering_coeff` as a number.")
+            raise ValueError(
+                "RMU's `steering_coeff='auto'`: the first batch has no forget positions to measure. "
+                "Check the forget data, or pass `steering_coeff` as a number."
+            )
         self.steering_coeff = self.args.steering_scale * total / count
         self.control_vector = self.steering_coeff * self.unit_control
-        logger.info(f"RMU steering_coeff='auto': c = {self.args.steering_scale} × {total / count:.4g} (the initial "
-                    f"forget activations' mean norm at layer {self.args.layer_id}) = {self.steering_coeff:.4g}.")
+        logger.info(
+            f"RMU steering_coeff='auto': c = {self.args.steering_scale} × {total / count:.4g} (the initial "
+            f"forget activations' mean norm at layer {self.args.layer_id}) = {self.steering_coeff:.4g}."
+        )
 
     def _check_control_cosine(self, cosine: torch.Tensor) -> None:
         """Remember the first training step's mean control cosine; `control_cosine_check_steps` steps later, warn
@@ -313,8 +320,11 @@ class RMUTrainer(UnlearningTrainer):
         unwrapped = self.accelerator.unwrap_model(model)
         with reference_context(self.model, unwrapped, self.ref_model, self.args.gradient_checkpointing_kwargs):
             forward = self.ref_layer_forward if self.ref_model is not None else self.layer_forward
-            return ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       unlearning_forward=functools.partial(forward, grad_from=0))
+            return ref(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                unlearning_forward=functools.partial(forward, grad_from=0),
+            )
 
     def unlearning_loss(self, model, inputs, counts, scale=1.0):
         """The micro-batch's share of the step's RMU loss (module docstring), times `scale`, and its `LossStats`."""
@@ -326,8 +336,11 @@ class RMUTrainer(UnlearningTrainer):
         if rows.any():  # before the policy forward, whose activations would otherwise be held
             batch = {k: inputs[k][rows] for k in ("input_ids", "attention_mask")}
             ref = self._reference_hidden(model, batch)[:, :-1][positions[rows]].float()  # [N_r, H]
-        hidden = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                       unlearning_forward=self.layer_forward)[:, :-1]
+        hidden = model(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            unlearning_forward=self.layer_forward,
+        )[:, :-1]
         forget = hidden[positions & fmask[:, None]].float()  # [N_f, H]
         if self.control_vector is None:
             self._measure_control_vector(forget)

@@ -68,4 +68,3 @@ class SimNPOTrainer(LikelihoodUnlearningTrainer):
 
     def forget_grad_weight(self, logps, num_tokens, ref_logps):
         return losses.simnpo_weight(logps, num_tokens, self.args.beta, self.args.gamma)
-

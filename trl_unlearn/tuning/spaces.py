@@ -1,8 +1,8 @@
 """Search spaces of `trl-unlearn tune`, one per method, in one place; a YAML recipe overrides them.
 
 A space maps a name to a `Param`. Names are config fields of the method (`beta`, `gamma`, `forget_weight`,
-`num_train_epochs`, `layer_id`, `steering_scale`, `retain_weight`, `learning_rate`, `beta1`, ...) or `lr_mult`, the learning
-rate as a multiple of a base rate (`base_learning_rate`: the rate that fine-tuned the model, or the method's
+`num_train_epochs`, `layer_id`, `steering_scale`, `retain_weight`, `learning_rate`, `beta1`, ...) or `lr_mult`, the
+learning rate as a multiple of a base rate (`base_learning_rate`: the rate that fine-tuned the model, or the method's
 default). Every default range reaches both sides of the published setting, so a search can strengthen a method
 as well as weaken it (higher lr, more epochs, larger forget weight; SimNPO: smaller β).
 
