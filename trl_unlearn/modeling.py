@@ -120,6 +120,24 @@ def _scatter(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return values.new_zeros(mask.shape).masked_scatter(mask, values)
 
 
+def teacher_kl(hidden, mask, weight, bias, transform, kl_teacher: KLTeacher) -> torch.Tensor:
+    """KL(teacher ‖ model) `[n]` fp32 over the full vocabulary at the teacher's n positions, from the model's scored
+    hidden states `hidden` `[N, H]` (positions `mask` `[B, T-1]`; the teacher's are a subset), its head and its
+    `transform` `(logit_scale, softcap)`, without `[N, V]` logits (TRL's chunked divergence)."""
+    rows = kl_teacher.mask[mask]
+    kl = chunked_kl(
+        hidden[rows],
+        weight,
+        bias,
+        kl_teacher.hidden,
+        kl_teacher.weight,
+        kl_teacher.bias,
+        student_transform=transform,
+        teacher_transform=kl_teacher.transform,
+    )
+    return kl.float()
+
+
 def forward_logps(
     model,
     input_ids=None,
@@ -177,19 +195,9 @@ def forward_logps(
         if entropy is not None:
             out.entropy = _scatter(mask, entropy)
     if kl_teacher is not None:
-        # the teacher's positions are a subset of the scored ones: pick them out of the scored rows
-        rows = kl_teacher.mask[mask]
-        kl = chunked_kl(
-            hidden[rows],
-            weight,
-            bias,
-            kl_teacher.hidden,
-            kl_teacher.weight,
-            kl_teacher.bias,
-            student_transform=(logit_scale, softcap),
-            teacher_transform=kl_teacher.transform,
+        out.token_kl = _scatter(
+            kl_teacher.mask, teacher_kl(hidden, mask, weight, bias, (logit_scale, softcap), kl_teacher)
         )
-        out.token_kl = _scatter(kl_teacher.mask, kl.float())
     return out
 
 

@@ -63,6 +63,7 @@ from .tiles import (
     DEFAULT_CHUNK_SIZE,
     addmm_fp32_,
     gather_head,
+    gemm_dtypes,
     project,
     to_raw_logits_grad,
     token_stats,
@@ -135,8 +136,7 @@ class FusedLinearSequenceLoss(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         need_h, need_w, need_b = needs_grad
         device = hidden.device
-        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else hidden.dtype
-        acc = torch.promote_types(dtype, torch.float32)  # fp32, or fp64 for fp64 inputs (gradcheck)
+        dtype, acc = gemm_dtypes(hidden)
         transform = (logit_scale, softcap, temperature)
         n_rows, n_seqs = hidden.shape[0], len(lengths)
         chunks = _plan(lengths, chunk_rows)

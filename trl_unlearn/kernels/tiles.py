@@ -94,3 +94,11 @@ def addmm_fp32_(acc, a, b, first):
 def gather_head(weight, bias):
     """All-gather ZeRO-3 partitioned head parameters for a direct read; a null context otherwise."""
     return maybe_gather_lm_head_ctx(weight, bias)
+
+
+def gemm_dtypes(hidden: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
+    """`(dtype, acc)`: the dtype the tile GEMMs run in (autocast's, else `hidden`'s) and the accumulator dtype (fp32,
+    or fp64 for fp64 inputs, as gradcheck uses)."""
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    return dtype, torch.promote_types(dtype, torch.float32)

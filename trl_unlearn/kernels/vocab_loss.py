@@ -45,7 +45,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .tiles import DEFAULT_CHUNK_SIZE, addmm_fp32_, gather_head, project, to_raw_logits_grad, transform_logits
+from .tiles import (
+    DEFAULT_CHUNK_SIZE,
+    addmm_fp32_,
+    gather_head,
+    gemm_dtypes,
+    project,
+    to_raw_logits_grad,
+    transform_logits,
+)
 
 KINDS = ("undial", "ceu", "pdu")
 
@@ -121,8 +129,7 @@ class FusedVocabLoss(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         need_h, need_w, need_b = needs_grad
         device = hidden.device
-        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else hidden.dtype
-        acc = torch.promote_types(dtype, torch.float32)  # fp32, or fp64 for fp64 inputs (gradcheck)
+        dtype, acc = gemm_dtypes(hidden)
         n_rows = hidden.shape[0]
         row_losses = torch.zeros(n_rows, device=device, dtype=acc)
         row_logps = torch.zeros(n_rows, device=device, dtype=acc)

@@ -17,11 +17,10 @@ from dataclasses import dataclass
 import torch
 from transformers.utils import ModelOutput
 
-from .._trl_compat import chunked_kl
 from ..kernels.tiles import DEFAULT_CHUNK_SIZE
 from ..kernels.vocab_loss import VocabTeacher, fused_vocab_loss
 from ..losses import LossStats
-from ..modeling import lm_head, scored_hidden
+from ..modeling import lm_head, scored_hidden, teacher_kl
 from ..reference import kl_teacher, reference_context, scored_labels
 from .base import UnlearningTrainer
 
@@ -86,17 +85,7 @@ def vocab_loss_forward(
     )
     out = VocabLossOutput(loss=loss, row_losses=row_losses, row_logps=row_logps, num_forget=num_forget)
     if kl_teacher is not None:
-        rows = kl_teacher.mask[mask]
-        out.retain_kl = chunked_kl(
-            hidden[rows],
-            weight,
-            bias,
-            kl_teacher.hidden,
-            kl_teacher.weight,
-            kl_teacher.bias,
-            student_transform=(logit_scale, softcap),
-            teacher_transform=kl_teacher.transform,
-        ).float()
+        out.retain_kl = teacher_kl(hidden, mask, weight, bias, (logit_scale, softcap), kl_teacher)
     return out
 
 
