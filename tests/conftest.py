@@ -70,3 +70,18 @@ def cpu_args(config_cls, tmp_path, **kw):
     )
     defaults.update(kw)
     return config_cls(**defaults)
+
+
+def learn_qa(model, tokenizer, rows=QA[:32], steps=60, lr=1e-2):
+    """`model` after `steps` full-batch Adam steps of NLL on the QA `rows` (question prompt + answer + EOS): a
+    tiny model that knows the forget and retain facts (a few seconds). Returns its state dict."""
+    texts = [qa_prompt(q) + " " + a + "</s>" for q, a in rows]
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        loss = model(**enc, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.state_dict()

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import QA, cpu_args, prompt_completion, qa_prompt
+from conftest import QA, cpu_args, learn_qa, prompt_completion, qa_prompt
 from datasets import Dataset
 
 from trl_unlearn import IdkDPOConfig, IdkDPOTrainer, IdkNLLConfig, IdkNLLTrainer
@@ -174,18 +174,7 @@ def test_idk_dpo_precomputed_reference_equals_live(tokenizer, tmp_path):
 @pytest.fixture(scope="module")
 def learned(tokenizer):
     """A 2-layer model that has learned the forget and retain facts (a few seconds of Adam)."""
-    torch.manual_seed(0)
-    model = llama(tokenizer)
-    rows = [qa_prompt(q) + " " + a + "</s>" for q, a in QA[:32]]
-    enc = tokenizer(rows, padding=True, return_tensors="pt")
-    labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(60):
-        loss = model(**enc, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.state_dict()
+    return learn_qa(llama(tokenizer), tokenizer)
 
 
 def answer_logp(model, tokenizer, rows):

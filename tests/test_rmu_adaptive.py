@@ -6,7 +6,7 @@ import logging
 
 import pytest
 import torch
-from conftest import QA, cpu_args, prompt_completion, qa_prompt
+from conftest import QA, cpu_args, learn_qa, prompt_completion
 
 from trl_unlearn import RMUConfig, RMUTrainer
 from trl_unlearn.toy.tiny import tiny_llama
@@ -21,18 +21,7 @@ def llama4(tokenizer):
 @pytest.fixture(scope="module")
 def learned(tokenizer):
     """A 4-layer model that has learned the forget and the retain facts (a few seconds of Adam)."""
-    torch.manual_seed(0)
-    model = llama4(tokenizer)
-    rows = [qa_prompt(q) + " " + a + "</s>" for q, a in QA[:32]]
-    enc = tokenizer(rows, padding=True, return_tensors="pt")
-    labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(60):
-        loss = model(**enc, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.state_dict()
+    return learn_qa(llama4(tokenizer), tokenizer)
 
 
 def trainer_for(tokenizer, state, tmp_path, **kw):

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import QA, cpu_args, prompt_completion, qa_prompt
+from conftest import QA, cpu_args, learn_qa, prompt_completion
 
 from trl_unlearn import SatImpConfig, SatImpTrainer, WGAConfig, WGATrainer
 from trl_unlearn.losses import satimp_loss, satimp_weight, wga_loss, wga_weight
@@ -112,17 +112,7 @@ def test_first_step_matches_open_unlearning(name, tokenizer, forget_ds, retain_d
 def learned(tokenizer):
     """A 2-layer model that has learned the forget and retain facts (a few seconds of Adam): the weights of WGA and
     SatImp are near 0 on a random model's unlikely tokens."""
-    model = llama(tokenizer)
-    rows = [qa_prompt(q) + " " + a + "</s>" for q, a in QA[:32]]
-    enc = tokenizer(rows, padding=True, return_tensors="pt")
-    labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(60):
-        loss = model(**enc, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.state_dict()
+    return learn_qa(llama(tokenizer), tokenizer)
 
 
 def mean_answer_logp(model, trainer, dataset):
