@@ -109,8 +109,8 @@ def _naive_loss(method, logps, n, f, ref):
 def test_training_gradients_match_naive_full_logits(
     method, tied, tokenizer, forget_ds, retain_ds, tmp_path, monkeypatch
 ):
-    """The fused training loss (gradients computed in the forward, `fused_loss.py`) gives the full-logits autograd
-    gradients for every parameter, trainable head or tied embeddings."""
+    """The fused training loss (gradients computed in the forward, `kernels/sequence_loss.py`) gives the full-logits
+    autograd gradients for every parameter, trainable head or tied embeddings."""
     import trl_unlearn.modeling
     from trl_unlearn.toy.tiny import tiny_llama
 
