@@ -221,10 +221,10 @@ class RMUTrainer(UnlearningTrainer):
         self.layer_forward = functools.partial(
             layer_output, layers=layers_path(unwrapped), layer_id=args.layer_id, grad_from=min(args.update_layers)
         )
-        self.ref_layer_forward = self.layer_forward
+        # the reference's: no gradient, from its own layers (the policy's when the reference is the PEFT base)
+        ref = self.accelerator.unwrap_model(self.ref_model) if self.ref_model is not None else unwrapped
+        self.ref_layer_forward = functools.partial(layer_output, layers=layers_path(ref), layer_id=args.layer_id)
         if self.ref_model is not None:
-            ref = self.accelerator.unwrap_model(self.ref_model)
-            self.ref_layer_forward = functools.partial(layer_output, layers=layers_path(ref), layer_id=args.layer_id)
             if self.reference_plan.kind == "frozen_copy" and not self.is_deepspeed_enabled:
                 ref_owner, ref_name = decoder_layers(ref)  # our own copy: drop the layers it never runs, for good
                 setattr(ref_owner, ref_name, getattr(ref_owner, ref_name)[: args.layer_id + 1])
@@ -319,11 +319,10 @@ class RMUTrainer(UnlearningTrainer):
         ref = self.ref_model if self.ref_model is not None else model
         unwrapped = self.accelerator.unwrap_model(model)
         with reference_context(self.model, unwrapped, self.ref_model, self.args.gradient_checkpointing_kwargs):
-            forward = self.ref_layer_forward if self.ref_model is not None else self.layer_forward
             return ref(
                 input_ids=batch["input_ids"],
                 attention_mask=batch["attention_mask"],
-                unlearning_forward=functools.partial(forward, grad_from=0),
+                unlearning_forward=self.ref_layer_forward,
             )
 
     def unlearning_loss(self, model, inputs, counts, scale=1.0):
