@@ -1,35 +1,33 @@
-"""The TOFU protocol at small scale, on the real TOFU files, on CPU: a sweep that can separate methods.
+"""The TOFU protocol at small scale, on the real TOFU files, on CPU: each method tuned the same way (`tune`).
 
-    python benchmarks/tofu_small.py --data_dir ../shared/data/tofu [--out outputs/tofu_small] [--reuse_models]
+    python benchmarks/tofu_small.py --data_dir ../shared/data/tofu [--out outputs/tofu_small] [--resume]
 
-1. Original / Retrain. A small Llama is trained FROM SCRATCH (no pretrained model can be loaded here) on the forget
-   split (default forget01: the last 2 authors, 40 QA) + the first `--retain_authors` retain authors (20: exactly the
-   authors of TOFU's `retain_perturbed` evaluation set) + the Real Authors and World Facts QA (taught to both models,
-   so model utility measures whether unlearning kept trained knowledge); "Retrain" is the same without the forget
-   split. Both are saved in `--out` (`--reuse_models` loads them). The script checks that the target really knows
-   the forget set, otherwise the study would measure nothing.
-2. Sweep (seed `--seeds[0]`). Unlearning follows the published protocol's shape (`docs/method.md` §3): lr = lr_mult x
-   the fine-tuning lr (the published one equals the fine-tuning lr), warm-up one epoch then linear decay, weight decay
-   0.01, one forget and one retain row per item, batch = the fine-tuning batch; GA, GradDiff, NPO (β 0.1, forget
-   weight 1) and SimNPO (γ 0) over lr_mult x epochs, and for SimNPO also β x forget weight (the paper's forget01/05
-   weight 0.1375, and 1). Every point is scored WITHOUT generation: forget probability and truth ratio, forget
-   quality with its KS statistic D, and model utility from the 6 numbers that need no generation
-   (`model_utility_no_rouge`).
-3. Each method's best point: the highest forget quality with utility (without ROUGE) >= `--floor` x Original's.
-   It is then evaluated in full (seed `--seeds[0]`, greedy answers, ROUGE-L, TOFU's 9-number model utility); if
-   its full utility falls below `--floor` x Original's full utility, the next point in the ranking is tried (at
-   most `--full_checks` per method), so the chosen point keeps the utility TOFU defines.
-4. Final points: each chosen point re-run with every seed of `--seeds`, evaluated with the full TOFU metrics,
-   membership-inference AUC (Min-K%++ and LOSS: forget QA as
-   members, QA of retain authors that no model saw as non-members; Retrain's AUC is the target), and a relearning
-   attack (NLL on `--relearn_fraction` of the forget set; Retrain attacked too, as the from-scratch reference).
-Writes sweep.jsonl and finals.jsonl (one line per run, so `--resume` continues a stopped run), results.json,
-summary.md and the Pareto and relearning PNGs (`--figures`).
+1. Models. No pretrained model can be loaded here, so a small Llama is trained FROM SCRATCH on the forget split
+   (default forget01: the last 2 authors, 40 QA) + the first `--retain_authors` retain authors (20: exactly the
+   authors of TOFU's `retain_perturbed` evaluation set) + the Real Authors and World Facts QA (taught to every
+   model, so model utility measures whether unlearning kept trained knowledge). Original: all of it. Retrain: the
+   same without the forget split. A second Retrain with seed `--seed + 1` is the CEILING: its forget quality against
+   the first is the best value any method can be expected to reach. All three are cached in `--out`.
+2. Data. `--out/data` holds the study's TOFU-layout folder: the forget split, `retain<N>authors` (the retain rows
+   the models learned, which the retain term trains on), `holdoutNN` (as many QA of retain authors that no model
+   saw: the non-members of membership inference) and the four evaluation files copied from `--data_dir`.
+3. Tuning: `trl_unlearn.tuning.tune` for every method of `--methods` with the SAME budget (`--n_trials` Optuna
+   trials, TPE sampler seed 0), the same rule (the highest forget quality among trials whose model utility without
+   ROUGE is >= `--floor` x Original's), the package's default search spaces (lr 0.1-3x the fine-tuning lr, 2-10
+   epochs, forget weight, NPO β, SimNPO β (tied to the measured forget NLL) and γ, RMU's steering scale and α),
+   trials trained at tuning seed `--tuning_seed` and scored without generation. Every trial starts from the
+   published protocol's shape (`docs/method.md` §3): warm-up one epoch then linear decay, weight decay 0.01, one
+   forget and one retain row per item, batch = the fine-tuning batch, retain NLL with weight 1 (GA: none).
+4. Report seeds (`--report_seeds`, never used in selection): `tune` re-runs the selected setting and evaluates it in
+   full (greedy answers, ROUGE-L, TOFU's 9-number model utility). This script trains those runs once more (the same
+   `Runner`, so the same model: checked) for membership inference (Min-K%++ and LOSS AUC: forget QA against QA of
+   retain authors no model saw) and a relearning attack (NLL on `--relearn_fraction` of the forget set; the
+   relearned and the held-out items reported apart; Retrain attacked too).
+Each method's study lives in `--out/tune_<method>` (SQLite: an interrupted run resumes, `--resume` reuses finished
+tunes). Writes results.json and summary.md in `--out`, and the Pareto and relearning PNGs (`--figures`).
 """
 
 import argparse
-import copy
-import importlib.util
 import json
 import math
 import os
@@ -42,55 +40,20 @@ from transformers import set_seed
 from trl import SFTConfig, SFTTrainer
 
 import trl_unlearn.evaluation.metrics as M
-from trl_unlearn.cli.train import METHODS
-from trl_unlearn.data.files import load_tofu_split
+from trl_unlearn.data.files import load_tofu_split, write_tofu_layout
 from trl_unlearn.data.formats import PROMPT_TEMPLATE, qa_to_trl
 from trl_unlearn.evaluation import EvalReport, evaluate_tofu
 from trl_unlearn.evaluation.relearn import relearning_attack, select_relearn_indices
 from trl_unlearn.evaluation.scoring import score_answers
-from trl_unlearn.evaluation.tofu import load_tofu_eval_sets, score_tofu_sets, truth_ratios
+from trl_unlearn.evaluation.tofu import score_tofu_sets, tofu_files, truth_ratios
+from trl_unlearn.methods import REGISTRY, get_method
 from trl_unlearn.toy.tiny import tiny_llama, train_tokenizer
-from trl_unlearn.tuning.selection import SelectionRule, rank
-from trl_unlearn.tuning.study import tofu_scores
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("tofu_example", os.path.join(ROOT, "examples", "tofu.py"))
-EX = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(EX)  # the example's helpers
-ks_test, mean_sd = EX.ks_test, EX.mean_sd
-
-
-def rank_under_floor(points, floor, utility="model_utility_no_rouge", score="forget_quality"):
-    """`tune`'s selection rule (`trl_unlearn.tuning.selection.rank`) with an absolute utility floor: the points with
-    `utility >= floor`, best first (highest `score`, then higher utility, then the earlier point)."""
-    rows = [{**p, "number": i} for i, p in enumerate(points)]
-    rule = SelectionRule(utility_floor=1.0, score=score, utility=utility)
-    return [points[r["number"]] for r in rank(rows, rule, floor)]
-
-
-def score_without_generation(
-    model, tokenizer, sets, retain_ratios=None, prompt_format="plain", batch_size=32, max_length=256
-):
-    """`tune`'s scores without generation (`trl_unlearn.tuning.study.tofu_scores`) plus the per-item forget truth
-    ratios and probabilities (lists: `forget_truth_ratios`, `forget_probabilities`)."""
-    cols = score_tofu_sets(
-        model,
-        tokenizer,
-        sets,
-        prompt_format=prompt_format,
-        batch_size=batch_size,
-        max_length=max_length,
-        progress=False,
-    )
-    out = tofu_scores(cols, retain_ratios)
-    out["forget_truth_ratios"] = truth_ratios(cols["forget"], "forget").tolist()
-    out["forget_probabilities"] = M.probability(cols["forget"]["avg_nll_answer"]).tolist()
-    return out
-
+from trl_unlearn.tuning import NoTrialAboveFloor, SelectionRule, tune
+from trl_unlearn.tuning.spaces import to_config_values
+from trl_unlearn.tuning.study import Runner, TofuScorer, tofu_datasets, tofu_scores, unwrapped
 
 RETAIN_OF = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
-NAMES = {m: cls._name for m, (cls, _) in METHODS.items()}
-FINAL = [
+FINAL = (
     "forget_quality",
     "ks_d",
     "model_utility",
@@ -100,83 +63,43 @@ FINAL = [
     "retain_rougeL_recall",
     "mia_minkpp_auc",
     "mia_loss_auc",
-]
-
-
-def floats(s):
-    return [float(x) for x in s.split(",") if x.strip()]
+)
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", required=True, help="folder of TOFU's JSON-lines files")
     p.add_argument("--out", default="outputs/tofu_small")
-    p.add_argument("--figures", default=os.path.join(ROOT, "docs", "figures"), help="where the PNGs go")
+    p.add_argument("--figures", default=os.path.join(os.path.dirname(__file__), "..", "docs", "figures"))
     p.add_argument("--split", default="forget01")
     p.add_argument("--retain_authors", type=int, default=20)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--vocab", type=int, default=2048)
     p.add_argument("--finetune_epochs", type=int, default=25)
-    p.add_argument("--finetune_lr", type=float, default=3e-3)
+    p.add_argument("--finetune_lr", type=float, default=3e-3, help="also the base of the tune's lr_mult")
     p.add_argument("--batch", type=int, default=16, help="fine-tuning batch; unlearning: this many forget + retain")
-    p.add_argument("--methods", default="gradascent,graddiff,npo,simnpo")
-    p.add_argument("--lr_mults", default="0.1,0.2,0.5,1", help="unlearning lr as multiples of --finetune_lr")
-    p.add_argument("--epochs", default="5,10", help="unlearning epochs (published: 10)")
-    p.add_argument("--npo_beta", type=float, default=0.1)
-    p.add_argument("--simnpo_betas", default="2.5,4.5")
-    p.add_argument("--simnpo_forget_weights", default="0.1375,1")
-    p.add_argument("--floor", type=float, default=0.95, help="keep points with utility >= floor x Original's")
-    p.add_argument(
-        "--full_checks",
-        type=int,
-        default=5,
-        help="per method, at most this many sweep points (best first) evaluated in full to find one whose "
-        "full model utility also reaches the floor",
-    )
-    p.add_argument("--seeds", default="0,1,2", help="unlearning seeds; the sweep uses the first")
+    p.add_argument("--methods", default="gradascent,graddiff,npo,simnpo,rmu")
+    p.add_argument("--n_trials", type=int, default=20, help="Optuna trials per method (the same for every method)")
+    p.add_argument("--tuning_seed", type=int, default=0)
+    p.add_argument("--report_seeds", default="1,2,3", help="fresh unlearning seeds the selected setting is run on")
+    p.add_argument("--floor", type=float, default=0.95, help="selection: utility w/o ROUGE >= floor x Original's")
     p.add_argument("--relearn_fraction", type=float, default=0.1)
     p.add_argument("--relearn_steps", type=int, default=30)
     p.add_argument("--relearn_lr_mult", type=float, default=0.1, help="relearning lr, x --finetune_lr")
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0, help="model initialisation and fine-tuning")
-    p.add_argument(
-        "--reuse_models",
-        action="store_true",
-        help="load Original/Retrain (and the tokenizer) saved in --out by an earlier run instead of training",
-    )
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="reuse the sweep points in --out/sweep.jsonl and the saved Original/Retrain reports",
-    )
+    p.add_argument("--seed", type=int, default=0, help="model initialisation and fine-tuning (ceiling: seed + 1)")
+    p.add_argument("--resume", action="store_true", help="reuse the models, reports and finished tunes in --out")
     return p.parse_args(argv)
 
 
-def grid(a) -> list[dict]:
-    """The sweep's points, method by method: lr_mult x epochs (x β x forget weight for SimNPO)."""
-    points = []
-    for method in a.methods.split(","):
-        if method == "simnpo":
-            extra = [
-                {"beta": b, "forget_weight": w} for b in floats(a.simnpo_betas) for w in floats(a.simnpo_forget_weights)
-            ]
-        else:
-            extra = [{"beta": a.npo_beta if method == "npo" else None, "forget_weight": 1.0}]
-        for epochs in [int(e) for e in floats(a.epochs)]:
-            for mult in floats(a.lr_mults):
-                points += [{"method": method, "lr_mult": mult, "epochs": epochs, **x} for x in extra]
-    return points
+# ---------------------------------------------------------------------------------------------- models, data --
 
 
-def key(point: dict, seed: int) -> str:
-    return json.dumps([point[k] for k in ("method", "lr_mult", "epochs", "beta", "forget_weight")] + [seed])
-
-
-def finetune(model, tokenizer, rows, a, out):
+def finetune(model, tokenizer, rows, a, seed):
     args = SFTConfig(
-        output_dir=out,
+        output_dir=os.path.join(a.out, "sft"),
         num_train_epochs=a.finetune_epochs,
         per_device_train_batch_size=a.batch,
         learning_rate=a.finetune_lr,
@@ -190,48 +113,59 @@ def finetune(model, tokenizer, rows, a, out):
         activation_checkpointing=False,
         completion_only_loss=True,
         max_length=256,
-        seed=a.seed,
+        seed=seed,
         disable_tqdm=True,
     )
-    set_seed(a.seed)
+    set_seed(seed)
     SFTTrainer(model=model, args=args, train_dataset=qa_to_trl(rows), processing_class=tokenizer).train()
     return model.eval()
 
 
-def unlearn(point, seed, target, tokenizer, forget, retain, a):
-    """One unlearning run in the published protocol's shape (module docstring); returns the unlearned model."""
-    method = point["method"]
-    trainer_cls, config_cls = METHODS[method]
-    kw = {"beta": point["beta"]} if method in ("npo", "simnpo") else {}
-    config = config_cls(
-        output_dir=os.path.join(a.out, "unlearn"),
-        num_train_epochs=point["epochs"],
-        per_device_train_batch_size=a.batch,
-        learning_rate=point["lr_mult"] * a.finetune_lr,
-        lr_scheduler_type="linear",
-        warmup_steps=math.ceil(len(forget) / a.batch),
-        weight_decay=0.01,
-        forget_weight=point["forget_weight"],
-        use_cpu=True,
-        bf16=False,
-        report_to=[],
-        save_strategy="no",
-        logging_steps=1000,
-        activation_checkpointing=False,
-        max_length=256,
-        seed=seed,
-        disable_tqdm=True,
-        **kw,
-    )
-    trainer = trainer_cls(
-        model=copy.deepcopy(target).train(),
-        args=config,
-        forget_dataset=forget,
-        retain_dataset=retain if method != "gradascent" else None,
-        processing_class=tokenizer,
-    )
-    trainer.train()
-    return trainer.model.eval()
+def study_data(a):
+    """The study's rows, and its TOFU-layout folder `--out/data` (forget split, retain rows, evaluation files)."""
+    forget = load_tofu_split(a.data_dir, a.split)
+    retain_all = load_tofu_split(a.data_dir, RETAIN_OF[a.split])
+    retain = retain_all[: 20 * a.retain_authors]  # TOFU: 20 QA per author, authors in order
+    holdout = retain_all[20 * a.retain_authors : 20 * a.retain_authors + len(forget)]  # seen by no model
+    extra = load_tofu_split(a.data_dir, "real_authors") + load_tofu_split(a.data_dir, "world_facts")
+    retain_split = f"retain{a.retain_authors}authors"
+    files = {a.split: forget, retain_split: retain, "holdout" + a.split[len("forget") :]: holdout}
+    files.update({stem: load_tofu_split(a.data_dir, stem) for stem in tofu_files(a.split).values()})
+    folder = str(write_tofu_layout(os.path.join(a.out, "data"), files))
+    return {"forget": forget, "retain": retain, "holdout": holdout, "extra": extra}, folder, retain_split
+
+
+def train_models(a, rows):
+    """Original, Retrain and the ceiling's second Retrain (seed + 1); trained once, then loaded from `--out`."""
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    plan = {
+        "original": (rows["forget"] + rows["retain"] + rows["extra"], a.seed),
+        "retrain": (rows["retain"] + rows["extra"], a.seed),
+        "retrain_other_seed": (rows["retain"] + rows["extra"], a.seed + 1),
+    }
+    paths = {name: os.path.join(a.out, name) for name in plan}
+    if a.resume and all(os.path.isfile(os.path.join(p, "config.json")) for p in paths.values()):
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(paths["original"])
+        print(f"loaded Original, Retrain and the second Retrain from {a.out}", flush=True)
+        return tokenizer, {n: AutoModelForCausalLM.from_pretrained(p).eval() for n, p in paths.items()}, paths
+    eval_texts = []
+    for stem in tofu_files(a.split).values():
+        for r in load_tofu_split(a.data_dir, stem):
+            eval_texts += [r["question"], r["answer"], r.get("paraphrased_answer", "")] + list(r["perturbed_answer"])
+    train_texts = [PROMPT_TEMPLATE.format(question=r["question"]) + " " + r["answer"] for r in plan["original"][0]]
+    tokenizer = train_tokenizer(train_texts + eval_texts, vocab_size=a.vocab)
+    models = {}
+    for name, (train_rows, seed) in plan.items():
+        model = tiny_llama(
+            tokenizer, hidden_size=a.hidden, num_hidden_layers=a.layers, num_attention_heads=4, seed=seed
+        )
+        models[name] = finetune(model, tokenizer, train_rows, a, seed)
+        model.save_pretrained(paths[name])
+        tokenizer.save_pretrained(paths[name])
+        n_params = sum(p.numel() for p in model.parameters()) / 1e6
+        print(f"trained {name} (seed {seed}, {n_params:.2f}M params) on {len(train_rows)} QA", flush=True)
+    return tokenizer, models, paths
 
 
 def membership_aucs(model, tokenizer, members, nonmembers) -> dict:
@@ -259,95 +193,157 @@ def membership_aucs(model, tokenizer, members, nonmembers) -> dict:
     }
 
 
-def d_lattice(d: float, n: int) -> str:
-    return f"{d:.3f} ({round(d * n)}/{n})"
+def recipe(a, num_forget: int) -> dict:
+    """What every trial starts from: the published protocol's shape at this scale (module docstring)."""
+    return {
+        "per_device_train_batch_size": a.batch,
+        "lr_scheduler_type": "linear",
+        "warmup_steps": math.ceil(num_forget / a.batch),  # one epoch
+        "weight_decay": 0.01,
+        "max_length": 256,
+        "activation_checkpointing": False,
+        "logging_steps": 1000,
+    }
 
 
-def plot_pareto(sweep, base, chosen, rejected, floor, path, n, colors):
-    """Forget quality and KS D against utility for every sweep point (circled: chosen; crossed: rejected on the full
-    utility); points far below the floor (utility < floor - 0.1) are drawn at the left edge as "<"."""
+def stored_trials(out: str, study_name: str) -> list[dict]:
+    """The finished trials of a study in `out/study.db`, in the rows `tune` writes to tuning.json."""
+    import optuna
+
+    study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{os.path.abspath(out)}/study.db")
+    done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    return [
+        {"number": t.number, "params": t.params, **t.user_attrs["scores"], "seconds": t.user_attrs["seconds"]}
+        for t in done
+    ]
+
+
+# ------------------------------------------------------------------------------------------------ attacks --
+
+
+class Relearn:
+    """The relearning attack of the study: NLL on a fixed `--relearn_fraction` of the forget items; the forget
+    probability of the relearned and of the held-out items tracked apart."""
+
+    def __init__(self, a, tokenizer, forget_rows, sets, retain_ratios):
+        self.a, self.tokenizer, self.rows = a, tokenizer, forget_rows
+        self.forget_only, self.retain_ratios = {"forget": sets["forget"]}, retain_ratios
+        self.idx = select_relearn_indices(len(forget_rows), a.relearn_fraction, 0)
+        self.held_out = np.ones(len(forget_rows), bool)
+        self.held_out[self.idx] = False
+
+    def evaluate(self, model):
+        cols = score_tofu_sets(
+            model, self.tokenizer, self.forget_only, prompt_format=PROMPT_TEMPLATE, max_length=256, progress=False
+        )
+        q = tofu_scores(cols, self.retain_ratios)
+        prob = M.probability(cols["forget"]["avg_nll_answer"])
+        return {
+            "forget_probability": q["forget_probability"],
+            "forget_probability_relearned": float(prob[self.idx].mean()),
+            "forget_probability_held_out": float(prob[self.held_out].mean()),
+            "forget_truth_ratio_held_out": float(
+                M.truth_ratio_forget_score(truth_ratios(cols["forget"], "forget")[self.held_out])
+            ),
+            "forget_quality": q["forget_quality"],
+            "ks_d": q["ks_d"],
+        }
+
+    def __call__(self, model, seed):
+        curve = relearning_attack(
+            model,
+            self.tokenizer,
+            self.rows,
+            indices=self.idx,
+            steps=self.a.relearn_steps,
+            eval_every=max(1, self.a.relearn_steps // 5),
+            learning_rate=self.a.relearn_lr_mult * self.a.finetune_lr,
+            batch_size=4,
+            seed=seed,
+            evaluate=self.evaluate,
+            prompt_format=PROMPT_TEMPLATE,
+            max_length=256,
+            progress=False,
+        )
+        return {"steps": curve.steps, **{k: curve.series(k) for k in curve.metrics[0]}}
+
+
+# ---------------------------------------------------------------------------------------------------- output --
+
+
+def mean_sd(values) -> str:
+    v = np.asarray(values, dtype=float)
+    return f"{v.mean():.3g}" if len(v) == 1 else f"{v.mean():.3g} ± {v.std(ddof=1):.2g}"
+
+
+def plot_trials(tunes, base, threshold, path):
+    """Every trial of every method: forget quality and KS D against utility without ROUGE (circle: selected)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
-    left = floor - 0.1
-    clipped = 0
-    for i, method in enumerate(dict.fromkeys(p["method"] for p in sweep)):
-        pts = [p for p in sweep if p["method"] == method]
-        color, marker = colors[NAMES[method]], "osD^v"[i % 5]
-        for inside in (True, False):
-            sub = [p for p in pts if (p["model_utility_no_rouge"] >= left) == inside]
-            mu = [max(p["model_utility_no_rouge"], left) for p in sub]
-            clipped += 0 if inside else len(sub)
-            style = dict(
-                color=color, marker=marker if inside else "<", alpha=0.6, label=NAMES[method] if inside else None
-            )
-            ax1.scatter(mu, [max(p["forget_quality"], 1e-30) for p in sub], **style)
-            ax2.scatter(mu, [p["ks_d"] for p in sub], **style)
-        for r in rejected.get(method, []):
-            ax1.scatter(r["model_utility_no_rouge"], max(r["forget_quality"], 1e-30), s=120, marker="x", color="k")
-            ax2.scatter(r["model_utility_no_rouge"], r["ks_d"], s=120, marker="x", color="k")
-        c = chosen.get(method)
-        if c is not None:
-            ax1.scatter(
-                c["model_utility_no_rouge"],
-                max(c["forget_quality"], 1e-30),
-                s=180,
-                facecolors="none",
-                edgecolors=color,
-                linewidths=2,
-            )
-            ax2.scatter(
-                c["model_utility_no_rouge"], c["ks_d"], s=180, facecolors="none", edgecolors=color, linewidths=2
-            )
-    for name, m, marker in [("Original", base["Original"], "*"), ("Retrain", base["Retrain"], "P")]:
-        ax1.scatter(
-            m["model_utility_no_rouge"], max(m["forget_quality"], 1e-30), color="k", marker=marker, s=120, label=name
-        )
-        ax2.scatter(m["model_utility_no_rouge"], m["ks_d"], color="k", marker=marker, s=120, label=name)
+    left = threshold - 0.1
+    for i, (name, res) in enumerate(tunes.items()):
+        rows, color, marker = res["trials"], f"C{i}", "osD^v"[i % 5]
+        util = [max(r["model_utility_no_rouge"], left) for r in rows]
+        ax1.scatter(util, [max(r["forget_quality"], 1e-30) for r in rows], color=color, marker=marker, alpha=0.6)
+        ax2.scatter(util, [r["ks_d"] for r in rows], color=color, marker=marker, alpha=0.6, label=name)
+        if res["selected"] is None:
+            continue
+        sel = next(r for r in rows if r["number"] == res["selected"]["trial"])
+        for ax, y in ((ax1, max(sel["forget_quality"], 1e-30)), (ax2, sel["ks_d"])):
+            ax.scatter(sel["model_utility_no_rouge"], y, s=180, facecolors="none", edgecolors=color, linewidths=2)
+    for name, marker in (("Original", "*"), ("Retrain", "P"), ("Retrain, other seed", "X")):
+        m = base[name]
+        ax1.scatter(m["model_utility_no_rouge"], max(m["forget_quality"], 1e-30), color="k", marker=marker, s=110)
+        ax2.scatter(m["model_utility_no_rouge"], m["ks_d"], color="k", marker=marker, s=110, label=name)
     for ax in (ax1, ax2):
-        ax.axvline(floor, color="gray", linestyle=":", label="utility floor")
-        ax.set_xlabel("model utility without ROUGE (higher is better)")
-        if clipped:
-            ax.text(0.01, 0.01, f"<: {clipped} points with utility < {left:.2f}", transform=ax.transAxes, fontsize=8)
+        ax.axvline(threshold, color="gray", linestyle=":", label="utility floor" if ax is ax2 else None)
+        ax.set_xlabel(f"model utility without ROUGE (trials below {left:.2f} drawn at {left:.2f})")
     ax1.set_yscale("log")
-    ax1.set_ylabel("forget quality, KS p-value (higher is better)")
-    ax2.set_ylabel(f"KS statistic D (lower is better; steps of 1/{n})")
-    ax1.set_title("Sweep: forget quality vs utility (o: chosen, x: rejected)")
-    ax2.set_title("Sweep: KS D vs utility")
-    ax2.legend(fontsize=8, loc="best")
+    ax1.set_ylabel("forget quality (KS p-value, higher is better)")
+    ax2.set_ylabel("KS statistic D (lower is better)")
+    ax1.set_title("tune trials (tuning seed; o: selected)")
+    ax2.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def plot_relearn(curves: dict, retrain_prob: float, path: str, colors):
+def plot_relearn(curves: dict, retrain_prob: float, path: str):
+    """The held-out forget items (the claim: do they come back?) and the relearned ones, per model."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8.5, 4))
-    for name, runs in curves.items():
-        steps = runs[0]["steps"]
-        unseen = np.array([r["forget_probability_unseen"] for r in runs])
-        relearned = np.array([r["forget_probability_relearned"] for r in runs])
-        color = colors.get(name, "k")
-        ax.plot(steps, unseen.mean(0), "-", marker="o", ms=3, color=color, label=f"{name}: items not relearned")
-        ax.plot(steps, relearned.mean(0), ":", color=color, label=f"{name}: the relearned items")
-        if len(runs) > 1:
-            ax.fill_between(steps, unseen.min(0), unseen.max(0), color=color, alpha=0.15)
-    ax.axhline(retrain_prob, color="gray", linestyle="--", label="Retrain before the attack")
-    ax.set_yscale("log")
-    ax.set_xlabel("relearning steps")
-    ax.set_ylabel("forget probability (mean exp(-NLL))")
-    ax.set_title("Relearning attack (lines: mean over seeds; band: min-max)")
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
+    for ax, key, title in (
+        (axes[0], "forget_probability_held_out", "held-out forget items (not relearned)"),
+        (axes[1], "forget_probability_relearned", "the relearned forget items"),
+    ):
+        for i, (name, runs) in enumerate(curves.items()):
+            steps = runs[0]["steps"]
+            y = np.array([r[key] for r in runs])
+            color = "k" if name == "Retrain" else f"C{i - 1}"
+            ax.plot(steps, y.mean(0), "-", marker="o", ms=3, color=color, label=name)
+            if len(runs) > 1:
+                ax.fill_between(steps, y.min(0), y.max(0), color=color, alpha=0.15)
+        ax.axhline(retrain_prob, color="gray", linestyle="--", label="Retrain before the attack")
+        ax.set_yscale("log")
+        ax.set_xlabel("relearning steps")
+        ax.set_title(title)
+    axes[0].set_ylabel("forget probability (mean exp(-NLL))")
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.suptitle("Relearning attack (lines: mean over report seeds; band: min-max)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------------ main --
 
 
 def main(argv=None):
@@ -355,112 +351,65 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     os.makedirs(a.out, exist_ok=True)
     os.makedirs(a.figures, exist_ok=True)
-    seeds = [int(s) for s in floats(a.seeds)]
+    report_seeds = [int(s) for s in a.report_seeds.split(",") if s.strip()]
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in REGISTRY]
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}: choose from {', '.join(REGISTRY)}")
     t_start, c_start, load_start = time.time(), time.process_time(), os.getloadavg()
     phases = {}
 
     def phase(name, t0, c0):
-        phases[name] = {
-            "wall_s": round(time.time() - t0, 1),
-            "cpu_s": round(time.process_time() - c0, 1),
-            "load_avg_end": os.getloadavg()[0],
-        }
-        print(
-            f"time: {name}: {phases[name]['wall_s']:.0f} s wall, {phases[name]['cpu_s']:.0f} s CPU, "
-            f"load {phases[name]['load_avg_end']:.1f}",
-            flush=True,
-        )
+        phases[name] = {"wall_s": round(time.time() - t0, 1), "cpu_s": round(time.process_time() - c0, 1)}
+        phases[name]["load_avg_end"] = os.getloadavg()[0]
+        print(f"time: {name}: {phases[name]}", flush=True)
 
-    # ---------------------------------------------------------------------------------- data, Original, Retrain
-    forget_rows = load_tofu_split(a.data_dir, a.split)
-    retain_all = load_tofu_split(a.data_dir, RETAIN_OF[a.split])
-    retain_rows = retain_all[: 20 * a.retain_authors]  # TOFU: 20 QA per author, authors in order
-    holdout_rows = retain_all[20 * a.retain_authors : 20 * a.retain_authors + len(forget_rows)]  # seen by no model
-    extra = load_tofu_split(a.data_dir, "real_authors") + load_tofu_split(a.data_dir, "world_facts")
-    saved = {name: os.path.join(a.out, name.lower()) for name in ("Original", "Retrain")}
-    reuse = a.reuse_models and all(os.path.isfile(os.path.join(d, "config.json")) for d in saved.values())
     t0, c0 = time.time(), time.process_time()
-    if reuse:
-        from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    rows, data_dir, retain_split = study_data(a)
+    tokenizer, models, paths = train_models(a, rows)
+    phase("models", t0, c0)
 
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(saved["Original"])
-        models = {n: AutoModelForCausalLM.from_pretrained(d).eval() for n, d in saved.items()}
-        print(f"loaded Original and Retrain from {a.out}", flush=True)
-    else:
-        eval_texts = []
-        for stem in [f"{a.split}_perturbed", "retain_perturbed", "real_authors_perturbed", "world_facts_perturbed"]:
-            for r in load_tofu_split(a.data_dir, stem):
-                eval_texts += [r["question"], r["answer"], r.get("paraphrased_answer", "")] + list(
-                    r["perturbed_answer"]
-                )
-        train_texts = [
-            PROMPT_TEMPLATE.format(question=r["question"]) + " " + r["answer"]
-            for r in forget_rows + retain_rows + extra
-        ]
-        tokenizer = train_tokenizer(train_texts + eval_texts, vocab_size=a.vocab)
-        models = {}
-        for name, rows in [("Original", forget_rows + retain_rows + extra), ("Retrain", retain_rows + extra)]:
-            model = tiny_llama(
-                tokenizer, hidden_size=a.hidden, num_hidden_layers=a.layers, num_attention_heads=4, seed=a.seed
-            )
-            models[name] = finetune(model, tokenizer, rows, a, saved[name])
-            model.save_pretrained(saved[name])
-            tokenizer.save_pretrained(saved[name])
-            print(
-                f"trained {name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on {len(rows)} QA",
-                flush=True,
-            )
-        phase("training Original and Retrain", t0, c0)
-    print(
-        f"data: forget {len(forget_rows)}, retain {len(retain_rows)}, real_authors+world_facts {len(extra)}, "
-        f"holdout {len(holdout_rows)}; tokenizer vocab {len(tokenizer)}",
-        flush=True,
-    )
-
-    def full_eval(model, retain_report=None):
-        return evaluate_tofu(
-            model.eval(),
+    # ----------------------------------------------------------------- Retrain, the ceiling, Original: in full
+    t0, c0 = time.time(), time.process_time()
+    reports = {}
+    for name, key in (("Retrain", "retrain"), ("Retrain, other seed", "retrain_other_seed"), ("Original", "original")):
+        path = os.path.join(a.out, f"report_{key}.json")
+        if a.resume and os.path.isfile(path):
+            reports[name] = EvalReport.load(path)
+            continue
+        reports[name] = evaluate_tofu(
+            models[key],
             tokenizer,
-            a.data_dir,
+            data_dir,
             split=a.split,
-            retain_report=retain_report,
+            retain_report=reports.get("Retrain"),
             prompt_format=PROMPT_TEMPLATE,
             batch_size=32,
             max_new_tokens=a.max_new_tokens,
             max_length=256,
             progress=False,
         )
-
-    t0, c0 = time.time(), time.process_time()
-    reports = {}
-    for name in ("Retrain", "Original"):
-        path = os.path.join(a.out, f"report_{name.lower()}.json")
-        if a.resume and os.path.isfile(path):
-            reports[name] = EvalReport.load(path)
-            continue
-        reports[name] = full_eval(models[name], reports.get("Retrain"))
         if name == "Retrain":  # against itself: identical truth ratios, forget quality 1 by definition
             reports[name].reference["retain_forget_truth_ratio"] = list(reports[name].per_item["forget"]["truth_ratio"])
             reports[name].metrics = reports[name].recompute()
         reports[name].save(path)
-    retain_ratios = reports["Retrain"].reference["retain_forget_truth_ratio"]
-    n = len(retain_ratios)
-    sets = load_tofu_eval_sets(a.data_dir, a.split)
-    score = lambda m: score_without_generation(m, tokenizer, sets, retain_ratios, PROMPT_TEMPLATE)  # noqa: E731
+    retain_report = os.path.join(a.out, "report_retrain.json")
+    scorer = TofuScorer(data_dir, a.split, tokenizer, PROMPT_TEMPLATE, reports["Retrain"])
     base = {}
-    for name in ("Original", "Retrain"):
-        quick = score(models[name])
+    for name, key in (("Original", "original"), ("Retrain", "retrain"), ("Retrain, other seed", "retrain_other_seed")):
+        quick = scorer(models[key])
         base[name] = {
-            **reports[name].metrics,
+            **{k: v for k, v in reports[name].metrics.items() if v is not None},
             "ks_d": quick["ks_d"],
             "model_utility_no_rouge": quick["model_utility_no_rouge"],
-            **membership_aucs(models[name], tokenizer, forget_rows, holdout_rows),
+            **membership_aucs(models[key], tokenizer, rows["forget"], rows["holdout"]),
         }
     o, r = base["Original"], base["Retrain"]
     print(
         f"target knows the forget set? forget ROUGE-L recall {o['forget_rougeL_recall']:.3f} vs Retrain "
-        f"{r['forget_rougeL_recall']:.3f}; forget probability {o['forget_probability']:.3f} vs "
-        f"{r['forget_probability']:.3f}",
+        f"{r['forget_rougeL_recall']:.3f}; forget probability {o['forget_probability']:.3g} vs "
+        f"{r['forget_probability']:.3g}; ceiling (second Retrain vs Retrain): forget quality "
+        f"{base['Retrain, other seed']['forget_quality']:.3g}, KS D {base['Retrain, other seed']['ks_d']:.3f}",
         flush=True,
     )
     if not (
@@ -468,220 +417,139 @@ def main(argv=None):
         and o["forget_probability"] > 2 * r["forget_probability"]
     ):
         raise SystemExit("The target does not clearly know the forget set: train longer (--finetune_epochs).")
-    floor = a.floor * o["model_utility_no_rouge"]
-    phase("evaluating Original and Retrain", t0, c0)
+    phase("evaluating Original and the two Retrains", t0, c0)
 
-    # ------------------------------------------------------------------------------------------------- sweep
-    forget, retain = qa_to_trl(forget_rows), qa_to_trl(retain_rows)
-    sweep_path = os.path.join(a.out, "sweep.jsonl")
-    done = {}
-    if a.resume and os.path.isfile(sweep_path):
-        for line in open(sweep_path):
-            p = json.loads(line)
-            done[key(p, p["seed"])] = p
-    elif os.path.isfile(sweep_path):
-        os.remove(sweep_path)
-    points = grid(a)
-    print(
-        f"sweep: {len(points)} points (seed {seeds[0]}), {sum(key(p, seeds[0]) in done for p in points)} "
-        f"already done; utility floor {floor:.4f} = {a.floor} x Original's {o['model_utility_no_rouge']:.4f} "
-        f"(no ROUGE)",
-        flush=True,
-    )
-    t0, c0 = time.time(), time.process_time()
-    sweep = []
-    for i, point in enumerate(points):
-        k = key(point, seeds[0])
-        if k not in done:
-            t = time.time()
-            m = score(unlearn(point, seeds[0], models["Original"], tokenizer, forget, retain, a))
-            done[k] = {
-                **point,
-                "seed": seeds[0],
-                **{x: v for x, v in m.items() if not isinstance(v, list)},
-                "wall_s": round(time.time() - t, 1),
-            }
-            with open(sweep_path, "a") as f:
-                f.write(json.dumps(done[k]) + "\n")
-            p = done[k]
-            print(
-                f"[{i + 1}/{len(points)}] {NAMES[p['method']]} lr x{p['lr_mult']:g} {p['epochs']} ep"
-                + (f" β {p['beta']:g}" if p["beta"] is not None else "")
-                + f" fw {p['forget_weight']:g}: "
-                f"FQ {p['forget_quality']:.3g} D {d_lattice(p['ks_d'], n)} MU6 {p['model_utility_no_rouge']:.4f} "
-                f"forget prob {p['forget_probability']:.3g} ({p['wall_s']:.0f} s, load {os.getloadavg()[0]:.1f})",
-                flush=True,
+    # -------------------------------------------------------------------------------- tune, equal budgets
+    rule = SelectionRule(utility_floor=a.floor)
+    start = recipe(a, len(rows["forget"]))
+    tunes, tune_time = {}, {}
+    for method in methods:
+        name = get_method(method)[0]._name
+        out = os.path.join(a.out, f"tune_{method}")
+        done = os.path.join(out, "tuning.json")
+        if a.resume and os.path.isfile(done):
+            with open(done) as f:
+                res = json.load(f)
+            if res["study"]["finished_trials"] >= a.n_trials and res["report_seeds"] == report_seeds:
+                tunes[name] = res
+                print(f"{name}: reusing {done}", flush=True)
+                continue
+        print(f"--- tune {name}: {a.n_trials} trials", flush=True)
+        t0, c0 = time.time(), time.process_time()
+        try:
+            tunes[name] = tune(
+                method,
+                paths["original"],
+                data_dir,
+                output_dir=out,
+                forget_split=a.split,
+                retain_split=retain_split,
+                retain_report=retain_report,
+                recipe=start,
+                n_trials=a.n_trials,
+                tuning_seeds=[a.tuning_seed],
+                report_seeds=report_seeds,
+                rule=rule,
+                base_learning_rate=a.finetune_lr,
+                sampler_seed=0,
+                save_model_dir=os.path.join(a.out, "models", method),
+                progress=True,
             )
-        sweep.append(done[k])
-    phase(f"sweep ({len(sweep)} points)", t0, c0)
-
-    # ------------------------------------------------------------------------------------ final (best) points
-    t0, c0 = time.time(), time.process_time()
-    idx = select_relearn_indices(len(forget_rows), a.relearn_fraction, 0)
-    forget_only = {"forget": sets["forget"]}
-
-    def relearn_eval(m):
-        q = score_without_generation(m, tokenizer, forget_only, retain_ratios, PROMPT_TEMPLATE)
-        prob = np.array(q["forget_probabilities"])
-        unseen = np.ones(len(prob), bool)
-        unseen[idx] = False
-        return {
-            "forget_probability": q["forget_probability"],
-            "forget_probability_relearned": float(prob[idx].mean()),
-            "forget_probability_unseen": float(prob[unseen].mean()),
-            "forget_quality": q["forget_quality"],
-            "ks_d": q["ks_d"],
+        except NoTrialAboveFloor as e:  # an honest outcome of the budget: recorded, the method has no report row
+            print(f"{name}: {e}", flush=True)
+            tunes[name] = {
+                "trials": stored_trials(out, f"{method}-{a.split}"),
+                "selected": None,
+                "no_selection": str(e),
+            }
+        tune_time[name] = {
+            "wall_s": round(time.time() - t0, 1),
+            "cpu_s": round(time.process_time() - c0, 1),
+            "trials_wall_s": round(sum(t["seconds"] for t in tunes[name]["trials"]), 1),
+            "load_avg_end": os.getloadavg()[0],
         }
+        print(f"time: tune {name}: {tune_time[name]}", flush=True)
 
-    def attack(model, seed):
-        c = relearning_attack(
-            model,
-            tokenizer,
-            forget_rows,
-            indices=idx,
-            steps=a.relearn_steps,
-            eval_every=max(1, a.relearn_steps // 5),
-            learning_rate=a.relearn_lr_mult * a.finetune_lr,
-            batch_size=4,
-            seed=seed,
-            evaluate=relearn_eval,
-            prompt_format=PROMPT_TEMPLATE,
-            max_length=256,
-            progress=False,
-        )
-        return {"steps": c.steps, **{k: c.series(k) for k in c.metrics[0]}}
+    # ------------------------------------------------------ report seeds: membership and relearning attacks
+    t0, c0 = time.time(), time.process_time()
+    relearn = Relearn(a, tokenizer, rows["forget"], scorer.sets, scorer.retain_ratios)
+    curves = {"Retrain": [relearn(models["retrain"], report_seeds[0])]}
+    finals = {}
+    forget_ds, retain_ds = tofu_datasets(data_dir, a.split, retain_split)
+    for method, (name, res) in zip(methods, tunes.items()):
+        if res["selected"] is None:
+            continue
+        runs = []
+        attacks_path = os.path.join(a.out, f"tune_{method}", "attacks.json")  # one per method: runs may share --out
+        cached = json.load(open(attacks_path)) if a.resume and os.path.isfile(attacks_path) else {}
+        for full in res["report"]["full"]["per_seed"]:
+            seed, key = full["seed"], f"{method} {json.dumps(res['selected']['params'], sort_keys=True)} {full['seed']}"
+            if key not in cached:
+                runner = Runner(method, paths["original"], forget_ds, retain_ds, tokenizer, start, a.out)
+                model = unwrapped(runner.train(to_config_values(res["selected"]["params"], a.finetune_lr), seed))
+                again = scorer(model)["forget_quality"]
+                if abs(again - full["forget_quality"]) > 1e-9:
+                    print(
+                        f"warning: {name} seed {seed}: re-run gives forget quality {again:.4g}, tune's "
+                        f"{full['forget_quality']:.4g} (not deterministic)",
+                        flush=True,
+                    )
+                cached[key] = {
+                    **membership_aucs(model, tokenizer, rows["forget"], rows["holdout"]),
+                    "relearn": relearn(model, seed),
+                    "rerun_forget_quality": again,
+                }
+                with open(attacks_path, "w") as f:
+                    json.dump(cached, f)
+            runs.append({**full, **cached[key]})
+        finals[name] = runs
+        curves[name] = [run["relearn"] for run in runs]
+    phase("report seeds: membership and relearning", t0, c0)
 
-    curves = {"Retrain": [attack(models["Retrain"], seeds[0])]}  # no unlearning seed: one curve
-    finals_path = os.path.join(a.out, "finals.jsonl")
-    finals_done = {}
-    if a.resume and os.path.isfile(finals_path):
-        for line in open(finals_path):
-            run = json.loads(line)
-            finals_done[run["key"]] = run
-    elif os.path.isfile(finals_path):
-        os.remove(finals_path)
-
-    def final_run(point, seed):
-        """One final point and seed: full TOFU evaluation, membership AUCs, relearning (cached in finals.jsonl)."""
-        k = key(point, seed)
-        if k not in finals_done:
-            model = unlearn(point, seed, models["Original"], tokenizer, forget, retain, a)
-            quick = score(model)
-            report = full_eval(model, reports["Retrain"])
-            tag = "_".join(
-                f"{x}{point[x]:g}" for x in ("lr_mult", "epochs", "beta", "forget_weight") if point[x] is not None
-            )
-            report.save(os.path.join(a.out, f"report_{point['method']}_{tag}_seed{seed}.json"))
-            run = {
-                "key": k,
-                "seed": seed,
-                **report.metrics,
-                "ks_d": quick["ks_d"],
-                "model_utility_no_rouge": quick["model_utility_no_rouge"],
-                **membership_aucs(model, tokenizer, forget_rows, holdout_rows),
-                "relearn": attack(model, seed),
-            }
-            if seed == seeds[0] and abs(quick["forget_quality"] - point["forget_quality"]) > 1e-9:
-                print(
-                    f"warning: {NAMES[point['method']]} seed {seed} re-run gives FQ {quick['forget_quality']:.4g}, "
-                    f"the sweep {point['forget_quality']:.4g} (not deterministic)",
-                    flush=True,
-                )
-            with open(finals_path, "a") as f:
-                f.write(json.dumps(run) + "\n")
-            finals_done[k] = run
-            print(f"{NAMES[point['method']]} seed {seed}: " + ", ".join(f"{x} {run[x]:.3g}" for x in FINAL), flush=True)
-        return finals_done[k]
-
-    full_floor = a.floor * o["model_utility"]
-    chosen, rejected, finals = {}, {}, {}
-    for method in a.methods.split(","):
-        ranked = rank_under_floor([p for p in sweep if p["method"] == method], floor, utility="model_utility_no_rouge")
-        for point in ranked[: a.full_checks]:
-            full = final_run(point, seeds[0])["model_utility"]
-            if full >= full_floor:
-                chosen[method] = point
-                break
-            rejected.setdefault(method, []).append({**point, "full_model_utility": full})
-            print(
-                f"{NAMES[method]}: {key(point, seeds[0])} keeps utility {point['model_utility_no_rouge']:.4f} without "
-                f"ROUGE but its full model utility {full:.4f} < {full_floor:.4f}: next point",
-                flush=True,
-            )
-        if method not in chosen:
-            print(
-                f"{NAMES[method]}: none of its {min(len(ranked), a.full_checks)} best points under the floor keeps "
-                f"the full model utility >= {full_floor:.4f}; no final point",
-                flush=True,
+    # --------------------------------------------------------------------------------------------- output
+    threshold = a.floor * o["model_utility_no_rouge"]
+    lines = ["| model | " + " | ".join(FINAL) + " |", "|---|" + "---|" * len(FINAL)]
+    for name in base:
+        lines.append(f"| {name} | " + " | ".join(f"{base[name].get(k, float('nan')):.3g}" for k in FINAL) + " |")
+    for name, runs in finals.items():
+        lines.append(f"| {name} | " + " | ".join(mean_sd([x[k] for x in runs]) for k in FINAL) + " |")
+    n_forget = len(rows["forget"])
+    trial_lines = [
+        "| method | selected trial | its setting | tuning-seed FQ / utility | trials >= floor | best FQ >= floor "
+        "| best FQ anywhere (its utility) | report seeds FQ (D×n) | in − out FQ |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, res in tunes.items():
+        ok = [t for t in res["trials"] if t["model_utility_no_rouge"] >= threshold]
+        best = max(res["trials"], key=lambda t: t["forget_quality"])
+        sel = res["selected"]
+        if sel is None:
+            trial_lines.append(
+                f"| {name} | none reaches the floor | - | - | 0 of {len(res['trials'])} | - | "
+                f"{best['forget_quality']:.3g} ({best['model_utility_no_rouge']:.3f}) | - | - |"
             )
             continue
-        finals[method] = [final_run(chosen[method], seed) for seed in seeds]
-        curves[NAMES[method]] = [r["relearn"] for r in finals[method]]
-    phase(f"final points ({len(chosen)} methods x {len(seeds)} seeds, with relearning and MIA)", t0, c0)
-
-    # ------------------------------------------------------------------------------------------------ output
-    setting = lambda p: (
-        f"lr {p['lr_mult']:g}x ({p['lr_mult'] * a.finetune_lr:.2g}), {p['epochs']} ep"  # noqa: E731
-        + (f", β {p['beta']:g}" if p["beta"] is not None else "")
-        + f", fw {p['forget_weight']:g}"
-    )
-    rejected_lines = (
-        "".join(
-            f"- {NAMES[m]}: {setting(p)} was first by the rule, but its full model utility (seed "
-            f"{seeds[0]}) is {p['full_model_utility']:.4f} < {full_floor:.4f}\n"
-            for m, ps in rejected.items()
-            for p in ps
+        per_seed = ", ".join(
+            f"{x['forget_quality']:.3g} ({round(x['ks_d'] * n_forget)})" for x in res["report"]["full"]["per_seed"]
         )
-        or "- none\n"
-    )
-    lines = ["| model | setting | " + " | ".join(FINAL) + " | FQ per seed |", "|---|---|" + "---|" * (len(FINAL) + 1)]
-    for name in ("Original", "Retrain"):
-        lines.append(f"| {name} | - | " + " | ".join(f"{base[name][k]:.3g}" for k in FINAL) + " | - |")
-    for method, runs in finals.items():
-        lines.append(
-            f"| {NAMES[method]} | {setting(chosen[method])} | "
-            + " | ".join(mean_sd([r[k] for r in runs]) for k in FINAL)
-            + " | "
-            + ", ".join(f"{r['forget_quality']:.2g}" for r in runs)
-            + " |"
+        trial_lines.append(
+            f"| {name} | {sel['trial']} | {', '.join(f'{k} {v:.3g}' for k, v in sel['params'].items())} | "
+            f"{sel['forget_quality']:.3g} / {sel['model_utility_no_rouge']:.3f} | {len(ok)} of {len(res['trials'])} "
+            f"| {max(t['forget_quality'] for t in ok):.3g} | {best['forget_quality']:.3g} "
+            f"({best['model_utility_no_rouge']:.3f}) | {per_seed} | "
+            f"{res['report']['gap_in_minus_out'].get('forget_quality', float('nan')):+.3g} |"
         )
-    final_table = "\n".join(lines)
-    rejected_keys = {key(r, 0) for rs in rejected.values() for r in rs}
-    sweep_lines = [
-        "| method | lr_mult | epochs | β | fw | FQ | D | MU6 | forget prob | forget TR |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for p in sweep:
-        mark = "**" if chosen.get(p["method"]) is p else "~~" if key(p, 0) in rejected_keys else ""
-        beta = "-" if p["beta"] is None else f"{p['beta']:g}"
-        sweep_lines.append(
-            f"| {mark}{NAMES[p['method']]}{mark} | {p['lr_mult']:g} | {p['epochs']} | {beta} | "
-            f"{p['forget_weight']:g} | {p['forget_quality']:.3g} | {d_lattice(p['ks_d'], n)} | "
-            f"{p['model_utility_no_rouge']:.4f} | {p['forget_probability']:.3g} | {p['forget_truth_ratio']:.3f} |"
-        )
-    sweep_table = "\n".join(sweep_lines)
     steps = curves["Retrain"][0]["steps"]
     rl = ["| model | " + " | ".join(f"step {s}" for s in steps) + " |", "|---|" + "---|" * len(steps)]
     for name, runs in curves.items():
-        rl.append(
-            f"| {name} | "
-            + " | ".join(mean_sd([r["forget_probability_unseen"][j] for r in runs]) for j in range(len(steps)))
-            + " |"
-        )
-    relearn_table = "\n".join(rl)
-
-    colors = {NAMES[m]: f"C{i}" for i, m in enumerate(a.methods.split(","))}
+        cells = [mean_sd([x["forget_probability_held_out"][j] for x in runs]) for j in range(len(steps))]
+        rl.append(f"| {name} | " + " | ".join(cells) + " |")
     try:
-        plot_pareto(sweep, base, chosen, rejected, floor, os.path.join(a.figures, "tofu_small_pareto.png"), n, colors)
-        plot_relearn(
-            curves, base["Retrain"]["forget_probability"], os.path.join(a.figures, "tofu_small_relearn.png"), colors
-        )
+        plot_trials(tunes, base, threshold, os.path.join(a.figures, "tofu_small_pareto.png"))
+        plot_relearn(curves, r["forget_probability"], os.path.join(a.figures, "tofu_small_relearn.png"))
     except ImportError:
         print("matplotlib is not installed: no plots", flush=True)
-    machine = (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{a.threads} thread(s)"
-    )
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     total = {
         "wall_s": round(time.time() - t_start, 1),
         "cpu_s": round(time.process_time() - c_start, 1),
@@ -689,17 +557,16 @@ def main(argv=None):
         "load_avg_end": os.getloadavg(),
     }
     summary = (
-        f"## TOFU-small ({a.split}, trained from scratch)\n\nmachine: {machine}; wall {total['wall_s'] / 60:.1f} "
-        f"min, CPU {total['cpu_s'] / 60:.1f} min, load average (1/5/15 min) at start {load_start}, at end "
-        f"{total['load_avg_end']}\n\nphases: {json.dumps(phases)}\n\nsettings: {json.dumps(vars(a))}\n\n"
-        f"Utility floors: {floor:.4f} = {a.floor} x Original's model utility without ROUGE (sweep); "
-        f"{full_floor:.4f} = {a.floor} x Original's full model utility (check of the chosen points).\n\n"
-        f"Points first by the rule but rejected on the full utility:\n{rejected_lines}\n"
-        f"Best point per method, seeds {seeds} (mean ± sd):\n\n{final_table}\n\n"
-        f"Relearning attack: forget probability of the {len(forget_rows) - len(idx)} forget items NOT relearned "
-        f"(NLL on {len(idx)} items, lr {a.relearn_lr_mult * a.finetune_lr:.2g}, batch 4):\n\n{relearn_table}\n\n"
-        f"Sweep (seed {seeds[0]}, no generation; chosen points in bold, rejected ones struck through):\n\n"
-        f"{sweep_table}\n"
+        f"## TOFU-small ({a.split}, trained from scratch), tuned with `tune`\n\nmachine: {machine}, {a.threads} "
+        f"thread(s); total {json.dumps(total)}\n\nphases: {json.dumps(phases)}\n\ntune time per method: "
+        f"{json.dumps(tune_time)}\n\nsettings: {json.dumps(vars(a))}\n\nRule: the highest forget quality with model "
+        f"utility without ROUGE >= {a.floor} x Original's = {threshold:.4f}\n\n"
+        f"Tuning ({a.n_trials} trials per method, tuning seed {a.tuning_seed}):\n\n"
+        + "\n".join(trial_lines)
+        + f"\n\nSelected settings on report seeds {report_seeds} (mean ± sd):\n\n"
+        + "\n".join(lines)
+        + f"\n\nRelearning: forget probability of the {int(relearn.held_out.sum())} held-out forget items (NLL on "
+        f"{len(relearn.idx)} items):\n\n" + "\n".join(rl) + "\n"
     )
     print(summary, flush=True)
     with open(os.path.join(a.out, "summary.md"), "w") as f:
@@ -711,14 +578,15 @@ def main(argv=None):
                 "machine": machine,
                 "time": total,
                 "phases": phases,
-                "floor": floor,
-                "floor_full": full_floor,
+                "tune_time": tune_time,
                 "baselines": base,
-                "sweep": sweep,
-                "chosen": chosen,
-                "rejected": rejected,
                 "finals": finals,
+                "tunes": {
+                    k: {x: v.get(x) for x in ("selected", "rule", "search_space", "trials", "no_selection")}
+                    for k, v in tunes.items()
+                },
                 "relearn_retrain": curves["Retrain"],
+                "relearned_items": [int(i) for i in relearn.idx],
             },
             f,
             indent=1,
