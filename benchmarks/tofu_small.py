@@ -24,7 +24,10 @@
    retain authors no model saw) and a relearning attack (NLL on `--relearn_fraction` of the forget set; the
    relearned and the held-out items reported apart; Retrain attacked too).
 Each method's study lives in `--out/tune_<method>` (SQLite: an interrupted run resumes, `--resume` reuses finished
-tunes). Writes results.json and summary.md in `--out`, and the Pareto and relearning PNGs (`--figures`).
+tunes and attacks). Writes results.json and summary.md in `--out`, and the Pareto and relearning PNGs (`--figures`).
+On 2 cores the methods can run in two processes sharing `--out`: once the models and the three reports exist
+(`report_*.json`), `--resume --methods gradascent,graddiff,npo` and `--resume --methods simnpo,rmu` side by side,
+then `--resume` with every method assembles the tables from their caches.
 """
 
 import argparse
