@@ -996,7 +996,7 @@ def plot(results: dict, path: str, relearn_path: str):
                 capsize=2,
                 linestyle="none",
             )
-            ax.annotate(f"{lr:g}", (np.mean(xs), np.mean(ys)), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            ax.annotate(f"{lr:.3g}", (np.mean(xs), np.mean(ys)), textcoords="offset points", xytext=(4, 4), fontsize=7)
         base = np.mean([b[y] for b in results["base"].values()])
         ax.plot([1], [base], marker="*", color="black", ms=12, linestyle="none")
         if y == "mc_acc":
