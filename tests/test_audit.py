@@ -216,10 +216,12 @@ def test_capped_attack_rows_compare_the_same_items(grid_models):
         assert m[role]["forget_rougeL_recall"] == pytest.approx((r[0] + r[3]) / 2)
         assert m[role]["forget_probability"] == pytest.approx(sum(values["probability"]) / 6)
     assert m["base"]["forget_probability"] == report["clean"]["base"]["metrics"]["forget_probability"]
-    gap = m["base"]["forget_rougeL_recall"] - m["unlearned"]["forget_rougeL_recall"]
-    if gap != 0:
-        expected = (m["attacked"]["forget_rougeL_recall"] - m["unlearned"]["forget_rougeL_recall"]) / gap
-        assert row["recovered_share"]["forget_rougeL_recall"] == pytest.approx(expected)
+    # the share of each metric from those same values (probability: min_gap 0 here, and the model did forget)
+    for k in ("forget_probability", "forget_rougeL_recall"):
+        gap = m["base"][k] - m["unlearned"][k]
+        assert gap != 0
+        expected = (m["attacked"][k] - m["unlearned"][k]) / gap
+        assert row["recovered_share"][k] == pytest.approx(expected)
 
 
 def _write(path, text):
