@@ -6,8 +6,9 @@ it and measures how much of the forgotten knowledge comes back:
 =============  =====================================================================================================
 attack         what is attacked / read
 =============  =====================================================================================================
-quantization   weight-only round-to-nearest at 8 and 4 bits, per channel and group-wise (`quantize`); bitsandbytes
-               int8 / NF4 on CUDA. The base is quantized the same way (does quantization itself break it?).
+quantization   weight-only round-to-nearest, 8 bits per channel and 4 bits group-wise (all four with
+               `quant_all_variants`; `quantize`); bitsandbytes int8 / NF4 on CUDA. The base is quantized the same
+               way (does quantization itself break it?).
 relearn        fine-tuning a copy on half of the forget rows (scored on the relearned and held-out halves), and on
                as many retain rows, same steps (out-of-domain: no forget row seen).
 prompt         paraphrased questions, few-shot prefixes, jailbreak-style prefixes, the other prompt format, sampling.
@@ -20,6 +21,10 @@ back, 1 = back to the base model's value (it can leave [0, 1]). When `|base - un
 shows nothing forgotten to recover and the share is None with that reason (never a division by ~0). Membership
 reports the signal left instead: (AUC_unlearned - AUC_ref) / (AUC_base - AUC_ref), AUC_ref the retain model's
 AUC when given, else 0.5 (chance); the same None rule.
+
+Cost: every attacked row computes ROUGE-L (a greedy answer) and the truth ratio on at most `attack_items` evenly
+spaced items per set, the same items for base, unlearned and attacked in that row (``detail_items``); the probability
+and the clean scores use every item.
 
 Data (`AuditData`): QA rows (``question``, ``answer``; TOFU's ``paraphrased_question``, ``paraphrased_answer``,
 ``perturbed_answer`` used when present), standard prompt-completion rows (the prompt is the model input as is) or
