@@ -82,6 +82,8 @@ def main(argv=None) -> int:
         max_new_tokens=args.max_new_tokens,
         batch_size=16,
         bnb=False,
+        quant_all_variants=True,  # the sets here are small: every RTN variant, every item
+        attack_items=None,
     )
     table = []
     for method in study.methods:

@@ -2,6 +2,7 @@
 that moves weights by less than half a 4-bit step (undone by quantization, share 1) or by whole steps (share 0)."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -36,8 +37,11 @@ def test_rtn_group_wise_by_hand():
 
 
 def test_quant_specs_and_names():
-    names = [s.name for s in quant_specs((8, 4), 64)]
+    names = [s.name for s in quant_specs((8, 4), 64, all_variants=True)]
     assert names == ["rtn8_channel", "rtn8_g64", "rtn4_channel", "rtn4_g64", "bnb_int8", "bnb_nf4"]
+    # the default: per channel at 8 bits, group-wise below
+    assert [s.name for s in quant_specs((8, 4), 128, bnb=False)] == ["rtn8_channel", "rtn4_g128"]
+    assert [s.name for s in quant_specs((4,), 32, bnb=False)] == ["rtn4_g32"]
     with pytest.raises(ValueError, match="bits"):
         quant_specs((5,))
 
@@ -90,7 +94,7 @@ def grid_models():
 
 def _quant_share(tok, base, unlearned):
     data = AuditData(forget=FORGET, retain=RETAIN)
-    cfg = AuditConfig(quant_bits=(4,), bnb=False, max_new_tokens=8)
+    cfg = AuditConfig(quant_bits=(4,), quant_all_variants=True, bnb=False, max_new_tokens=8)
     report = audit(
         unlearned, tok, base, data, attacks="quantization", config=cfg, prompt_format="plain", progress=False
     )
@@ -165,3 +169,135 @@ def test_rows_to_qa_reads_qa_prompt_completion_and_text_rows(tmp_path):
     write_tofu_layout(tmp_path, {"empty": []})
     with pytest.raises(ValueError, match="empty.json: no rows; the audit needs at least one"):
         load_audit_data(tmp_path, "empty", retain_split="qa")
+
+
+def test_spread_items_by_hand():
+    from trl_unlearn.evaluation.unlearning_audit import spread_items
+
+    assert spread_items(10, 4) == [0, 2, 5, 7]  # floor(i * 10 / 4)
+    assert spread_items(3, 5) == [0, 1, 2] and spread_items(3, None) == [0, 1, 2]
+    with pytest.raises(ValueError, match=">= 1 or None"):
+        spread_items(3, 0)
+
+
+def test_aggregate_takes_detail_metrics_on_the_given_items_only():
+    from trl_unlearn.evaluation.unlearning_audit import aggregate
+
+    items = {"probability": [0.1, 0.2, 0.3, 0.6], "rougeL_recall": [1.0, None, 0.5, None]}
+    # probability over every item of idx, ROUGE-L over those of them that were generated
+    assert aggregate(items, "forget", detail_idx=[0, 2]) == {
+        "forget_probability": pytest.approx(0.3),
+        "forget_rougeL_recall": pytest.approx(0.75),
+    }
+    assert aggregate(items, "forget", idx=[1, 2], detail_idx=[0, 2]) == {
+        "forget_probability": pytest.approx(0.25),
+        "forget_rougeL_recall": pytest.approx(0.5),
+    }
+    # never a mean over fewer items than asked: an item without a value raises
+    with pytest.raises(ValueError, match=r"forget items \[1, 3\] have no rougeL_recall"):
+        aggregate(items, "forget")
+
+
+def test_capped_attack_rows_compare_the_same_items(grid_models):
+    tok, base, small, _ = grid_models
+    data = AuditData(forget=FORGET, retain=RETAIN)
+    cfg = AuditConfig(quant_bits=(4,), bnb=False, max_new_tokens=8, attack_items=2, min_gap=0.0)
+    report = audit(small, tok, base, data, attacks="quantization", config=cfg, prompt_format="plain", progress=False)
+    row = report["attacks"][0]
+    assert row["variant"] == "rtn4_g128" and row["detail_items"] == {"forget": [0, 3], "retain": [0, 6]}
+    assert report["settings"]["detail_items"] == {"forget": [0, 3], "retain": [0, 6]}
+    att = row["per_item"]["attacked"]["forget"]
+    assert [g is None for g in att["generation"]] == [False, True, True, False, True, True]
+    m = row["metrics"]
+    clean = {role: report["clean"][role]["per_item"]["forget"] for role in ("base", "unlearned")}
+    # ROUGE-L of base, unlearned and attacked over items 0 and 3; probability over all six
+    for role, values in (("base", clean["base"]), ("unlearned", clean["unlearned"]), ("attacked", att)):
+        r = values["rougeL_recall"]
+        assert m[role]["forget_rougeL_recall"] == pytest.approx((r[0] + r[3]) / 2)
+        assert m[role]["forget_probability"] == pytest.approx(sum(values["probability"]) / 6)
+    assert m["base"]["forget_probability"] == report["clean"]["base"]["metrics"]["forget_probability"]
+    # the share of each metric from those same values (probability: min_gap 0 here, and the model did forget)
+    for k in ("forget_probability", "forget_rougeL_recall"):
+        gap = m["base"][k] - m["unlearned"][k]
+        assert gap != 0
+        expected = (m["attacked"][k] - m["unlearned"][k]) / gap
+        assert row["recovered_share"][k] == pytest.approx(expected)
+
+
+def _write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def test_paraphrase_file_formats_and_errors(tmp_path):
+    from trl_unlearn.evaluation.unlearning_audit import apply_paraphrases
+
+    data = AuditData(forget=FORGET[:2], retain=RETAIN[:2])
+    (q0, a0), (_, a1) = QA[0], QA[1]
+    lines = _write(
+        tmp_path / "p.jsonl",
+        json.dumps({"question": q0, "paraphrased_question": "P0"})
+        + "\n\n"
+        + json.dumps({"question": "P1", "answer": a1})
+        + "\n",
+    )
+    out = apply_paraphrases(data, lines)
+    assert [r["paraphrased_question"] for r in out.forget] == ["P0", "P1"]
+    assert all("paraphrased_question" not in r for r in out.retain) and out.paraphrase_source == lines
+    assert "paraphrased_question" not in data.forget[0]  # the caller's rows are left alone
+    listed = _write(
+        tmp_path / "p.json", json.dumps([{"question": "P0", "answer": a0}, {"question": "P1", "answer": a1}])
+    )
+    assert [r["paraphrased_question"] for r in apply_paraphrases(data, listed).forget] == ["P0", "P1"]
+    bad = {
+        "not json": ("{question: 1}\n", "line 1: not a JSON object"),
+        "broken list": ('[{"question": "x"', "not valid JSON"),
+        "missing key": (json.dumps({"question": q0}) + "\n", r"row 0: needs non-empty string 'question' and 'answer'"),
+        "empty": ("\n", "no rows"),
+        "a forget row without one": (json.dumps({"question": q0, "paraphrased_question": "P0"}), "no paraphrase for"),
+        "a row matching nothing": (
+            "\n".join(
+                json.dumps(r)
+                for r in [
+                    {"question": "P0", "answer": a0},
+                    {"question": "P1", "answer": a1},
+                    {"question": "nobody asked", "paraphrased_question": "P"},
+                ]
+            ),
+            "1 row\\(s\\) match no forget or retain row",
+        ),
+        "an answer of two rows": (
+            json.dumps({"question": "P", "answer": a0})
+            + "\n"
+            + json.dumps({"question": FORGET[1]["question"], "paraphrased_question": "P1"}),
+            "belongs to several audit rows",
+        ),
+        "two paraphrases": (
+            "\n".join(json.dumps({"question": q0, "paraphrased_question": p}) for p in ("A", "B")),
+            "a second, different paraphrase",
+        ),
+    }
+    twice = AuditData(forget=FORGET[:2], retain=[{"question": "another question", "answer": a0}])
+    for name, (text, message) in bad.items():
+        with pytest.raises(ValueError, match=message) as err:
+            apply_paraphrases(twice if name == "an answer of two rows" else data, _write(tmp_path / "bad.jsonl", text))
+        assert "\n" not in str(err.value), name
+
+
+def test_the_paraphrase_probe_asks_the_file_questions(grid_models, tmp_path):
+    from trl_unlearn.data.formats import resolve_prompt_format
+    from trl_unlearn.evaluation.unlearning_audit import apply_paraphrases, score_qa
+
+    tok, base, small, _ = grid_models
+    paras = {r["question"]: "Tell me: " + r["question"].lower() for r in FORGET}
+    path = _write(
+        tmp_path / "p.jsonl",
+        "\n".join(json.dumps({"question": q, "paraphrased_question": p}) for q, p in paras.items()),
+    )
+    data = apply_paraphrases(AuditData(forget=FORGET, retain=RETAIN), path)
+    cfg = AuditConfig(bnb=False, max_new_tokens=4, few_shot=1, num_samples=1, attack_items=1)
+    report = audit(small, tok, base, data, attacks="prompt", config=cfg, prompt_format="plain", progress=False)
+    row = {r["variant"]: r for r in report["attacks"]}["paraphrase"]
+    assert row["settings"]["paraphrases"] == path
+    expected = score_qa(small, tok, FORGET, resolve_prompt_format(tok, "plain"), cfg, list(paras.values()), rouge=False)
+    assert row["per_item"]["attacked"]["forget"]["probability"] == pytest.approx(expected["probability"])

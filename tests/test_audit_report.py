@@ -74,8 +74,6 @@ def test_report_covers_every_attack_and_says_what_was_skipped(full_report):
     variants = {r["variant"] for r in report["attacks"]}
     assert {
         "rtn8_channel",
-        "rtn8_g32",
-        "rtn4_channel",
         "rtn4_g32",
         "in_domain",
         "out_of_domain",
@@ -160,12 +158,21 @@ def test_command_line_writes_the_report_and_the_card(toy, tmp_path, capsys):
         "plain",
         "--no_progress",
         "--update_model_card",
+        "--all_quant_variants",
+        "--max_retain_rows",
+        "5",
+        "--attack_items",
+        "3",
     ]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "audit complete" in printed and "rtn4_channel" in printed
     report = json.loads((tmp_path / "out" / "audit.json").read_text())
     assert report["complete"] and [r["variant"] for r in report["summary"]] == ["rtn4_channel", "rtn4_g128", "auc"]
+    st = report["settings"]
+    assert st["num_retain"] == 5 and "5 of " in st["data"] and "retain rows, evenly spaced" in st["data"]
+    assert len(st["detail_items"]["forget"]) == 3 and st["detail_items"]["retain"] == [0, 1, 3]  # 5 // 3 spacing
+    assert report["attacks"][0]["detail_items"] == {"forget": st["detail_items"]["forget"], "retain": [0, 1, 3]}
     card = (tmp_path / "unlearned" / "README.md").read_text()
     assert "### Audit" in card and "| quantization | rtn4_channel |" in card
     # the audit never writes into a model folder

@@ -30,6 +30,11 @@ _CONFIG_FLAGS = {
     "num_samples": (int, "samples per question in the sampling probe (default 5)"),
     "temperature": (float, "sampling temperature (default 1.0)"),
     "max_new_tokens": (int, "generated tokens per answer (default 64)"),
+    "attack_items": (
+        int,
+        "attacked rows compute ROUGE-L (greedy answers) and truth ratio on at most this many evenly spaced items "
+        "per set, the same for base, unlearned and attacked; probability on every item (default 40; 0: every item)",
+    ),
     "batch_size": (int, "rows per scoring / generation batch (default 16)"),
     "max_length": (int, "tokens of prompt + answer scored (default 512)"),
     "min_gap": (float, "smallest |base - unlearned| for a recovered share (default 0.02)"),
@@ -54,7 +59,24 @@ def _add_audit_args(p: argparse.ArgumentParser) -> None:
         "--prompt_format", default=None, help="default: the format the model was trained with (if recorded), else auto"
     )
     p.add_argument("--quant_bits", type=int, nargs="+", default=argparse.SUPPRESS, help="RTN bits (default 8 4)")
+    p.add_argument(
+        "--all_quant_variants",
+        action="store_true",
+        help="RTN per channel AND group-wise at every bit width (default: 8-bit per channel, group-wise below 8)",
+    )
     p.add_argument("--no_bnb", action="store_true", help="leave out the bitsandbytes rows (they need CUDA)")
+    p.add_argument(
+        "--max_forget_rows", type=int, default=None, help="audit at most this many forget rows, evenly spaced (all)"
+    )
+    p.add_argument(
+        "--max_retain_rows", type=int, default=None, help="audit at most this many retain rows, evenly spaced (all)"
+    )
+    p.add_argument(
+        "--paraphrase_file",
+        default=None,
+        help='JSON list or JSON lines of {"question", "paraphrased_question"} (matched by question) or '
+        '{"question", "answer"} (a paraphrased question, matched by answer): the paraphrase probe\'s questions',
+    )
     for name, (kind, text) in _CONFIG_FLAGS.items():
         p.add_argument(f"--{name}", type=kind, default=argparse.SUPPRESS, help=text)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -79,7 +101,14 @@ def _tokenizer_if_saved(path: str | None):
 
 def run_audit(args) -> int:
     """Load the models and data, run the attacks, write audit.json / audit.html, print the summary."""
-    from ..evaluation.unlearning_audit import AuditConfig, audit, load_audit_data, parse_attacks
+    from ..evaluation.unlearning_audit import (
+        AuditConfig,
+        apply_paraphrases,
+        audit,
+        load_audit_data,
+        parse_attacks,
+        subset_rows,
+    )
 
     if not args.base:
         raise ValueError(
@@ -90,10 +119,18 @@ def run_audit(args) -> int:
         if path:
             check_model_path(path, what)
     data = load_audit_data(args.data_dir, args.forget_split, args.retain_split, args.nonmember_split)
+    if args.paraphrase_file:
+        data = apply_paraphrases(data, args.paraphrase_file)
+    for flag in ("max_forget_rows", "max_retain_rows"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be >= 1 (leave it out for every row)")
+    data = subset_rows(data, args.max_forget_rows, args.max_retain_rows)
     given = {k: getattr(args, k) for k in _CONFIG_FLAGS if hasattr(args, k)}
     if hasattr(args, "quant_bits"):
         given["quant_bits"] = tuple(args.quant_bits)
-    config = AuditConfig(bnb=not args.no_bnb, **given)
+    if given.get("attack_items") == 0:
+        given["attack_items"] = None
+    config = AuditConfig(bnb=not args.no_bnb, quant_all_variants=args.all_quant_variants, **given)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     base_tok, retain_tok = _tokenizer_if_saved(args.base), _tokenizer_if_saved(args.retain_model)
     paths = {"unlearned": args.model, "base": args.base}

@@ -130,6 +130,15 @@ def _metric_table(result) -> str:
     return f"<table>{head}{''.join(body)}</table>" + (f"<ul>{notes}</ul>" if notes else "")
 
 
+def _detail_note(result) -> str:
+    """Which items a row's ROUGE-L / truth ratio (and samples) were computed on."""
+    items = result.get("detail_items")
+    if not items:
+        return ""
+    sets = ", ".join(f"{len(v)} {k}" for k, v in items.items())
+    return f"<p class=note>ROUGE-L / truth ratio items: {_e(sets)}.</p>"
+
+
 def render_audit_html(report: Mapping) -> str:
     """The page: status banner, summary table (attack -> share), the clean scores, then one section per attack with
     its figure and its numbers; skipped attacks with their reasons."""
@@ -145,6 +154,14 @@ def render_audit_html(report: Mapping) -> str:
         f"format <code>{_e(st['prompt_format'])}</code>; models: {_e(st.get('models') or 'in memory')}; "
         f"total time {_fmt(report['timings_s'].get('total'))} s.</p>"
     )
+    detail = st.get("detail_items")
+    if detail and (len(detail["forget"]) < st["num_forget"] or len(detail["retain"]) < st["num_retain"]):
+        parts.append(
+            f"<p>Attacked rows: ROUGE-L (greedy answers) and truth ratio on {len(detail['forget'])} of "
+            f"{st['num_forget']} forget and {len(detail['retain'])} of {st['num_retain']} retain items (evenly spaced; "
+            "base and unlearned on the same items in those rows); probability on every item. The clean scores use "
+            "every item.</p>"
+        )
     skipped = [r for r in summary if r["status"] != "ok"]
     if report["complete"]:
         parts.append("<p class=ok>Complete: every requested attack ran.</p>")
@@ -261,5 +278,6 @@ def render_audit_html(report: Mapping) -> str:
                     parts.append(f"<p><b>{_e(subset)}</b></p>" + _metric_table({**sub}))
             else:
                 parts.append(_metric_table(r))
+            parts.append(_detail_note(r))
     parts.append("</body></html>")
     return "\n".join(parts)

@@ -47,15 +47,22 @@ class QuantSpec:
         return f"rtn{self.bits}_" + ("channel" if self.group_size is None else f"g{self.group_size}")
 
 
-def quant_specs(bits: tuple[int, ...] = (8, 4), group_size: int = 128, bnb: bool = True) -> list[QuantSpec]:
-    """The audit's settings: RTN per-channel and group-wise at each of `bits`, then bitsandbytes int8 and NF4 (when
-    `bnb`; they are skipped with a reason later on a machine without CUDA)."""
+def quant_specs(
+    bits: tuple[int, ...] = (8, 4), group_size: int = 128, bnb: bool = True, all_variants: bool = False
+) -> list[QuantSpec]:
+    """The audit's settings, in order of `bits`: per channel at 8 bits and group-wise (`group_size`) below 8 bits
+    (`rtn8_channel`, `rtn4_g128` by default: the common int8 and 4-bit g128 setups), or both at every bit width
+    with `all_variants`; then bitsandbytes int8 and NF4 (when `bnb`; they are skipped with a reason later on a
+    machine without CUDA)."""
     for b in bits:
         if b not in (2, 3, 4, 8):
             raise ValueError(f"quantization bits must be among 2, 3, 4, 8, got {b}")
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
-    specs = [QuantSpec("rtn", b, g) for b in bits for g in (None, group_size)]
+    specs = []
+    for b in bits:
+        groups = (None, group_size) if all_variants else (None,) if b == 8 else (group_size,)
+        specs += [QuantSpec("rtn", b, g) for g in groups]
     if bnb:
         specs += [QuantSpec("bnb", 8), QuantSpec("bnb", 4)]
     return specs

@@ -6,8 +6,9 @@ it and measures how much of the forgotten knowledge comes back:
 =============  =====================================================================================================
 attack         what is attacked / read
 =============  =====================================================================================================
-quantization   weight-only round-to-nearest at 8 and 4 bits, per channel and group-wise (`quantize`); bitsandbytes
-               int8 / NF4 on CUDA. The base is quantized the same way (does quantization itself break it?).
+quantization   weight-only round-to-nearest, 8 bits per channel and 4 bits group-wise (all four with
+               `quant_all_variants`; `quantize`); bitsandbytes int8 / NF4 on CUDA. The base is quantized the same
+               way (does quantization itself break it?).
 relearn        fine-tuning a copy on half of the forget rows (scored on the relearned and held-out halves), and on
                as many retain rows, same steps (out-of-domain: no forget row seen).
 prompt         paraphrased questions, few-shot prefixes, jailbreak-style prefixes, the other prompt format, sampling.
@@ -20,6 +21,10 @@ back, 1 = back to the base model's value (it can leave [0, 1]). When `|base - un
 shows nothing forgotten to recover and the share is None with that reason (never a division by ~0). Membership
 reports the signal left instead: (AUC_unlearned - AUC_ref) / (AUC_base - AUC_ref), AUC_ref the retain model's
 AUC when given, else 0.5 (chance); the same None rule.
+
+Cost: every attacked row computes ROUGE-L (a greedy answer) and the truth ratio on at most `attack_items` evenly
+spaced items per set, the same items for base, unlearned and attacked in that row (``detail_items``); the probability
+and the clean scores use every item.
 
 Data (`AuditData`): QA rows (``question``, ``answer``; TOFU's ``paraphrased_question``, ``paraphrased_answer``,
 ``perturbed_answer`` used when present), standard prompt-completion rows (the prompt is the model input as is) or
@@ -54,14 +59,18 @@ __all__ = [
     "AuditConfig",
     "AuditData",
     "aggregate",
+    "apply_paraphrases",
     "audit",
     "check_same_tokenizer",
     "load_audit_data",
     "parse_attacks",
+    "read_paraphrase_file",
     "recovered_share",
     "rows_to_qa",
     "sample_answers",
     "score_qa",
+    "spread_items",
+    "subset_rows",
     "summary_rows",
     "write_audit",
 ]
@@ -96,8 +105,12 @@ class AuditData:
     prompt_format: str | None = None
     source: str = "in memory"
     nonmember_source: str | None = None
+    paraphrase_source: str | None = None
 
     def __post_init__(self):
+        if self.paraphrase_source is None and self.forget:
+            if all(isinstance(r.get("paraphrased_question"), str) for r in self.forget):
+                self.paraphrase_source = "the rows' paraphrased_question"
         if not self.forget:
             raise ValueError(f"{self.source}: the forget set is empty; the audit needs at least one forget row")
         if not self.retain:
@@ -105,6 +118,120 @@ class AuditData:
                 f"{self.source}: the retain set is empty; give retain rows (the utility check and the "
                 "probe's training set)"
             )
+
+
+def subset_rows(data: AuditData, max_forget: int | None, max_retain: int | None) -> AuditData:
+    """`data` with at most `max_forget` forget and `max_retain` retain rows, evenly spaced (`spread_items`); the
+    source says how many of how many were kept. None: all rows of that set."""
+    f_idx, r_idx = spread_items(len(data.forget), max_forget), spread_items(len(data.retain), max_retain)
+    if len(f_idx) == len(data.forget) and len(r_idx) == len(data.retain):
+        return data
+    return AuditData(
+        forget=[data.forget[i] for i in f_idx],
+        retain=[data.retain[i] for i in r_idx],
+        nonmember=data.nonmember,
+        prompt_format=data.prompt_format,
+        source=f"{data.source}; {len(f_idx)} of {len(data.forget)} forget and {len(r_idx)} of {len(data.retain)} "
+        "retain rows, evenly spaced",
+        nonmember_source=data.nonmember_source,
+        paraphrase_source=data.paraphrase_source,
+    )
+
+
+def read_paraphrase_file(path: str | os.PathLike) -> list[dict]:
+    """The rows of a paraphrase file: a JSON list or JSON lines of objects, each ``{"question",
+    "paraphrased_question"}`` (the original question and its paraphrase) or ``{"question", "answer"}`` (a
+    paraphrased question and the answer of the row it paraphrases). One-line `ValueError` naming the file and the
+    row for anything else."""
+    import json
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"paraphrase file not found: {path!r}")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    fix = 'give a JSON list or JSON lines of {"question", "paraphrased_question"} or {"question", "answer"} objects'
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}); {fix}") from None
+    else:
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path} line {n}: not a JSON object ({e.msg}); {fix}") from None
+    if not rows:
+        raise ValueError(f"{path}: no rows; {fix}")
+    for i, r in enumerate(rows):
+        keys = ("question", "paraphrased_question") if isinstance(r, dict) and "paraphrased_question" in r else None
+        keys = keys or ("question", "answer")
+        if not isinstance(r, dict) or not all(isinstance(r.get(k), str) and r[k].strip() for k in keys):
+            raise ValueError(f"{path} row {i}: needs non-empty string {' and '.join(map(repr, keys))}; {fix}")
+    return rows
+
+
+def apply_paraphrases(data: AuditData, path: str | os.PathLike) -> AuditData:
+    """`data` with each row's ``paraphrased_question`` taken from the paraphrase file `path` (`read_paraphrase_file`),
+    replacing any the rows had: a ``paraphrased_question`` row is matched to the audit rows by its ``question``, a
+    ``question`` / ``answer`` row by its ``answer``. Every forget row needs a paraphrase, every file row must match
+    an audit row (forget or retain), and one key may not get two paraphrases; else a one-line `ValueError`. Retain
+    rows without one keep their own question in the paraphrase probe."""
+    rows = read_paraphrase_file(path)
+    by_question, by_answer = {}, {}
+    for i, r in enumerate(rows):
+        table, key, para = (
+            (by_question, r["question"], r["paraphrased_question"])
+            if "paraphrased_question" in r
+            else (by_answer, r["answer"], r["question"])
+        )
+        if table.get(key, para) != para:
+            raise ValueError(f"{os.fspath(path)} row {i}: a second, different paraphrase for {key[:60]!r}")
+        table[key] = para
+    used: dict[tuple[str, str], int] = {}
+
+    def paraphrase(r):
+        for kind, table, key in (("q", by_question, r["question"]), ("a", by_answer, r["answer"])):
+            if key in table:
+                used[kind, key] = used.get((kind, key), 0) + 1
+                if kind == "a" and used[kind, key] > 1:
+                    raise ValueError(
+                        f"{os.fspath(path)}: the answer {key[:60]!r} belongs to several audit rows; match those "
+                        "by question ({question, paraphrased_question} rows)"
+                    )
+                return table[key]
+        return None
+
+    forget, retain = [], []
+    for i, r in enumerate(data.forget):
+        para = paraphrase(r)
+        if para is None:
+            raise ValueError(
+                f"{os.fspath(path)}: no paraphrase for forget row {i} ({r['question'][:60]!r}); give one per forget "
+                "row, matched by 'question' (with 'paraphrased_question') or by 'answer'"
+            )
+        forget.append({**r, "paraphrased_question": para})
+    for r in data.retain:
+        para = paraphrase(r)
+        retain.append({**r, "paraphrased_question": para} if para is not None else dict(r))
+    unused = [k for k in by_question if ("q", k) not in used] + [k for k in by_answer if ("a", k) not in used]
+    if unused:
+        raise ValueError(
+            f"{os.fspath(path)}: {len(unused)} row(s) match no forget or retain row, e.g. {unused[0][:60]!r} "
+            "(the file must hold only rows of the audited sets)"
+        )
+    return AuditData(
+        forget=forget,
+        retain=retain,
+        nonmember=data.nonmember,
+        prompt_format=data.prompt_format,
+        source=data.source,
+        nonmember_source=data.nonmember_source,
+        paraphrase_source=os.fspath(path),
+    )
 
 
 def _split_text(text: str) -> tuple[str, str]:
@@ -211,6 +338,9 @@ class AuditConfig:
 
     quant_bits: tuple[int, ...] = (8, 4)
     """[(8, 4)] RTN bit widths."""
+    quant_all_variants: bool = False
+    """[False] per channel and group-wise at every bit width; False: per channel at 8 bits, group-wise below
+    (``rtn8_channel``, ``rtn4_g128``; `quant_specs`)."""
     group_size: int = 128
     """[128] inputs per scale of the group-wise RTN rows (the per-channel rows use one scale per output row)."""
     bnb: bool = True
@@ -231,6 +361,12 @@ class AuditConfig:
     """[1.0] sampling temperature (pure temperature sampling: no top-k / top-p)."""
     max_new_tokens: int = 64
     """[64] generated tokens per answer (greedy and sampled)."""
+    attack_items: int | None = 40
+    """[40] the attacked rows (quantized, relearned, prompt probes, sampling) compute the costly metrics, ROUGE-L of
+    a generated answer and the truth ratio (paraphrased + perturbed answers scored), on at most this many items per
+    set, evenly spaced (`spread_items`), the same items in every row; those metrics and their shares are taken over
+    those items for base, unlearned and attacked alike (``detail_items`` of each row). The probability uses every
+    item; the clean scores compute everything on every item. None: every item."""
     batch_size: int = 16
     """[16] rows per scoring / generation batch."""
     max_length: int = 512
@@ -278,23 +414,31 @@ def score_qa(
     cfg: AuditConfig,
     questions: Sequence[str] | None = None,
     rouge: bool = True,
+    detail_idx: Sequence[int] | None = None,
 ) -> dict[str, list]:
     """Per item: ``probability`` exp(-mean NLL) of the answer; ``truth_ratio`` (rows with a paraphrased answer and
-    perturbed answers); ``generation`` and ``rougeL_recall`` of the greedy answer (with `rouge`). `questions`
-    replace the rows' questions (the prompt-side probes)."""
+    perturbed answers); ``generation`` and ``rougeL_recall`` of the greedy answer (with `rouge`). Truth ratio and
+    generation only for the items `detail_idx` when given (None for the others). `questions` replace the rows'
+    questions (the prompt-side probes)."""
     questions = list(questions) if questions is not None else [r["question"] for r in rows]
+    n = len(rows)
+    detail = list(range(n)) if detail_idx is None else sorted(detail_idx)
     with_tr = _has_truth_ratio(rows)
     qs, answers, slots = [], [], []
     for i, (q, r) in enumerate(zip(questions, rows)):
-        kinds = [("answer", r["answer"])]
-        if with_tr:
-            kinds.append(("paraphrased", r["paraphrased_answer"]))
+        qs.append(q)
+        answers.append(r["answer"])
+        slots.append((i, "answer"))
+    if with_tr:
+        for i in detail:
+            r = rows[i]
             pert = r["perturbed_answer"]
-            kinds += [("perturbed", p) for p in ([pert] if isinstance(pert, str) else pert)]
-        for kind, text in kinds:
-            qs.append(q)
-            answers.append(text)
-            slots.append((i, kind))
+            for kind, text in [("paraphrased", r["paraphrased_answer"])] + [
+                ("perturbed", p) for p in ([pert] if isinstance(pert, str) else pert)
+            ]:
+                qs.append(questions[i])
+                answers.append(text)
+                slots.append((i, kind))
     res = score_answers(
         model,
         tokenizer,
@@ -305,7 +449,6 @@ def score_qa(
         max_length=cfg.max_length,
         progress=False,
     )
-    n = len(rows)
     answer_nll, para_nll, pert_nll = [0.0] * n, [0.0] * n, [[] for _ in range(n)]
     for (i, kind), nll in zip(slots, res.avg_nll.tolist()):
         if kind == "answer":
@@ -316,35 +459,68 @@ def score_qa(
             pert_nll[i].append(nll)
     out: dict[str, list] = {"probability": M.probability(answer_nll).tolist()}
     if with_tr:
-        out["truth_ratio"] = M.truth_ratio(pert_nll, para_nll).tolist()
+        ratios = M.truth_ratio([pert_nll[i] for i in detail], [para_nll[i] for i in detail]).tolist()
+        out["truth_ratio"] = [None] * n
+        for i, v in zip(detail, ratios):
+            out["truth_ratio"][i] = v
     if rouge:
         gens = generate_answers(
             model,
             tokenizer,
-            questions,
+            [questions[i] for i in detail],
             max_new_tokens=cfg.max_new_tokens,
             batch_size=cfg.batch_size,
             prompt_format=fmt,
             progress=False,
         )
-        out["generation"] = gens
-        out["rougeL_recall"] = [M.rouge_l_recall(g, r["answer"]) for g, r in zip(gens, rows)]
+        out["generation"], out["rougeL_recall"] = [None] * n, [None] * n
+        for i, g in zip(detail, gens):
+            out["generation"][i] = g
+            out["rougeL_recall"][i] = M.rouge_l_recall(g, rows[i]["answer"])
     return out
 
 
-def aggregate(items: Mapping[str, list], set_name: str, idx: Sequence[int] | None = None) -> dict[str, float]:
+def spread_items(n: int, cap: int | None) -> list[int]:
+    """All `n` items when `cap` is None or >= n, else `cap` evenly spaced ones, ``floor(i * n / cap)`` for i < cap
+    (every part of a set ordered by topic, e.g. TOFU's authors, is represented)."""
+    if cap is not None and cap < 1:
+        raise ValueError(f"an item cap must be >= 1 or None (every item), got {cap}")
+    if cap is None or cap >= n:
+        return list(range(n))
+    return [i * n // cap for i in range(cap)]
+
+
+_DETAIL = ("rougeL_recall", "truth_ratio")  # the per-item metrics an attacked row may compute on a subset only
+
+
+def aggregate(
+    items: Mapping[str, list],
+    set_name: str,
+    idx: Sequence[int] | None = None,
+    detail_idx: Sequence[int] | None = None,
+) -> dict[str, float]:
     """``{set}_probability``, ``{set}_rougeL_recall``, ``{set}_truth_ratio`` (TOFU's forget aggregation
-    mean(min(R, 1/R)) on the forget set, mean(max(0, 1 - 1/R)) elsewhere) of the items `idx` (default all)."""
-    pick = (lambda v: v) if idx is None else (lambda v: [v[i] for i in idx])
+    mean(min(R, 1/R)) on the forget set, mean(max(0, 1 - 1/R)) elsewhere) of the items `idx` (default all);
+    ROUGE-L and truth ratio of those of them in `detail_idx` (default all; left out when none is). A chosen item
+    without a value raises (a mean is never taken over fewer items than asked)."""
+    chosen = list(range(len(items["probability"]))) if idx is None else list(idx)
     out = {}
     if "probability" in items:
-        out[f"{set_name}_probability"] = float(np.mean(pick(items["probability"])))
-    if "rougeL_recall" in items:
-        out[f"{set_name}_rougeL_recall"] = float(np.mean(pick(items["rougeL_recall"])))
-    if "truth_ratio" in items:
-        ratios = pick(items["truth_ratio"])
-        agg = M.truth_ratio_forget_score if set_name == "forget" else M.truth_ratio_score
-        out[f"{set_name}_truth_ratio"] = agg(ratios)
+        out[f"{set_name}_probability"] = float(np.mean([items["probability"][i] for i in chosen]))
+    keep = set(chosen if detail_idx is None else detail_idx)
+    detail = [i for i in chosen if i in keep]
+    for key in _DETAIL:
+        if key not in items or not detail:
+            continue
+        values = [items[key][i] for i in detail]
+        if any(v is None for v in values):
+            missing = [i for i, v in zip(detail, values) if v is None]
+            raise ValueError(f"{set_name} items {missing[:5]} have no {key}: give detail_idx (the items scored)")
+        if key == "rougeL_recall":
+            out[f"{set_name}_rougeL_recall"] = float(np.mean(values))
+        else:
+            agg = M.truth_ratio_forget_score if set_name == "forget" else M.truth_ratio_score
+            out[f"{set_name}_truth_ratio"] = agg(values)
     return out
 
 
@@ -358,19 +534,50 @@ def _score_sets(
     retain_questions=None,
     retain_idx=None,
     rouge=True,
+    detail=None,
 ) -> dict:
-    """Per-item scores of the forget and retain sets (retain restricted to `retain_idx` when given)."""
+    """Per-item scores of the forget and retain sets (retain restricted to `retain_idx` when given); ROUGE-L and
+    truth ratio for the items `detail` (``{"forget": idx, "retain": idx}``, the sets' own numbering; None: all)."""
     retain = data.retain if retain_idx is None else [data.retain[i] for i in retain_idx]
     if retain_questions is not None and retain_idx is not None:
         retain_questions = [retain_questions[i] for i in retain_idx]
+    gen_f = gen_r = None
+    if detail is not None:
+        gen_f, keep = detail["forget"], set(detail["retain"])
+        gen_r = [j for j, i in enumerate(range(len(data.retain)) if retain_idx is None else retain_idx) if i in keep]
     return {
-        "forget": score_qa(model, tokenizer, data.forget, fmt, cfg, forget_questions, rouge),
-        "retain": score_qa(model, tokenizer, retain, fmt, cfg, retain_questions, rouge),
+        "forget": score_qa(model, tokenizer, data.forget, fmt, cfg, forget_questions, rouge, gen_f),
+        "retain": score_qa(model, tokenizer, retain, fmt, cfg, retain_questions, rouge, gen_r),
     }
 
 
-def _metrics(scores: Mapping, forget_idx=None) -> dict[str, float]:
-    return {**aggregate(scores["forget"], "forget", forget_idx), **aggregate(scores["retain"], "retain")}
+def _detail(scores: Mapping) -> dict[str, list[int]]:
+    """``{set: the items with ROUGE-L / truth ratio}`` of an attacked row's per-item scores."""
+    out = {}
+    for name in ("forget", "retain"):
+        items = scores[name]
+        key = next((k for k in _DETAIL if k in items), None)
+        out[name] = (
+            list(range(len(items["probability"])))
+            if key is None
+            else [i for i, v in enumerate(items[key]) if v is not None]
+        )
+    return out
+
+
+def _metrics(scores: Mapping, forget_idx=None, detail=None) -> dict[str, float]:
+    """Set metrics; ROUGE-L and truth ratio over the items of `detail` (``{"forget": idx, "retain": idx}``;
+    None: all)."""
+    detail = detail or {}
+    return {
+        **aggregate(scores["forget"], "forget", forget_idx, detail.get("forget")),
+        **aggregate(scores["retain"], "retain", None, detail.get("retain")),
+    }
+
+
+def _attacked(scores: Mapping, forget_idx=None) -> dict[str, float]:
+    """An attacked row's metrics: ROUGE-L and truth ratio over the items it scored them on."""
+    return _metrics(scores, forget_idx, _detail(scores))
 
 
 def _shares(
@@ -418,17 +625,22 @@ class _Ctx:
     cfg: AuditConfig
     clean: dict = field(default_factory=dict)  # role -> per-item scores
     paths: dict = field(default_factory=dict)  # role -> model folder (bitsandbytes reloads)
+    detail: dict | None = None  # {"forget": idx, "retain": idx}: attacked rows' ROUGE-L / truth ratio items
 
     def clean_metrics(self, role, forget_idx=None):
         return _metrics(self.clean[role], forget_idx)
+
+    def reference(self, role, forget_idx=None):
+        """`role`'s clean metrics to set an attacked row against: ROUGE-L and truth ratio over `detail`'s items."""
+        return _metrics(self.clean[role], forget_idx, self.detail)
 
 
 def _attack_quantization(ctx: _Ctx) -> list[dict]:
     from .quantize import bnb_unavailable_reason, load_bnb, quant_specs, quantize_model_rtn
 
     out = []
-    base_m, unl_m = ctx.clean_metrics("base"), ctx.clean_metrics("unlearned")
-    for spec in quant_specs(ctx.cfg.quant_bits, ctx.cfg.group_size, ctx.cfg.bnb):
+    base_m, unl_m = ctx.reference("base"), ctx.reference("unlearned")
+    for spec in quant_specs(ctx.cfg.quant_bits, ctx.cfg.group_size, ctx.cfg.bnb, ctx.cfg.quant_all_variants):
         if spec.backend == "bnb":
             reason = bnb_unavailable_reason()
             if reason is None and not (ctx.paths.get("unlearned") and ctx.paths.get("base")):
@@ -442,15 +654,26 @@ def _attack_quantization(ctx: _Ctx) -> list[dict]:
             q_unl, count = quantize_model_rtn(ctx.model, spec.bits, spec.group_size)
             q_base, _ = quantize_model_rtn(ctx.base, spec.bits, spec.group_size)
             detail = {"backend": "rtn", "bits": spec.bits, "group_size": spec.group_size, "quantized_weights": count}
-        s_unl = _score_sets(q_unl, ctx.tokenizer, ctx.data, ctx.fmt, ctx.cfg)
-        s_base = _score_sets(q_base, ctx.tokenizer, ctx.data, ctx.fmt, ctx.cfg)
+        s_unl = _score_sets(q_unl, ctx.tokenizer, ctx.data, ctx.fmt, ctx.cfg, detail=ctx.detail)
+        s_base = _score_sets(q_base, ctx.tokenizer, ctx.data, ctx.fmt, ctx.cfg, detail=ctx.detail)
         del q_unl, q_base
-        attacked = _metrics(s_unl)
+        attacked = _attacked(s_unl)
         shares, notes = _shares(attacked, unl_m, base_m, ctx.cfg.min_gap)
-        metrics = {"base": base_m, "unlearned": unl_m, "attacked": attacked, "attacked_base": _metrics(s_base)}
+        metrics = {"base": base_m, "unlearned": unl_m, "attacked": attacked, "attacked_base": _attacked(s_base)}
         if "retain_model" in ctx.clean:
-            metrics["retain_model"] = ctx.clean_metrics("retain_model")
-        out.append(_result("quantization", spec.name, metrics, shares, notes, {"attacked": s_unl}, settings=detail))
+            metrics["retain_model"] = ctx.reference("retain_model")
+        out.append(
+            _result(
+                "quantization",
+                spec.name,
+                metrics,
+                shares,
+                notes,
+                {"attacked": s_unl, "attacked_base": s_base},
+                settings=detail,
+                detail_items=_detail(s_unl),
+            )
+        )
     return out
 
 
@@ -496,8 +719,12 @@ def _attack_relearn(ctx: _Ctx) -> list[dict]:
         captured: list[dict] = []
 
         def evaluate(m, _captured=captured):
-            _captured.append(_score_sets(m, ctx.tokenizer, data, ctx.fmt, cfg))
-            return _metrics(_captured[-1])
+            # the loop evaluates at step 0 and at the end; at step 0 the copy is the unlearned model, already scored
+            if not _captured:
+                _captured.append(ctx.clean["unlearned"])
+                return ctx.clean_metrics("unlearned")
+            _captured.append(_score_sets(m, ctx.tokenizer, data, ctx.fmt, cfg, detail=ctx.detail))
+            return _attacked(_captured[-1])
 
         pairs = [(r["question"], r["answer"]) for r in train_rows]
         curve = _relearn(ctx.model, ctx.tokenizer, pairs, evaluate, ctx.fmt, cfg, steps)
@@ -506,8 +733,8 @@ def _attack_relearn(ctx: _Ctx) -> list[dict]:
         for name, idx in subsets.items():
             if not idx:
                 continue
-            base_m, unl_m = ctx.clean_metrics("base", idx), ctx.clean_metrics("unlearned", idx)
-            attacked = _metrics(scores, idx)
+            base_m, unl_m = ctx.reference("base", idx), ctx.reference("unlearned", idx)
+            attacked = _attacked(scores, idx)
             shares, notes = _shares(attacked, unl_m, base_m, cfg.min_gap)
             by_subset[name] = {
                 "metrics": {"base": base_m, "unlearned": unl_m, "attacked": attacked},
@@ -517,7 +744,7 @@ def _attack_relearn(ctx: _Ctx) -> list[dict]:
         main = by_subset[principal]
         metrics = dict(main["metrics"])
         if "retain_model" in ctx.clean:
-            metrics["retain_model"] = ctx.clean_metrics("retain_model", subsets[principal])
+            metrics["retain_model"] = ctx.reference("retain_model", subsets[principal])
         settings = {
             "steps": steps,
             "learning_rate": cfg.relearn_learning_rate,
@@ -539,6 +766,7 @@ def _attack_relearn(ctx: _Ctx) -> list[dict]:
                 {"attacked": scores},
                 subsets=by_subset,
                 settings=settings,
+                detail_items=_detail(scores),
             )
         )
     return out
@@ -610,15 +838,19 @@ def _few_shot(ctx: _Ctx) -> tuple[PromptFormat, list[int], str]:
 
 def _attack_prompt(ctx: _Ctx) -> list[dict]:
     cfg, data, tok = ctx.cfg, ctx.data, ctx.tokenizer
-    base_m, unl_m = ctx.clean_metrics("base"), ctx.clean_metrics("unlearned")
+    base_m, unl_m = ctx.reference("base"), ctx.reference("unlearned")
     out = []
 
     def run(variant, fmt, fq=None, rq=None, retain_idx=None, **extra):
-        scores = _score_sets(ctx.model, tok, data, fmt, cfg, fq, rq, retain_idx)
-        attacked = _metrics(scores)
+        scores = _score_sets(ctx.model, tok, data, fmt, cfg, fq, rq, retain_idx, detail=ctx.detail)
+        attacked = _attacked(scores)
         shares, notes = _shares(attacked, unl_m, base_m, cfg.min_gap)
         metrics = {"base": base_m, "unlearned": unl_m, "attacked": attacked}
-        out.append(_result("prompt", variant, metrics, shares, notes, {"attacked": scores}, **extra))
+        out.append(
+            _result(
+                "prompt", variant, metrics, shares, notes, {"attacked": scores}, detail_items=_detail(scores), **extra
+            )
+        )
 
     if all(isinstance(r.get("paraphrased_question"), str) for r in data.forget):
         run(
@@ -626,13 +858,15 @@ def _attack_prompt(ctx: _Ctx) -> list[dict]:
             ctx.fmt,
             [r["paraphrased_question"] for r in data.forget],
             [r.get("paraphrased_question", r["question"]) for r in data.retain],
+            settings={"paraphrases": data.paraphrase_source},
         )
     else:
         out.append(
             _skipped(
                 "prompt",
                 "paraphrase",
-                "the forget rows have no 'paraphrased_question' (add that key to each forget row to run this probe)",
+                "the forget rows have no 'paraphrased_question' (give --paraphrase_file, or add that key to each "
+                "forget row, to run this probe)",
             )
         )
     if len(data.retain) < 2:
@@ -664,10 +898,11 @@ def _attack_prompt(ctx: _Ctx) -> list[dict]:
             out.append(_skipped("prompt", "other_format", "the tokenizer has no chat template: no other format"))
         else:
             run(f"other_format_{other}", resolve_prompt_format(tok, other))
+    sampled = ctx.detail["forget"] if ctx.detail else list(range(len(data.forget)))
     samples = sample_answers(
         ctx.model,
         tok,
-        [r["question"] for r in data.forget],
+        [data.forget[i]["question"] for i in sampled],
         ctx.fmt,
         cfg.num_samples,
         cfg.temperature,
@@ -675,7 +910,7 @@ def _attack_prompt(ctx: _Ctx) -> list[dict]:
         cfg.seed,
         cfg.batch_size,
     )
-    recall = [[M.rouge_l_recall(s, r["answer"]) for s in ss] for ss, r in zip(samples, data.forget)]
+    recall = [[M.rouge_l_recall(s, data.forget[i]["answer"]) for s in ss] for ss, i in zip(samples, sampled)]
     best = [max(r) for r in recall]
     attacked = {
         "forget_rougeL_recall": float(np.mean(best)),
@@ -690,8 +925,9 @@ def _attack_prompt(ctx: _Ctx) -> list[dict]:
             metrics,
             shares,
             notes,
-            {"attacked": {"forget": {"samples": samples, "rougeL_recall": recall}}},
+            {"attacked": {"forget": {"items": sampled, "samples": samples, "rougeL_recall": recall}}},
             settings={"num_samples": cfg.num_samples, "temperature": cfg.temperature},
+            detail_items={"forget": sampled},
         )
     )
     return out
@@ -899,7 +1135,11 @@ def audit(
     if output_dir is not None:
         check_output_dir(os.fspath(output_dir), paths)
     fmt = resolve_prompt_format(tokenizer, data.prompt_format or prompt_format)
-    ctx = _Ctx(model, tokenizer, base, retain_model, data, fmt, cfg, paths=paths)
+    if cfg.attack_items is not None and cfg.attack_items < 1:
+        raise ValueError(f"attack_items must be >= 1 or None (every item; --attack_items 0), got {cfg.attack_items}")
+    detail = {"forget": spread_items(len(data.forget), cfg.attack_items)}
+    detail["retain"] = spread_items(len(data.retain), cfg.attack_items)
+    ctx = _Ctx(model, tokenizer, base, retain_model, data, fmt, cfg, paths=paths, detail=detail)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     roles = {"base": base, "unlearned": model, "retain_model": retain_model}
@@ -929,6 +1169,8 @@ def audit(
             "data": data.source,
             "num_forget": len(data.forget),
             "num_retain": len(data.retain),
+            "detail_items": detail,
+            "paraphrases": data.paraphrase_source,
             "nonmember": data.nonmember_source,
             "models": paths,
             "package_version": package_version(),
