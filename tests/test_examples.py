@@ -128,24 +128,18 @@ def test_ks_test_and_utility_without_rouge_on_hand_computed_cases():
     assert example.utility_without_rouge(metrics) == pytest.approx(6 / (5 * 2 + 1))
 
 
-def test_tofu_small_grid_sweeps_what_the_paper_searches():
+def test_tofu_small_tunes_every_method_with_one_budget():
     spec = importlib.util.spec_from_file_location("tofu_small", os.path.join(ROOT, "benchmarks", "tofu_small.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    points = bench.grid(bench.parse(["--data_dir", "unused"]))
-    by_method = {m: [p for p in points if p["method"] == m] for m in ("gradascent", "graddiff", "npo", "simnpo")}
-    assert {m: len(v) for m, v in by_method.items()} == {"gradascent": 8, "graddiff": 8, "npo": 8, "simnpo": 32}
-    assert {(p["beta"], p["forget_weight"]) for p in by_method["npo"]} == {(0.1, 1.0)}
-    assert {(p["beta"], p["forget_weight"]) for p in by_method["simnpo"]} == {
-        (2.5, 0.1375),
-        (2.5, 1.0),
-        (4.5, 0.1375),
-        (4.5, 1.0),
-    }
-    assert {(p["lr_mult"], p["epochs"]) for p in by_method["graddiff"]} == {
-        (m, e) for m in (0.1, 0.2, 0.5, 1.0) for e in (5, 10)
-    }
-    assert len({bench.key(p, 0) for p in points}) == len(points)  # every point has its own resume key
+    a = bench.parse(["--data_dir", "unused"])
+    assert a.methods.split(",") == ["gradascent", "graddiff", "npo", "simnpo", "rmu"]
+    assert a.n_trials == 20 and a.tuning_seed == 0
+    assert a.tuning_seed not in [int(s) for s in a.report_seeds.split(",")]  # report seeds never select
+    r = bench.recipe(a, num_forget=40)
+    assert r["warmup_steps"] == 3  # one epoch: ceil(40 / 16)
+    assert r["per_device_train_batch_size"] == 16 and r["weight_decay"] == 0.01
+    assert r["lr_scheduler_type"] == "linear"
 
 
 def test_train_cli_with_yaml_config(tmp_path, tokenizer):
