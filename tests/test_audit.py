@@ -250,7 +250,7 @@ def test_paraphrase_file_formats_and_errors(tmp_path):
     )
     assert [r["paraphrased_question"] for r in apply_paraphrases(data, listed).forget] == ["P0", "P1"]
     bad = {
-        "not json": ("{question: 1}\n", "line 1: not a JSON object"),
+        "not json": ("{question: 1}\n", "line 1: not valid JSON"),
         "broken list": ('[{"question": "x"', "not valid JSON"),
         "missing key": (json.dumps({"question": q0}) + "\n", r"row 0: needs non-empty string 'question' and 'answer'"),
         "empty": ("\n", "no rows"),

@@ -1,6 +1,7 @@
 """Files in, rows out: TOFU's layout (JSON lines, one file a split) and raw-text corpora.
 
-`read_json_rows` is the one JSON / JSON-lines reader: TOFU splits, MUSE's files and the CLI's corpus discovery use it.
+`read_json_rows` is the one JSON / JSON-lines reader: TOFU splits, JSON-lines corpora and the audit's paraphrase
+files use it.
 """
 
 import json
@@ -19,6 +20,28 @@ def _check_stem(stem: str) -> str:
     if not stem or "/" in stem or "\\" in stem or stem in (".", ".."):
         raise ValueError(f"not a TOFU file stem: {stem!r}")
     return stem
+
+
+def read_json_rows(path: str | os.PathLike, fix: str = "") -> list:
+    """The values of a JSON file holding one array, or of a JSON-lines file (one value a line, blank lines
+    skipped). Invalid JSON: a one-line `ValueError` naming the file (and the line), ending with `fix` when given."""
+    path = os.fspath(path)
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    tail = f"; {fix}" if fix else ""
+    if text.lstrip().startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}){tail}") from None
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {lineno}: not valid JSON ({e.msg}){tail}") from None
+    return rows
 
 
 def write_tofu_layout(out_dir: str | os.PathLike, data: Mapping[str, Iterable[Mapping]]) -> Path:
@@ -47,21 +70,7 @@ def load_tofu_split(data_dir: str | os.PathLike, stem: str) -> list[dict]:
         else:
             hint = f"; the folder {str(folder)!r} does not exist"
         raise FileNotFoundError(f"TOFU split file not found: {str(path)!r}{hint}")
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON: {e}") from e
-    else:
-        rows = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {lineno}: not valid JSON: {e}") from e
+    rows = read_json_rows(path)
     if not all(isinstance(r, dict) for r in rows):
         raise ValueError(f"{path}: expected one JSON object per line")
     return rows
@@ -88,20 +97,13 @@ def load_text_corpus(dataset_name: str, split: str, config: str | None = "raw", 
                 "(JSON lines: <folder>/<split>.jsonl). Check the dataset folder and the split name."
             )
         texts = []
-        with open(jsonl, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{jsonl}, line {lineno}: not valid JSON: {e}") from e
-                if not isinstance(row, dict) or text_column not in row:
-                    raise ValueError(
-                        f"{jsonl}, line {lineno}: expected a JSON object with a {text_column!r} key, got "
-                        f"{str(row)[:80]!r}. Set `text_column` to the key that holds the documents."
-                    )
-                texts.append(row[text_column])
+        for i, row in enumerate(read_json_rows(jsonl)):
+            if not isinstance(row, dict) or text_column not in row:
+                raise ValueError(
+                    f"{jsonl}, row {i}: expected a JSON object with a {text_column!r} key, got {str(row)[:80]!r}. "
+                    "Set `text_column` to the key that holds the documents."
+                )
+            texts.append(row[text_column])
         return _check_texts(texts, jsonl)
     from datasets import load_dataset
 

@@ -143,27 +143,13 @@ def read_paraphrase_file(path: str | os.PathLike) -> list[dict]:
     "paraphrased_question"}`` (the original question and its paraphrase) or ``{"question", "answer"}`` (a
     paraphrased question and the answer of the row it paraphrases). One-line `ValueError` naming the file and the
     row for anything else."""
-    import json
+    from ..data.files import read_json_rows
 
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"paraphrase file not found: {path!r}")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
     fix = 'give a JSON list or JSON lines of {"question", "paraphrased_question"} or {"question", "answer"} objects'
-    if text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno}); {fix}") from None
-    else:
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path} line {n}: not a JSON object ({e.msg}); {fix}") from None
+    rows = read_json_rows(path, fix)
     if not rows:
         raise ValueError(f"{path}: no rows; {fix}")
     for i, r in enumerate(rows):
