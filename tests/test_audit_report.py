@@ -159,7 +159,7 @@ def test_command_line_writes_the_report_and_the_card(toy, tmp_path, capsys):
         "--no_progress",
         "--update_model_card",
         "--all_quant_variants",
-        "--max_retain_rows",
+        "--max_rows",
         "5",
         "--attack_items",
         "3",
@@ -170,7 +170,8 @@ def test_command_line_writes_the_report_and_the_card(toy, tmp_path, capsys):
     report = json.loads((tmp_path / "out" / "audit.json").read_text())
     assert report["complete"] and [r["variant"] for r in report["summary"]] == ["rtn4_channel", "rtn4_g128", "auc"]
     st = report["settings"]
-    assert st["num_retain"] == 5 and "5 of " in st["data"] and "retain rows, evenly spaced" in st["data"]
+    assert st["num_forget"] == st["num_retain"] == 5
+    assert st["data"].endswith("5 of 6 forget, 5 of 12 retain, 5 of 20 non-member rows, evenly spaced")
     assert len(st["detail_items"]["forget"]) == 3 and st["detail_items"]["retain"] == [0, 1, 3]  # 5 // 3 spacing
     assert report["attacks"][0]["detail_items"] == {"forget": st["detail_items"]["forget"], "retain": [0, 1, 3]}
     card = (tmp_path / "unlearned" / "README.md").read_text()
@@ -215,3 +216,25 @@ def test_bad_input_gives_one_line_errors(toy, tmp_path, capsys):
         == 2
     )
     assert "choose among" in capsys.readouterr().err
+
+
+def test_truth_ratio_of_attacked_rows_only_when_asked(toy):
+    """By default an attacked row scores probability and ROUGE-L (the truth ratio, 6 answers an item, stays on the
+    clean rows); `attack_truth_ratio` adds it, its share computed from the same items' clean values."""
+    tok, base, model, folder = toy
+    data = load_audit_data(folder, "forget10")
+    rows = {}
+    for flag in (False, True):
+        cfg = AuditConfig(quant_bits=(4,), bnb=False, max_new_tokens=4, attack_truth_ratio=flag, min_gap=0.0)
+        report = audit(model, tok, base, data, attacks="quantization", config=cfg, prompt_format="plain")
+        assert "forget_truth_ratio" in report["clean"]["unlearned"]["metrics"]
+        rows[flag] = report["attacks"][0]
+    assert set(rows[False]["recovered_share"]) == {"forget_probability", "forget_rougeL_recall"}
+    assert "truth_ratio" not in rows[False]["per_item"]["attacked"]["forget"]
+    m = rows[True]["metrics"]
+    key = "forget_truth_ratio"
+    expected = (m["attacked"][key] - m["unlearned"][key]) / (m["base"][key] - m["unlearned"][key])
+    assert rows[True]["recovered_share"][key] == pytest.approx(expected)
+    # the other shares do not depend on the flag
+    for k, v in rows[False]["recovered_share"].items():
+        assert rows[True]["recovered_share"][k] == pytest.approx(v)

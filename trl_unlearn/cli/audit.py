@@ -30,10 +30,15 @@ _CONFIG_FLAGS = {
     "num_samples": (int, "samples per question in the sampling probe (default 5)"),
     "temperature": (float, "sampling temperature (default 1.0)"),
     "max_new_tokens": (int, "generated tokens per answer (default 64)"),
+    "max_rows": (
+        int,
+        "audit at most this many forget, retain and non-member rows each, evenly spaced; every number of the report "
+        "is about those rows (default 24; 0: every row)",
+    ),
     "attack_items": (
         int,
-        "attacked rows compute ROUGE-L (greedy answers) and truth ratio on at most this many evenly spaced items "
-        "per set, the same for base, unlearned and attacked; probability on every item (default 40; 0: every item)",
+        "attacked rows compute ROUGE-L (greedy answers) on at most this many of the rows, evenly spaced, the same "
+        "for base, unlearned and attacked; probability on every row (default 40; 0: every row)",
     ),
     "batch_size": (int, "rows per scoring / generation batch (default 16)"),
     "max_length": (int, "tokens of prompt + answer scored (default 512)"),
@@ -66,10 +71,9 @@ def _add_audit_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no_bnb", action="store_true", help="leave out the bitsandbytes rows (they need CUDA)")
     p.add_argument(
-        "--max_forget_rows", type=int, default=None, help="audit at most this many forget rows, evenly spaced (all)"
-    )
-    p.add_argument(
-        "--max_retain_rows", type=int, default=None, help="audit at most this many retain rows, evenly spaced (all)"
+        "--attack_truth_ratio",
+        action="store_true",
+        help="attacked rows also compute the truth ratio (6 answers per item; default: on the clean rows only)",
     )
     p.add_argument(
         "--paraphrase_file",
@@ -107,7 +111,6 @@ def run_audit(args) -> int:
         audit,
         load_audit_data,
         parse_attacks,
-        subset_rows,
     )
 
     if not args.base:
@@ -121,16 +124,18 @@ def run_audit(args) -> int:
     data = load_audit_data(args.data_dir, args.forget_split, args.retain_split, args.nonmember_split)
     if args.paraphrase_file:
         data = apply_paraphrases(data, args.paraphrase_file)
-    for flag in ("max_forget_rows", "max_retain_rows"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise ValueError(f"--{flag} must be >= 1 (leave it out for every row)")
-    data = subset_rows(data, args.max_forget_rows, args.max_retain_rows)
     given = {k: getattr(args, k) for k in _CONFIG_FLAGS if hasattr(args, k)}
     if hasattr(args, "quant_bits"):
         given["quant_bits"] = tuple(args.quant_bits)
-    if given.get("attack_items") == 0:
-        given["attack_items"] = None
-    config = AuditConfig(bnb=not args.no_bnb, quant_all_variants=args.all_quant_variants, **given)
+    for name in ("attack_items", "max_rows"):
+        if given.get(name) == 0:
+            given[name] = None
+    config = AuditConfig(
+        bnb=not args.no_bnb,
+        quant_all_variants=args.all_quant_variants,
+        attack_truth_ratio=args.attack_truth_ratio,
+        **given,
+    )
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     base_tok, retain_tok = _tokenizer_if_saved(args.base), _tokenizer_if_saved(args.retain_model)
     paths = {"unlearned": args.model, "base": args.base}
@@ -166,5 +171,6 @@ def run_audit(args) -> int:
     if args.update_model_card:
         from ..model_card import add_audit
 
-        print(f"model card updated: {add_audit(args.model, report['summary'], report['complete'], data.source)}")
+        card = add_audit(args.model, report["summary"], report["complete"], report["settings"]["data"])
+        print(f"model card updated: {card}")
     return 0

@@ -120,19 +120,24 @@ class AuditData:
             )
 
 
-def subset_rows(data: AuditData, max_forget: int | None, max_retain: int | None) -> AuditData:
-    """`data` with at most `max_forget` forget and `max_retain` retain rows, evenly spaced (`spread_items`); the
-    source says how many of how many were kept. None: all rows of that set."""
-    f_idx, r_idx = spread_items(len(data.forget), max_forget), spread_items(len(data.retain), max_retain)
-    if len(f_idx) == len(data.forget) and len(r_idx) == len(data.retain):
+def subset_rows(data: AuditData, max_rows: int | None) -> AuditData:
+    """`data` with at most `max_rows` forget, retain and non-member rows each, evenly spaced (`spread_items`); the
+    source says how many of how many were kept. None: every row."""
+    nonmember = data.nonmember or []
+    idx = {
+        name: spread_items(len(rows), max_rows)
+        for name, rows in (("forget", data.forget), ("retain", data.retain), ("non-member", nonmember))
+    }
+    sizes = {"forget": len(data.forget), "retain": len(data.retain), "non-member": len(nonmember)}
+    cut = [f"{len(idx[k])} of {n} {k}" for k, n in sizes.items() if len(idx[k]) < n]
+    if not cut:
         return data
     return AuditData(
-        forget=[data.forget[i] for i in f_idx],
-        retain=[data.retain[i] for i in r_idx],
-        nonmember=data.nonmember,
+        forget=[data.forget[i] for i in idx["forget"]],
+        retain=[data.retain[i] for i in idx["retain"]],
+        nonmember=None if data.nonmember is None else [nonmember[i] for i in idx["non-member"]],
         prompt_format=data.prompt_format,
-        source=f"{data.source}; {len(f_idx)} of {len(data.forget)} forget and {len(r_idx)} of {len(data.retain)} "
-        "retain rows, evenly spaced",
+        source=f"{data.source}; {', '.join(cut)} rows, evenly spaced",
         nonmember_source=data.nonmember_source,
         paraphrase_source=data.paraphrase_source,
     )
@@ -347,6 +352,12 @@ class AuditConfig:
     """[1.0] sampling temperature (pure temperature sampling: no top-k / top-p)."""
     max_new_tokens: int = 64
     """[64] generated tokens per answer (greedy and sampled)."""
+    max_rows: int | None = 24
+    """[24] audit at most this many forget, retain and non-member rows each, evenly spaced (`subset_rows`; the
+    report's data line says how many of how many); None: every row."""
+    attack_truth_ratio: bool = False
+    """[False] attacked rows also compute the truth ratio (6 answers scored per item: the costliest metric); False:
+    probability and ROUGE-L only, the truth ratio on the clean rows."""
     attack_items: int | None = 40
     """[40] the attacked rows (quantized, relearned, prompt probes, sampling) compute the costly metrics, ROUGE-L of
     a generated answer and the truth ratio (paraphrased + perturbed answers scored), on at most this many items per
@@ -401,15 +412,16 @@ def score_qa(
     questions: Sequence[str] | None = None,
     rouge: bool = True,
     detail_idx: Sequence[int] | None = None,
+    truth_ratio: bool = True,
 ) -> dict[str, list]:
-    """Per item: ``probability`` exp(-mean NLL) of the answer; ``truth_ratio`` (rows with a paraphrased answer and
-    perturbed answers); ``generation`` and ``rougeL_recall`` of the greedy answer (with `rouge`). Truth ratio and
-    generation only for the items `detail_idx` when given (None for the others). `questions` replace the rows'
-    questions (the prompt-side probes)."""
+    """Per item: ``probability`` exp(-mean NLL) of the answer; ``truth_ratio`` (with `truth_ratio`, on rows with a
+    paraphrased answer and perturbed answers); ``generation`` and ``rougeL_recall`` of the greedy answer (with
+    `rouge`). Truth ratio and generation only for the items `detail_idx` when given (None for the others).
+    `questions` replace the rows' questions (the prompt-side probes)."""
     questions = list(questions) if questions is not None else [r["question"] for r in rows]
     n = len(rows)
     detail = list(range(n)) if detail_idx is None else sorted(detail_idx)
-    with_tr = _has_truth_ratio(rows)
+    with_tr = truth_ratio and _has_truth_ratio(rows)
     qs, answers, slots = [], [], []
     for i, (q, r) in enumerate(zip(questions, rows)):
         qs.append(q)
@@ -521,9 +533,11 @@ def _score_sets(
     retain_idx=None,
     rouge=True,
     detail=None,
+    truth_ratio=True,
 ) -> dict:
     """Per-item scores of the forget and retain sets (retain restricted to `retain_idx` when given); ROUGE-L and
-    truth ratio for the items `detail` (``{"forget": idx, "retain": idx}``, the sets' own numbering; None: all)."""
+    truth ratio (with `truth_ratio`) for the items `detail` (``{"forget": idx, "retain": idx}``, the sets' own
+    numbering; None: all)."""
     retain = data.retain if retain_idx is None else [data.retain[i] for i in retain_idx]
     if retain_questions is not None and retain_idx is not None:
         retain_questions = [retain_questions[i] for i in retain_idx]
@@ -532,8 +546,8 @@ def _score_sets(
         gen_f, keep = detail["forget"], set(detail["retain"])
         gen_r = [j for j, i in enumerate(range(len(data.retain)) if retain_idx is None else retain_idx) if i in keep]
     return {
-        "forget": score_qa(model, tokenizer, data.forget, fmt, cfg, forget_questions, rouge, gen_f),
-        "retain": score_qa(model, tokenizer, retain, fmt, cfg, retain_questions, rouge, gen_r),
+        "forget": score_qa(model, tokenizer, data.forget, fmt, cfg, forget_questions, rouge, gen_f, truth_ratio),
+        "retain": score_qa(model, tokenizer, retain, fmt, cfg, retain_questions, rouge, gen_r, truth_ratio),
     }
 
 
@@ -616,6 +630,22 @@ class _Ctx:
     def clean_metrics(self, role, forget_idx=None):
         return _metrics(self.clean[role], forget_idx)
 
+    def score_attacked(self, model, fmt=None, forget_questions=None, retain_questions=None, retain_idx=None):
+        """An attacked row's per-item scores: `detail`'s items only for ROUGE-L, truth ratio only with
+        `attack_truth_ratio`."""
+        return _score_sets(
+            model,
+            self.tokenizer,
+            self.data,
+            fmt or self.fmt,
+            self.cfg,
+            forget_questions,
+            retain_questions,
+            retain_idx,
+            detail=self.detail,
+            truth_ratio=self.cfg.attack_truth_ratio,
+        )
+
     def reference(self, role, forget_idx=None):
         """`role`'s clean metrics to set an attacked row against: ROUGE-L and truth ratio over `detail`'s items."""
         return _metrics(self.clean[role], forget_idx, self.detail)
@@ -640,8 +670,8 @@ def _attack_quantization(ctx: _Ctx) -> list[dict]:
             q_unl, count = quantize_model_rtn(ctx.model, spec.bits, spec.group_size)
             q_base, _ = quantize_model_rtn(ctx.base, spec.bits, spec.group_size)
             detail = {"backend": "rtn", "bits": spec.bits, "group_size": spec.group_size, "quantized_weights": count}
-        s_unl = _score_sets(q_unl, ctx.tokenizer, ctx.data, ctx.fmt, ctx.cfg, detail=ctx.detail)
-        s_base = _score_sets(q_base, ctx.tokenizer, ctx.data, ctx.fmt, ctx.cfg, detail=ctx.detail)
+        s_unl = ctx.score_attacked(q_unl)
+        s_base = ctx.score_attacked(q_base)
         del q_unl, q_base
         attacked = _attacked(s_unl)
         shares, notes = _shares(attacked, unl_m, base_m, ctx.cfg.min_gap)
@@ -709,7 +739,7 @@ def _attack_relearn(ctx: _Ctx) -> list[dict]:
             if not _captured:
                 _captured.append(ctx.clean["unlearned"])
                 return ctx.clean_metrics("unlearned")
-            _captured.append(_score_sets(m, ctx.tokenizer, data, ctx.fmt, cfg, detail=ctx.detail))
+            _captured.append(ctx.score_attacked(m))
             return _attacked(_captured[-1])
 
         pairs = [(r["question"], r["answer"]) for r in train_rows]
@@ -828,7 +858,7 @@ def _attack_prompt(ctx: _Ctx) -> list[dict]:
     out = []
 
     def run(variant, fmt, fq=None, rq=None, retain_idx=None, **extra):
-        scores = _score_sets(ctx.model, tok, data, fmt, cfg, fq, rq, retain_idx, detail=ctx.detail)
+        scores = ctx.score_attacked(ctx.model, fmt, fq, rq, retain_idx)
         attacked = _attacked(scores)
         shares, notes = _shares(attacked, unl_m, base_m, cfg.min_gap)
         metrics = {"base": base_m, "unlearned": unl_m, "attacked": attacked}
@@ -1121,8 +1151,11 @@ def audit(
     if output_dir is not None:
         check_output_dir(os.fspath(output_dir), paths)
     fmt = resolve_prompt_format(tokenizer, data.prompt_format or prompt_format)
-    if cfg.attack_items is not None and cfg.attack_items < 1:
-        raise ValueError(f"attack_items must be >= 1 or None (every item; --attack_items 0), got {cfg.attack_items}")
+    for name in ("attack_items", "max_rows"):
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1 or None (every item; --{name} 0), got {value}")
+    data = subset_rows(data, cfg.max_rows)
     detail = {"forget": spread_items(len(data.forget), cfg.attack_items)}
     detail["retain"] = spread_items(len(data.retain), cfg.attack_items)
     ctx = _Ctx(model, tokenizer, base, retain_model, data, fmt, cfg, paths=paths, detail=detail)
