@@ -10,11 +10,13 @@ whose models that run saves) through the tuner's own trainer path, and the audit
 untouched model (`--output_dir/<method>/audit.json`, `audit.html`). The no-generation scores of the trained model
 (`forget_drop`, `utility_rel`) are printed beside the study's, to show it is the model the study reported.
 
-Rows: the fact's question and answer sentence; the answer sentence with each other entity of the same kind among the
-facts is a perturbed answer (so truth ratios and the hidden-state probe's fact token, the entity's first token,
-exist); retain rows: the split's retain and neighbour facts; non-members: facts of the target kinds the model answers
-wrong. Relearning: the study's lr (2e-5), 4 steps, batches of 3. Written: `--output_dir/summary.json` (per method:
-setting, scores, summary rows, seconds, load) and one printed table, method -> largest share per attack row.
+Rows: the fact's question, a paraphrase of it (`PARAPHRASES`: one other wording per kind) and its answer sentence;
+the answer sentence with each other entity of the same kind among the facts is a perturbed answer (so truth ratios
+and the hidden-state probe's fact token, the entity's first token, exist); retain rows: the split's retain and
+neighbour facts; non-members: facts of the target kinds the model answers wrong. Quantization: the default rows
+(8-bit per channel, 4-bit group-wise); every row and every metric, the truth ratio included, on every attacked row.
+Relearning: the study's lr (2e-5), 4 steps, batches of 3. Written: `--output_dir/summary.json` (per method: setting,
+scores, summary rows, seconds, load) and one printed table, method -> largest share per attack row.
 """
 
 import argparse
@@ -32,15 +34,32 @@ from trl_unlearn.outputs import write_text_atomic  # noqa: E402
 SETTINGS_FILE = "real_knowledge_selected.json"
 
 
+PARAPHRASES = {  # kind -> (the study's question template, a paraphrase of it) for the paraphrase probe
+    "capital": ("What is the capital of {s}?", "Which city is the capital of {s}?"),
+    "author": ("Who wrote {s}?", "Who is the author of {s}?"),
+    "symbol": ("What is the chemical symbol for {s}?", "Which symbol stands for the element {s}?"),
+}
+
+
+def paraphrase(question: str, kind: str) -> str:
+    """`question` asked with the other template of its kind (the subject read back from the study's template)."""
+    asked, other = PARAPHRASES[kind]
+    head, tail = asked.split("{s}")
+    if not (question.startswith(head) and question.endswith(tail)):
+        raise ValueError(f"{question!r} does not follow the {kind} template {asked!r}")
+    return other.format(s=question[len(head) : len(question) - len(tail)])
+
+
 def audit_rows(facts, all_facts):
-    """Audit rows: question, answer sentence, the sentence itself as paraphrase, the same sentence with every other
-    entity of the kind as perturbed answers."""
+    """Audit rows: question, its paraphrase, answer sentence, the sentence itself as paraphrased answer, the same
+    sentence with every other entity of the kind as perturbed answers."""
     rows = []
     for f in facts:
         others = sorted({g.entity for g in all_facts if g.kind == f.kind and g.entity != f.entity})
         rows.append(
             {
                 "question": f.question,
+                "paraphrased_question": paraphrase(f.question, f.kind),
                 "answer": f.answer,
                 "paraphrased_answer": f.answer,
                 "perturbed_answer": [f"{f.prefix} {e}." for e in others[:5]],
@@ -112,8 +131,7 @@ def main(argv=None) -> int:
         max_new_tokens=args.max_new_tokens,
         batch_size=16,
         bnb=False,
-        quant_all_variants=True,  # the sets here are small: every RTN variant, every row, every metric
-        max_rows=None,
+        max_rows=None,  # the sets here are small: every row, every metric
         attack_items=None,
         attack_truth_ratio=True,
     )
