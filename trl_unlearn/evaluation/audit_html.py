@@ -136,7 +136,8 @@ def _detail_note(result) -> str:
     if not items:
         return ""
     sets = ", ".join(f"{len(v)} {k}" for k, v in items.items())
-    return f"<p class=note>ROUGE-L / truth ratio items: {_e(sets)}.</p>"
+    what = "ROUGE-L / truth ratio" if "forget_truth_ratio" in result.get("recovered_share", {}) else "ROUGE-L"
+    return f"<p class=note>{what} items: {_e(sets)}.</p>"
 
 
 def render_audit_html(report: Mapping) -> str:
