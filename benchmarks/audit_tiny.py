@@ -37,6 +37,8 @@ def main():
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     data = make_tofu_like(num_authors=20, questions_per_author=10, seed=0)
+    # non-members for membership: the real-author questions, which no model here trains on (TOFU's holdoutNN name)
+    data["holdout10"] = [{"question": r["question"], "answer": r["answer"]} for r in data["real_authors"]]
     folder = write_tofu_layout(os.path.join(args.out, "data"), data)
     tok = train_tokenizer(iter_texts(data), vocab_size=512)
     base = tiny_llama(tok, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, seed=0)
@@ -62,7 +64,7 @@ def main():
     print(f"setup (data, tokenizer, training three tiny models; not part of the audit): {setup:.1f} s")
     for part, seconds in report["timings_s"].items():
         print(f"  {part:<14} {seconds:7.1f} s")
-    print(f"{len(sets.forget)} forget rows, {len(sets.retain)} retain rows; complete: {report['complete']}")
+    print(f"{report['settings']['data']}; complete: {report['complete']}")
     for r in report["summary"]:
         share = r.get("max_share")
         value = ("n/a" if share is None else f"{share:.3f}") if r["status"] == "ok" else "skipped: " + r["reason"]
