@@ -189,6 +189,8 @@ def test_bad_input_gives_one_line_errors(toy, tmp_path, capsys):
         audit(model, tok, None, data)
     with pytest.raises(ValueError, match="forget set is empty"):
         AuditData(forget=[], retain=data.retain)
+    with pytest.raises(ValueError, match=r"max_rows must be >= 1 or None \(every item; --max_rows 0\), got 0"):
+        AuditConfig(max_rows=0)  # at construction: the command line fails before loading a model
     with pytest.raises(ValueError, match="unknown attack"):
         audit(model, tok, base, data, attacks="quantization,jailbreak")
     other = train_tokenizer(["a completely different corpus of words"] * 3, vocab_size=280)

@@ -123,19 +123,15 @@ class AuditData:
 def subset_rows(data: AuditData, max_rows: int | None) -> AuditData:
     """`data` with at most `max_rows` forget, retain and non-member rows each, evenly spaced (`spread_items`); the
     source says how many of how many were kept. None: every row."""
-    nonmember = data.nonmember or []
-    idx = {
-        name: spread_items(len(rows), max_rows)
-        for name, rows in (("forget", data.forget), ("retain", data.retain), ("non-member", nonmember))
-    }
-    sizes = {"forget": len(data.forget), "retain": len(data.retain), "non-member": len(nonmember)}
-    cut = [f"{len(idx[k])} of {n} {k}" for k, n in sizes.items() if len(idx[k]) < n]
+    sets = {"forget": data.forget, "retain": data.retain, "non-member": data.nonmember or []}
+    idx = {name: spread_items(len(rows), max_rows) for name, rows in sets.items()}
+    cut = [f"{len(idx[k])} of {len(rows)} {k}" for k, rows in sets.items() if len(idx[k]) < len(rows)]
     if not cut:
         return data
     return AuditData(
         forget=[data.forget[i] for i in idx["forget"]],
         retain=[data.retain[i] for i in idx["retain"]],
-        nonmember=None if data.nonmember is None else [nonmember[i] for i in idx["non-member"]],
+        nonmember=None if data.nonmember is None else [data.nonmember[i] for i in idx["non-member"]],
         prompt_format=data.prompt_format,
         source=f"{data.source}; {', '.join(cut)} rows, evenly spaced",
         nonmember_source=data.nonmember_source,
@@ -372,6 +368,12 @@ class AuditConfig:
     """[0.02] a recovered share needs |base - unlearned| >= min_gap on that metric, else it is None."""
     seed: int = 0
     """[0] seed of the relearning rows, few-shot draws, sampling and the probe."""
+
+    def __post_init__(self):
+        for name in ("attack_items", "max_rows"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 or None (every item; --{name} 0), got {value}")
 
 
 # ------------------------------------------------------------------------------------------------------- the share
@@ -1151,10 +1153,6 @@ def audit(
     if output_dir is not None:
         check_output_dir(os.fspath(output_dir), paths)
     fmt = resolve_prompt_format(tokenizer, data.prompt_format or prompt_format)
-    for name in ("attack_items", "max_rows"):
-        value = getattr(cfg, name)
-        if value is not None and value < 1:
-            raise ValueError(f"{name} must be >= 1 or None (every item; --{name} 0), got {value}")
     data = subset_rows(data, cfg.max_rows)
     detail = {"forget": spread_items(len(data.forget), cfg.attack_items)}
     detail["retain"] = spread_items(len(data.retain), cfg.attack_items)
